@@ -1,0 +1,142 @@
+/*
+ * layerwise kernel ABI: one header, two implementations.
+ *
+ *   cuda/kernels.cu  pointers are CUDA device pointers, `ctx` is an lw_ctx* (device + stream)
+ *   wasm/kernels.c   pointers are offsets into the WebAssembly memory, `ctx` is ignored (pass 0)
+ *
+ * Both implementations must produce bit-identical bytes for the same inputs; scalar numerics
+ * live in lw_numeric.h, compiled into both, so there is one definition of every rounding rule.
+ *
+ * Every entry point returns an lw_status. Arguments are validated by the TypeScript caller
+ * (src/backend/kernels.ts) before the call; the C side re-checks only what would otherwise
+ * be undefined behaviour (unknown dtype codes, unsupported combinations) and writes nothing
+ * when it returns an error.
+ *
+ * Sizes are size_t: 32-bit on wasm32 (memory is at most 4 GiB), 64-bit on CUDA.
+ */
+#ifndef LAYERWISE_H
+#define LAYERWISE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__EMSCRIPTEN__)
+#define LW_API __attribute__((used, visibility("default")))
+#else
+#define LW_API __attribute__((visibility("default")))
+#endif
+
+/* dtype codes: keep in sync with src/tensor/dtype.ts */
+enum {
+  LW_F32 = 0,
+  LW_F16 = 1,
+  LW_BF16 = 2,
+  LW_F8_E4M3FN = 3,
+  LW_F8_E5M2 = 4,
+  LW_I8 = 5,
+  LW_U8 = 6,
+  LW_I32 = 7,
+  LW_I64 = 8,
+  LW_BOOL = 9
+};
+
+/* status codes */
+typedef int32_t lw_status;
+enum {
+  LW_OK = 0,
+  LW_EINVAL = 1,  /* bad dtype, combination or size */
+  LW_ECUDA = 2,   /* a CUDA runtime error; lw_last_error() has the text */
+  LW_ENOMEM = 3,  /* allocation failed */
+  LW_EIO = 4      /* a file read failed or came short */
+};
+
+/* quantization granularity */
+enum { LW_PER_TENSOR = 0, LW_PER_ROW = 1, LW_PER_BLOCK128 = 2 };
+
+/* ---------------------------------------------------------------- kernels (both backends) */
+
+/* dst[r*dst_pitch + c] = convert(src[r*src_pitch + c]) for r < rows, c < cols; pitches in
+ * elements. Floating dtypes f32/f16/bf16/e4m3fn/e5m2 in any combination, through f32 with one
+ * rounding (round-to-nearest-even); fp8 destinations saturate finite values (see lw_numeric.h).
+ * Equal dtypes of any kind: a plain strided copy. */
+LW_API lw_status lw_cast(void *ctx, void *dst, int32_t dst_dtype, size_t dst_pitch,
+                         const void *src, int32_t src_dtype, size_t src_pitch, size_t rows,
+                         size_t cols);
+
+/* bytewise copy of n bytes (device to device; regions do not overlap) */
+LW_API lw_status lw_copy(void *ctx, void *dst, const void *src, size_t n);
+
+/* rows x width bytes, pitches in bytes */
+LW_API lw_status lw_copy2d(void *ctx, void *dst, size_t dst_pitch, const void *src,
+                           size_t src_pitch, size_t width, size_t rows);
+
+/* n elements of elem_size (1, 2, 4 or 8) bytes, each set to the little-endian pattern hi:lo */
+LW_API lw_status lw_fill(void *ctx, void *dst, size_t n, int32_t elem_size, uint32_t lo,
+                         uint32_t hi);
+
+/* out[0] = max |x| over n elements of a floating dtype, as f32; NaN if any element is NaN */
+LW_API lw_status lw_absmax(void *ctx, float *out, const void *src, int32_t dtype, size_t n);
+
+/* out[0] = number of NaN or +-Inf among n elements of a floating dtype (0 for integer dtypes) */
+LW_API lw_status lw_count_nonfinite(void *ctx, uint64_t *out, const void *src, int32_t dtype,
+                                    size_t n);
+
+/* fp8 e4m3fn quantization of a contiguous rows x cols matrix of f32/f16/bf16.
+ * granularity LW_PER_TENSOR: scale[1]; LW_PER_ROW: scale[rows];
+ * LW_PER_BLOCK128: scale[ceil(rows/128) * ceil(cols/128)] row-major.
+ * dynamic != 0: scale = max(absmax / 448, 1/(448*512)) is computed and written;
+ * dynamic == 0: scale is read (given). q = e4m3fn(clamp(x / scale, -448, 448)). */
+LW_API lw_status lw_quant_fp8(void *ctx, uint8_t *q, float *scale, const void *src,
+                              int32_t src_dtype, size_t rows, size_t cols, int32_t granularity,
+                              int32_t dynamic);
+
+/* int8 per-row quantization: scale[r] = max(absmax_row / 127, 1e-10);
+ * q = clamp(round_half_even(x / scale), -128, 127) */
+LW_API lw_status lw_quant_int8_row(void *ctx, int8_t *q, float *scale, const void *src,
+                                   int32_t src_dtype, size_t rows, size_t cols);
+
+/* dst = convert(f32(q) * scale) for an e4m3fn rows x cols matrix, scales as in lw_quant_fp8;
+ * dst dtype f32/f16/bf16 */
+LW_API lw_status lw_dequant_fp8(void *ctx, void *dst, int32_t dst_dtype, const uint8_t *q,
+                                const float *scale, size_t rows, size_t cols,
+                                int32_t granularity);
+
+/* ---------------------------------------------------------------- CUDA only (cuda/kernels.cu) */
+#ifndef __EMSCRIPTEN__
+/* text of the last error on this thread (empty when none); returns the full length */
+LW_API size_t lw_last_error(char *buf, size_t len);
+LW_API lw_status lw_device_count(int32_t *out);
+/* name into buf, total and free bytes */
+LW_API lw_status lw_device_info(int32_t device, char *name, size_t name_len, uint64_t *total,
+                                uint64_t *free_bytes);
+LW_API lw_status lw_malloc(int32_t device, uint64_t *out_ptr, size_t bytes);
+LW_API lw_status lw_free(int32_t device, uint64_t ptr);
+/* pinned (page-locked) host memory */
+LW_API lw_status lw_host_alloc(uint64_t *out_ptr, size_t bytes);
+LW_API lw_status lw_host_free(uint64_t ptr);
+/* an execution context: a device ordinal and a non-blocking stream on it */
+LW_API lw_status lw_ctx_create(int32_t device, uint64_t *out_ctx);
+LW_API lw_status lw_ctx_destroy(void *ctx);
+LW_API lw_status lw_ctx_sync(void *ctx);
+/* asynchronous on ctx's stream; host pointers should be pinned for overlap */
+LW_API lw_status lw_memcpy_h2d(void *ctx, void *dst, const void *src, size_t n);
+LW_API lw_status lw_memcpy_d2h(void *ctx, void *dst, const void *src, size_t n);
+/* events, for timing and for ordering work between contexts */
+LW_API lw_status lw_event_create(int32_t device, uint64_t *out_event);
+LW_API lw_status lw_event_destroy(void *event);
+LW_API lw_status lw_event_record(void *event, void *ctx);
+LW_API lw_status lw_event_wait(void *ctx, void *event);
+LW_API lw_status lw_event_sync(void *event);
+LW_API lw_status lw_event_elapsed(float *out_ms, void *start, void *end);
+/* pread n bytes at offset of fd into (pinned) host memory; fails with LW_EIO when short */
+LW_API lw_status lw_pread(int32_t fd, void *dst, size_t n, uint64_t offset);
+#endif
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,71 @@
+/**
+ * The Backend interface: memory and kernels, the same on CUDA and WebAssembly. The reload
+ * engine talks only to this interface.
+ * @module
+ */
+
+import type { DType } from "../tensor/dtype.ts";
+import type { Storage, Tensor } from "../tensor/tensor.ts";
+
+/** Which implementation a backend is. */
+export type BackendKind = "cuda" | "wasm";
+
+/** Quantization granularity: one scale per tensor, per row, or per 128x128 block. */
+export type Granularity = "tensor" | "row" | "block128";
+
+/** Memory and kernels on one device. All kernels validate first and write nothing on error. */
+export interface Backend {
+  /** `cuda` or `wasm`. */
+  readonly kind: BackendKind;
+  /** A human description, e.g. `cuda:0 NVIDIA H200` or `wasm (simd128)`. */
+  readonly description: string;
+
+  /** Allocates `bytes` of backend memory (contents undefined). */
+  alloc(bytes: number): Storage;
+  /** Gives memory back. Freeing twice is an error. */
+  free(storage: Storage): void;
+  /** A new contiguous tensor with its own storage (contents undefined). */
+  empty(shape: readonly number[], dtype: DType): Tensor;
+  /** Bytes currently allocated through this backend. */
+  allocatedBytes(): number;
+
+  /** Copies host bytes into a tensor (contiguous or 2-D strided); `src.length` must equal its nbytes. */
+  upload(dst: Tensor, src: Uint8Array): void;
+  /** Copies a tensor's elements to the host, compacted to row-major order. */
+  download(src: Tensor): Uint8Array;
+
+  /** dst = src, converting dtype when they differ; views may be 2-D strided; shapes must match. */
+  copy(dst: Tensor, src: Tensor): void;
+  /** Sets every element of a contiguous tensor to `value` (converted to its dtype). */
+  fill(dst: Tensor, value: number): void;
+
+  /** max |x| over a floating tensor (NaN if any element is NaN). */
+  absmax(src: Tensor): number;
+  /** Number of NaN and infinite elements. */
+  countNonFinite(src: Tensor): number;
+  /**
+   * fp8 e4m3fn quantization of a contiguous 2-D (or 1-D, as one row) f32/f16/bf16 tensor.
+   * With `dynamic`, scales are computed and written to `scale`; otherwise `scale` is read.
+   */
+  quantizeFp8(
+    q: Tensor,
+    scale: Tensor,
+    src: Tensor,
+    granularity: Granularity,
+    dynamic: boolean,
+  ): void;
+  /** int8 per-row quantization with dynamic scales. */
+  quantizeInt8(q: Tensor, scale: Tensor, src: Tensor): void;
+  /** dst = f32(q) * scale, converted to dst's dtype (f32/f16/bf16). */
+  dequantizeFp8(
+    dst: Tensor,
+    q: Tensor,
+    scale: Tensor,
+    granularity: Granularity,
+  ): void;
+
+  /** Waits for all queued work. */
+  synchronize(): void;
+  /** Releases everything; the backend is unusable afterwards. */
+  close(): void;
+}

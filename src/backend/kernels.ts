@@ -1,0 +1,639 @@
+/**
+ * The Backend implementation shared by CUDA and WebAssembly. Each backend supplies a
+ * `RawDevice` (memory and the C kernel ABI as plain numbers); this class does every check
+ * first, so both backends accept and refuse exactly the same calls, and a refused call
+ * writes nothing.
+ * @module
+ */
+
+import { BackendError } from "../errors.ts";
+import { type DType, DTYPES } from "../tensor/dtype.ts";
+import { type Layout2D, shapeString, type Storage, Tensor } from "../tensor/tensor.ts";
+import type { Backend, BackendKind, Granularity } from "./backend.ts";
+
+/** Granularity codes of the ABI. */
+export const GRANULARITY_CODE: Readonly<Record<Granularity, number>> = {
+  tensor: 0,
+  row: 1,
+  block128: 2,
+};
+
+/** Memory and kernels of one device as the C ABI exposes them; each kernel returns a status. */
+export interface RawDevice {
+  /** `cuda` or `wasm`. */
+  readonly kind: BackendKind;
+  /** Human description. */
+  readonly description: string;
+  /** Allocates device memory; returns its address. Throws BackendError when out of memory. */
+  malloc(bytes: number): number;
+  /** Frees memory from malloc. */
+  free(ptr: number): void;
+  /** Host to device, synchronous with respect to the caller. */
+  write(ptr: number, src: Uint8Array): void;
+  /** Device to host, synchronous. */
+  read(ptr: number, dst: Uint8Array): void;
+  /** lw_cast */
+  cast(
+    dst: number,
+    dstDtype: number,
+    dstPitch: number,
+    src: number,
+    srcDtype: number,
+    srcPitch: number,
+    rows: number,
+    cols: number,
+  ): number;
+  /** lw_copy */
+  copy(dst: number, src: number, n: number): number;
+  /** lw_copy2d */
+  copy2d(
+    dst: number,
+    dstPitch: number,
+    src: number,
+    srcPitch: number,
+    width: number,
+    rows: number,
+  ): number;
+  /** lw_fill */
+  fill(
+    dst: number,
+    n: number,
+    elemSize: number,
+    lo: number,
+    hi: number,
+  ): number;
+  /** lw_absmax */
+  absmax(out: number, src: number, dtype: number, n: number): number;
+  /** lw_count_nonfinite */
+  countNonfinite(out: number, src: number, dtype: number, n: number): number;
+  /** lw_quant_fp8 */
+  quantFp8(
+    q: number,
+    scale: number,
+    src: number,
+    srcDtype: number,
+    rows: number,
+    cols: number,
+    granularity: number,
+    dynamic: number,
+  ): number;
+  /** lw_quant_int8_row */
+  quantInt8Row(
+    q: number,
+    scale: number,
+    src: number,
+    srcDtype: number,
+    rows: number,
+    cols: number,
+  ): number;
+  /** lw_dequant_fp8 */
+  dequantFp8(
+    dst: number,
+    dstDtype: number,
+    q: number,
+    scale: number,
+    rows: number,
+    cols: number,
+    granularity: number,
+  ): number;
+  /** Waits for queued work. */
+  sync(): void;
+  /** Text for a non-zero status from the last call. */
+  errorText(status: number): string;
+  /** Releases the device. */
+  close(): void;
+}
+
+const FLOATS = new Set(["f32", "f16", "bf16", "f8_e4m3fn", "f8_e5m2"]);
+const QUANT_INPUTS = new Set(["f32", "f16", "bf16"]);
+
+/** Scale count for a rows x cols matrix at a granularity. */
+export function scaleCount(rows: number, cols: number, g: Granularity): number {
+  if (g === "tensor") return 1;
+  if (g === "row") return rows;
+  return Math.ceil(rows / 128) * Math.ceil(cols / 128);
+}
+
+/** A tensor seen as a matrix: all dimensions but the last are rows. */
+function matrixDims(t: Tensor): [number, number] {
+  if (t.shape.length === 0) return [1, 1];
+  const cols = t.shape[t.shape.length - 1];
+  return [cols === 0 ? 0 : t.numel / cols, cols];
+}
+
+/** The Backend over a RawDevice; see the module doc. */
+export class KernelBackend implements Backend {
+  readonly #dev: RawDevice;
+  readonly #live = new Set<Storage>();
+  #allocated = 0;
+  #scratch: Storage;
+  #closed = false;
+
+  /** Wraps a raw device. */
+  constructor(dev: RawDevice) {
+    this.#dev = dev;
+    this.#scratch = this.alloc(64);
+  }
+
+  /** `cuda` or `wasm`. */
+  get kind(): BackendKind {
+    return this.#dev.kind;
+  }
+
+  /** Human description of the device. */
+  get description(): string {
+    return this.#dev.description;
+  }
+
+  alloc(bytes: number): Storage {
+    this.#open();
+    if (!Number.isSafeInteger(bytes) || bytes < 0) {
+      throw new BackendError("BAD_SIZE", `alloc: invalid size ${bytes}`);
+    }
+    // Zero-byte tensors still get a distinct, valid address.
+    const ptr = this.#dev.malloc(Math.max(bytes, 1));
+    const s: Storage = { backend: this, ptr, bytes, freed: false };
+    this.#live.add(s);
+    this.#allocated += bytes;
+    return s;
+  }
+
+  free(storage: Storage): void {
+    this.#open();
+    if (!this.#live.has(storage)) {
+      throw new BackendError(
+        storage.freed ? "FREED" : "FOREIGN",
+        storage.freed
+          ? "free: storage was already freed"
+          : "free: storage is not from this backend",
+      );
+    }
+    this.#live.delete(storage);
+    this.#allocated -= storage.bytes;
+    storage.freed = true;
+    this.#dev.free(storage.ptr);
+  }
+
+  empty(shape: readonly number[], dtype: DType): Tensor {
+    const meta = Tensor.meta(shape, dtype);
+    return new Tensor(shape, dtype, this.alloc(meta.nbytes));
+  }
+
+  allocatedBytes(): number {
+    return this.#allocated - this.#scratch.bytes;
+  }
+
+  upload(dst: Tensor, src: Uint8Array): void {
+    const l = this.#layout("upload", dst);
+    if (src.byteLength !== dst.nbytes) {
+      throw new BackendError(
+        "SIZE_MISMATCH",
+        `upload: ${src.byteLength} bytes given for ${dst} which holds ${dst.nbytes}`,
+      );
+    }
+    if (l.rows === 1 || l.pitch === l.cols) {
+      return this.#dev.write(dst.ptr, src);
+    }
+    const tmp = this.empty(dst.shape, dst.dtype);
+    try {
+      this.#dev.write(tmp.ptr, src);
+      this.copy(dst, tmp);
+      this.#dev.sync();
+    } finally {
+      this.free(tmp.storage!);
+    }
+  }
+
+  download(src: Tensor): Uint8Array {
+    const l = this.#layout("download", src);
+    const out = new Uint8Array(src.nbytes);
+    if (l.rows === 1 || l.pitch === l.cols) {
+      this.#dev.read(src.ptr, out);
+      return out;
+    }
+    const tmp = this.empty(src.shape, src.dtype);
+    try {
+      this.copy(tmp, src);
+      this.#dev.read(tmp.ptr, out);
+    } finally {
+      this.free(tmp.storage!);
+    }
+    return out;
+  }
+
+  copy(dst: Tensor, src: Tensor): void {
+    const ld = this.#layout("copy", dst);
+    const ls = this.#layout("copy", src);
+    if (
+      dst.shape.length !== src.shape.length ||
+      dst.shape.some((d, i) => d !== src.shape[i])
+    ) {
+      throw new BackendError(
+        "SHAPE_MISMATCH",
+        `copy: destination ${dst} and source ${src} differ in shape`,
+      );
+    }
+    const same = dst.dtype === src.dtype;
+    if (!same && !(FLOATS.has(dst.dtype.name) && FLOATS.has(src.dtype.name))) {
+      throw new BackendError(
+        "BAD_DTYPE",
+        `copy: no conversion from ${src.dtype.name} to ${dst.dtype.name} (floating dtypes only)`,
+      );
+    }
+    this.#noOverlap("copy", dst, src);
+    if (dst.numel === 0) return;
+    for (const [d, s] of pairRuns(ld, ls, dst, src)) {
+      if (same) {
+        const e = dst.dtype.size;
+        this.#check(
+          "copy",
+          d.rows === 1 ? this.#dev.copy(d.ptr, s.ptr, d.cols * e) : this.#dev.copy2d(
+            d.ptr,
+            d.pitch * e,
+            s.ptr,
+            s.pitch * e,
+            d.cols * e,
+            d.rows,
+          ),
+        );
+      } else {
+        this.#check(
+          "copy",
+          this.#dev.cast(
+            d.ptr,
+            dst.dtype.code,
+            d.pitch,
+            s.ptr,
+            src.dtype.code,
+            s.pitch,
+            d.rows,
+            d.cols,
+          ),
+        );
+      }
+    }
+  }
+
+  fill(dst: Tensor, value: number): void {
+    this.#contiguous("fill", dst);
+    const e = dst.dtype.size;
+    let lo = 0, hi = 0;
+    if (dst.dtype.floating) {
+      // Convert on the device so the rounding is the kernels' own.
+      const tmp = new Uint8Array(4);
+      new DataView(tmp.buffer).setFloat32(0, value, true);
+      this.#dev.write(this.#scratch.ptr, tmp);
+      this.#check(
+        "fill",
+        this.#dev.cast(
+          this.#scratch.ptr + 8,
+          dst.dtype.code,
+          1,
+          this.#scratch.ptr,
+          0,
+          1,
+          1,
+          1,
+        ),
+      );
+      const bits = new Uint8Array(4);
+      this.#dev.read(this.#scratch.ptr + 8, bits.subarray(0, e));
+      lo = new DataView(bits.buffer).getUint32(0, true);
+    } else {
+      if (!Number.isInteger(value)) {
+        throw new BackendError(
+          "BAD_VALUE",
+          `fill: ${value} is not an integer for ${dst}`,
+        );
+      }
+      const big = BigInt.asUintN(
+        64,
+        BigInt(dst.dtype.name === "bool" ? (value ? 1 : 0) : value),
+      );
+      lo = Number(big & 0xffffffffn);
+      hi = Number(big >> 32n);
+    }
+    if (dst.numel === 0) return;
+    this.#check("fill", this.#dev.fill(dst.ptr, dst.numel, e, lo, hi));
+  }
+
+  absmax(src: Tensor): number {
+    this.#contiguous("absmax", src);
+    this.#floating("absmax", src);
+    if (src.numel === 0) return 0;
+    this.#check(
+      "absmax",
+      this.#dev.absmax(this.#scratch.ptr, src.ptr, src.dtype.code, src.numel),
+    );
+    const out = new Uint8Array(4);
+    this.#dev.read(this.#scratch.ptr, out);
+    return new DataView(out.buffer).getFloat32(0, true);
+  }
+
+  countNonFinite(src: Tensor): number {
+    this.#contiguous("countNonFinite", src);
+    if (src.numel === 0 || !src.dtype.floating) return 0;
+    this.#check(
+      "countNonFinite",
+      this.#dev.countNonfinite(
+        this.#scratch.ptr,
+        src.ptr,
+        src.dtype.code,
+        src.numel,
+      ),
+    );
+    const out = new Uint8Array(8);
+    this.#dev.read(this.#scratch.ptr, out);
+    return Number(new DataView(out.buffer).getBigUint64(0, true));
+  }
+
+  quantizeFp8(
+    q: Tensor,
+    scale: Tensor,
+    src: Tensor,
+    granularity: Granularity,
+    dynamic: boolean,
+  ): void {
+    const [rows, cols] = this.#quantArgs(
+      "quantizeFp8",
+      q,
+      scale,
+      src,
+      DTYPES.f8_e4m3fn,
+      granularity,
+    );
+    if (rows * cols === 0) return;
+    this.#check(
+      "quantizeFp8",
+      this.#dev.quantFp8(
+        q.ptr,
+        scale.ptr,
+        src.ptr,
+        src.dtype.code,
+        rows,
+        cols,
+        GRANULARITY_CODE[granularity],
+        dynamic ? 1 : 0,
+      ),
+    );
+  }
+
+  quantizeInt8(q: Tensor, scale: Tensor, src: Tensor): void {
+    const [rows, cols] = this.#quantArgs(
+      "quantizeInt8",
+      q,
+      scale,
+      src,
+      DTYPES.i8,
+      "row",
+    );
+    if (rows * cols === 0) return;
+    this.#check(
+      "quantizeInt8",
+      this.#dev.quantInt8Row(
+        q.ptr,
+        scale.ptr,
+        src.ptr,
+        src.dtype.code,
+        rows,
+        cols,
+      ),
+    );
+  }
+
+  dequantizeFp8(
+    dst: Tensor,
+    q: Tensor,
+    scale: Tensor,
+    granularity: Granularity,
+  ): void {
+    const [rows, cols] = this.#quantArgs(
+      "dequantizeFp8",
+      q,
+      scale,
+      dst,
+      DTYPES.f8_e4m3fn,
+      granularity,
+    );
+    if (rows * cols === 0) return;
+    this.#noOverlap("dequantizeFp8", dst, q);
+    this.#check(
+      "dequantizeFp8",
+      this.#dev.dequantFp8(
+        dst.ptr,
+        dst.dtype.code,
+        q.ptr,
+        scale.ptr,
+        rows,
+        cols,
+        GRANULARITY_CODE[granularity],
+      ),
+    );
+  }
+
+  synchronize(): void {
+    this.#open();
+    this.#dev.sync();
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#live.clear();
+    this.#dev.close();
+  }
+
+  // ------------------------------------------------------------------ checks
+
+  #open(): void {
+    if (this.#closed) {
+      throw new BackendError("CLOSED", `the ${this.kind} backend is closed`);
+    }
+  }
+
+  #own(op: string, t: Tensor): Storage {
+    this.#open();
+    const s = t.storage;
+    if (!s) throw new BackendError("META_TENSOR", `${op}: ${t} has no storage`);
+    if (s.freed) {
+      throw new BackendError("FREED", `${op}: ${t} uses freed storage`);
+    }
+    if (!this.#live.has(s)) {
+      throw new BackendError("FOREIGN", `${op}: ${t} lives on another backend`);
+    }
+    return s;
+  }
+
+  #layout(op: string, t: Tensor): Layout2D {
+    this.#own(op, t);
+    const l = t.layout2d();
+    if (!l) {
+      throw new BackendError(
+        "NOT_2D",
+        `${op}: ${t} with strides ${shapeString(t.strides)} is not a 2-D strided view`,
+      );
+    }
+    return l;
+  }
+
+  #contiguous(op: string, t: Tensor): void {
+    this.#own(op, t);
+    if (!t.isContiguous) {
+      throw new BackendError(
+        "NOT_CONTIGUOUS",
+        `${op}: ${t} must be contiguous`,
+      );
+    }
+  }
+
+  #floating(op: string, t: Tensor): void {
+    if (!t.dtype.floating) {
+      throw new BackendError(
+        "BAD_DTYPE",
+        `${op}: ${t} must have a floating dtype`,
+      );
+    }
+  }
+
+  #noOverlap(op: string, a: Tensor, b: Tensor): void {
+    if (a.storage !== b.storage || a.numel === 0 || b.numel === 0) return;
+    const span = (t: Tensor) => {
+      let last = 0;
+      for (let i = 0; i < t.shape.length; i++) {
+        last += (t.shape[i] - 1) * t.strides[i];
+      }
+      return [t.ptr, t.ptr + (last + 1) * t.dtype.size];
+    };
+    const [a0, a1] = span(a), [b0, b1] = span(b);
+    if (a0 < b1 && b0 < a1) {
+      throw new BackendError(
+        "OVERLAP",
+        `${op}: destination ${a} overlaps source ${b}`,
+      );
+    }
+  }
+
+  #quantArgs(
+    op: string,
+    q: Tensor,
+    scale: Tensor,
+    x: Tensor,
+    qDtype: DType,
+    g: Granularity,
+  ): [number, number] {
+    for (const t of [q, scale, x]) this.#contiguous(op, t);
+    if (!QUANT_INPUTS.has(x.dtype.name)) {
+      throw new BackendError(
+        "BAD_DTYPE",
+        `${op}: ${x} must be f32, f16 or bf16`,
+      );
+    }
+    if (q.dtype !== qDtype) {
+      throw new BackendError(
+        "BAD_DTYPE",
+        `${op}: quantized tensor ${q} must be ${qDtype.name}`,
+      );
+    }
+    if (scale.dtype !== DTYPES.f32) {
+      throw new BackendError("BAD_DTYPE", `${op}: scale ${scale} must be f32`);
+    }
+    if (!Object.hasOwn(GRANULARITY_CODE, g)) {
+      throw new BackendError(
+        "BAD_GRANULARITY",
+        `${op}: unknown granularity ${g}`,
+      );
+    }
+    if (
+      q.shape.length !== x.shape.length ||
+      q.shape.some((d, i) => d !== x.shape[i])
+    ) {
+      throw new BackendError(
+        "SHAPE_MISMATCH",
+        `${op}: ${q} and ${x} differ in shape`,
+      );
+    }
+    const [rows, cols] = matrixDims(x);
+    const want = scaleCount(rows, cols, g);
+    if (scale.numel !== want) {
+      throw new BackendError(
+        "SHAPE_MISMATCH",
+        `${op}: scale ${scale} has ${scale.numel} elements, ${g} scaling of ${rows}x${cols} needs ${want}`,
+      );
+    }
+    this.#noOverlap(op, q, x);
+    this.#noOverlap(op, scale, x);
+    this.#noOverlap(op, scale, q);
+    return [rows, cols];
+  }
+
+  #check(op: string, status: number): void {
+    if (status !== 0) {
+      throw new BackendError(
+        status === 1 ? "INVALID" : status === 3 ? "OUT_OF_MEMORY" : "DEVICE",
+        `${op} on ${this.description}: ${this.#dev.errorText(status)}`,
+      );
+    }
+  }
+}
+
+interface Run {
+  ptr: number;
+  rows: number;
+  cols: number;
+  pitch: number;
+}
+
+/**
+ * Pairs two 2-D layouts of the same elements into runs of equal shape. Contiguous views take
+ * the other side's row split; otherwise the wider rows are split into the narrower ones.
+ */
+function* pairRuns(
+  ld: Layout2D,
+  ls: Layout2D,
+  dst: Tensor,
+  src: Tensor,
+): Generator<[Run, Run]> {
+  const flat = (l: Layout2D) => l.rows === 1 || l.pitch === l.cols;
+  if (flat(ld) && flat(ls)) {
+    const n = dst.numel;
+    yield [{ ptr: dst.ptr, rows: 1, cols: n, pitch: n }, {
+      ptr: src.ptr,
+      rows: 1,
+      cols: n,
+      pitch: n,
+    }];
+    return;
+  }
+  if (flat(ld)) ld = { rows: ls.rows, cols: ls.cols, pitch: ls.cols };
+  if (flat(ls)) ls = { rows: ld.rows, cols: ld.cols, pitch: ld.cols };
+  if (ld.cols === ls.cols) {
+    yield [{ ptr: dst.ptr, ...ld }, { ptr: src.ptr, ...ls }];
+    return;
+  }
+  const [wide, narrow, wideT, narrowT, wideIsDst] = ld.cols > ls.cols
+    ? [ld, ls, dst, src, true]
+    : [ls, ld, src, dst, false];
+  if (wide.cols % narrow.cols !== 0) {
+    throw new BackendError(
+      "NOT_2D",
+      `copy: the views ${dst} and ${src} cannot be paired into equal runs`,
+    );
+  }
+  const per = wide.cols / narrow.cols;
+  const we = wideT.dtype.size, ne = narrowT.dtype.size;
+  for (let r = 0; r < wide.rows; r++) {
+    const w: Run = {
+      ptr: wideT.ptr + r * wide.pitch * we,
+      rows: per,
+      cols: narrow.cols,
+      pitch: narrow.cols,
+    };
+    const n: Run = {
+      ptr: narrowT.ptr + r * per * narrow.pitch * ne,
+      rows: per,
+      cols: narrow.cols,
+      pitch: narrow.pitch,
+    };
+    yield wideIsDst ? [w, n] : [n, w];
+  }
+}
