@@ -1,0 +1,177 @@
+/**
+ * Kernel throughput: each kernel of the ABI on the same random bf16 matrix, timed on one
+ * backend, next to a plain copy of the same bytes measured in the same run. On WASM the same C
+ * compiled natively with -O3 is timed too (when a C compiler is present), since the bar there is
+ * half the native rate.
+ * @module
+ */
+
+import type { Backend } from "../src/backend/backend.ts";
+import { DTYPES } from "../src/tensor/dtype.ts";
+import type { Tensor } from "../src/tensor/tensor.ts";
+
+/** One kernel measurement. */
+export interface KernelResult {
+  /** Kernel name (as the native harness knows it). */
+  name: string;
+  /** Elements processed per call. */
+  elements: number;
+  /** Bytes a call must move at least (each input read as the kernel needs it, outputs written). */
+  bytes: number;
+  /** Best seconds per call. */
+  seconds: number;
+  /** Best seconds per call of the native build, when measured. */
+  nativeSeconds?: number;
+}
+
+const COLS = 4096;
+
+/** Deterministic pseudo-random f32 values in [-2, 2), as bf16 bytes. */
+function randomBf16(n: number, seed: number): Uint8Array {
+  const out = new Uint16Array(n);
+  const f = new Float32Array(1);
+  const u = new Uint32Array(f.buffer);
+  let s = seed >>> 0;
+  for (let i = 0; i < n; i++) {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    f[0] = ((s >>> 8) / 16777216) * 4 - 2;
+    out[i] = (u[0] + 0x7fff + ((u[0] >>> 16) & 1)) >>> 16;
+  }
+  return new Uint8Array(out.buffer);
+}
+
+function time(backend: Backend, reps: number, fn: () => void): number {
+  fn(); // warm-up: first-use costs stay out of the figure
+  backend.synchronize();
+  let best = Infinity;
+  for (let r = 0; r < reps; r++) {
+    const t0 = performance.now();
+    fn();
+    backend.synchronize();
+    best = Math.min(best, (performance.now() - t0) / 1000);
+  }
+  return best;
+}
+
+async function nativeTimes(names: string[], n: number, reps: number): Promise<Map<string, number>> {
+  const out = new Map<string, number>();
+  const cc = Deno.env.get("CC") ?? "cc";
+  const dir = await Deno.makeTempDir({ prefix: "layerwise-bench-" });
+  const bin = `${dir}/bench_native`;
+  const src = new URL("./bench_native.c", import.meta.url).pathname;
+  try {
+    const build = await new Deno.Command(cc, { args: ["-O3", "-o", bin, src, "-lm"] }).output();
+    if (!build.success) {
+      console.error(`native reference not built: ${new TextDecoder().decode(build.stderr)}`);
+      return out;
+    }
+    for (const name of names) {
+      const r = await new Deno.Command(bin, { args: [name, String(n), String(reps)] }).output();
+      if (r.success) out.set(name, Number(new TextDecoder().decode(r.stdout).trim()));
+    }
+  } catch (e) {
+    console.error(`native reference not run (${(e as Error).message})`);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+  return out;
+}
+
+/** Times every kernel on `elements` bf16 elements (a multiple of 4096). */
+export async function benchKernels(
+  backend: Backend,
+  elements: number,
+  reps: number,
+): Promise<KernelResult[]> {
+  const n = Math.max(COLS, Math.floor(elements / COLS) * COLS);
+  const rows = n / COLS;
+  const shape = [rows, COLS];
+  const owned: Tensor[] = [];
+  const mk = (s: number[], d: keyof typeof DTYPES) => {
+    const t = backend.empty(s, DTYPES[d]);
+    owned.push(t);
+    return t;
+  };
+  const x = mk(shape, "bf16");
+  backend.upload(x, randomBf16(n, 12345));
+  const xf = mk(shape, "f32");
+  const y = mk(shape, "bf16");
+  const q8 = mk(shape, "f8_e4m3fn");
+  const qi8 = mk(shape, "i8");
+  const sT = mk([1], "f32");
+  const sR = mk([rows], "f32");
+  const sB = mk([Math.ceil(rows / 128), COLS / 128], "f32");
+  const cases: [string, number, () => void][] = [
+    ["copy", 4 * n, () => backend.copy(y, x)],
+    ["cast_bf16_f32", 6 * n, () => backend.copy(xf, x)],
+    ["cast_f32_bf16", 6 * n, () => backend.copy(y, xf)],
+    ["absmax", 2 * n, () => backend.absmax(x)],
+    ["count_nonfinite", 2 * n, () => backend.countNonFinite(x)],
+    ["fp8_tensor", 5 * n, () => backend.quantizeFp8(q8, sT, x, "tensor", true)],
+    ["fp8_row", 5 * n, () => backend.quantizeFp8(q8, sR, x, "row", true)],
+    ["fp8_block128", 5 * n, () => backend.quantizeFp8(q8, sB, x, "block128", true)],
+    ["int8_row", 5 * n, () => backend.quantizeInt8(qi8, sR, x)],
+    ["dequant_fp8", 3 * n, () => backend.dequantizeFp8(y, q8, sT, "tensor")],
+  ];
+  const results: KernelResult[] = [];
+  try {
+    for (const [name, bytes, fn] of cases) {
+      results.push({ name, elements: n, bytes, seconds: time(backend, reps, fn) });
+    }
+  } finally {
+    for (const t of owned) backend.free(t.storage!);
+  }
+  if (backend.kind === "wasm") {
+    const native = await nativeTimes(results.map((r) => r.name), n, reps);
+    for (const r of results) r.nativeSeconds = native.get(r.name);
+  }
+  return results;
+}
+
+function fmt(x: number, unit: string): string {
+  const k = ["", "K", "M", "G", "T"];
+  let i = 0;
+  while (x >= 1000 && i < k.length - 1) {
+    x /= 1000;
+    i++;
+  }
+  return `${x.toFixed(x >= 100 ? 0 : x >= 10 ? 1 : 2)} ${k[i]}${unit}`;
+}
+
+/**
+ * Formats results as a table: every figure next to the limit it is held to, as a ratio.
+ * CUDA: per-tensor fp8 quantization against 0.9 x the copy rate. WASM: every kernel against
+ * 0.5 x the native rate.
+ */
+export function kernelTable(backend: Backend, results: KernelResult[]): string {
+  const copy = results.find((r) => r.name === "copy")!;
+  const copyRate = copy.bytes / copy.seconds;
+  const lines = [
+    `kernels on ${backend.description}, ${results[0].elements} bf16 elements (best of runs)`,
+    [
+      "kernel".padEnd(16),
+      "elements/s".padStart(12),
+      "bytes/s".padStart(11),
+      "vs copy".padStart(8),
+      backend.kind === "wasm" ? "native B/s".padStart(11) + "  vs native".padStart(11) : "",
+      "  limit",
+    ].join(""),
+  ];
+  for (const r of results) {
+    const rate = r.bytes / r.seconds;
+    const vsCopy = rate / copyRate;
+    let row = r.name.padEnd(16) + fmt(r.elements / r.seconds, "").padStart(12) +
+      fmt(rate, "B").padStart(11) + vsCopy.toFixed(2).padStart(8);
+    if (backend.kind === "wasm") {
+      if (r.nativeSeconds) {
+        const vsNative = r.nativeSeconds / r.seconds;
+        row += fmt(r.bytes / r.nativeSeconds, "B").padStart(11) + vsNative.toFixed(2).padStart(11);
+        row += `  >= 0.50 of native: ${vsNative >= 0.5 ? "met" : "NOT MET"}`;
+      } else row += "n/a".padStart(11) + "n/a".padStart(11) + "  (no native build)";
+    } else if (r.name === "fp8_tensor") {
+      row += `  >= 0.90 of copy: ${vsCopy >= 0.9 ? "met" : "NOT MET"}`;
+    }
+    lines.push(row);
+  }
+  return lines.join("\n");
+}
