@@ -1,0 +1,767 @@
+/**
+ * safetensors read and write. Every rule of the format is checked on the header before any
+ * tensor byte is used, as the format's reference (Rust) reader does: header length bound,
+ * UTF-8 JSON object, known dtypes, shapes, offsets whose byte length matches the shape, tensors
+ * covering the data area contiguously from 0 to the end of the file, no duplicate names.
+ *
+ * The header is parsed by a small strict JSON parser of our own rather than `JSON.parse`
+ * because `JSON.parse` silently keeps the last of two duplicate keys and turns `1e3`, `1.0` or
+ * integers past 2^53 into numbers we could not tell apart from valid offsets.
+ * @module
+ */
+
+import { CheckpointError } from "../errors.ts";
+import { type DType, dtypeFromSafetensors } from "../tensor/dtype.ts";
+
+/** A tensor held in host memory: its bytes are little-endian, row-major and contiguous. */
+export interface HostTensor {
+  /** Element type. */
+  dtype: DType;
+  /** Sizes of each dimension. */
+  shape: number[];
+  /** The tensor's bytes; `byteLength` is numel x dtype size. */
+  data: Uint8Array;
+}
+
+/** One tensor as described by a safetensors header. */
+export interface TensorEntry {
+  /** The tensor's name in the file. */
+  name: string;
+  /** Element type. */
+  dtype: DType;
+  /** Sizes of each dimension. */
+  shape: number[];
+  /** Absolute offset of the tensor's first byte in the file. */
+  begin: number;
+  /** Absolute offset one past the tensor's last byte in the file. */
+  end: number;
+  /** The file the entry was read from (as given to the parser), for messages. */
+  file: string;
+}
+
+/** A validated safetensors header. */
+export interface SafetensorsHeader {
+  /** The file the header was read from (as given to the parser), for messages. */
+  file: string;
+  /** N, the length of the JSON header in bytes. */
+  headerLength: number;
+  /** Absolute offset of the data area (8 + N). */
+  dataStart: number;
+  /** The `__metadata__` map, empty when the file has none. */
+  metadata: Record<string, string>;
+  /** Every tensor by name, in data order. */
+  tensors: Map<string, TensorEntry>;
+}
+
+/** Largest header the reader accepts, the same bound as the reference reader (100 MB). */
+export const MAX_HEADER_LENGTH = 100_000_000;
+
+/** safetensors dtype names that exist in the format but that this package does not handle. */
+const UNSUPPORTED_DTYPES: ReadonlySet<string> = new Set([
+  "F64",
+  "I16",
+  "U16",
+  "U32",
+  "U64",
+  "C64",
+  "F8_E8M0",
+  "F6_E2M3",
+  "F6_E3M2",
+  "F4",
+]);
+
+const JSON_DEPTH_LIMIT = 128;
+
+function fail(code: string, message: string): never {
+  throw new CheckpointError(code, message);
+}
+
+function quote(name: string): string {
+  return JSON.stringify(name);
+}
+
+function shapeText(shape: readonly number[]): string {
+  return `[${shape.join(", ")}]`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Strict JSON
+
+/** A JSON number kept as its source text, so integer rules can be checked exactly. */
+class JsonNumber {
+  constructor(readonly raw: string) {}
+}
+
+/** A JSON object with its keys in source order; duplicates are rejected while parsing. */
+class JsonObject {
+  constructor(readonly entries: Map<string, JsonValue>) {}
+}
+
+type JsonValue = string | JsonNumber | boolean | null | JsonValue[] | JsonObject;
+
+class JsonParser {
+  private pos = 0;
+  constructor(
+    private readonly text: string,
+    private readonly file: string,
+  ) {}
+
+  parseDocument(): JsonValue {
+    this.skipWs();
+    const v = this.value(0, null);
+    this.skipWs();
+    if (this.pos !== this.text.length) this.syntax("unexpected text after the JSON value");
+    return v;
+  }
+
+  private syntax(what: string): never {
+    fail(
+      "HEADER_NOT_JSON",
+      `${this.file}: header is not valid JSON: ${what} at offset ${this.pos}`,
+    );
+  }
+
+  private skipWs(): void {
+    const t = this.text;
+    while (this.pos < t.length) {
+      const c = t.charCodeAt(this.pos);
+      if (c === 0x20 || c === 0x0a || c === 0x0d || c === 0x09) this.pos++;
+      else break;
+    }
+  }
+
+  // `owner` names the top-level entry being parsed, so a duplicate key inside it can be named.
+  private value(depth: number, owner: string | null): JsonValue {
+    if (depth > JSON_DEPTH_LIMIT) this.syntax(`nesting deeper than ${JSON_DEPTH_LIMIT}`);
+    const t = this.text;
+    if (this.pos >= t.length) this.syntax("unexpected end");
+    const c = t[this.pos];
+    if (c === "{") return this.object(depth, owner);
+    if (c === "[") return this.array(depth, owner);
+    if (c === '"') return this.string();
+    if (c === "-" || (c >= "0" && c <= "9")) return this.number();
+    if (t.startsWith("true", this.pos)) {
+      this.pos += 4;
+      return true;
+    }
+    if (t.startsWith("false", this.pos)) {
+      this.pos += 5;
+      return false;
+    }
+    if (t.startsWith("null", this.pos)) {
+      this.pos += 4;
+      return null;
+    }
+    this.syntax(`unexpected character ${quote(c)}`);
+  }
+
+  private object(depth: number, owner: string | null): JsonObject {
+    const entries = new Map<string, JsonValue>();
+    this.pos++; // {
+    this.skipWs();
+    if (this.text[this.pos] === "}") {
+      this.pos++;
+      return new JsonObject(entries);
+    }
+    for (;;) {
+      this.skipWs();
+      if (this.text[this.pos] !== '"') this.syntax("expected a string key");
+      const key = this.string();
+      if (entries.has(key)) {
+        if (depth === 0) {
+          fail("DUPLICATE", `${this.file}: tensor ${quote(key)} appears twice in the header`);
+        }
+        fail(
+          "DUPLICATE",
+          `${this.file}: key ${quote(key)} appears twice in the header entry of ${
+            quote(owner ?? "")
+          }`,
+        );
+      }
+      this.skipWs();
+      if (this.text[this.pos] !== ":") this.syntax("expected ':'");
+      this.pos++;
+      this.skipWs();
+      entries.set(key, this.value(depth + 1, depth === 0 ? key : owner));
+      this.skipWs();
+      const c = this.text[this.pos];
+      if (c === ",") {
+        this.pos++;
+        continue;
+      }
+      if (c === "}") {
+        this.pos++;
+        return new JsonObject(entries);
+      }
+      this.syntax("expected ',' or '}'");
+    }
+  }
+
+  private array(depth: number, owner: string | null): JsonValue[] {
+    const out: JsonValue[] = [];
+    this.pos++; // [
+    this.skipWs();
+    if (this.text[this.pos] === "]") {
+      this.pos++;
+      return out;
+    }
+    for (;;) {
+      this.skipWs();
+      out.push(this.value(depth + 1, owner));
+      this.skipWs();
+      const c = this.text[this.pos];
+      if (c === ",") {
+        this.pos++;
+        continue;
+      }
+      if (c === "]") {
+        this.pos++;
+        return out;
+      }
+      this.syntax("expected ',' or ']'");
+    }
+  }
+
+  private number(): JsonNumber {
+    const re = /-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?/y;
+    re.lastIndex = this.pos;
+    const m = re.exec(this.text);
+    if (m === null) this.syntax("malformed number");
+    this.pos += m[0].length;
+    return new JsonNumber(m[0]);
+  }
+
+  private string(): string {
+    const t = this.text;
+    this.pos++; // opening quote
+    let out = "";
+    let runStart = this.pos;
+    for (;;) {
+      if (this.pos >= t.length) this.syntax("unterminated string");
+      const c = t.charCodeAt(this.pos);
+      if (c === 0x22) {
+        out += t.slice(runStart, this.pos);
+        this.pos++;
+        break;
+      }
+      if (c < 0x20) this.syntax("control character in string");
+      if (c !== 0x5c) {
+        this.pos++;
+        continue;
+      }
+      out += t.slice(runStart, this.pos);
+      const e = t[this.pos + 1];
+      this.pos += 2;
+      switch (e) {
+        case '"':
+          out += '"';
+          break;
+        case "\\":
+          out += "\\";
+          break;
+        case "/":
+          out += "/";
+          break;
+        case "b":
+          out += "\b";
+          break;
+        case "f":
+          out += "\f";
+          break;
+        case "n":
+          out += "\n";
+          break;
+        case "r":
+          out += "\r";
+          break;
+        case "t":
+          out += "\t";
+          break;
+        case "u":
+          out += String.fromCharCode(this.hex4());
+          break;
+        default:
+          this.pos -= 2;
+          this.syntax("invalid escape in string");
+      }
+      runStart = this.pos;
+    }
+    // serde_json, behind the reference reader, rejects lone surrogates; so do we, which also
+    // keeps every accepted name representable in UTF-8 when we write it back.
+    if (!out.isWellFormed()) this.syntax("lone surrogate in string");
+    return out;
+  }
+
+  private hex4(): number {
+    const h = this.text.slice(this.pos, this.pos + 4);
+    if (!/^[0-9a-fA-F]{4}$/.test(h)) this.syntax("invalid \\u escape");
+    this.pos += 4;
+    return parseInt(h, 16);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Header validation
+
+const UTF8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
+
+function readU64(prefix: Uint8Array, file: string): number {
+  const view = new DataView(prefix.buffer, prefix.byteOffset, 8);
+  const lo = view.getUint32(0, true);
+  const hi = view.getUint32(4, true);
+  if (hi !== 0) {
+    fail(
+      "HEADER_TOO_LARGE",
+      `${file}: header length ${
+        view.getBigUint64(0, true)
+      } exceeds the ${MAX_HEADER_LENGTH}-byte limit`,
+    );
+  }
+  return lo;
+}
+
+/**
+ * Reads and bounds-checks N, the header length, from the first 8 bytes of a file of
+ * `fileSize` bytes. Throws CheckpointError `TRUNCATED` when the file is shorter than 8 bytes or
+ * than 8 + N, and `HEADER_TOO_LARGE` past {@link MAX_HEADER_LENGTH}.
+ */
+export function safetensorsHeaderLength(
+  prefix: Uint8Array,
+  fileSize: number,
+  file: string,
+): number {
+  if (fileSize < 8) {
+    fail("TRUNCATED", `${file}: file has ${fileSize} bytes, a safetensors file needs at least 8`);
+  }
+  if (prefix.byteLength < 8) {
+    fail("TRUNCATED", `${file}: got ${prefix.byteLength} bytes, the header length needs 8`);
+  }
+  const n = readU64(prefix, file);
+  if (n > MAX_HEADER_LENGTH) {
+    fail(
+      "HEADER_TOO_LARGE",
+      `${file}: header length ${n} exceeds the ${MAX_HEADER_LENGTH}-byte limit`,
+    );
+  }
+  if (8 + n > fileSize) {
+    fail(
+      "TRUNCATED",
+      `${file}: header length ${n} runs past the end of the file (${fileSize} bytes, needs at least ${
+        8 + n
+      })`,
+    );
+  }
+  return n;
+}
+
+function asObject(v: JsonValue | undefined): JsonObject | null {
+  return v instanceof JsonObject ? v : null;
+}
+
+function describe(v: JsonValue | undefined): string {
+  if (v === undefined) return "missing";
+  if (v instanceof JsonNumber) return v.raw;
+  if (v instanceof JsonObject) return "an object";
+  if (Array.isArray(v)) return "an array";
+  return JSON.stringify(v);
+}
+
+// A usize as the reference reader accepts it: a plain non-negative integer literal. We also
+// need it to be a safe integer to hold it exactly in a JS number.
+function toIndex(v: JsonValue): number | null {
+  if (!(v instanceof JsonNumber) || !/^(?:0|[1-9][0-9]*)$/.test(v.raw)) return null;
+  const n = Number(v.raw);
+  return Number.isSafeInteger(n) ? n : null;
+}
+
+function rawList(v: JsonValue[]): string {
+  return `[${v.map(describe).join(", ")}]`;
+}
+
+function checkedBytes(shape: number[], size: number): number | null {
+  // Left to right with an overflow check at each step, like the reference's checked_mul fold.
+  let n = size;
+  for (const d of shape) {
+    n *= d;
+    if (!Number.isSafeInteger(n)) return null;
+  }
+  return n;
+}
+
+function parseEntry(
+  file: string,
+  name: string,
+  v: JsonValue,
+  dataStart: number,
+  dataLength: number,
+): TensorEntry {
+  const where = `${file}: tensor ${quote(name)}`;
+  const obj = asObject(v);
+  if (obj === null) {
+    fail("BAD_ENTRY", `${where}: header entry is ${describe(v)}, expected an object`);
+  }
+  // Unknown keys are ignored, as the reference reader does.
+  const dtypeV = obj.entries.get("dtype");
+  if (typeof dtypeV !== "string") {
+    fail("BAD_DTYPE", `${where}: dtype is ${describe(dtypeV)}, expected a string`);
+  }
+  const dtype = dtypeFromSafetensors(dtypeV);
+  if (dtype === undefined) {
+    if (UNSUPPORTED_DTYPES.has(dtypeV)) {
+      fail("UNSUPPORTED_DTYPE", `${where}: dtype ${quote(dtypeV)} is not supported`);
+    }
+    fail("BAD_DTYPE", `${where}: unknown dtype ${quote(dtypeV)}`);
+  }
+  const shapeV = obj.entries.get("shape");
+  if (!Array.isArray(shapeV)) {
+    fail("BAD_SHAPE", `${where}: shape is ${describe(shapeV)}, expected an array of integers`);
+  }
+  const shape: number[] = [];
+  for (const d of shapeV) {
+    const n = toIndex(d);
+    if (n === null) {
+      fail(
+        "BAD_SHAPE",
+        `${where}: shape ${rawList(shapeV)} is not a list of non-negative integers`,
+      );
+    }
+    shape.push(n);
+  }
+  const offV = obj.entries.get("data_offsets");
+  if (!Array.isArray(offV) || offV.length !== 2) {
+    fail(
+      "BAD_OFFSETS",
+      `${where}: data_offsets is ${
+        Array.isArray(offV) ? rawList(offV) : describe(offV)
+      }, expected [begin, end]`,
+    );
+  }
+  const b = toIndex(offV[0]);
+  const e = toIndex(offV[1]);
+  if (b === null || e === null) {
+    fail("BAD_OFFSETS", `${where}: data_offsets ${rawList(offV)} are not non-negative integers`);
+  }
+  if (b > e) fail("BAD_OFFSETS", `${where}: data_offsets [${b}, ${e}] end before they begin`);
+  const need = checkedBytes(shape, dtype.size);
+  if (need === null) {
+    fail("BAD_SHAPE", `${where}: ${dtype.safetensors} ${shapeText(shape)} is too large`);
+  }
+  if (e - b !== need) {
+    fail(
+      "SIZE_MISMATCH",
+      `${where} data_offsets [${b}, ${e}] hold ${e - b} bytes, ${dtype.safetensors} ${
+        shapeText(shape)
+      } needs ${need}`,
+    );
+  }
+  if (e > dataLength) {
+    fail(
+      "BAD_OFFSETS",
+      `${where}: data_offsets [${b}, ${e}] run past the data area of ${dataLength} bytes`,
+    );
+  }
+  return { name, dtype, shape, begin: dataStart + b, end: dataStart + e, file };
+}
+
+function parseMetadata(file: string, v: JsonValue): Record<string, string> {
+  const out: Record<string, string> = {};
+  if (v === null) return out; // the reference reads `__metadata__` as an Option
+  const obj = asObject(v);
+  if (obj === null) {
+    fail(
+      "BAD_METADATA",
+      `${file}: __metadata__ is ${describe(v)}, expected a string-to-string map`,
+    );
+  }
+  for (const [k, val] of obj.entries) {
+    if (typeof val !== "string") {
+      fail(
+        "BAD_METADATA",
+        `${file}: __metadata__ key ${quote(k)} is ${describe(val)}, expected a string`,
+      );
+    }
+    Object.defineProperty(out, k, { value: val, enumerable: true, writable: true });
+  }
+  return out;
+}
+
+/**
+ * Parses and validates a safetensors header from the first bytes of a file (pure: it uses
+ * only `prefix` and `fileSize`). `prefix` must hold at least 8 + N bytes; otherwise it throws
+ * CheckpointError `TRUNCATED`. Every returned entry lies inside `[8 + N, fileSize)`, and the
+ * entries cover the data area exactly. Any rule broken throws a CheckpointError with a specific
+ * code and a message naming `file`, the tensor and the expectation.
+ */
+export function parseSafetensorsHeader(
+  prefix: Uint8Array,
+  fileSize: number,
+  file: string,
+): SafetensorsHeader {
+  const n = safetensorsHeaderLength(prefix, fileSize, file);
+  if (prefix.byteLength < 8 + n) {
+    fail("TRUNCATED", `${file}: got ${prefix.byteLength} bytes, the header needs ${8 + n}`);
+  }
+  let text: string;
+  try {
+    text = UTF8.decode(prefix.subarray(8, 8 + n));
+  } catch {
+    fail("HEADER_NOT_JSON", `${file}: header is not valid UTF-8`);
+  }
+  // Leading whitespace is accepted: the reference reader's "must start with '{'" check is still
+  // disabled, and we are exactly as strict as it is.
+  const root = new JsonParser(text, file).parseDocument();
+  if (!(root instanceof JsonObject)) {
+    fail("HEADER_NOT_OBJECT", `${file}: header is ${describe(root)}, expected a JSON object`);
+  }
+  const dataStart = 8 + n;
+  const dataLength = fileSize - dataStart;
+  let metadata: Record<string, string> = {};
+  const entries: TensorEntry[] = [];
+  for (const [name, v] of root.entries) {
+    if (name === "__metadata__") metadata = parseMetadata(file, v);
+    else entries.push(parseEntry(file, name, v, dataStart, dataLength));
+  }
+  entries.sort((a, b) => a.begin - b.begin || a.end - b.end);
+  let expected = dataStart;
+  let prev: TensorEntry | null = null;
+  for (const e of entries) {
+    if (e.begin < expected) {
+      fail(
+        "OVERLAP",
+        `${file}: tensor ${quote(e.name)} data_offsets [${e.begin - dataStart}, ${
+          e.end - dataStart
+        }] overlap tensor ${quote(prev!.name)} [${prev!.begin - dataStart}, ${
+          prev!.end - dataStart
+        }]`,
+      );
+    }
+    if (e.begin > expected) {
+      fail(
+        "GAP",
+        `${file}: tensor ${quote(e.name)} begins at ${e.begin - dataStart}, expected ${
+          expected - dataStart
+        } (${prev === null ? "the data area starts" : `tensor ${quote(prev.name)} ends`} there)`,
+      );
+    }
+    expected = e.end;
+    prev = e;
+  }
+  if (expected !== fileSize) {
+    fail(
+      "GAP",
+      `${file}: ${fileSize - expected} bytes after ${
+        prev === null ? "the header" : `the last tensor ${quote(prev.name)}`
+      } belong to no tensor (data area is ${dataLength} bytes, tensors cover ${
+        expected - dataStart
+      })`,
+    );
+  }
+  return {
+    file,
+    headerLength: n,
+    dataStart,
+    metadata,
+    tensors: new Map(entries.map((e) => [e.name, e])),
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading
+
+async function readFully(f: Deno.FsFile, dst: Uint8Array, at: number): Promise<number> {
+  await f.seek(at, Deno.SeekMode.Start);
+  let got = 0;
+  while (got < dst.byteLength) {
+    const r = await f.read(dst.subarray(got));
+    if (r === null || r === 0) break;
+    got += r;
+  }
+  return got;
+}
+
+/**
+ * Reads and validates the header of the safetensors file at `path`, reading only the header
+ * bytes (not the tensors).
+ */
+export async function readSafetensorsHeader(path: string): Promise<SafetensorsHeader> {
+  const f = await Deno.open(path, { read: true });
+  try {
+    const size = (await f.stat()).size;
+    const head = new Uint8Array(Math.min(8, size));
+    const got8 = await readFully(f, head, 0);
+    const n = safetensorsHeaderLength(head.subarray(0, got8), size, path);
+    const prefix = new Uint8Array(8 + n);
+    const got = await readFully(f, prefix, 0);
+    return parseSafetensorsHeader(prefix.subarray(0, got), size, path);
+  } finally {
+    f.close();
+  }
+}
+
+/**
+ * Reads exactly `entry`'s bytes from `file` into `dst`, whose length must be the entry's byte
+ * length. Throws CheckpointError `TRUNCATED` naming the file and tensor if the file is shorter
+ * than at validation. It seeks `file`, so calls on one handle must not overlap in time.
+ */
+export async function readTensorInto(
+  file: Deno.FsFile,
+  entry: TensorEntry,
+  dst: Uint8Array,
+): Promise<void> {
+  const bytes = entry.end - entry.begin;
+  if (dst.byteLength !== bytes) {
+    fail(
+      "BAD_DESTINATION",
+      `${entry.file}: tensor ${
+        quote(entry.name)
+      } has ${bytes} bytes, destination holds ${dst.byteLength}`,
+    );
+  }
+  const got = await readFully(file, dst, entry.begin);
+  if (got !== bytes) {
+    fail(
+      "TRUNCATED",
+      `${entry.file}: tensor ${
+        quote(entry.name)
+      } needs bytes [${entry.begin}, ${entry.end}) but the file ends at ${entry.begin + got}`,
+    );
+  }
+}
+
+/**
+ * Reads and validates a whole safetensors file. Meant for small files: every tensor is copied
+ * into its own buffer (so typed-array views of it are aligned).
+ */
+export async function loadSafetensors(path: string): Promise<Map<string, HostTensor>> {
+  const bytes = await Deno.readFile(path);
+  const header = parseSafetensorsHeader(bytes, bytes.byteLength, path);
+  const out = new Map<string, HostTensor>();
+  for (const e of header.tensors.values()) {
+    out.set(e.name, { dtype: e.dtype, shape: e.shape, data: bytes.slice(e.begin, e.end) });
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing
+
+/**
+ * Checks that a host tensor's shape is valid and its byte length is numel x dtype size;
+ * throws CheckpointError `BAD_SHAPE` or `SIZE_MISMATCH` naming the tensor and `where`.
+ */
+export function checkHostTensor(name: string, t: HostTensor, where: string): void {
+  for (const d of t.shape) {
+    if (!Number.isSafeInteger(d) || d < 0) {
+      fail("BAD_SHAPE", `${where}: tensor ${quote(name)} has invalid shape ${shapeText(t.shape)}`);
+    }
+  }
+  const need = checkedBytes(t.shape, t.dtype.size);
+  if (need === null || t.data.byteLength !== need) {
+    fail(
+      "SIZE_MISMATCH",
+      `${where}: tensor ${quote(name)} has ${t.data.byteLength} bytes, ${t.dtype.safetensors} ${
+        shapeText(t.shape)
+      } needs ${need ?? "more than 2^53"}`,
+    );
+  }
+}
+
+// The reference writer sorts by its Dtype enum's declaration order, descending (which puts
+// wider types first); using the same order makes our files byte-identical to its output.
+const WRITE_ORDER: readonly string[] = [
+  "BOOL",
+  "F4",
+  "F6_E2M3",
+  "F6_E3M2",
+  "U8",
+  "I8",
+  "F8_E5M2",
+  "F8_E4M3",
+  "F8_E8M0",
+  "I16",
+  "U16",
+  "F16",
+  "BF16",
+  "I32",
+  "U32",
+  "F32",
+  "C64",
+  "F64",
+  "I64",
+  "U64",
+];
+
+function writeRank(d: DType): number {
+  return WRITE_ORDER.indexOf(d.safetensors);
+}
+
+/**
+ * Encodes tensors as a safetensors file. Like the reference writer, tensors are laid out by
+ * dtype (wider first, so every tensor stays aligned to its element size) then by name,
+ * and the header is padded with spaces to a multiple of 8 bytes. Throws CheckpointError on a
+ * duplicate or non-UTF-8-representable name, a `__metadata__` tensor name, or a tensor whose
+ * byte length does not fit its shape.
+ */
+export function encodeSafetensors(
+  tensors: Iterable<[string, HostTensor]>,
+  metadata?: Record<string, string>,
+): Uint8Array {
+  const where = "encodeSafetensors";
+  const seen = new Set<string>();
+  const list: [string, HostTensor][] = [];
+  for (const [name, t] of tensors) {
+    if (seen.has(name)) fail("DUPLICATE", `${where}: tensor ${quote(name)} given twice`);
+    if (name === "__metadata__" || !name.isWellFormed()) {
+      fail("BAD_NAME", `${where}: tensor name ${quote(name)} cannot be written`);
+    }
+    checkHostTensor(name, t, where);
+    seen.add(name);
+    list.push([name, t]);
+  }
+  list.sort(([an, a], [bn, b]) =>
+    writeRank(b.dtype) - writeRank(a.dtype) || (an < bn ? -1 : an > bn ? 1 : 0)
+  );
+  const parts: string[] = [];
+  if (metadata !== undefined) {
+    for (const [k, v] of Object.entries(metadata)) {
+      if (typeof v !== "string" || !k.isWellFormed() || !v.isWellFormed()) {
+        fail("BAD_METADATA", `${where}: __metadata__ key ${quote(k)} must map to a string`);
+      }
+    }
+    parts.push(`"__metadata__":${JSON.stringify(metadata)}`);
+  }
+  let offset = 0;
+  for (const [name, t] of list) {
+    const end = offset + t.data.byteLength;
+    parts.push(
+      `${JSON.stringify(name)}:{"dtype":"${t.dtype.safetensors}","shape":[${
+        t.shape.join(",")
+      }],"data_offsets":[${offset},${end}]}`,
+    );
+    offset = end;
+  }
+  const json = new TextEncoder().encode(`{${parts.join(",")}}`);
+  const n = json.byteLength + ((8 - (json.byteLength % 8)) % 8);
+  if (n > MAX_HEADER_LENGTH) {
+    fail("HEADER_TOO_LARGE", `${where}: header of ${n} bytes exceeds ${MAX_HEADER_LENGTH}`);
+  }
+  const out = new Uint8Array(8 + n + offset);
+  new DataView(out.buffer).setBigUint64(0, BigInt(n), true);
+  out.set(json, 8);
+  out.fill(0x20, 8 + json.byteLength, 8 + n);
+  let at = 8 + n;
+  for (const [, t] of list) {
+    out.set(t.data, at);
+    at += t.data.byteLength;
+  }
+  return out;
+}
+
+/** Encodes tensors with {@link encodeSafetensors} and writes them to `path`. */
+export async function writeSafetensors(
+  path: string,
+  tensors: Iterable<[string, HostTensor]>,
+  metadata?: Record<string, string>,
+): Promise<void> {
+  await Deno.writeFile(path, encodeSafetensors(tensors, metadata));
+}
