@@ -1,0 +1,144 @@
+/**
+ * Command-line arguments of `deno task reload`. Parsing never exits: a bad command line is a
+ * {@link UsageError}, which `main` turns into exit status 2.
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+
+/** Quantization choices on the command line. */
+export const QUANT_CHOICES: readonly string[] = Object.freeze([
+  "none",
+  "fp8",
+  "fp8-channel",
+  "fp8-block",
+  "int8",
+]);
+
+/** A quantization choice: none, fp8 per tensor, per channel, per 128x128 block, or int8. */
+export type QuantChoice = "none" | "fp8" | "fp8-channel" | "fp8-block" | "int8";
+
+/** Backend choices on the command line. */
+export const BACKEND_CHOICES: readonly string[] = Object.freeze(["auto", "cuda", "wasm"]);
+
+/** What the command line asks for. */
+export interface CliOptions {
+  /** Hugging Face directory of the first load; undefined runs the demo. */
+  model?: string;
+  /** File or directory of the reload; defaults to `model`. */
+  weights?: string;
+  /** Quantization of the model (default fp8). */
+  quant: QuantChoice;
+  /** Backend (default auto). */
+  backend: "auto" | "cuda" | "wasm";
+  /** Where to write the kernel tensors after the reload step. */
+  export?: string;
+  /** Where to write the JSON report. */
+  json?: string;
+  /** Restore kernel tensors bit-exactly when a reload fails. */
+  atomic: boolean;
+  /** Unknown tensors in the weights are errors (instead of being reported). */
+  strict: boolean;
+  /** How many reloads to run. */
+  repeat: number;
+  /** No progress bar and no report on stdout. */
+  quiet: boolean;
+  /** Print the help and exit. */
+  help: boolean;
+}
+
+/** A bad command line; `main` prints it with a hint to --help and exits with status 2. */
+export class UsageError extends Error {
+  /** Creates a usage error with a one-line message. */
+  constructor(message: string) {
+    super(message);
+    this.name = "UsageError";
+  }
+}
+
+/** The text of `--help`. */
+export const HELP: string =
+  `deno task reload: load a model, reload its weights layer by layer, report
+
+Usage:
+  deno task reload                      run the built-in demo (generated ~100 MB model)
+  deno task reload --model DIR [options]
+
+Options:
+  --model DIR        Hugging Face directory (config.json + safetensors) for the first load
+  --weights PATH     safetensors file or directory to reload from (default: the --model directory)
+  --quant Q          none | fp8 | fp8-channel | fp8-block | int8 (default fp8)
+  --backend B        auto | cuda | wasm (default auto: CUDA when usable, else WebAssembly)
+  --export FILE      write the kernel tensors after the reload step as safetensors
+                     (also after a failed reload, to inspect the state)
+  --json FILE        write the report as JSON
+  --atomic           on a failed reload, restore every kernel tensor bit-exactly
+  --strict           tensors the model does not have are errors (default: reported)
+  --repeat N         reload N times (default 1; 0 only loads)
+  --quiet            no progress bar, no report on stdout
+  --help             show this help
+
+Exit status: 0 success, 1 failed load or reload (one line "error: ..." on stderr), 2 bad usage.
+`;
+
+function choice<T extends string>(flag: string, value: string, allowed: readonly string[]): T {
+  if (!allowed.includes(value)) {
+    throw new UsageError(`--${flag} ${value}: expected one of ${allowed.join(", ")}`);
+  }
+  return value as T;
+}
+
+/** Parses the arguments (without the program name). Throws {@link UsageError}. */
+export function parseCliArgs(argv: readonly string[]): CliOptions {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: [...argv],
+      strict: true,
+      allowPositionals: false,
+      options: {
+        model: { type: "string" },
+        weights: { type: "string" },
+        quant: { type: "string" },
+        backend: { type: "string" },
+        export: { type: "string" },
+        json: { type: "string" },
+        atomic: { type: "boolean" },
+        strict: { type: "boolean" },
+        repeat: { type: "string" },
+        quiet: { type: "boolean" },
+        help: { type: "boolean", short: "h" },
+      },
+    });
+  } catch (e) {
+    // node:util's messages are multi-line in places; keep the first line.
+    throw new UsageError(String((e as Error).message).split("\n")[0]);
+  }
+  const v = parsed.values;
+  for (const flag of ["model", "weights", "export", "json"] as const) {
+    if (v[flag] !== undefined && v[flag] === "") throw new UsageError(`--${flag} needs a value`);
+  }
+  let repeat = 1;
+  if (v.repeat !== undefined) {
+    if (!/^\d+$/.test(v.repeat) || !Number.isSafeInteger(Number(v.repeat))) {
+      throw new UsageError(`--repeat ${v.repeat}: expected a whole number`);
+    }
+    repeat = Number(v.repeat);
+  }
+  if (v.weights !== undefined && v.model === undefined) {
+    throw new UsageError("--weights needs --model (without --model the demo generates its own)");
+  }
+  return {
+    model: v.model,
+    weights: v.weights,
+    quant: choice<QuantChoice>("quant", v.quant ?? "fp8", QUANT_CHOICES),
+    backend: choice<CliOptions["backend"]>("backend", v.backend ?? "auto", BACKEND_CHOICES),
+    export: v.export,
+    json: v.json,
+    atomic: v.atomic ?? false,
+    strict: v.strict ?? false,
+    repeat,
+    quiet: v.quiet ?? false,
+    help: v.help ?? false,
+  };
+}

@@ -1,0 +1,216 @@
+/**
+ * Hugging Face `config.json` -> the few numbers that decide a model's tensors. Only what
+ * changes shapes, names or dtypes is read; everything else (rope, dropout...) is ignored.
+ * @module
+ */
+
+import { CheckpointError } from "../errors.ts";
+import { type DType, dtypeOf } from "../tensor/dtype.ts";
+
+/** The architectures this package builds, as `config.json` names them. */
+export const ARCHITECTURES: readonly string[] = Object.freeze([
+  "LlamaForCausalLM",
+  "Qwen2ForCausalLM",
+  "MistralForCausalLM",
+  "MixtralForCausalLM",
+]);
+
+/** One of {@link ARCHITECTURES}. */
+export type Architecture =
+  | "LlamaForCausalLM"
+  | "Qwen2ForCausalLM"
+  | "MistralForCausalLM"
+  | "MixtralForCausalLM";
+
+/** The parts of a config that fix the model's tensors. */
+export interface ModelConfig {
+  /** Which family builds the model. */
+  readonly architecture: Architecture;
+  /** Element type of the model-format weights (`dtype`, or the older `torch_dtype`). */
+  readonly dtype: DType;
+  /** Width of the residual stream. */
+  readonly hiddenSize: number;
+  /** MLP width (per expert for MoE models). */
+  readonly intermediateSize: number;
+  /** Number of decoder layers. */
+  readonly numLayers: number;
+  /** Query heads. */
+  readonly numHeads: number;
+  /** Key/value heads (grouped-query attention); defaults to `numHeads`. */
+  readonly numKvHeads: number;
+  /** Size of one head; defaults to hidden / heads. */
+  readonly headDim: number;
+  /** Rows of the embedding and of the lm_head. */
+  readonly vocabSize: number;
+  /** Whether lm_head shares the embedding's tensor. */
+  readonly tieWordEmbeddings: boolean;
+  /** Whether q/k/v projections have biases (always for Qwen2, `attention_bias` otherwise). */
+  readonly qkvBias: boolean;
+  /** Whether o_proj has a bias (Llama's `attention_bias` covers it too). */
+  readonly oBias: boolean;
+  /** Whether the MLP projections have biases (Llama's `mlp_bias`). */
+  readonly mlpBias: boolean;
+  /** RMSNorm epsilon (kept for completeness; the reload does not use it). */
+  readonly rmsNormEps: number;
+  /** MoE experts per layer; 0 for dense models. */
+  readonly numExperts: number;
+  /** Experts chosen per token; 0 for dense models. */
+  readonly numExpertsPerToken: number;
+}
+
+type Json = Record<string, unknown>;
+
+function bad(file: string, field: string, what: string): never {
+  throw new CheckpointError("BAD_CONFIG", `${file}: field ${field} ${what}`);
+}
+
+function present(cfg: Json, field: string): boolean {
+  return Object.hasOwn(cfg, field) && cfg[field] !== null && cfg[field] !== undefined;
+}
+
+function int(cfg: Json, field: string, file: string, fallback?: number): number {
+  if (!present(cfg, field)) {
+    if (fallback !== undefined) return fallback;
+    bad(file, field, "is missing");
+  }
+  const v = cfg[field];
+  if (typeof v !== "number" || !Number.isSafeInteger(v) || v <= 0) {
+    bad(file, field, `is ${JSON.stringify(v)}, expected a positive integer`);
+  }
+  return v;
+}
+
+function bool(cfg: Json, field: string, file: string, fallback: boolean): boolean {
+  if (!present(cfg, field)) return fallback;
+  const v = cfg[field];
+  if (typeof v !== "boolean") bad(file, field, `is ${JSON.stringify(v)}, expected true or false`);
+  return v;
+}
+
+function num(cfg: Json, field: string, file: string, fallback: number): number {
+  if (!present(cfg, field)) return fallback;
+  const v = cfg[field];
+  if (typeof v !== "number" || !Number.isFinite(v)) {
+    bad(file, field, `is ${JSON.stringify(v)}, expected a number`);
+  }
+  return v;
+}
+
+/** Options for {@link parseModelConfig}. */
+export interface ParseConfigOptions {
+  /** Name of the file for messages (default `config.json`). */
+  file?: string;
+  /** Overrides the config's dtype (and makes it optional). */
+  dtype?: DType;
+}
+
+/**
+ * Validates a parsed `config.json` object. Throws CheckpointError `BAD_CONFIG` naming the
+ * file and the field for an unknown architecture or a missing or malformed field.
+ */
+export function parseModelConfig(json: unknown, options: ParseConfigOptions = {}): ModelConfig {
+  const file = options.file ?? "config.json";
+  if (typeof json !== "object" || json === null || Array.isArray(json)) {
+    throw new CheckpointError("BAD_CONFIG", `${file}: expected a JSON object`);
+  }
+  const cfg = json as Json;
+  const archs = cfg.architectures;
+  if (!Array.isArray(archs) || archs.length === 0 || typeof archs[0] !== "string") {
+    bad(file, "architectures", 'is missing or empty, expected e.g. ["LlamaForCausalLM"]');
+  }
+  const architecture = archs.find((a) => ARCHITECTURES.includes(a as string)) as
+    | Architecture
+    | undefined;
+  if (architecture === undefined) {
+    bad(
+      file,
+      "architectures",
+      `is ${JSON.stringify(archs)}: not supported (supported: ${ARCHITECTURES.join(", ")})`,
+    );
+  }
+
+  let dtype = options.dtype;
+  if (dtype === undefined) {
+    const field = present(cfg, "dtype") ? "dtype" : "torch_dtype";
+    if (!present(cfg, field)) bad(file, "dtype", "is missing (nor is there a torch_dtype)");
+    const name = cfg[field];
+    const d = typeof name === "string" ? dtypeOf(name) : undefined;
+    if (d === undefined || !["f32", "f16", "bf16"].includes(d.name)) {
+      bad(file, field, `is ${JSON.stringify(name)}, expected bfloat16, float16 or float32`);
+    }
+    dtype = d;
+  }
+
+  const hiddenSize = int(cfg, "hidden_size", file);
+  const numHeads = int(cfg, "num_attention_heads", file);
+  const numKvHeads = int(cfg, "num_key_value_heads", file, numHeads);
+  if (numHeads % numKvHeads !== 0) {
+    bad(
+      file,
+      "num_key_value_heads",
+      `is ${numKvHeads}, which does not divide num_attention_heads ${numHeads}`,
+    );
+  }
+  if (!present(cfg, "head_dim") && hiddenSize % numHeads !== 0) {
+    bad(
+      file,
+      "head_dim",
+      `is missing and hidden_size ${hiddenSize} is not a multiple of ${numHeads}`,
+    );
+  }
+  const headDim = int(cfg, "head_dim", file, hiddenSize / numHeads);
+
+  const moe = architecture === "MixtralForCausalLM";
+  const llamaLike = architecture === "LlamaForCausalLM";
+  const attentionBias = llamaLike ? bool(cfg, "attention_bias", file, false) : false;
+  const numExperts = moe ? int(cfg, "num_local_experts", file) : 0;
+  const numExpertsPerToken = moe ? int(cfg, "num_experts_per_tok", file) : 0;
+  if (numExpertsPerToken > numExperts) {
+    bad(
+      file,
+      "num_experts_per_tok",
+      `is ${numExpertsPerToken}, more than num_local_experts ${numExperts}`,
+    );
+  }
+  return Object.freeze({
+    architecture,
+    dtype,
+    hiddenSize,
+    intermediateSize: int(cfg, "intermediate_size", file),
+    numLayers: int(cfg, "num_hidden_layers", file),
+    numHeads,
+    numKvHeads,
+    headDim,
+    vocabSize: int(cfg, "vocab_size", file),
+    // Every supported family's own config class defaults this to false.
+    tieWordEmbeddings: bool(cfg, "tie_word_embeddings", file, false),
+    qkvBias: architecture === "Qwen2ForCausalLM" ? true : attentionBias,
+    oBias: attentionBias,
+    mlpBias: llamaLike ? bool(cfg, "mlp_bias", file, false) : false,
+    rmsNormEps: num(cfg, "rms_norm_eps", file, 1e-6),
+    numExperts,
+    numExpertsPerToken,
+  });
+}
+
+/** Reads `<dir>/config.json` and parses it with {@link parseModelConfig}. */
+export async function readModelConfig(
+  dir: string,
+  options: Omit<ParseConfigOptions, "file"> = {},
+): Promise<ModelConfig> {
+  const file = `${dir.replace(/\/+$/, "")}/config.json`;
+  let text: string;
+  try {
+    text = await Deno.readTextFile(file);
+  } catch (e) {
+    const why = e instanceof Deno.errors.NotFound ? "not found" : (e as Error).message;
+    throw new CheckpointError("NO_CONFIG", `${file}: ${why}`);
+  }
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (e) {
+    throw new CheckpointError("BAD_CONFIG", `${file}: not valid JSON (${(e as Error).message})`);
+  }
+  return parseModelConfig(json, { ...options, file });
+}
