@@ -388,13 +388,9 @@ function checkedBytes(shape: number[], size: number): number | null {
   return n;
 }
 
-function parseEntry(
-  file: string,
-  name: string,
-  v: JsonValue,
-  dataStart: number,
-  dataLength: number,
-): TensorEntry {
+// Offsets stay relative to the data area until the whole layout is validated, so that huge
+// values never meet the (inexact) sum with the data start.
+function parseEntry(file: string, name: string, v: JsonValue): TensorEntry {
   const where = `${file}: tensor ${quote(name)}`;
   const obj = asObject(v);
   if (obj === null) {
@@ -454,13 +450,7 @@ function parseEntry(
       } needs ${need}`,
     );
   }
-  if (e > dataLength) {
-    fail(
-      "BAD_OFFSETS",
-      `${where}: data_offsets [${b}, ${e}] run past the data area of ${dataLength} bytes`,
-    );
-  }
-  return { name, dtype, shape, begin: dataStart + b, end: dataStart + e, file };
+  return { name, dtype, shape, begin: b, end: e, file };
 }
 
 function parseMetadata(file: string, v: JsonValue): Record<string, string> {
@@ -483,6 +473,70 @@ function parseMetadata(file: string, v: JsonValue): Record<string, string> {
     Object.defineProperty(out, k, { value: val, enumerable: true, writable: true });
   }
   return out;
+}
+
+function range(e: TensorEntry): string {
+  return `data_offsets [${e.begin}, ${e.end}]`;
+}
+
+// Sorts `entries` (relative offsets) by offset and checks that they tile the data area exactly.
+// A header that tiles [0, X) with X past the data area is a truncated file; a tensor past the
+// end that also breaks the tiling is a bad offset.
+function checkLayout(file: string, entries: TensorEntry[], dataLength: number): void {
+  entries.sort((a, b) => a.begin - b.begin || a.end - b.end);
+  let expected = 0;
+  let prev: TensorEntry | null = null;
+  let tilingError: [string, string] | null = null;
+  for (const e of entries) {
+    if (e.begin < expected) {
+      tilingError = [
+        "OVERLAP",
+        `${file}: tensor ${quote(e.name)} ${range(e)} overlap tensor ${quote(prev!.name)} ${
+          range(prev!)
+        }`,
+      ];
+      break;
+    }
+    if (e.begin > expected) {
+      tilingError = [
+        "GAP",
+        `${file}: tensor ${quote(e.name)} begins at ${e.begin}, expected ${expected} (${
+          prev === null ? "the data area starts" : `tensor ${quote(prev.name)} ends`
+        } there)`,
+      ];
+      break;
+    }
+    expected = e.end;
+    prev = e;
+  }
+  const outside = entries.find((e) => e.end > dataLength);
+  if (outside !== undefined) {
+    if (tilingError !== null) {
+      fail(
+        "BAD_OFFSETS",
+        `${file}: tensor ${quote(outside.name)} ${
+          range(outside)
+        } run past the data area of ${dataLength} bytes`,
+      );
+    }
+    fail(
+      "TRUNCATED",
+      `${file}: tensor ${quote(prev!.name)} ${
+        range(prev!)
+      } ends past the data area of ${dataLength} bytes: the file is ${
+        expected - dataLength
+      } bytes short`,
+    );
+  }
+  if (tilingError !== null) fail(...tilingError);
+  if (expected !== dataLength) {
+    fail(
+      "GAP",
+      `${file}: ${dataLength - expected} bytes after ${
+        prev === null ? "the header" : `tensor ${quote(prev.name)}`
+      } belong to no tensor (data area is ${dataLength} bytes, tensors cover ${expected})`,
+    );
+  }
 }
 
 /**
@@ -519,42 +573,12 @@ export function parseSafetensorsHeader(
   const entries: TensorEntry[] = [];
   for (const [name, v] of root.entries) {
     if (name === "__metadata__") metadata = parseMetadata(file, v);
-    else entries.push(parseEntry(file, name, v, dataStart, dataLength));
+    else entries.push(parseEntry(file, name, v));
   }
-  entries.sort((a, b) => a.begin - b.begin || a.end - b.end);
-  let expected = dataStart;
-  let prev: TensorEntry | null = null;
+  checkLayout(file, entries, dataLength);
   for (const e of entries) {
-    if (e.begin < expected) {
-      fail(
-        "OVERLAP",
-        `${file}: tensor ${quote(e.name)} data_offsets [${e.begin - dataStart}, ${
-          e.end - dataStart
-        }] overlap tensor ${quote(prev!.name)} [${prev!.begin - dataStart}, ${
-          prev!.end - dataStart
-        }]`,
-      );
-    }
-    if (e.begin > expected) {
-      fail(
-        "GAP",
-        `${file}: tensor ${quote(e.name)} begins at ${e.begin - dataStart}, expected ${
-          expected - dataStart
-        } (${prev === null ? "the data area starts" : `tensor ${quote(prev.name)} ends`} there)`,
-      );
-    }
-    expected = e.end;
-    prev = e;
-  }
-  if (expected !== fileSize) {
-    fail(
-      "GAP",
-      `${file}: ${fileSize - expected} bytes after ${
-        prev === null ? "the header" : `the last tensor ${quote(prev.name)}`
-      } belong to no tensor (data area is ${dataLength} bytes, tensors cover ${
-        expected - dataStart
-      })`,
-    );
+    e.begin += dataStart;
+    e.end += dataStart;
   }
   return {
     file,
