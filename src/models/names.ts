@@ -1,0 +1,91 @@
+/**
+ * Checkpoint names -> model parameters. A Hugging Face checkpoint stores `q_proj`, `k_proj`,
+ * `v_proj`, `gate_proj`, `up_proj` and per-expert `w1/w2/w3` separately; the model holds them
+ * fused (`qkv_proj`, `gate_up_proj`, stacked experts), as vLLM does. Each name maps to the
+ * fused parameter plus the shard (and expert) it fills.
+ * @module
+ */
+
+/** Where one checkpoint tensor goes in the model. */
+export interface WeightTarget {
+  /** The model parameter's full name, e.g. `model.layers.0.self_attn.qkv_proj.weight`. */
+  readonly param: string;
+  /** The shard of a fused parameter: `q`/`k`/`v`, `0`/`1`, or `w1`/`w2`/`w3` for experts. */
+  readonly shardId?: string | number;
+  /** The expert of a stacked MoE parameter. */
+  readonly expertId?: number;
+}
+
+/** Maps a checkpoint name to its target, or to null for a tensor the model ignores on purpose. */
+export type NameMapper = (name: string) => WeightTarget | null;
+
+// Rotary tables are recomputed by inference engines; old checkpoints still carry them.
+const IGNORED = /(^|\.)rotary_emb\.(inv_freq|cos_cached|sin_cached)$/;
+
+const STACKED: readonly (readonly [string, string, string | number])[] = [
+  [".q_proj.", ".qkv_proj.", "q"],
+  [".k_proj.", ".qkv_proj.", "k"],
+  [".v_proj.", ".qkv_proj.", "v"],
+  [".gate_proj.", ".gate_up_proj.", 0],
+  [".up_proj.", ".gate_up_proj.", 1],
+];
+
+/** Options of {@link denseNameMapper}. */
+export interface DenseMapperOptions {
+  /** lm_head shares the embedding: a checkpoint's `lm_head.weight` is ignored, as vLLM does. */
+  tieWordEmbeddings: boolean;
+}
+
+/** The mapping of the dense families (Llama, Mistral, Qwen2). */
+export function denseNameMapper(options: DenseMapperOptions): NameMapper {
+  return (name: string): WeightTarget | null => {
+    if (IGNORED.test(name)) return null;
+    if (options.tieWordEmbeddings && name === "lm_head.weight") return null;
+    for (const [from, to, shardId] of STACKED) {
+      if (name.includes(from)) return { param: name.replace(from, to), shardId };
+    }
+    return { param: name };
+  };
+}
+
+const EXPERT = /^(.*\.experts)\.(\d+)\.(w[123])\.(\w+)$/;
+
+/**
+ * Names of the stacked expert parameters: w1 and w3 share `w13_<suffix>` (gate and up, in that
+ * order), w2 has `w2_<suffix>`, as in vLLM's FusedMoE.
+ */
+export function expertParamName(prefix: string, shard: "w1" | "w2" | "w3", suffix: string): string {
+  return `${prefix}.${shard === "w2" ? "w2" : "w13"}_${suffix}`;
+}
+
+/** The mapping of Mixtral: the dense one plus `experts.E.wN.*` -> stacked experts. */
+export function mixtralNameMapper(options: DenseMapperOptions): NameMapper {
+  const dense = denseNameMapper(options);
+  return (name: string): WeightTarget | null => {
+    const m = EXPERT.exec(name);
+    if (m === null) return dense(name);
+    const shard = m[3] as "w1" | "w2" | "w3";
+    return {
+      param: expertParamName(m[1], shard, m[4]),
+      shardId: shard,
+      expertId: Number(m[2]),
+    };
+  };
+}
+
+const LAYER = /^model\.layers\.(\d+)\./;
+
+/**
+ * A read-order key for a checkpoint (or model) name: the embedding first, then each decoder
+ * layer in turn, then the final norm and lm_head; anything else last. Reads sorted by it keep
+ * about one layer buffered whatever the order of tensors in the files.
+ */
+export function layerOrderKey(numLayers: number): (name: string) => number {
+  return (name: string): number => {
+    const m = LAYER.exec(name);
+    if (m !== null) return Number(m[1]) + 1;
+    if (name.startsWith("model.embed_tokens.")) return 0;
+    if (name.startsWith("model.norm.") || name.startsWith("lm_head.")) return numLayers + 1;
+    return numLayers + 2;
+  };
+}

@@ -1,0 +1,174 @@
+import assert from "node:assert/strict";
+import { CheckpointError } from "../src/errors.ts";
+import { parseModelConfig, readModelConfig } from "../src/models/config.ts";
+import {
+  denseNameMapper,
+  layerOrderKey,
+  mixtralNameMapper,
+  type WeightTarget,
+} from "../src/models/names.ts";
+import { readSafetensorsHeader } from "../src/checkpoint/safetensors.ts";
+import { openCheckpoint } from "../src/checkpoint/sharded.ts";
+
+const FIXTURES = new URL("../../shared/fixtures/", import.meta.url);
+const CKPT = new URL("ckpt/", FIXTURES).pathname;
+const EXPECT = new URL("expect/", FIXTURES).pathname;
+const NAMES = ["llama-tiny", "llama-tiny-sharded", "qwen2-tiny", "mixtral-tiny"];
+
+async function rawConfig(name: string): Promise<Record<string, unknown>> {
+  return JSON.parse(await Deno.readTextFile(`${CKPT}${name}/config.json`));
+}
+
+Deno.test("config: every fixture parses to the values its config.json holds", async () => {
+  for (const name of NAMES) {
+    const raw = await rawConfig(name);
+    const c = await readModelConfig(`${CKPT}${name}`);
+    assert.equal(c.architecture, (raw.architectures as string[])[0]);
+    assert.equal(c.dtype.name, "bf16", name);
+    assert.equal(c.hiddenSize, raw.hidden_size);
+    assert.equal(c.intermediateSize, raw.intermediate_size);
+    assert.equal(c.numLayers, raw.num_hidden_layers);
+    assert.equal(c.numHeads, raw.num_attention_heads);
+    assert.equal(c.numKvHeads, raw.num_key_value_heads);
+    assert.equal(c.vocabSize, raw.vocab_size);
+    assert.equal(c.tieWordEmbeddings, raw.tie_word_embeddings);
+    assert.equal(
+      c.headDim,
+      raw.head_dim ?? (raw.hidden_size as number) / (raw.num_attention_heads as number),
+      name,
+    );
+    assert.equal(c.qkvBias, raw.architectures === undefined ? false : name === "qwen2-tiny");
+    assert.equal(c.numExperts, raw.num_local_experts ?? 0);
+    assert.equal(c.numExpertsPerToken, raw.num_experts_per_tok ?? 0);
+  }
+});
+
+Deno.test("config: torch_dtype is read when dtype is absent; defaults follow HF", async () => {
+  const raw = await rawConfig("llama-tiny");
+  delete raw.dtype;
+  raw.torch_dtype = "float16";
+  delete raw.num_key_value_heads;
+  delete raw.head_dim;
+  delete raw.tie_word_embeddings;
+  const c = parseModelConfig(raw);
+  assert.equal(c.dtype.name, "f16");
+  assert.equal(c.numKvHeads, raw.num_attention_heads);
+  assert.equal(c.headDim, (raw.hidden_size as number) / (raw.num_attention_heads as number));
+  assert.equal(c.tieWordEmbeddings, false);
+  raw.attention_bias = true;
+  assert.equal(parseModelConfig(raw).qkvBias, true);
+  assert.equal(parseModelConfig(raw).oBias, true);
+  raw.architectures = ["MistralForCausalLM"];
+  assert.equal(parseModelConfig(raw).architecture, "MistralForCausalLM");
+});
+
+Deno.test("config: unknown architecture and missing or bad fields name config.json and the field", async () => {
+  const cases: [string, (r: Record<string, unknown>) => void, RegExp][] = [
+    [
+      "arch",
+      (r) => (r.architectures = ["GPT2LMHeadModel"]),
+      /config\.json: field architectures .*GPT2LMHeadModel/,
+    ],
+    ["no arch", (r) => delete r.architectures, /config\.json: field architectures/],
+    ["hidden", (r) => delete r.hidden_size, /config\.json: field hidden_size is missing/],
+    ["layers", (r) => (r.num_hidden_layers = 2.5), /config\.json: field num_hidden_layers is 2\.5/],
+    ["vocab", (r) => delete r.vocab_size, /config\.json: field vocab_size is missing/],
+    ["dtype", (r) => delete r.dtype, /config\.json: field dtype is missing/],
+    ["dtype value", (r) => (r.dtype = "int4"), /config\.json: field dtype is "int4"/],
+    ["gqa", (r) => (r.num_key_value_heads = 3), /field num_key_value_heads is 3/],
+    ["tie", (r) => (r.tie_word_embeddings = "yes"), /field tie_word_embeddings/],
+  ];
+  for (const [label, edit, re] of cases) {
+    const raw = await rawConfig("llama-tiny");
+    edit(raw);
+    assert.throws(() => parseModelConfig(raw), (e: unknown) => {
+      assert.ok(e instanceof CheckpointError, label);
+      assert.match(e.message, re, label);
+      assert.ok(!e.message.includes("\n"), label);
+      return true;
+    });
+  }
+  const moe = await rawConfig("mixtral-tiny");
+  delete moe.num_local_experts;
+  assert.throws(() => parseModelConfig(moe), /field num_local_experts is missing/);
+  await assert.rejects(
+    readModelConfig("/nonexistent-dir"),
+    /\/nonexistent-dir\/config\.json: not found/,
+  );
+});
+
+async function checkpointNames(name: string): Promise<string[]> {
+  return [...(await openCheckpoint(`${CKPT}${name}`)).tensors.keys()];
+}
+
+Deno.test("names: mapped dense checkpoint names are exactly the expected kernel names", async () => {
+  for (const name of ["llama-tiny", "llama-tiny-sharded", "qwen2-tiny"]) {
+    const cfg = await readModelConfig(`${CKPT}${name}`);
+    const map = denseNameMapper(cfg);
+    const mapped = new Set<string>();
+    for (const n of await checkpointNames(name)) {
+      const t = map(n);
+      if (t === null) continue;
+      if (t.param === "lm_head.weight") continue; // not in the expect files
+      mapped.add(t.param);
+    }
+    const expected = [...(await readSafetensorsHeader(`${EXPECT}${name}.fp8-tensor.safetensors`))
+      .tensors.keys()].filter((n) => !n.endsWith("_scale"));
+    assert.deepEqual([...mapped].sort(), expected.sort(), name);
+  }
+});
+
+Deno.test("names: shards, experts, ties and ignored tensors", () => {
+  const m = denseNameMapper({ tieWordEmbeddings: false });
+  const t = (n: string): WeightTarget | null => m(n);
+  assert.deepEqual(t("model.layers.3.self_attn.k_proj.bias"), {
+    param: "model.layers.3.self_attn.qkv_proj.bias",
+    shardId: "k",
+  });
+  assert.deepEqual(t("model.layers.0.mlp.up_proj.weight"), {
+    param: "model.layers.0.mlp.gate_up_proj.weight",
+    shardId: 1,
+  });
+  assert.deepEqual(t("model.layers.0.mlp.down_proj.weight"), {
+    param: "model.layers.0.mlp.down_proj.weight",
+  });
+  assert.deepEqual(t("lm_head.weight"), { param: "lm_head.weight" });
+  assert.equal(t("model.layers.0.self_attn.rotary_emb.inv_freq"), null);
+  assert.equal(denseNameMapper({ tieWordEmbeddings: true })("lm_head.weight"), null);
+  const x = mixtralNameMapper({ tieWordEmbeddings: false });
+  assert.deepEqual(x("model.layers.1.block_sparse_moe.experts.3.w3.weight"), {
+    param: "model.layers.1.block_sparse_moe.experts.w13_weight",
+    shardId: "w3",
+    expertId: 3,
+  });
+  assert.deepEqual(x("model.layers.1.block_sparse_moe.experts.12.w2.weight_scale"), {
+    param: "model.layers.1.block_sparse_moe.experts.w2_weight_scale",
+    shardId: "w2",
+    expertId: 12,
+  });
+  assert.deepEqual(x("model.layers.1.block_sparse_moe.gate.weight"), {
+    param: "model.layers.1.block_sparse_moe.gate.weight",
+  });
+  assert.deepEqual(x("model.layers.0.self_attn.q_proj.weight"), {
+    param: "model.layers.0.self_attn.qkv_proj.weight",
+    shardId: "q",
+  });
+});
+
+Deno.test("names: layer order puts the embedding first, layers in turn, head last", async () => {
+  const names = await checkpointNames("llama-tiny-sharded");
+  const key = layerOrderKey(3);
+  const sorted = [...names].sort((a, b) => key(a) - key(b));
+  assert.equal(sorted[0], "model.embed_tokens.weight");
+  assert.equal(sorted.at(-1), "model.norm.weight");
+  let last = -1;
+  for (const n of sorted) {
+    const m = /^model\.layers\.(\d+)\./.exec(n);
+    if (m) {
+      assert.ok(Number(m[1]) >= last);
+      last = Number(m[1]);
+    }
+  }
+  assert.ok(key("lm_head.weight") > key("model.layers.2.mlp.down_proj.weight"));
+  assert.ok(key("something.else") > key("lm_head.weight"));
+});
