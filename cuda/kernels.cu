@@ -1,0 +1,1007 @@
+/*
+ * layerwise kernels on CUDA device pointers: the implementation of cuda/layerwise.h.
+ *
+ * Numerics: every scalar conversion and rounding rule comes from lw_numeric.h, which wasm/kernels.c
+ * compiles too, so the two backends agree bit for bit by construction. The build uses -fmad=false
+ * and no fast-math so that nvcc cannot contract or approximate what lw_numeric.h spells out.
+ *
+ * Contexts: an lw_ctx is a device ordinal and a non-blocking stream. ctx == NULL means the default
+ * context of device 0 (created on first use, never destroyed), so simple callers need no context.
+ * Every entry point sets the device itself because FFI calls may come from any thread.
+ *
+ * Errors: every CUDA call is checked; the text of the last failure is kept per thread
+ * (lw_last_error). Argument errors return LW_EINVAL before anything is launched, so nothing is
+ * written.
+ *
+ * NaN in reductions: absolute values are compared as raw bit patterns (sign cleared), where every
+ * NaN orders above +Inf, so a NaN anywhere makes the maximum a NaN without any float compare.
+ * The resulting f32 is canonicalised to LW_F32_CANONICAL_NAN (lw_numeric.h), as wasm/kernels.c does.
+ *
+ * Memory access: 16-byte (8-byte for fp8) vector loads and stores where the pointer is aligned,
+ * after a scalar head of at most 7 elements (views can start at any element), with a scalar tail.
+ * Grids are sized to the multiprocessor count and loop (grid-stride); reductions combine per block
+ * and do one atomic per block.
+ */
+#include <cuda_runtime.h>
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <mutex>
+#include <string>
+#include <type_traits>
+
+#include "layerwise.h"
+#include "lw_numeric.h"
+
+struct lw_ctx {
+  int device;
+  cudaStream_t stream;
+  int sms;
+};
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kUnroll = 4;
+constexpr uint32_t kCanonicalNaN = LW_F32_CANONICAL_NAN;
+
+// ------------------------------------------------------------------ errors
+
+thread_local std::string t_error;
+
+lw_status fail(lw_status status, const std::string &text) {
+  t_error = text;
+  return status;
+}
+
+lw_status cuda_fail(cudaError_t e, const char *what) {
+  t_error = std::string(what) + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
+  return e == cudaErrorMemoryAllocation ? LW_ENOMEM : LW_ECUDA;
+}
+
+#define CK(call)                                        \
+  do {                                                  \
+    cudaError_t e_ = (call);                            \
+    if (e_ != cudaSuccess) return cuda_fail(e_, #call); \
+  } while (0)
+
+// A launch reports configuration errors at once and faults later (at a sync).
+#define CK_LAUNCH(what)                                          \
+  do {                                                           \
+    cudaError_t e_ = cudaGetLastError();                         \
+    if (e_ != cudaSuccess) return cuda_fail(e_, "launch " what); \
+  } while (0)
+
+// ------------------------------------------------------------------ contexts
+
+lw_status ctx_init(lw_ctx *c, int device) {
+  CK(cudaSetDevice(device));
+  CK(cudaDeviceGetAttribute(&c->sms, cudaDevAttrMultiProcessorCount, device));
+  CK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+  c->device = device;
+  return LW_OK;
+}
+
+std::mutex g_default_mutex;
+lw_ctx *g_default = nullptr;
+
+/* Resolves ctx (NULL: device 0's default context) and makes its device current on this thread. */
+lw_status enter(void *ctx, lw_ctx **out) {
+  lw_ctx *c = static_cast<lw_ctx *>(ctx);
+  if (c == nullptr) {
+    std::lock_guard<std::mutex> lock(g_default_mutex);
+    if (g_default == nullptr) {
+      lw_ctx *d = new lw_ctx();
+      lw_status s = ctx_init(d, 0);
+      if (s != LW_OK) {
+        delete d;
+        return s;
+      }
+      g_default = d;
+    }
+    c = g_default;
+  }
+  CK(cudaSetDevice(c->device));
+  *out = c;
+  return LW_OK;
+}
+
+#define ENTER(ctx)                          \
+  lw_ctx *c_;                               \
+  do {                                      \
+    lw_status s_ = enter((ctx), &c_);       \
+    if (s_ != LW_OK) return s_;             \
+  } while (0)
+
+unsigned grid_for(const lw_ctx *c, size_t work_items) {
+  // Enough resident blocks to keep HBM busy, never more than the work needs.
+  size_t per_block = (size_t)kThreads * kUnroll;
+  size_t need = (work_items + per_block - 1) / per_block;
+  size_t cap = (size_t)c->sms * 8;
+  if (need < 1) need = 1;
+  return (unsigned)(need < cap ? need : cap);
+}
+
+// ------------------------------------------------------------------ dtype traits
+// Raw storage types and the conversions from lw_numeric.h. `abits` clears the sign: comparing
+// those as unsigned integers orders values by magnitude with every NaN above +Inf.
+
+template <int DT>
+struct Ty;
+template <>
+struct Ty<LW_F32> {
+  using T = uint32_t;
+  static __device__ __forceinline__ float to(T v) { return __uint_as_float(v); }
+  static __device__ __forceinline__ T from(float f) { return __float_as_uint(f); }
+  static __device__ __forceinline__ uint32_t abits(T v) { return v & 0x7FFFFFFFu; }
+  static __device__ __forceinline__ bool nonfinite(T v) {
+    return (v & 0x7F800000u) == 0x7F800000u;
+  }
+};
+template <>
+struct Ty<LW_F16> {
+  using T = uint16_t;
+  static __device__ __forceinline__ float to(T v) { return lw_f32_from_f16(v); }
+  static __device__ __forceinline__ T from(float f) { return lw_f16_from_f32(f); }
+  static __device__ __forceinline__ uint32_t abits(T v) { return v & 0x7FFFu; }
+  static __device__ __forceinline__ bool nonfinite(T v) { return (v & 0x7C00u) == 0x7C00u; }
+};
+template <>
+struct Ty<LW_BF16> {
+  using T = uint16_t;
+  static __device__ __forceinline__ float to(T v) { return lw_f32_from_bf16(v); }
+  static __device__ __forceinline__ T from(float f) { return lw_bf16_from_f32(f); }
+  static __device__ __forceinline__ uint32_t abits(T v) { return v & 0x7FFFu; }
+  static __device__ __forceinline__ bool nonfinite(T v) { return (v & 0x7F80u) == 0x7F80u; }
+};
+template <>
+struct Ty<LW_F8_E4M3FN> {
+  using T = uint8_t;
+  static __device__ __forceinline__ float to(T v) { return lw_f32_from_e4m3(v); }
+  static __device__ __forceinline__ T from(float f) { return lw_e4m3_from_f32_sat(f); }
+  static __device__ __forceinline__ uint32_t abits(T v) { return v & 0x7Fu; }
+  static __device__ __forceinline__ bool nonfinite(T v) { return (v & 0x7Fu) == 0x7Fu; }
+};
+template <>
+struct Ty<LW_F8_E5M2> {
+  using T = uint8_t;
+  static __device__ __forceinline__ float to(T v) { return lw_f32_from_e5m2(v); }
+  static __device__ __forceinline__ T from(float f) { return lw_e5m2_from_f32_sat(f); }
+  static __device__ __forceinline__ uint32_t abits(T v) { return v & 0x7Fu; }
+  static __device__ __forceinline__ bool nonfinite(T v) { return (v & 0x7Cu) == 0x7Cu; }
+};
+
+/* The f32 value of the largest magnitude bits of dtype DT, NaN canonicalised. */
+template <int DT>
+__device__ __forceinline__ float absmax_value(uint32_t bits) {
+  float f = Ty<DT>::to((typename Ty<DT>::T)bits);
+  return lw_isnan(f) ? __uint_as_float(kCanonicalNaN) : f;
+}
+
+// ------------------------------------------------------------------ vector access
+
+/* Alignment in bytes that a vector of 8 elements of T needs (two 16-byte accesses for 4-byte T). */
+template <typename T>
+__host__ __device__ constexpr size_t vec_align() {
+  return sizeof(T) == 1 ? 8 : 16;
+}
+
+template <typename T>
+__device__ __forceinline__ void load8(const T *p, T (&v)[8]) {
+  if constexpr (sizeof(T) == 1) {
+    uint2 u = __ldg(reinterpret_cast<const uint2 *>(p));
+    memcpy(v, &u, 8);
+  } else if constexpr (sizeof(T) == 2) {
+    uint4 u = __ldg(reinterpret_cast<const uint4 *>(p));
+    memcpy(v, &u, 16);
+  } else {
+    uint4 a = __ldg(reinterpret_cast<const uint4 *>(p));
+    uint4 b = __ldg(reinterpret_cast<const uint4 *>(p) + 1);
+    memcpy(v, &a, 16);
+    memcpy(v + 4, &b, 16);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T *p, const T (&v)[8]) {
+  if constexpr (sizeof(T) == 1) {
+    uint2 u;
+    memcpy(&u, v, 8);
+    *reinterpret_cast<uint2 *>(p) = u;
+  } else if constexpr (sizeof(T) == 2) {
+    uint4 u;
+    memcpy(&u, v, 16);
+    *reinterpret_cast<uint4 *>(p) = u;
+  } else {
+    uint4 a, b;
+    memcpy(&a, v, 16);
+    memcpy(&b, v + 4, 16);
+    reinterpret_cast<uint4 *>(p)[0] = a;
+    reinterpret_cast<uint4 *>(p)[1] = b;
+  }
+}
+
+/* Elements before p reaches vector alignment (at most 7), capped at n. */
+template <typename T>
+__device__ __forceinline__ size_t head_of(const T *p, size_t n) {
+  size_t a = vec_align<T>();
+  size_t mis = (size_t)p % a;
+  size_t h = mis == 0 ? 0 : (a - mis) / sizeof(T);
+  return h < n ? h : n;
+}
+
+template <typename T>
+__device__ __forceinline__ bool aligned8(const T *p) {
+  return (size_t)p % vec_align<T>() == 0;
+}
+
+/*
+ * dst[i] = op(src[i], i) for i < n, by threads tid = 0..nth-1 of some group (a grid, a block or
+ * part of one). Vector loads of src after its scalar head; vector stores when dst is aligned at
+ * the same element too, scalar stores of the 8 results otherwise.
+ */
+template <typename S, typename D, typename Op>
+__device__ __forceinline__ void map_span(const S *src, D *dst, size_t n, size_t tid, size_t nth,
+                                         Op op) {
+  size_t h = head_of(src, n);
+  size_t nvec = (n - h) / 8;
+  size_t t0 = h + nvec * 8;
+  if (tid < h) dst[tid] = op(src[tid], tid);
+  if (tid < n - t0) dst[t0 + tid] = op(src[t0 + tid], t0 + tid);
+  const S *vs = src + h;
+  D *vd = dst + h;
+  bool dvec = aligned8(vd);
+  for (size_t base = tid; base < nvec; base += nth * kUnroll) {
+    S in[kUnroll][8];
+#pragma unroll
+    for (int u = 0; u < kUnroll; u++) {
+      size_t i = base + u * nth;
+      if (i < nvec) load8(vs + i * 8, in[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; u++) {
+      size_t i = base + u * nth;
+      if (i < nvec) {
+        D out[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) out[k] = op(in[u][k], h + i * 8 + k);
+        if (dvec) {
+          store8(vd + i * 8, out);
+        } else {
+#pragma unroll
+          for (int k = 0; k < 8; k++) vd[i * 8 + k] = out[k];
+        }
+      }
+    }
+  }
+}
+
+/* acc = f(acc, src[i]) over i < n for this thread's share (see map_span). */
+template <typename S, typename Acc, typename F>
+__device__ __forceinline__ Acc fold_span(const S *src, size_t n, size_t tid, size_t nth, Acc acc,
+                                         F f) {
+  size_t h = head_of(src, n);
+  size_t nvec = (n - h) / 8;
+  size_t t0 = h + nvec * 8;
+  if (tid < h) acc = f(acc, src[tid]);
+  if (tid < n - t0) acc = f(acc, src[t0 + tid]);
+  const S *vs = src + h;
+  for (size_t base = tid; base < nvec; base += nth * kUnroll) {
+    S in[kUnroll][8];
+#pragma unroll
+    for (int u = 0; u < kUnroll; u++) {
+      size_t i = base + u * nth;
+      if (i < nvec) load8(vs + i * 8, in[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; u++) {
+      size_t i = base + u * nth;
+      if (i < nvec) {
+#pragma unroll
+        for (int k = 0; k < 8; k++) acc = f(acc, in[u][k]);
+      }
+    }
+  }
+  return acc;
+}
+
+// ------------------------------------------------------------------ block reductions
+
+__device__ __forceinline__ uint32_t warp_max(uint32_t v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ unsigned long long warp_sum(unsigned long long v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  return v;
+}
+
+/* Max over the block, returned to every thread. Uses a 32-word shared buffer. */
+__device__ __forceinline__ uint32_t block_max(uint32_t v) {
+  __shared__ uint32_t part[32];
+  __shared__ uint32_t result;
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_max(v);
+  __syncthreads();  // part/result may still be read from a previous call
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    uint32_t w = lane < (int)(blockDim.x >> 5) ? part[lane] : 0u;
+    w = warp_max(w);
+    if (lane == 0) result = w;
+  }
+  __syncthreads();
+  return result;
+}
+
+__device__ __forceinline__ unsigned long long block_sum(unsigned long long v) {
+  __shared__ unsigned long long part[32];
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  unsigned long long r = 0;
+  if (warp == 0) {
+    r = lane < (int)(blockDim.x >> 5) ? part[lane] : 0ull;
+    r = warp_sum(r);
+  }
+  return r;  // valid in thread 0
+}
+
+// ------------------------------------------------------------------ kernels: casts and fills
+
+template <int SD, int DD>
+__global__ void __launch_bounds__(kThreads) k_cast_flat(typename Ty<DD>::T *dst,
+                                                        const typename Ty<SD>::T *src, size_t n) {
+  size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  size_t nth = (size_t)gridDim.x * blockDim.x;
+  map_span(src, dst, n, tid, nth,
+           [](typename Ty<SD>::T x, size_t) { return Ty<DD>::from(Ty<SD>::to(x)); });
+}
+
+template <int SD, int DD>
+__global__ void __launch_bounds__(kThreads)
+    k_cast_2d(typename Ty<DD>::T *dst, size_t dpitch, const typename Ty<SD>::T *src,
+              size_t spitch, size_t rows, size_t cols) {
+  for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    map_span(src + r * spitch, dst + r * dpitch, cols, threadIdx.x, blockDim.x,
+             [](typename Ty<SD>::T x, size_t) { return Ty<DD>::from(Ty<SD>::to(x)); });
+  }
+}
+
+/* Bytes [0, head) and [tail, n) one by one, 16-byte pattern stores in between. */
+__global__ void __launch_bounds__(kThreads) k_fill(uint8_t *dst, size_t n, size_t head,
+                                                   size_t nvec, uint4 pattern, int elem,
+                                                   uint32_t lo, uint32_t hi) {
+  size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  size_t nth = (size_t)gridDim.x * blockDim.x;
+  size_t tail = head + nvec * 16;
+  auto byte_at = [&](size_t i) -> uint8_t {
+    int k = (int)(i % (size_t)elem);
+    return (uint8_t)(k < 4 ? lo >> (8 * k) : hi >> (8 * (k - 4)));
+  };
+  if (tid < head) dst[tid] = byte_at(tid);
+  if (tid < n - tail) dst[tail + tid] = byte_at(tail + tid);
+  uint4 *v = reinterpret_cast<uint4 *>(dst + head);
+  for (size_t i = tid; i < nvec; i += nth) v[i] = pattern;
+}
+
+// ------------------------------------------------------------------ kernels: reductions
+
+/* atomicMax of the magnitude bits into *out_bits, one atomic per block. */
+template <int DT>
+__global__ void __launch_bounds__(kThreads) k_absmax_bits(uint32_t *out_bits,
+                                                          const typename Ty<DT>::T *src,
+                                                          size_t n) {
+  size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  size_t nth = (size_t)gridDim.x * blockDim.x;
+  uint32_t m = fold_span(src, n, tid, nth, 0u, [](uint32_t a, typename Ty<DT>::T x) {
+    return max(a, Ty<DT>::abits(x));
+  });
+  m = block_max(m);
+  if (threadIdx.x == 0 && m != 0) atomicMax(out_bits, m);
+}
+
+/* In place: the magnitude bits at *p become the f32 absmax (NaN canonical). */
+template <int DT>
+__global__ void k_absmax_finish(uint32_t *p) {
+  *p = __float_as_uint(absmax_value<DT>(*p));
+}
+
+/* In place: the magnitude bits at *p become the dynamic fp8 scale. */
+template <int DT>
+__global__ void k_fp8_scale_finish(float *p) {
+  uint32_t bits = *reinterpret_cast<uint32_t *>(p);
+  *p = lw_fp8_scale(absmax_value<DT>(bits));
+}
+
+template <int DT>
+__global__ void __launch_bounds__(kThreads) k_count_nonfinite(unsigned long long *out,
+                                                              const typename Ty<DT>::T *src,
+                                                              size_t n) {
+  size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  size_t nth = (size_t)gridDim.x * blockDim.x;
+  unsigned long long k = fold_span(
+      src, n, tid, nth, 0ull, [](unsigned long long a, typename Ty<DT>::T x) {
+        return a + (Ty<DT>::nonfinite(x) ? 1ull : 0ull);
+      });
+  k = block_sum(k);
+  if (threadIdx.x == 0 && k != 0) atomicAdd(out, k);
+}
+
+// ------------------------------------------------------------------ kernels: quantization
+
+/* Per tensor: q = e4m3(x / scale[0]) over n elements, the scale already in place. */
+template <int DT>
+__global__ void __launch_bounds__(kThreads) k_quant_fp8_tensor(uint8_t *q, const float *scale,
+                                                               const typename Ty<DT>::T *src,
+                                                               size_t n) {
+  size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  size_t nth = (size_t)gridDim.x * blockDim.x;
+  float s = *scale;
+  map_span(src, q, n, tid, nth,
+           [s](typename Ty<DT>::T x, size_t) { return lw_e4m3_quant(Ty<DT>::to(x), s); });
+}
+
+/* Per row (fp8 or int8), one block per row: absmax, scale, quantize (the second read of a row
+ * comes from L2). */
+template <int DT, bool INT8>
+__global__ void __launch_bounds__(kThreads) k_quant_row(uint8_t *q, float *scale,
+                                                        const typename Ty<DT>::T *src,
+                                                        size_t rows, size_t cols, int dynamic) {
+  for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const typename Ty<DT>::T *row = src + r * cols;
+    float s;
+    if (dynamic) {
+      uint32_t m = fold_span(row, cols, threadIdx.x, blockDim.x, 0u,
+                             [](uint32_t a, typename Ty<DT>::T x) {
+                               return max(a, Ty<DT>::abits(x));
+                             });
+      m = block_max(m);
+      float amax = absmax_value<DT>(m);
+      if constexpr (INT8) {
+        s = lw_int8_scale(amax);
+      } else {
+        s = lw_fp8_scale(amax);
+      }
+      if (threadIdx.x == 0) scale[r] = s;
+    } else {
+      s = scale[r];
+    }
+    if constexpr (INT8) {
+      map_span(row, reinterpret_cast<int8_t *>(q) + r * cols, cols, threadIdx.x, blockDim.x,
+               [s](typename Ty<DT>::T x, size_t) { return lw_int8_quant(Ty<DT>::to(x), s); });
+    } else {
+      map_span(row, q + r * cols, cols, threadIdx.x, blockDim.x,
+               [s](typename Ty<DT>::T x, size_t) { return lw_e4m3_quant(Ty<DT>::to(x), s); });
+    }
+  }
+}
+
+/* Per 128x128 block, one CUDA block per tile; groups of 16 threads take one tile row each. */
+template <int DT>
+__global__ void __launch_bounds__(kThreads) k_quant_fp8_block(uint8_t *q, float *scale,
+                                                              const typename Ty<DT>::T *src,
+                                                              size_t rows, size_t cols,
+                                                              int dynamic) {
+  constexpr int kGroup = 16;
+  size_t tr = (rows + 127) / 128, tc = (cols + 127) / 128;
+  int g = threadIdx.x / kGroup, lane = threadIdx.x % kGroup, ng = blockDim.x / kGroup;
+  for (size_t t = blockIdx.x; t < tr * tc; t += gridDim.x) {
+    size_t r0 = (t / tc) * 128, c0 = (t % tc) * 128;
+    size_t h = rows - r0 < 128 ? rows - r0 : 128;
+    size_t w = cols - c0 < 128 ? cols - c0 : 128;
+    float s;
+    if (dynamic) {
+      uint32_t m = 0;
+      for (size_t r = g; r < h; r += ng) {
+        m = fold_span(src + (r0 + r) * cols + c0, w, lane, kGroup, m,
+                      [](uint32_t a, typename Ty<DT>::T x) { return max(a, Ty<DT>::abits(x)); });
+      }
+      m = block_max(m);
+      s = lw_fp8_scale(absmax_value<DT>(m));
+      if (threadIdx.x == 0) scale[t] = s;
+    } else {
+      s = scale[t];
+    }
+    for (size_t r = g; r < h; r += ng) {
+      size_t off = (r0 + r) * cols + c0;
+      map_span(src + off, q + off, w, lane, kGroup,
+               [s](typename Ty<DT>::T x, size_t) { return lw_e4m3_quant(Ty<DT>::to(x), s); });
+    }
+  }
+}
+
+// ------------------------------------------------------------------ kernels: dequantization
+
+template <int DD>
+__global__ void __launch_bounds__(kThreads) k_dequant_tensor(typename Ty<DD>::T *dst,
+                                                             const uint8_t *q, const float *scale,
+                                                             size_t n) {
+  size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  size_t nth = (size_t)gridDim.x * blockDim.x;
+  float s = *scale;
+  map_span(q, dst, n, tid, nth,
+           [s](uint8_t x, size_t) { return Ty<DD>::from(lw_mul(lw_f32_from_e4m3(x), s)); });
+}
+
+/* Row and block128 scales, one block per row. */
+template <int DD>
+__global__ void __launch_bounds__(kThreads)
+    k_dequant_rows(typename Ty<DD>::T *dst, const uint8_t *q, const float *scale, size_t rows,
+                   size_t cols, int granularity) {
+  size_t tc = (cols + 127) / 128;
+  for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    if (granularity == LW_PER_ROW) {
+      float s = scale[r];
+      map_span(q + r * cols, dst + r * cols, cols, threadIdx.x, blockDim.x,
+               [s](uint8_t x, size_t) { return Ty<DD>::from(lw_mul(lw_f32_from_e4m3(x), s)); });
+    } else {
+      const float *srow = scale + (r / 128) * tc;
+      map_span(q + r * cols, dst + r * cols, cols, threadIdx.x, blockDim.x,
+               [srow](uint8_t x, size_t c) {
+                 return Ty<DD>::from(lw_mul(lw_f32_from_e4m3(x), srow[c / 128]));
+               });
+    }
+  }
+}
+
+// ------------------------------------------------------------------ dispatch helpers
+
+bool is_float(int32_t d) { return d >= LW_F32 && d <= LW_F8_E5M2; }
+bool is_quant_input(int32_t d) { return d == LW_F32 || d == LW_F16 || d == LW_BF16; }
+
+size_t dtype_size(int32_t d) {
+  switch (d) {
+    case LW_F32:
+    case LW_I32:
+      return 4;
+    case LW_F16:
+    case LW_BF16:
+      return 2;
+    case LW_I64:
+      return 8;
+    case LW_F8_E4M3FN:
+    case LW_F8_E5M2:
+    case LW_I8:
+    case LW_U8:
+    case LW_BOOL:
+      return 1;
+    default:
+      return 0;
+  }
+}
+
+/* Calls f(std::integral_constant<int, D>) for a floating dtype code D. */
+template <typename F>
+void with_float(int32_t d, F f) {
+  switch (d) {
+    case LW_F32:
+      f(std::integral_constant<int, LW_F32>());
+      break;
+    case LW_F16:
+      f(std::integral_constant<int, LW_F16>());
+      break;
+    case LW_BF16:
+      f(std::integral_constant<int, LW_BF16>());
+      break;
+    case LW_F8_E4M3FN:
+      f(std::integral_constant<int, LW_F8_E4M3FN>());
+      break;
+    case LW_F8_E5M2:
+      f(std::integral_constant<int, LW_F8_E5M2>());
+      break;
+  }
+}
+
+template <typename F>
+void with_quant_input(int32_t d, F f) {
+  switch (d) {
+    case LW_F32:
+      f(std::integral_constant<int, LW_F32>());
+      break;
+    case LW_F16:
+      f(std::integral_constant<int, LW_F16>());
+      break;
+    case LW_BF16:
+      f(std::integral_constant<int, LW_BF16>());
+      break;
+  }
+}
+
+lw_status einval(const char *what) { return fail(LW_EINVAL, what); }
+
+}  // namespace
+
+// ================================================================== kernel ABI
+
+extern "C" {
+
+LW_API lw_status lw_cast(void *ctx, void *dst, int32_t dst_dtype, size_t dst_pitch,
+                         const void *src, int32_t src_dtype, size_t src_pitch, size_t rows,
+                         size_t cols) {
+  size_t ds = dtype_size(dst_dtype), ss = dtype_size(src_dtype);
+  if (ds == 0 || ss == 0) return einval("lw_cast: unknown dtype code");
+  if (dst_dtype != src_dtype && !(is_float(dst_dtype) && is_float(src_dtype))) {
+    return einval("lw_cast: conversions exist between floating dtypes only");
+  }
+  if (rows > 1 && (dst_pitch < cols || src_pitch < cols)) {
+    return einval("lw_cast: a pitch is smaller than the row length");
+  }
+  ENTER(ctx);
+  if (rows == 0 || cols == 0) return LW_OK;
+  bool flat = rows == 1 || (dst_pitch == cols && src_pitch == cols);
+  if (dst_dtype == src_dtype) {
+    if (flat) {
+      CK(cudaMemcpyAsync(dst, src, rows * cols * ds, cudaMemcpyDeviceToDevice, c_->stream));
+    } else {
+      CK(cudaMemcpy2DAsync(dst, dst_pitch * ds, src, src_pitch * ss, cols * ds, rows,
+                           cudaMemcpyDeviceToDevice, c_->stream));
+    }
+    return LW_OK;
+  }
+  size_t n = rows * cols;
+  with_float(src_dtype, [&](auto sd) {
+    with_float(dst_dtype, [&](auto dd) {
+      constexpr int SD = decltype(sd)::value, DD = decltype(dd)::value;
+      using ST = typename Ty<SD>::T;
+      using DT = typename Ty<DD>::T;
+      if constexpr (SD == DD) {
+        return;  // handled above as a copy
+      } else if (flat) {
+        k_cast_flat<SD, DD><<<grid_for(c_, n / 8 + 1), kThreads, 0, c_->stream>>>(
+            static_cast<DT *>(dst), static_cast<const ST *>(src), n);
+      } else {
+        unsigned g = (unsigned)(rows < (size_t)c_->sms * 8 ? rows : (size_t)c_->sms * 8);
+        k_cast_2d<SD, DD><<<g, kThreads, 0, c_->stream>>>(
+            static_cast<DT *>(dst), dst_pitch, static_cast<const ST *>(src), src_pitch, rows,
+            cols);
+      }
+    });
+  });
+  CK_LAUNCH("lw_cast");
+  return LW_OK;
+}
+
+LW_API lw_status lw_copy(void *ctx, void *dst, const void *src, size_t n) {
+  ENTER(ctx);
+  if (n == 0) return LW_OK;
+  CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, c_->stream));
+  return LW_OK;
+}
+
+LW_API lw_status lw_copy2d(void *ctx, void *dst, size_t dst_pitch, const void *src,
+                           size_t src_pitch, size_t width, size_t rows) {
+  if (rows > 1 && (dst_pitch < width || src_pitch < width)) {
+    return einval("lw_copy2d: a pitch is smaller than the width");
+  }
+  ENTER(ctx);
+  if (rows == 0 || width == 0) return LW_OK;
+  if (rows == 1) {
+    CK(cudaMemcpyAsync(dst, src, width, cudaMemcpyDeviceToDevice, c_->stream));
+  } else {
+    CK(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows, cudaMemcpyDeviceToDevice,
+                         c_->stream));
+  }
+  return LW_OK;
+}
+
+LW_API lw_status lw_fill(void *ctx, void *dst, size_t n, int32_t elem_size, uint32_t lo,
+                         uint32_t hi) {
+  if (elem_size != 1 && elem_size != 2 && elem_size != 4 && elem_size != 8) {
+    return einval("lw_fill: element size must be 1, 2, 4 or 8");
+  }
+  ENTER(ctx);
+  size_t bytes = n * (size_t)elem_size;
+  if (bytes == 0) return LW_OK;
+  size_t mis = (size_t)dst % 16;
+  size_t head = mis == 0 ? 0 : 16 - mis;
+  if (head > bytes) head = bytes;
+  size_t nvec = (bytes - head) / 16;
+  // The vector at byte offset head (+16k) starts at pattern byte head % elem_size.
+  uint8_t pat[16];
+  for (int i = 0; i < 16; i++) {
+    int k = (int)((head + i) % (size_t)elem_size);
+    pat[i] = (uint8_t)(k < 4 ? lo >> (8 * k) : hi >> (8 * (k - 4)));
+  }
+  uint4 pattern;
+  memcpy(&pattern, pat, 16);
+  unsigned g = grid_for(c_, nvec / kUnroll + 1);
+  k_fill<<<g, kThreads, 0, c_->stream>>>(static_cast<uint8_t *>(dst), bytes, head, nvec,
+                                         pattern, elem_size, lo, hi);
+  CK_LAUNCH("lw_fill");
+  return LW_OK;
+}
+
+LW_API lw_status lw_absmax(void *ctx, float *out, const void *src, int32_t dtype, size_t n) {
+  if (!is_float(dtype)) return einval("lw_absmax: dtype must be floating");
+  ENTER(ctx);
+  CK(cudaMemsetAsync(out, 0, sizeof(float), c_->stream));
+  if (n == 0) return LW_OK;
+  with_float(dtype, [&](auto d) {
+    constexpr int DT = decltype(d)::value;
+    using T = typename Ty<DT>::T;
+    k_absmax_bits<DT><<<grid_for(c_, n / 8 + 1), kThreads, 0, c_->stream>>>(
+        reinterpret_cast<uint32_t *>(out), static_cast<const T *>(src), n);
+    k_absmax_finish<DT><<<1, 1, 0, c_->stream>>>(reinterpret_cast<uint32_t *>(out));
+  });
+  CK_LAUNCH("lw_absmax");
+  return LW_OK;
+}
+
+LW_API lw_status lw_count_nonfinite(void *ctx, uint64_t *out, const void *src, int32_t dtype,
+                                    size_t n) {
+  if (dtype_size(dtype) == 0) return einval("lw_count_nonfinite: unknown dtype code");
+  ENTER(ctx);
+  CK(cudaMemsetAsync(out, 0, sizeof(uint64_t), c_->stream));
+  if (n == 0 || !is_float(dtype)) return LW_OK;
+  with_float(dtype, [&](auto d) {
+    constexpr int DT = decltype(d)::value;
+    using T = typename Ty<DT>::T;
+    k_count_nonfinite<DT><<<grid_for(c_, n / 8 + 1), kThreads, 0, c_->stream>>>(
+        reinterpret_cast<unsigned long long *>(out), static_cast<const T *>(src), n);
+  });
+  CK_LAUNCH("lw_count_nonfinite");
+  return LW_OK;
+}
+
+LW_API lw_status lw_quant_fp8(void *ctx, uint8_t *q, float *scale, const void *src,
+                              int32_t src_dtype, size_t rows, size_t cols, int32_t granularity,
+                              int32_t dynamic) {
+  if (!is_quant_input(src_dtype)) return einval("lw_quant_fp8: source must be f32, f16 or bf16");
+  if (granularity != LW_PER_TENSOR && granularity != LW_PER_ROW &&
+      granularity != LW_PER_BLOCK128) {
+    return einval("lw_quant_fp8: unknown granularity");
+  }
+  ENTER(ctx);
+  size_t n = rows * cols;
+  if (n == 0) return LW_OK;
+  if (granularity == LW_PER_TENSOR && dynamic) {
+    // scale[0] holds the magnitude bits first, then the scale.
+    CK(cudaMemsetAsync(scale, 0, sizeof(float), c_->stream));
+  }
+  with_quant_input(src_dtype, [&](auto d) {
+    constexpr int DT = decltype(d)::value;
+    using T = typename Ty<DT>::T;
+    const T *s = static_cast<const T *>(src);
+    if (granularity == LW_PER_TENSOR) {
+      unsigned g = grid_for(c_, n / 8 + 1);
+      if (dynamic) {
+        k_absmax_bits<DT><<<g, kThreads, 0, c_->stream>>>(reinterpret_cast<uint32_t *>(scale),
+                                                          s, n);
+        k_fp8_scale_finish<DT><<<1, 1, 0, c_->stream>>>(scale);
+      }
+      k_quant_fp8_tensor<DT><<<g, kThreads, 0, c_->stream>>>(q, scale, s, n);
+    } else if (granularity == LW_PER_ROW) {
+      unsigned g = (unsigned)(rows < (size_t)c_->sms * 8 ? rows : (size_t)c_->sms * 8);
+      k_quant_row<DT, false><<<g, kThreads, 0, c_->stream>>>(q, scale, s, rows, cols, dynamic);
+    } else {
+      size_t tiles = ((rows + 127) / 128) * ((cols + 127) / 128);
+      unsigned g = (unsigned)(tiles < (size_t)c_->sms * 8 ? tiles : (size_t)c_->sms * 8);
+      k_quant_fp8_block<DT><<<g, kThreads, 0, c_->stream>>>(q, scale, s, rows, cols, dynamic);
+    }
+  });
+  CK_LAUNCH("lw_quant_fp8");
+  return LW_OK;
+}
+
+LW_API lw_status lw_quant_int8_row(void *ctx, int8_t *q, float *scale, const void *src,
+                                   int32_t src_dtype, size_t rows, size_t cols) {
+  if (!is_quant_input(src_dtype)) {
+    return einval("lw_quant_int8_row: source must be f32, f16 or bf16");
+  }
+  ENTER(ctx);
+  if (rows * cols == 0) return LW_OK;
+  with_quant_input(src_dtype, [&](auto d) {
+    constexpr int DT = decltype(d)::value;
+    using T = typename Ty<DT>::T;
+    unsigned g = (unsigned)(rows < (size_t)c_->sms * 8 ? rows : (size_t)c_->sms * 8);
+    k_quant_row<DT, true><<<g, kThreads, 0, c_->stream>>>(
+        reinterpret_cast<uint8_t *>(q), scale, static_cast<const T *>(src), rows, cols, 1);
+  });
+  CK_LAUNCH("lw_quant_int8_row");
+  return LW_OK;
+}
+
+LW_API lw_status lw_dequant_fp8(void *ctx, void *dst, int32_t dst_dtype, const uint8_t *q,
+                                const float *scale, size_t rows, size_t cols,
+                                int32_t granularity) {
+  if (!is_quant_input(dst_dtype)) {
+    return einval("lw_dequant_fp8: destination must be f32, f16 or bf16");
+  }
+  if (granularity != LW_PER_TENSOR && granularity != LW_PER_ROW &&
+      granularity != LW_PER_BLOCK128) {
+    return einval("lw_dequant_fp8: unknown granularity");
+  }
+  ENTER(ctx);
+  size_t n = rows * cols;
+  if (n == 0) return LW_OK;
+  with_quant_input(dst_dtype, [&](auto d) {
+    constexpr int DD = decltype(d)::value;
+    using T = typename Ty<DD>::T;
+    if (granularity == LW_PER_TENSOR) {
+      k_dequant_tensor<DD><<<grid_for(c_, n / 8 + 1), kThreads, 0, c_->stream>>>(
+          static_cast<T *>(dst), q, scale, n);
+    } else {
+      unsigned g = (unsigned)(rows < (size_t)c_->sms * 8 ? rows : (size_t)c_->sms * 8);
+      k_dequant_rows<DD><<<g, kThreads, 0, c_->stream>>>(static_cast<T *>(dst), q, scale, rows,
+                                                         cols, granularity);
+    }
+  });
+  CK_LAUNCH("lw_dequant_fp8");
+  return LW_OK;
+}
+
+// ================================================================== CUDA only
+
+LW_API size_t lw_last_error(char *buf, size_t len) {
+  size_t n = t_error.size();
+  if (buf != nullptr && len > 0) {
+    size_t k = n < len - 1 ? n : len - 1;
+    memcpy(buf, t_error.data(), k);
+    buf[k] = '\0';
+  }
+  return n;
+}
+
+LW_API lw_status lw_device_count(int32_t *out) {
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e == cudaErrorNoDevice) {
+    cudaGetLastError();
+    *out = 0;
+    return LW_OK;
+  }
+  if (e != cudaSuccess) return cuda_fail(e, "cudaGetDeviceCount");
+  *out = n;
+  return LW_OK;
+}
+
+LW_API lw_status lw_device_info(int32_t device, char *name, size_t name_len, uint64_t *total,
+                                uint64_t *free_bytes) {
+  cudaDeviceProp p;
+  CK(cudaGetDeviceProperties(&p, device));
+  if (name != nullptr && name_len > 0) {
+    size_t k = strnlen(p.name, sizeof(p.name));
+    if (k > name_len - 1) k = name_len - 1;
+    memcpy(name, p.name, k);
+    name[k] = '\0';
+  }
+  CK(cudaSetDevice(device));
+  size_t f = 0, t = 0;
+  CK(cudaMemGetInfo(&f, &t));
+  if (total) *total = t;
+  if (free_bytes) *free_bytes = f;
+  return LW_OK;
+}
+
+LW_API lw_status lw_malloc(int32_t device, uint64_t *out_ptr, size_t bytes) {
+  CK(cudaSetDevice(device));
+  void *p = nullptr;
+  CK(cudaMalloc(&p, bytes));
+  *out_ptr = (uint64_t)(uintptr_t)p;
+  return LW_OK;
+}
+
+LW_API lw_status lw_free(int32_t device, uint64_t ptr) {
+  CK(cudaSetDevice(device));
+  CK(cudaFree((void *)(uintptr_t)ptr));
+  return LW_OK;
+}
+
+LW_API lw_status lw_host_alloc(uint64_t *out_ptr, size_t bytes) {
+  void *p = nullptr;
+  // Portable: usable by every device and context; pinned for full-speed asynchronous copies.
+  CK(cudaHostAlloc(&p, bytes, cudaHostAllocPortable));
+  *out_ptr = (uint64_t)(uintptr_t)p;
+  return LW_OK;
+}
+
+LW_API lw_status lw_host_free(uint64_t ptr) {
+  CK(cudaFreeHost((void *)(uintptr_t)ptr));
+  return LW_OK;
+}
+
+LW_API lw_status lw_ctx_create(int32_t device, uint64_t *out_ctx) {
+  lw_ctx *c = new lw_ctx();
+  lw_status s = ctx_init(c, device);
+  if (s != LW_OK) {
+    delete c;
+    return s;
+  }
+  *out_ctx = (uint64_t)(uintptr_t)c;
+  return LW_OK;
+}
+
+LW_API lw_status lw_ctx_destroy(void *ctx) {
+  lw_ctx *c = static_cast<lw_ctx *>(ctx);
+  if (c == nullptr || c == g_default) return LW_OK;  // the default context lives on
+  CK(cudaSetDevice(c->device));
+  CK(cudaStreamSynchronize(c->stream));
+  CK(cudaStreamDestroy(c->stream));
+  delete c;
+  return LW_OK;
+}
+
+LW_API lw_status lw_ctx_sync(void *ctx) {
+  ENTER(ctx);
+  CK(cudaStreamSynchronize(c_->stream));
+  return LW_OK;
+}
+
+LW_API lw_status lw_memcpy_h2d(void *ctx, void *dst, const void *src, size_t n) {
+  ENTER(ctx);
+  if (n == 0) return LW_OK;
+  CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, c_->stream));
+  return LW_OK;
+}
+
+LW_API lw_status lw_memcpy_d2h(void *ctx, void *dst, const void *src, size_t n) {
+  ENTER(ctx);
+  if (n == 0) return LW_OK;
+  CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, c_->stream));
+  return LW_OK;
+}
+
+LW_API lw_status lw_event_create(int32_t device, uint64_t *out_event) {
+  CK(cudaSetDevice(device));
+  cudaEvent_t e;
+  CK(cudaEventCreate(&e));
+  *out_event = (uint64_t)(uintptr_t)e;
+  return LW_OK;
+}
+
+LW_API lw_status lw_event_destroy(void *event) {
+  CK(cudaEventDestroy(static_cast<cudaEvent_t>(event)));
+  return LW_OK;
+}
+
+LW_API lw_status lw_event_record(void *event, void *ctx) {
+  ENTER(ctx);
+  CK(cudaEventRecord(static_cast<cudaEvent_t>(event), c_->stream));
+  return LW_OK;
+}
+
+LW_API lw_status lw_event_wait(void *ctx, void *event) {
+  ENTER(ctx);
+  CK(cudaStreamWaitEvent(c_->stream, static_cast<cudaEvent_t>(event), 0));
+  return LW_OK;
+}
+
+LW_API lw_status lw_event_sync(void *event) {
+  CK(cudaEventSynchronize(static_cast<cudaEvent_t>(event)));
+  return LW_OK;
+}
+
+LW_API lw_status lw_event_elapsed(float *out_ms, void *start, void *end) {
+  CK(cudaEventElapsedTime(out_ms, static_cast<cudaEvent_t>(start),
+                          static_cast<cudaEvent_t>(end)));
+  return LW_OK;
+}
+
+LW_API lw_status lw_pread(int32_t fd, void *dst, size_t n, uint64_t offset) {
+  uint8_t *p = static_cast<uint8_t *>(dst);
+  size_t done = 0;
+  while (done < n) {
+    // Linux moves at most about 2 GiB per call; short reads simply continue.
+    size_t want = n - done;
+    if (want > ((size_t)1 << 30)) want = (size_t)1 << 30;
+    ssize_t r = pread(fd, p + done, want, (off_t)(offset + done));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return fail(LW_EIO, std::string("pread: ") + strerror(errno));
+    }
+    if (r == 0) {
+      return fail(LW_EIO, "pread: the file ends at byte " + std::to_string(offset + done) +
+                              ", " + std::to_string(n - done) + " bytes short");
+    }
+    done += (size_t)r;
+  }
+  return LW_OK;
+}
+
+}  // extern "C"
