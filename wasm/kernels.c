@@ -1,0 +1,423 @@
+/*
+ * The kernel ABI of cuda/layerwise.h on WebAssembly memory (pointers are memory offsets, ctx is
+ * ignored). Every rounding rule comes from cuda/lw_numeric.h, shared with the CUDA kernels.
+ *
+ * Speed comes from the compiler: each (dtype, operation) pair gets its own tight loop over
+ * contiguous elements with branch-free bodies, which clang turns into simd128 code. No loop
+ * body switches on a dtype.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "../cuda/layerwise.h"
+#include "../cuda/lw_numeric.h"
+
+/* ------------------------------------------------------------------------------- errors */
+
+static const char *last_error = "";
+
+/* The text of the last refused call (the WebAssembly counterpart of lw_last_error). */
+LW_API const char *lw_wasm_last_error(void) { return last_error; }
+
+static lw_status refuse(const char *why) {
+  last_error = why;
+  return LW_EINVAL;
+}
+
+static int is_float(int32_t dt) { return dt >= LW_F32 && dt <= LW_F8_E5M2; }
+static int is_quant_input(int32_t dt) { return dt == LW_F32 || dt == LW_F16 || dt == LW_BF16; }
+
+static size_t dtype_size(int32_t dt) {
+  switch (dt) {
+  case LW_F32:
+  case LW_I32:
+    return 4;
+  case LW_F16:
+  case LW_BF16:
+    return 2;
+  case LW_I64:
+    return 8;
+  default:
+    return 1;
+  }
+}
+
+/* ------------------------------------------------------------------------------- copies */
+
+LW_API lw_status lw_copy(void *ctx, void *dst, const void *src, size_t n) {
+  (void)ctx;
+  if (n) memcpy(dst, src, n);
+  return LW_OK;
+}
+
+LW_API lw_status lw_copy2d(void *ctx, void *dst, size_t dst_pitch, const void *src,
+                           size_t src_pitch, size_t width, size_t rows) {
+  (void)ctx;
+  if (dst_pitch == width && src_pitch == width) {
+    if (width != 0 && rows != 0) memcpy(dst, src, width * rows);
+    return LW_OK;
+  }
+  for (size_t r = 0; r < rows; r++) {
+    memcpy((uint8_t *)dst + r * dst_pitch, (const uint8_t *)src + r * src_pitch, width);
+  }
+  return LW_OK;
+}
+
+LW_API lw_status lw_fill(void *ctx, void *dst, size_t n, int32_t elem_size, uint32_t lo,
+                         uint32_t hi) {
+  (void)ctx;
+  switch (elem_size) {
+  case 1:
+    memset(dst, (int)(lo & 0xFFu), n);
+    return LW_OK;
+  case 2: {
+    uint16_t *p = (uint16_t *)dst, v = (uint16_t)lo;
+    for (size_t i = 0; i < n; i++) p[i] = v;
+    return LW_OK;
+  }
+  case 4: {
+    uint32_t *p = (uint32_t *)dst;
+    for (size_t i = 0; i < n; i++) p[i] = lo;
+    return LW_OK;
+  }
+  case 8: {
+    uint64_t *p = (uint64_t *)dst, v = ((uint64_t)hi << 32) | lo;
+    for (size_t i = 0; i < n; i++) p[i] = v;
+    return LW_OK;
+  }
+  default:
+    return refuse("lw_fill: element size must be 1, 2, 4 or 8 bytes");
+  }
+}
+
+/* --------------------------------------------------------------------------------- casts */
+
+static inline float ld_f32(float v) { return v; }
+static inline float st_f32(float v) { return v; }
+
+typedef void (*cast_fn)(void *dst, size_t dp, const void *src, size_t sp, size_t rows,
+                        size_t cols);
+
+/* One function per (source, destination) pair; rows are contiguous runs `pitch` elements apart. */
+#define CAST(NAME, ST, LOAD, DT, STORE)                                                          \
+  static void NAME(void *dst, size_t dp, const void *src, size_t sp, size_t rows, size_t cols) { \
+    for (size_t r = 0; r < rows; r++) {                                                          \
+      const ST *s = (const ST *)src + r * sp;                                                    \
+      DT *d = (DT *)dst + r * dp;                                                                \
+      for (size_t c = 0; c < cols; c++) d[c] = STORE(LOAD(s[c]));                              \
+    }                                                                                            \
+  }
+
+#define CAST_FROM(SN, ST, LOAD)                                                                  \
+  CAST(cast_##SN##_f32, ST, LOAD, float, st_f32)                                                 \
+  CAST(cast_##SN##_f16, ST, LOAD, uint16_t, lw_f16_from_f32)                                     \
+  CAST(cast_##SN##_bf16, ST, LOAD, uint16_t, lw_bf16_from_f32)                                   \
+  CAST(cast_##SN##_e4m3, ST, LOAD, uint8_t, lw_e4m3_from_f32_sat)                                \
+  CAST(cast_##SN##_e5m2, ST, LOAD, uint8_t, lw_e5m2_from_f32_sat)
+
+CAST_FROM(f32, float, ld_f32)
+CAST_FROM(f16, uint16_t, lw_f32_from_f16)
+CAST_FROM(bf16, uint16_t, lw_f32_from_bf16)
+CAST_FROM(e4m3, uint8_t, lw_f32_from_e4m3)
+CAST_FROM(e5m2, uint8_t, lw_f32_from_e5m2)
+
+#define CAST_ROW(SN)                                                                             \
+  { cast_##SN##_f32, cast_##SN##_f16, cast_##SN##_bf16, cast_##SN##_e4m3, cast_##SN##_e5m2 }
+
+/* [source][destination], indexed by dtype code; the diagonal is never used (plain copy) */
+static const cast_fn CASTS[5][5] = {CAST_ROW(f32), CAST_ROW(f16), CAST_ROW(bf16), CAST_ROW(e4m3),
+                                    CAST_ROW(e5m2)};
+
+LW_API lw_status lw_cast(void *ctx, void *dst, int32_t dst_dtype, size_t dst_pitch,
+                         const void *src, int32_t src_dtype, size_t src_pitch, size_t rows,
+                         size_t cols) {
+  (void)ctx;
+  if (dst_dtype < 0 || dst_dtype > LW_BOOL || src_dtype < 0 || src_dtype > LW_BOOL) {
+    return refuse("lw_cast: unknown dtype code");
+  }
+  if (dst_dtype == src_dtype) {
+    size_t e = dtype_size(dst_dtype);
+    return lw_copy2d(ctx, dst, dst_pitch * e, src, src_pitch * e, cols * e, rows);
+  }
+  if (!is_float(dst_dtype) || !is_float(src_dtype)) {
+    return refuse("lw_cast: conversions exist between floating dtypes only");
+  }
+  if (rows == 0 || cols == 0) return LW_OK;
+  if ((dst_pitch == cols && src_pitch == cols) || rows == 1) {
+    /* one long run: the inner loop sees every element at once */
+    cols *= rows;
+    rows = 1;
+  }
+  CASTS[src_dtype][dst_dtype](dst, dst_pitch, src, src_pitch, rows, cols);
+  return LW_OK;
+}
+
+/* ------------------------------------------------------------------------------- absmax */
+
+/* max |x| over the bits with the sign cleared: for IEEE formats the order of the magnitudes
+ * is the order of those bits, and NaN magnitudes sort above Inf, so NaN detection is free */
+static uint32_t max_abs32(const uint32_t *p, size_t n) {
+  uint32_t m = 0;
+  for (size_t i = 0; i < n; i++) {
+    uint32_t a = p[i] & 0x7FFFFFFFu;
+    m = a > m ? a : m;
+  }
+  return m;
+}
+
+static uint16_t max_abs16(const uint16_t *p, size_t n) {
+  uint16_t m = 0;
+  for (size_t i = 0; i < n; i++) {
+    uint16_t a = p[i] & 0x7FFFu;
+    m = a > m ? a : m;
+  }
+  return m;
+}
+
+static uint8_t max_abs8(const uint8_t *p, size_t n) {
+  uint8_t m = 0;
+  for (size_t i = 0; i < n; i++) {
+    uint8_t a = p[i] & 0x7Fu;
+    m = a > m ? a : m;
+  }
+  return m;
+}
+
+/* absmax of n contiguous elements of a floating dtype (checked by the caller) */
+static float absmax_of(const void *src, int32_t dt, size_t n) {
+  const float nan = lw_float(LW_F32_CANONICAL_NAN);
+  switch (dt) {
+  case LW_F32: {
+    uint32_t m = max_abs32((const uint32_t *)src, n);
+    return m > LW_F32_INF_BITS ? nan : lw_float(m);
+  }
+  case LW_F16: {
+    uint16_t m = max_abs16((const uint16_t *)src, n);
+    return m > 0x7C00u ? nan : lw_f32_from_f16(m);
+  }
+  case LW_BF16: {
+    uint16_t m = max_abs16((const uint16_t *)src, n);
+    return m > 0x7F80u ? nan : lw_f32_from_bf16(m);
+  }
+  case LW_F8_E4M3FN: {
+    uint8_t m = max_abs8((const uint8_t *)src, n);
+    return m == 0x7Fu ? nan : lw_f32_from_e4m3(m);
+  }
+  default: {
+    uint8_t m = max_abs8((const uint8_t *)src, n);
+    return m > 0x7Cu ? nan : lw_f32_from_e5m2(m);
+  }
+  }
+}
+
+LW_API lw_status lw_absmax(void *ctx, float *out, const void *src, int32_t dtype, size_t n) {
+  (void)ctx;
+  if (!is_float(dtype)) return refuse("lw_absmax: the dtype must be floating");
+  *out = absmax_of(src, dtype, n);
+  return LW_OK;
+}
+
+/* ------------------------------------------------------------------------- non-finite */
+
+static size_t count_ge32(const uint32_t *p, size_t n, uint32_t lim) {
+  size_t k = 0;
+  for (size_t i = 0; i < n; i++) k += (p[i] & 0x7FFFFFFFu) >= lim;
+  return k;
+}
+
+static size_t count_ge16(const uint16_t *p, size_t n, uint16_t lim) {
+  size_t k = 0;
+  for (size_t i = 0; i < n; i++) k += (uint16_t)(p[i] & 0x7FFFu) >= lim;
+  return k;
+}
+
+static size_t count_ge8(const uint8_t *p, size_t n, uint8_t lim) {
+  size_t k = 0;
+  for (size_t i = 0; i < n; i++) k += (uint8_t)(p[i] & 0x7Fu) >= lim;
+  return k;
+}
+
+LW_API lw_status lw_count_nonfinite(void *ctx, uint64_t *out, const void *src, int32_t dtype,
+                                    size_t n) {
+  (void)ctx;
+  if (dtype < 0 || dtype > LW_BOOL) return refuse("lw_count_nonfinite: unknown dtype code");
+  size_t k = 0;
+  switch (dtype) {
+  case LW_F32:
+    k = count_ge32((const uint32_t *)src, n, LW_F32_INF_BITS);
+    break;
+  case LW_F16:
+    k = count_ge16((const uint16_t *)src, n, 0x7C00u);
+    break;
+  case LW_BF16:
+    k = count_ge16((const uint16_t *)src, n, 0x7F80u);
+    break;
+  case LW_F8_E4M3FN:
+    k = count_ge8((const uint8_t *)src, n, 0x7Fu);
+    break;
+  case LW_F8_E5M2:
+    k = count_ge8((const uint8_t *)src, n, 0x7Cu);
+    break;
+  default:
+    break; /* integers are always finite */
+  }
+  *out = (uint64_t)k;
+  return LW_OK;
+}
+
+/* ------------------------------------------------------------------------- quantization */
+
+/* q[i] = e4m3(x[i] / s) for n contiguous elements, one loop per input dtype */
+static void q8_f32(uint8_t *q, const float *x, size_t n, float s) {
+  for (size_t i = 0; i < n; i++) q[i] = lw_e4m3_quant(x[i], s);
+}
+static void q8_f16(uint8_t *q, const uint16_t *x, size_t n, float s) {
+  for (size_t i = 0; i < n; i++) q[i] = lw_e4m3_quant(lw_f32_from_f16(x[i]), s);
+}
+static void q8_bf16(uint8_t *q, const uint16_t *x, size_t n, float s) {
+  for (size_t i = 0; i < n; i++) q[i] = lw_e4m3_quant(lw_f32_from_bf16(x[i]), s);
+}
+
+/* element i of a quantization input: x + i elements */
+static const void *at(const void *x, int32_t dt, size_t i) {
+  return (const uint8_t *)x + i * dtype_size(dt);
+}
+
+static void quant_run(uint8_t *q, const void *x, int32_t dt, size_t n, float s) {
+  if (dt == LW_F32) {
+    q8_f32(q, (const float *)x, n, s);
+  } else if (dt == LW_F16) {
+    q8_f16(q, (const uint16_t *)x, n, s);
+  } else {
+    q8_bf16(q, (const uint16_t *)x, n, s);
+  }
+}
+
+static void quant_fp8_block128(uint8_t *q, float *scale, const void *src, int32_t dt,
+                               size_t rows, size_t cols, int32_t dynamic) {
+  size_t nb = (cols + 127) / 128;
+  for (size_t r0 = 0; r0 < rows; r0 += 128) {
+    size_t r1 = r0 + 128 < rows ? r0 + 128 : rows;
+    for (size_t b = 0; b < nb; b++) {
+      size_t c0 = b * 128, w = cols - c0 < 128 ? cols - c0 : 128;
+      float *sp = scale + (r0 / 128) * nb + b;
+      if (dynamic) {
+        /* absmax composes: max over rows of each row's absmax (NaN dominates as in absmax_of) */
+        float m = 0.0f;
+        int nan = 0;
+        for (size_t r = r0; r < r1; r++) {
+          float a = absmax_of(at(src, dt, r * cols + c0), dt, w);
+          nan |= lw_isnan(a);
+          m = a > m ? a : m;
+        }
+        *sp = lw_fp8_scale(nan ? lw_float(LW_F32_CANONICAL_NAN) : m);
+      }
+      float s = *sp;
+      for (size_t r = r0; r < r1; r++) quant_run(q + r * cols + c0, at(src, dt, r * cols + c0), dt, w, s);
+    }
+  }
+}
+
+LW_API lw_status lw_quant_fp8(void *ctx, uint8_t *q, float *scale, const void *src,
+                              int32_t src_dtype, size_t rows, size_t cols, int32_t granularity,
+                              int32_t dynamic) {
+  (void)ctx;
+  if (!is_quant_input(src_dtype)) return refuse("lw_quant_fp8: the input must be f32, f16 or bf16");
+  if (granularity < LW_PER_TENSOR || granularity > LW_PER_BLOCK128) {
+    return refuse("lw_quant_fp8: unknown granularity");
+  }
+  if (rows == 0 || cols == 0) return LW_OK;
+  if (granularity == LW_PER_TENSOR) {
+    if (dynamic) scale[0] = lw_fp8_scale(absmax_of(src, src_dtype, rows * cols));
+    quant_run(q, src, src_dtype, rows * cols, scale[0]);
+  } else if (granularity == LW_PER_ROW) {
+    for (size_t r = 0; r < rows; r++) {
+      const void *x = at(src, src_dtype, r * cols);
+      if (dynamic) scale[r] = lw_fp8_scale(absmax_of(x, src_dtype, cols));
+      quant_run(q + r * cols, x, src_dtype, cols, scale[r]);
+    }
+  } else {
+    quant_fp8_block128(q, scale, src, src_dtype, rows, cols, dynamic);
+  }
+  return LW_OK;
+}
+
+static void qi8_f32(int8_t *q, const float *x, size_t n, float s) {
+  for (size_t i = 0; i < n; i++) q[i] = lw_int8_quant(x[i], s);
+}
+static void qi8_f16(int8_t *q, const uint16_t *x, size_t n, float s) {
+  for (size_t i = 0; i < n; i++) q[i] = lw_int8_quant(lw_f32_from_f16(x[i]), s);
+}
+static void qi8_bf16(int8_t *q, const uint16_t *x, size_t n, float s) {
+  for (size_t i = 0; i < n; i++) q[i] = lw_int8_quant(lw_f32_from_bf16(x[i]), s);
+}
+
+LW_API lw_status lw_quant_int8_row(void *ctx, int8_t *q, float *scale, const void *src,
+                                   int32_t src_dtype, size_t rows, size_t cols) {
+  (void)ctx;
+  if (!is_quant_input(src_dtype)) {
+    return refuse("lw_quant_int8_row: the input must be f32, f16 or bf16");
+  }
+  for (size_t r = 0; r < rows && cols; r++) {
+    const void *x = at(src, src_dtype, r * cols);
+    float s = lw_int8_scale(absmax_of(x, src_dtype, cols));
+    scale[r] = s;
+    if (src_dtype == LW_F32) {
+      qi8_f32(q + r * cols, (const float *)x, cols, s);
+    } else if (src_dtype == LW_F16) {
+      qi8_f16(q + r * cols, (const uint16_t *)x, cols, s);
+    } else {
+      qi8_bf16(q + r * cols, (const uint16_t *)x, cols, s);
+    }
+  }
+  return LW_OK;
+}
+
+/* --------------------------------------------------------------------------- dequantization */
+
+static void dq_f32(float *d, const uint8_t *q, size_t n, float s) {
+  for (size_t i = 0; i < n; i++) d[i] = lw_mul(lw_f32_from_e4m3(q[i]), s);
+}
+static void dq_f16(uint16_t *d, const uint8_t *q, size_t n, float s) {
+  for (size_t i = 0; i < n; i++) d[i] = lw_f16_from_f32(lw_mul(lw_f32_from_e4m3(q[i]), s));
+}
+static void dq_bf16(uint16_t *d, const uint8_t *q, size_t n, float s) {
+  for (size_t i = 0; i < n; i++) d[i] = lw_bf16_from_f32(lw_mul(lw_f32_from_e4m3(q[i]), s));
+}
+
+static void dequant_run(void *dst, int32_t dt, size_t i, const uint8_t *q, size_t n, float s) {
+  if (dt == LW_F32) {
+    dq_f32((float *)dst + i, q + i, n, s);
+  } else if (dt == LW_F16) {
+    dq_f16((uint16_t *)dst + i, q + i, n, s);
+  } else {
+    dq_bf16((uint16_t *)dst + i, q + i, n, s);
+  }
+}
+
+LW_API lw_status lw_dequant_fp8(void *ctx, void *dst, int32_t dst_dtype, const uint8_t *q,
+                                const float *scale, size_t rows, size_t cols,
+                                int32_t granularity) {
+  (void)ctx;
+  if (!is_quant_input(dst_dtype)) {
+    return refuse("lw_dequant_fp8: the output must be f32, f16 or bf16");
+  }
+  if (granularity < LW_PER_TENSOR || granularity > LW_PER_BLOCK128) {
+    return refuse("lw_dequant_fp8: unknown granularity");
+  }
+  if (rows == 0 || cols == 0) return LW_OK;
+  if (granularity == LW_PER_TENSOR) {
+    dequant_run(dst, dst_dtype, 0, q, rows * cols, scale[0]);
+  } else if (granularity == LW_PER_ROW) {
+    for (size_t r = 0; r < rows; r++) dequant_run(dst, dst_dtype, r * cols, q, cols, scale[r]);
+  } else {
+    size_t nb = (cols + 127) / 128;
+    for (size_t r = 0; r < rows; r++) {
+      for (size_t b = 0; b < nb; b++) {
+        size_t c0 = b * 128, w = cols - c0 < 128 ? cols - c0 : 128;
+        dequant_run(dst, dst_dtype, r * cols + c0, q, w, scale[(r / 128) * nb + b]);
+      }
+    }
+  }
+  return LW_OK;
+}
