@@ -150,6 +150,8 @@ async function openSharded(path: string, index: string): Promise<Checkpoint> {
     }
     headers.set(shard, await readSafetensorsHeader(file));
   }
+  // Duplicates first: a tensor in two shards is the more specific diagnosis than the index
+  // mismatch it also causes.
   const tensors = new Map<string, TensorEntry>();
   const owner = new Map<string, string>();
   for (const [shard, header] of headers) {
@@ -162,20 +164,22 @@ async function openSharded(path: string, index: string): Promise<Checkpoint> {
         );
       }
       owner.set(name, shard);
-      const listed = weightMap.get(name);
-      if (listed === undefined) {
-        fail(
-          "UNINDEXED_TENSOR",
-          `${header.file}: tensor ${JSON.stringify(name)} is not in ${index}`,
-        );
-      }
-      if (listed !== shard) {
-        fail(
-          "INDEX_MISMATCH",
-          `${index}: tensor ${JSON.stringify(name)} is listed in ${listed} but found in ${shard}`,
-        );
-      }
       tensors.set(name, entry);
+    }
+  }
+  for (const [name, shard] of owner) {
+    const listed = weightMap.get(name);
+    if (listed === undefined) {
+      fail(
+        "UNINDEXED_TENSOR",
+        `${headers.get(shard)!.file}: tensor ${JSON.stringify(name)} is not in ${index}`,
+      );
+    }
+    if (listed !== shard) {
+      fail(
+        "INDEX_MISMATCH",
+        `${index}: tensor ${JSON.stringify(name)} is listed in ${listed} but found in ${shard}`,
+      );
     }
   }
   for (const [name, shard] of weightMap) {
