@@ -16,6 +16,9 @@ import { KernelBackend, type RawDevice } from "./kernels.ts";
 /** The most memory a wasm32 instance can address (the module is built with this maximum). */
 export const WASM_MAX_MEMORY_BYTES: number = 4 * 1024 ** 3;
 
+/** The largest single allocation: Emscripten's sbrk takes a signed 32-bit increment. */
+export const WASM_MAX_ALLOCATION_BYTES: number = 2 * 1024 ** 3;
+
 /** What the kernels module exports (see scripts/build-wasm.sh); pointers and sizes are i32. */
 interface KernelExports {
   memory: WebAssembly.Memory;
@@ -143,11 +146,14 @@ class WasmDevice implements RawDevice {
     // wasm32 sizes are 32 bits: a larger request must not wrap around into a small one.
     const ptr = bytes < WASM_MAX_MEMORY_BYTES ? this.exports.malloc(bytes) >>> 0 : 0;
     if (ptr === 0) {
+      const single = bytes > WASM_MAX_ALLOCATION_BYTES
+        ? "; one allocation is limited to 2 GiB"
+        : "";
       throw new BackendError(
         "OUT_OF_MEMORY",
         `wasm: cannot allocate ${bytes} bytes (${gib(bytes)}): WebAssembly memory is limited to ` +
           `4 GiB and ${this.#inUse} bytes (${gib(this.#inUse)}) are in use by this backend ` +
-          `(memory size ${gib(this.buffer.byteLength)})`,
+          `(memory size ${gib(this.buffer.byteLength)})${single}`,
       );
     }
     this.#sizes.set(ptr, bytes);
