@@ -1,0 +1,432 @@
+/**
+ * The CUDA backend: the kernels of cuda/kernels.cu called through Deno FFI. {@link CudaDevice}
+ * wraps one GPU (memory, pinned host buffers, streams, events, asynchronous copies, file reads
+ * into pinned memory) for the fast reload path; {@link openCudaBackend} builds the validating
+ * {@link Backend} on top of it, running every kernel on one stream of its own.
+ * @module
+ */
+
+import { BackendError } from "../errors.ts";
+import type { Backend } from "./backend.ts";
+import { type CudaLibrary, type CudaSymbols, loadCudaLibrary } from "./cuda_ffi.ts";
+import { KernelBackend, type RawDevice } from "./kernels.ts";
+
+const STATUS_NAMES: Readonly<Record<number, [string, string]>> = {
+  1: ["INVALID", "invalid argument"],
+  2: ["DEVICE", "CUDA error"],
+  3: ["OUT_OF_MEMORY", "out of memory"],
+  4: ["IO", "file read failed or came short"],
+};
+
+function unavailable(message: string): BackendError {
+  return new BackendError("CUDA_UNAVAILABLE", `CUDA backend unavailable: ${message}`);
+}
+
+/**
+ * Checks that the NVIDIA driver loads and sees a device, through libcuda.so.1 itself, so the
+ * message can say which of the two is missing.
+ */
+function probeDriver(device: number): void {
+  let lib: Deno.DynamicLibrary<{
+    cuInit: { parameters: ["u32"]; result: "i32" };
+    cuDeviceGetCount: { parameters: ["buffer"]; result: "i32" };
+  }>;
+  try {
+    lib = Deno.dlopen("libcuda.so.1", {
+      cuInit: { parameters: ["u32"], result: "i32" },
+      cuDeviceGetCount: { parameters: ["buffer"], result: "i32" },
+    });
+  } catch (e) {
+    if (e instanceof Deno.errors.NotCapable || e instanceof Deno.errors.PermissionDenied) {
+      throw unavailable("it needs --allow-ffi");
+    }
+    const why = (e as Error).message.replace(/^(Could not open library: )+/, "");
+    throw unavailable(`libcuda.so.1 not loadable (is the NVIDIA driver installed?): ${why}`);
+  }
+  try {
+    const init = lib.symbols.cuInit(0);
+    // CUDA_ERROR_NO_DEVICE
+    if (init === 100) throw unavailable("no CUDA device (the driver sees no GPU)");
+    if (init !== 0) {
+      throw unavailable(`the CUDA driver failed to initialise (cuInit error ${init})`);
+    }
+    const n = new Int32Array(1);
+    const rc = lib.symbols.cuDeviceGetCount(n);
+    if (rc !== 0 || n[0] === 0) throw unavailable("no CUDA device (the driver sees no GPU)");
+    if (device >= n[0]) {
+      throw unavailable(`no CUDA device ${device} (${n[0]} present)`);
+    }
+  } finally {
+    lib.close();
+  }
+}
+
+/** Page-locked host memory: full-speed asynchronous copies, and reads straight from files. */
+export interface PinnedBuffer {
+  /** Host address. */
+  readonly ptr: number;
+  /** Size in bytes. */
+  readonly bytes: number;
+  /** The memory as bytes (valid until {@link CudaDevice.hostFree}). */
+  readonly view: Uint8Array;
+}
+
+/** One GPU through liblayerwise_cuda.so. Contexts (`ctx`) are streams; 0 is device 0's default. */
+export class CudaDevice {
+  /** Device ordinal. */
+  readonly device: number;
+  /** Device name, e.g. `NVIDIA H200`. */
+  readonly name: string;
+  /** Total device memory in bytes. */
+  readonly totalBytes: number;
+  /** The library file in use. */
+  readonly libraryPath: string;
+  readonly #s: CudaSymbols;
+  readonly #u64 = new BigUint64Array(1);
+
+  private constructor(lib: CudaLibrary, device: number, name: string, total: number) {
+    this.#s = lib.symbols;
+    this.libraryPath = lib.path;
+    this.device = device;
+    this.name = name;
+    this.totalBytes = total;
+  }
+
+  /**
+   * Opens a device. Throws BackendError `CUDA_UNAVAILABLE` when the driver, a device or the
+   * library is missing, saying which.
+   */
+  static open(device = 0): CudaDevice {
+    if (!Number.isInteger(device) || device < 0) {
+      throw new BackendError("BAD_DEVICE", `invalid CUDA device ordinal ${device}`);
+    }
+    probeDriver(device);
+    const lib = loadCudaLibrary();
+    const s = lib.symbols;
+    const count = new Int32Array(1);
+    let st = s.lw_device_count(count);
+    if (st !== 0) throw unavailable(lastError(s) || `lw_device_count failed (${st})`);
+    if (device >= count[0]) throw unavailable(`no CUDA device ${device} (${count[0]} present)`);
+    const name = new Uint8Array(256);
+    const total = new BigUint64Array(1), free = new BigUint64Array(1);
+    st = s.lw_device_info(device, name, name.length, total, free);
+    if (st !== 0) throw unavailable(lastError(s) || `lw_device_info failed (${st})`);
+    const text = new TextDecoder().decode(name.subarray(0, name.indexOf(0)));
+    return new CudaDevice(lib, device, text, Number(total[0]));
+  }
+
+  /** The raw symbols, for callers that batch their own calls. */
+  get symbols(): CudaSymbols {
+    return this.#s;
+  }
+
+  /** Text of the last error on this thread. */
+  lastError(): string {
+    return lastError(this.#s);
+  }
+
+  /** Throws a BackendError for a non-zero status. */
+  check(op: string, status: number): void {
+    if (status === 0) return;
+    const [code, what] = STATUS_NAMES[status] ?? ["DEVICE", `status ${status}`];
+    const text = this.lastError() || what;
+    throw new BackendError(code, `${op} on cuda:${this.device}: ${text}`);
+  }
+
+  /** Free and total device memory in bytes. */
+  memInfo(): { free: number; total: number } {
+    const total = new BigUint64Array(1), free = new BigUint64Array(1);
+    this.check("memInfo", this.#s.lw_device_info(this.device, null, 0, total, free));
+    return { free: Number(free[0]), total: Number(total[0]) };
+  }
+
+  #out(op: string, status: number): number {
+    this.check(op, status);
+    return Number(this.#u64[0]);
+  }
+
+  /** Allocates device memory. */
+  malloc(bytes: number): number {
+    return this.#out(`malloc(${bytes})`, this.#s.lw_malloc(this.device, this.#u64, bytes));
+  }
+
+  /** Frees device memory (waits for the device to finish using it). */
+  free(ptr: number): void {
+    this.check("free", this.#s.lw_free(this.device, BigInt(ptr)));
+  }
+
+  /** Allocates pinned host memory. */
+  hostAlloc(bytes: number): PinnedBuffer {
+    const ptr = this.#out(`hostAlloc(${bytes})`, this.#s.lw_host_alloc(this.#u64, bytes));
+    const view = bytes === 0 ? new Uint8Array(0) : new Uint8Array(
+      Deno.UnsafePointerView.getArrayBuffer(Deno.UnsafePointer.create(BigInt(ptr))!, bytes),
+    );
+    return { ptr, bytes, view };
+  }
+
+  /** Frees pinned host memory; its view must not be used afterwards. */
+  hostFree(buf: PinnedBuffer): void {
+    this.check("hostFree", this.#s.lw_host_free(BigInt(buf.ptr)));
+  }
+
+  /** A new context: a non-blocking stream on this device. */
+  createContext(): number {
+    return this.#out("createContext", this.#s.lw_ctx_create(this.device, this.#u64));
+  }
+
+  /** Waits for a context's work, then destroys it. */
+  destroyContext(ctx: number): void {
+    this.check("destroyContext", this.#s.lw_ctx_destroy(ctx));
+  }
+
+  /** Waits for all work queued on a context. */
+  sync(ctx: number): void {
+    this.check("sync", this.#s.lw_ctx_sync(ctx));
+  }
+
+  /** Like sync, without blocking the JS thread. */
+  async syncAsync(ctx: number): Promise<void> {
+    const st = await this.#s.lw_ctx_sync_nb(ctx);
+    if (st !== 0) this.#asyncFail("sync", st);
+  }
+
+  /** Queues a host-to-device copy from pinned memory at `src`. */
+  h2d(ctx: number, dst: number, src: number, n: number): void {
+    this.check("h2d", this.#s.lw_memcpy_h2d(ctx, dst, src, n));
+  }
+
+  /** Queues a device-to-host copy into pinned memory at `dst`. */
+  d2h(ctx: number, dst: number, src: number, n: number): void {
+    this.check("d2h", this.#s.lw_memcpy_d2h(ctx, dst, src, n));
+  }
+
+  /** Host-to-device copy from a typed array, finished when this returns. */
+  writeSync(ctx: number, dst: number, src: Uint8Array): void {
+    if (src.byteLength === 0) return;
+    this.check("write", this.#s.lw_memcpy_h2d_buf(ctx, dst, src, src.byteLength));
+    this.sync(ctx);
+  }
+
+  /** Device-to-host copy into a typed array, finished when this returns. */
+  readSync(ctx: number, dst: Uint8Array, src: number): void {
+    if (dst.byteLength === 0) return;
+    this.check("read", this.#s.lw_memcpy_d2h_buf(ctx, dst, src, dst.byteLength));
+    this.sync(ctx);
+  }
+
+  /** A new event (timing enabled). */
+  createEvent(): number {
+    return this.#out("createEvent", this.#s.lw_event_create(this.device, this.#u64));
+  }
+
+  /** Destroys an event. */
+  destroyEvent(event: number): void {
+    this.check("destroyEvent", this.#s.lw_event_destroy(event));
+  }
+
+  /** Records an event on a context's stream. */
+  record(event: number, ctx: number): void {
+    this.check("record", this.#s.lw_event_record(event, ctx));
+  }
+
+  /** Makes a context's later work wait for an event. */
+  wait(ctx: number, event: number): void {
+    this.check("wait", this.#s.lw_event_wait(ctx, event));
+  }
+
+  /** Waits for an event on the host. */
+  eventSync(event: number): void {
+    this.check("eventSync", this.#s.lw_event_sync(event));
+  }
+
+  /** Like eventSync, without blocking the JS thread. */
+  async eventSyncAsync(event: number): Promise<void> {
+    const st = await this.#s.lw_event_sync_nb(event);
+    if (st !== 0) this.#asyncFail("eventSync", st);
+  }
+
+  /** Milliseconds between two recorded, completed events. */
+  elapsedMs(start: number, end: number): number {
+    const out = new Float32Array(1);
+    this.check("elapsedMs", this.#s.lw_event_elapsed(out, start, end));
+    return out[0];
+  }
+
+  /** Reads `n` bytes at `offset` of file descriptor `fd` into host memory at `dst`. */
+  pread(fd: number, dst: number, n: number, offset: number): void {
+    this.check("pread", this.#s.lw_pread(fd, dst, n, BigInt(offset)));
+  }
+
+  /** Like pread, on Deno's FFI thread; `dst` must stay allocated until the promise settles. */
+  async preadAsync(fd: number, dst: number, n: number, offset: number): Promise<void> {
+    const st = await this.#s.lw_pread_nb(fd, dst, n, BigInt(offset));
+    if (st !== 0) this.#asyncFail(`pread(${n} bytes at ${offset})`, st);
+  }
+
+  // The library keeps error text per thread and nonblocking calls ran on another one.
+  #asyncFail(op: string, status: number): never {
+    const [code, what] = STATUS_NAMES[status] ?? ["DEVICE", `status ${status}`];
+    throw new BackendError(code, `${op} on cuda:${this.device}: ${what}`);
+  }
+}
+
+function lastError(s: CudaSymbols): string {
+  const buf = new Uint8Array(1024);
+  const n = Number(s.lw_last_error(buf, buf.length));
+  return new TextDecoder().decode(buf.subarray(0, Math.min(n, buf.length - 1)));
+}
+
+/** RawDevice over a CudaDevice and one context of its own. */
+class CudaRaw implements RawDevice {
+  readonly kind = "cuda" as const;
+  readonly description: string;
+  readonly #d: CudaDevice;
+  readonly #s: CudaSymbols;
+  readonly #ctx: number;
+  readonly #live = new Set<number>();
+
+  constructor(d: CudaDevice) {
+    this.#d = d;
+    this.#s = d.symbols;
+    this.#ctx = d.createContext();
+    this.description = `cuda:${d.device} ${d.name}`;
+  }
+
+  malloc(bytes: number): number {
+    const p = this.#d.malloc(bytes);
+    this.#live.add(p);
+    return p;
+  }
+
+  free(ptr: number): void {
+    this.#live.delete(ptr);
+    this.#d.free(ptr);
+  }
+
+  write(ptr: number, src: Uint8Array): void {
+    this.#d.writeSync(this.#ctx, ptr, src);
+  }
+
+  read(ptr: number, dst: Uint8Array): void {
+    this.#d.readSync(this.#ctx, dst, ptr);
+  }
+
+  cast(
+    dst: number,
+    dstDtype: number,
+    dstPitch: number,
+    src: number,
+    srcDtype: number,
+    srcPitch: number,
+    rows: number,
+    cols: number,
+  ): number {
+    return this.#s.lw_cast(this.#ctx, dst, dstDtype, dstPitch, src, srcDtype, srcPitch, rows, cols);
+  }
+
+  copy(dst: number, src: number, n: number): number {
+    return this.#s.lw_copy(this.#ctx, dst, src, n);
+  }
+
+  copy2d(
+    dst: number,
+    dstPitch: number,
+    src: number,
+    srcPitch: number,
+    width: number,
+    rows: number,
+  ): number {
+    return this.#s.lw_copy2d(this.#ctx, dst, dstPitch, src, srcPitch, width, rows);
+  }
+
+  fill(dst: number, n: number, elemSize: number, lo: number, hi: number): number {
+    return this.#s.lw_fill(this.#ctx, dst, n, elemSize, lo >>> 0, hi >>> 0);
+  }
+
+  absmax(out: number, src: number, dtype: number, n: number): number {
+    return this.#s.lw_absmax(this.#ctx, out, src, dtype, n);
+  }
+
+  countNonfinite(out: number, src: number, dtype: number, n: number): number {
+    return this.#s.lw_count_nonfinite(this.#ctx, out, src, dtype, n);
+  }
+
+  quantFp8(
+    q: number,
+    scale: number,
+    src: number,
+    srcDtype: number,
+    rows: number,
+    cols: number,
+    granularity: number,
+    dynamic: number,
+  ): number {
+    return this.#s.lw_quant_fp8(
+      this.#ctx,
+      q,
+      scale,
+      src,
+      srcDtype,
+      rows,
+      cols,
+      granularity,
+      dynamic,
+    );
+  }
+
+  quantInt8Row(
+    q: number,
+    scale: number,
+    src: number,
+    srcDtype: number,
+    rows: number,
+    cols: number,
+  ): number {
+    return this.#s.lw_quant_int8_row(this.#ctx, q, scale, src, srcDtype, rows, cols);
+  }
+
+  dequantFp8(
+    dst: number,
+    dstDtype: number,
+    q: number,
+    scale: number,
+    rows: number,
+    cols: number,
+    granularity: number,
+  ): number {
+    return this.#s.lw_dequant_fp8(this.#ctx, dst, dstDtype, q, scale, rows, cols, granularity);
+  }
+
+  sync(): void {
+    this.#d.sync(this.#ctx);
+  }
+
+  errorText(status: number): string {
+    return this.#d.lastError() || (STATUS_NAMES[status]?.[1] ?? `status ${status}`);
+  }
+
+  close(): void {
+    // KernelBackend forgets its storages on close: give their memory back here.
+    try {
+      this.#d.destroyContext(this.#ctx);
+    } finally {
+      for (const p of this.#live) this.#d.free(p);
+      this.#live.clear();
+    }
+  }
+}
+
+/** Options for {@link openCudaBackend}. */
+export interface CudaBackendOptions {
+  /** CUDA device ordinal (default 0). */
+  device?: number;
+}
+
+/**
+ * Opens the CUDA backend on one device. Throws BackendError `CUDA_UNAVAILABLE` when the NVIDIA
+ * driver (libcuda.so.1), a device or the kernel library is missing; the message says which.
+ */
+export function openCudaBackend(options: CudaBackendOptions = {}): Backend {
+  const dev = CudaDevice.open(options.device ?? 0);
+  return new KernelBackend(new CudaRaw(dev));
+}
