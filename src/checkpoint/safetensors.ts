@@ -76,8 +76,9 @@ function fail(code: string, message: string): never {
   throw new CheckpointError(code, message);
 }
 
+// Messages stay one short line even when a hostile header holds megabyte-long strings.
 function quote(name: string): string {
-  return JSON.stringify(name);
+  return JSON.stringify(name.length > 200 ? `${name.slice(0, 200)}...` : name);
 }
 
 function shapeText(shape: readonly number[]): string {
@@ -360,10 +361,10 @@ function asObject(v: JsonValue | undefined): JsonObject | null {
 
 function describe(v: JsonValue | undefined): string {
   if (v === undefined) return "missing";
-  if (v instanceof JsonNumber) return v.raw;
+  if (v instanceof JsonNumber) return v.raw.length > 40 ? `${v.raw.slice(0, 40)}...` : v.raw;
   if (v instanceof JsonObject) return "an object";
   if (Array.isArray(v)) return "an array";
-  return JSON.stringify(v);
+  return typeof v === "string" ? quote(v) : JSON.stringify(v);
 }
 
 // A usize as the reference reader accepts it: a plain non-negative integer literal. We also
@@ -375,7 +376,9 @@ function toIndex(v: JsonValue): number | null {
 }
 
 function rawList(v: JsonValue[]): string {
-  return `[${v.map(describe).join(", ")}]`;
+  const shown = v.slice(0, 8).map(describe);
+  if (v.length > 8) shown.push("...");
+  return `[${shown.join(", ")}]`;
 }
 
 function checkedBytes(shape: number[], size: number): number | null {
@@ -391,26 +394,27 @@ function checkedBytes(shape: number[], size: number): number | null {
 // Offsets stay relative to the data area until the whole layout is validated, so that huge
 // values never meet the (inexact) sum with the data start.
 function parseEntry(file: string, name: string, v: JsonValue): TensorEntry {
-  const where = `${file}: tensor ${quote(name)}`;
+  // Built only on failure: a large header has many entries and this is the hot path.
+  const where = (): string => `${file}: tensor ${quote(name)}`;
   const obj = asObject(v);
   if (obj === null) {
-    fail("BAD_ENTRY", `${where}: header entry is ${describe(v)}, expected an object`);
+    fail("BAD_ENTRY", `${where()}: header entry is ${describe(v)}, expected an object`);
   }
   // Unknown keys are ignored, as the reference reader does.
   const dtypeV = obj.entries.get("dtype");
   if (typeof dtypeV !== "string") {
-    fail("BAD_DTYPE", `${where}: dtype is ${describe(dtypeV)}, expected a string`);
+    fail("BAD_DTYPE", `${where()}: dtype is ${describe(dtypeV)}, expected a string`);
   }
   const dtype = dtypeFromSafetensors(dtypeV);
   if (dtype === undefined) {
     if (UNSUPPORTED_DTYPES.has(dtypeV)) {
-      fail("UNSUPPORTED_DTYPE", `${where}: dtype ${quote(dtypeV)} is not supported`);
+      fail("UNSUPPORTED_DTYPE", `${where()}: dtype ${quote(dtypeV)} is not supported`);
     }
-    fail("BAD_DTYPE", `${where}: unknown dtype ${quote(dtypeV)}`);
+    fail("BAD_DTYPE", `${where()}: unknown dtype ${quote(dtypeV)}`);
   }
   const shapeV = obj.entries.get("shape");
   if (!Array.isArray(shapeV)) {
-    fail("BAD_SHAPE", `${where}: shape is ${describe(shapeV)}, expected an array of integers`);
+    fail("BAD_SHAPE", `${where()}: shape is ${describe(shapeV)}, expected an array of integers`);
   }
   const shape: number[] = [];
   for (const d of shapeV) {
@@ -418,7 +422,7 @@ function parseEntry(file: string, name: string, v: JsonValue): TensorEntry {
     if (n === null) {
       fail(
         "BAD_SHAPE",
-        `${where}: shape ${rawList(shapeV)} is not a list of non-negative integers`,
+        `${where()}: shape ${rawList(shapeV)} is not a list of non-negative integers`,
       );
     }
     shape.push(n);
@@ -427,7 +431,7 @@ function parseEntry(file: string, name: string, v: JsonValue): TensorEntry {
   if (!Array.isArray(offV) || offV.length !== 2) {
     fail(
       "BAD_OFFSETS",
-      `${where}: data_offsets is ${
+      `${where()}: data_offsets is ${
         Array.isArray(offV) ? rawList(offV) : describe(offV)
       }, expected [begin, end]`,
     );
@@ -435,17 +439,17 @@ function parseEntry(file: string, name: string, v: JsonValue): TensorEntry {
   const b = toIndex(offV[0]);
   const e = toIndex(offV[1]);
   if (b === null || e === null) {
-    fail("BAD_OFFSETS", `${where}: data_offsets ${rawList(offV)} are not non-negative integers`);
+    fail("BAD_OFFSETS", `${where()}: data_offsets ${rawList(offV)} are not non-negative integers`);
   }
-  if (b > e) fail("BAD_OFFSETS", `${where}: data_offsets [${b}, ${e}] end before they begin`);
+  if (b > e) fail("BAD_OFFSETS", `${where()}: data_offsets [${b}, ${e}] end before they begin`);
   const need = checkedBytes(shape, dtype.size);
   if (need === null) {
-    fail("BAD_SHAPE", `${where}: ${dtype.safetensors} ${shapeText(shape)} is too large`);
+    fail("BAD_SHAPE", `${where()}: ${dtype.safetensors} ${shapeText(shape)} is too large`);
   }
   if (e - b !== need) {
     fail(
       "SIZE_MISMATCH",
-      `${where} data_offsets [${b}, ${e}] hold ${e - b} bytes, ${dtype.safetensors} ${
+      `${where()} data_offsets [${b}, ${e}] hold ${e - b} bytes, ${dtype.safetensors} ${
         shapeText(shape)
       } needs ${need}`,
     );

@@ -106,7 +106,14 @@ class FileLane {
 
   read(entry: TensorEntry, dst: Uint8Array): Promise<void> {
     const run = async (): Promise<void> => {
-      this.handle ??= await Deno.open(this.path, { read: true });
+      if (this.handle === null) {
+        try {
+          this.handle = await Deno.open(this.path, { read: true });
+        } catch (e) {
+          if (!(e instanceof Deno.errors.NotFound)) throw e;
+          fail("MISSING_SHARD", `${this.path}: file vanished after its header was validated`);
+        }
+      }
       await readTensorInto(this.handle, entry, dst);
     };
     const p = this.tail.then(run, run);
