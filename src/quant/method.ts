@@ -1,0 +1,70 @@
+/**
+ * Quantization methods: how a layer's weights are created in model format and processed into
+ * kernel format. One method instance per layer.
+ * @module
+ */
+
+import type { Module, ShardId, WeightLoader } from "../nn/module.ts";
+
+/** A quantizable weight of a layer, as the layer describes it to its quant method. */
+export interface WeightSpec {
+  /** Slot name of the weight (`weight`, `w13_weight`, `w2_weight`). */
+  readonly name: string;
+  /** Slot name of its scale in kernel format (`weight_scale`, `w13_weight_scale`). */
+  readonly scaleName: string;
+  /** Model-format shape: `[rows, cols]`, or `[experts, rows, cols]` for stacked experts. */
+  readonly shape: readonly number[];
+  /** Rows of each logical shard (fused layers) in this partition; they sum to `rows`. */
+  readonly shardRows: readonly number[];
+  /** The layer's loader for the weight. */
+  readonly loader: WeightLoader;
+  /**
+   * Where a serialized per-shard scale goes: the local expert (0 without experts) and the shard
+   * index; null when the expert is not on this rank (the load writes nothing).
+   */
+  scaleIndex(shardId: ShardId | undefined, expertId: number | undefined): ScaleIndex | null;
+}
+
+/** See {@link WeightSpec.scaleIndex}. */
+export interface ScaleIndex {
+  /** Local expert index (0 for a layer without experts). */
+  readonly expert: number;
+  /** Shard index into `shardRows`. */
+  readonly shard: number;
+}
+
+/**
+ * Creates a layer's model-format weights and processes them into kernel format.
+ *
+ * Contract for processing: it may change shapes and dtypes; it swaps `slot.tensor` of existing
+ * slots (it never replaces a slot object, so tied slots stay shared), may add new slots (scales),
+ * and frees the model-format tensors it replaces. Everything left in the layer afterwards is
+ * kernel format.
+ */
+export interface QuantMethod {
+  /** Scheme name, for messages. */
+  readonly name: string;
+  /** Registers the (meta) model-format slots of `specs` on `layer`. */
+  createWeights(layer: Module, specs: readonly WeightSpec[]): void;
+  /** Turns the loaded model-format tensors of `layer` into kernel format. */
+  processWeightsAfterLoading(layer: Module): void;
+}
+
+/** The quantization schemes of linear (and FusedMoE) layers. */
+export type QuantScheme =
+  | "none"
+  | "fp8-tensor"
+  | "fp8-channel"
+  | "fp8-block"
+  | "int8-channel"
+  | "fp8-serialized";
+
+/** All schemes, for tests and argument parsing. */
+export const QUANT_SCHEMES: readonly QuantScheme[] = [
+  "none",
+  "fp8-tensor",
+  "fp8-channel",
+  "fp8-block",
+  "int8-channel",
+  "fp8-serialized",
+];

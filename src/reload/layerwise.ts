@@ -1,0 +1,577 @@
+/**
+ * The layerwise reload lifecycle (see DESIGN.md, "Lifecycle"):
+ * {@link recordMetadataForReloading} after building, {@link initializeLayerwiseReload} before
+ * new weights arrive, loads in any order through the wrapped loaders, then
+ * {@link finalizeLayerwiseReload}. A layer is processed as soon as it has every element:
+ * materialized in scratch, buffered loads replayed, processed by its quant method, and the
+ * results copied into the kept kernel tensors, whose storage never moves.
+ *
+ * Beyond the reference: attention scales reload; loads that write nothing (experts of another
+ * rank) are not buffered; a duplicate load of the same shard is ignored; buffered bytes are
+ * bounded by `maxBufferedBytes` (a load that would go past it throws ReloadError
+ * `BUFFER_LIMIT`); a partially loaded layer is processed at finalize only when what is missing
+ * is padding, otherwise the missing tensors are reported by name (ReloadError
+ * `MISSING_WEIGHTS`); with `atomic`, a failed reload restores every kernel tensor bit-exactly.
+ *
+ * Bookkeeping lives in WeakMaps keyed by module: it goes away with the model.
+ * @module
+ */
+
+import type { Backend } from "../backend/backend.ts";
+import { LayerwiseError, ReloadError } from "../errors.ts";
+import type { Module, ShardId, TensorSlot, WeightLoader } from "../nn/module.ts";
+import { countWrites } from "../nn/module.ts";
+import type { Storage, Tensor } from "../tensor/tensor.ts";
+import {
+  captureLayerToMeta,
+  getOriginalLoader,
+  isWrapper,
+  type LayerMeta,
+  markWrapper,
+  materializeLayer,
+  restoreLayerOnMeta,
+} from "./meta.ts";
+
+/** Options of a layerwise reload. */
+export interface ReloadOptions {
+  /**
+   * Upper bound on the bytes of checkpoint tensors held while their layer waits for the rest
+   * of its shards (default: no bound). A load that would exceed it throws ReloadError
+   * `BUFFER_LIMIT` naming the layer and the numbers; loads in layer order need about one
+   * layer's worth.
+   */
+  maxBufferedBytes?: number;
+  /**
+   * Copy every kernel tensor to host memory before overwriting it, so that a failed reload
+   * restores the model bit-exactly (costs host memory of the model's size).
+   */
+  atomic?: boolean;
+  /** Receives debug messages (ignored loads, delayed processing). */
+  log?: (message: string) => void;
+}
+
+interface BufferedLoad {
+  readonly param: string;
+  readonly loaded: Tensor;
+  /** Whether `loaded` is our copy (freed after processing) or the caller's tensor. */
+  readonly owned: boolean;
+  readonly shardId: ShardId | undefined;
+  readonly expertId: number | undefined;
+}
+
+interface KernelTensor {
+  readonly slot: TensorSlot;
+  readonly tensor: Tensor;
+}
+
+interface KeptPointer {
+  readonly name: string;
+  readonly slot: TensorSlot;
+  readonly tensor: Tensor;
+  readonly ptr: number;
+}
+
+/** State of one reload of one model. */
+interface ReloadState {
+  readonly maxBufferedBytes: number;
+  readonly atomic: boolean;
+  readonly log: (message: string) => void;
+  bufferedBytes: number;
+  peakBufferedBytes: number;
+  scratchBytes: number;
+  peakScratchBytes: number;
+  ignoredLoads: number;
+  readonly processed: string[];
+  readonly delayed: string[];
+  readonly untouched: string[];
+  readonly kept: KeptPointer[];
+  readonly backups: { backend: Backend; tensor: Tensor; bytes: Uint8Array }[];
+  readonly waiting: Set<LayerInfo>;
+}
+
+/** Per-layer bookkeeping (the reference's LayerReloadingInfo). */
+class LayerInfo {
+  restoreMetadata: LayerMeta | null = null;
+  path = "";
+  state: ReloadState | null = null;
+  kernelTensors: Map<string, KernelTensor> | null = null;
+  loadNumel = 0;
+  loadNumelTotal: number | null = null;
+  loaded: BufferedLoad[] = [];
+  progress = new Map<string, { elements: number; shards: string[] }>();
+  seen = new Set<string>();
+
+  canProcess(): boolean {
+    return this.loadNumelTotal !== null;
+  }
+
+  reset(): void {
+    this.state = null;
+    this.kernelTensors = null;
+    this.loadNumel = 0;
+    this.loadNumelTotal = null;
+    this.loaded = [];
+    this.progress = new Map();
+    this.seen = new Set();
+  }
+}
+
+const INFO = new WeakMap<Module, LayerInfo>();
+const STATE = new WeakMap<Module, ReloadState>();
+
+function infoOf(layer: Module): LayerInfo {
+  let info = INFO.get(layer);
+  if (!info) INFO.set(layer, info = new LayerInfo());
+  return info;
+}
+
+/** What the lifecycle knows about a layer (for tests and tools); undefined before recording. */
+export interface LayerwiseInfo {
+  /** The captured model format. */
+  readonly restoreMetadata: LayerMeta | null;
+  /** Elements received in the current reload. */
+  readonly loadNumel: number;
+  /** Elements the layer expects in the current reload; null when not reloading. */
+  readonly loadNumelTotal: number | null;
+  /** Loads buffered for the layer. */
+  readonly bufferedLoads: number;
+}
+
+/** The bookkeeping of `layer`, if any. */
+export function getLayerwiseInfo(layer: Module): LayerwiseInfo | undefined {
+  const i = INFO.get(layer);
+  return i && {
+    restoreMetadata: i.restoreMetadata,
+    loadNumel: i.loadNumel,
+    loadNumelTotal: i.loadNumelTotal,
+    bufferedLoads: i.loaded.length,
+  };
+}
+
+/** Whether a layerwise reload of `model` is in progress. */
+export function isReloading(model: Module): boolean {
+  return STATE.has(model);
+}
+
+/**
+ * Captures every layer's model-format tensors (meta: shape, dtype, loader). Call it right after
+ * building the model, before loading (loadWeights does it when it was not done).
+ */
+export function recordMetadataForReloading(model: Module): void {
+  const layers = [...model.namedModules()].filter(([, m]) => m.ownSlots().length > 0);
+  for (const [path, layer] of layers) {
+    for (const [name, slot] of layer.ownSlots()) {
+      if (!slot.tensor.isMeta) {
+        throw new ReloadError(
+          "ALREADY_LOADED",
+          `${
+            qualify(path, name)
+          } already has storage: record metadata right after building the model, before loading`,
+        );
+      }
+    }
+  }
+  for (const [path, layer] of layers) {
+    const info = infoOf(layer);
+    info.restoreMetadata = captureLayerToMeta(layer);
+    info.path = path;
+  }
+}
+
+function qualify(path: string, name: string): string {
+  return path === "" ? name : `${path}.${name}`;
+}
+
+/** Layers with recorded metadata, in model order, each once. */
+function recordedLayers(model: Module): [Module, LayerInfo][] {
+  const out: [Module, LayerInfo][] = [];
+  const seen = new Set<Module>();
+  for (const [, m] of model.namedModules()) {
+    const info = INFO.get(m);
+    if (info?.restoreMetadata && !seen.has(m)) {
+      seen.add(m);
+      out.push([m, info]);
+    }
+  }
+  return out;
+}
+
+/**
+ * Starts a layerwise reload: keeps each layer's kernel tensors aside, puts the layer back in
+ * model format on meta, counts the elements it expects, and wraps its loaders.
+ */
+export function initializeLayerwiseReload(model: Module, options: ReloadOptions = {}): void {
+  if (STATE.has(model)) {
+    throw new ReloadError(
+      "RELOAD_ACTIVE",
+      "a layerwise reload of this model is already in progress",
+    );
+  }
+  const layers = recordedLayers(model);
+  for (const [path, m] of model.namedModules()) {
+    if (m.ownSlots().length > 0 && !INFO.get(m)?.restoreMetadata) {
+      throw new ReloadError(
+        "NOT_RECORDED",
+        `${path || "the model"}: call recordMetadataForReloading before initializeLayerwiseReload`,
+      );
+    }
+  }
+  // Validate everything before changing anything.
+  for (const [layer, info] of layers) {
+    for (const [name, slot] of layer.ownSlots()) {
+      if (slot.tensor.isMeta || slot.tensor.storage?.freed) {
+        throw new ReloadError(
+          "NOT_LOADED",
+          `${qualify(info.path, name)} has no storage: load the model before reloading it`,
+        );
+      }
+    }
+  }
+  const max = options.maxBufferedBytes ?? Infinity;
+  if (!(max >= 0)) {
+    throw new LayerwiseError("BAD_OPTION", `maxBufferedBytes must be >= 0, got ${max}`);
+  }
+  const state: ReloadState = {
+    maxBufferedBytes: max,
+    atomic: options.atomic ?? false,
+    log: options.log ?? (() => {}),
+    bufferedBytes: 0,
+    peakBufferedBytes: 0,
+    scratchBytes: 0,
+    peakScratchBytes: 0,
+    ignoredLoads: 0,
+    processed: [],
+    delayed: [],
+    untouched: [],
+    kept: [],
+    backups: [],
+    waiting: new Set(),
+  };
+  for (const [layer, info] of layers) {
+    if (info.canProcess()) continue;
+    info.kernelTensors = new Map(
+      layer.ownSlots().map(([n, slot]) => [n, { slot, tensor: slot.tensor }]),
+    );
+    for (const [name, k] of info.kernelTensors) {
+      state.kept.push({
+        name: qualify(info.path, name),
+        slot: k.slot,
+        tensor: k.tensor,
+        ptr: k.tensor.ptr,
+      });
+    }
+    const meta = info.restoreMetadata!;
+    restoreLayerOnMeta(layer, meta);
+    info.state = state;
+    info.loadNumel = 0;
+    info.loadNumelTotal = [...meta.values()].reduce((a, m) => a + m.meta.numel, 0);
+    // A tied slot shared by two layers is wrapped once, by its owner.
+    for (const [name, m] of meta) {
+      if (!isWrapper(m.slot.weightLoader)) {
+        m.slot.weightLoader = makeOnlineProcessLoader(layer, info, state, name, m.loader);
+      }
+    }
+  }
+  STATE.set(model, state);
+}
+
+function makeOnlineProcessLoader(
+  layer: Module,
+  info: LayerInfo,
+  state: ReloadState,
+  param: string,
+  original: WeightLoader,
+): WeightLoader {
+  const wrapper: WeightLoader = (slot, loaded, shardId, expertId) => {
+    const where = qualify(info.path, param);
+    if (!info.canProcess() || info.state !== state) {
+      // The layer was processed already: the reference's "excessive loading". Its elements
+      // are in the kernel tensors; writing them again would be wrong.
+      state.ignoredLoads++;
+      state.log(`${where}: layer already processed, load ignored`);
+      return;
+    }
+    const key = `${param}|${shardId ?? ""}|${expertId ?? ""}`;
+    if (info.seen.has(key)) {
+      state.ignoredLoads++;
+      state.log(
+        `${where}${shardId === undefined ? "" : ` shard ${shardId}`}: loaded twice, ignored`,
+      );
+      return;
+    }
+    const n = countWrites(() => original(slot, loaded, shardId, expertId));
+    info.seen.add(key);
+    if (n === 0) {
+      state.log(`${where}: load writes nothing on this rank`);
+      return;
+    }
+    const completes = info.loadNumel + n >= info.loadNumelTotal! && !layer.processLast;
+    let kept = loaded;
+    if (!completes) {
+      const bytes = loaded.nbytes;
+      if (state.bufferedBytes + bytes > state.maxBufferedBytes) {
+        throw new ReloadError(
+          "BUFFER_LIMIT",
+          `${where}: buffering ${bytes} bytes would hold ${
+            state.bufferedBytes + bytes
+          } bytes, over maxBufferedBytes=${state.maxBufferedBytes} (layer has ${info.loadNumel} of ${info.loadNumelTotal} elements; ${state.waiting.size} layers wait for more tensors); send tensors in layer order or raise the limit`,
+        );
+      }
+      kept = layer.backend!.empty(loaded.shape, loaded.dtype);
+      layer.backend!.copy(kept, loaded);
+      state.bufferedBytes += bytes;
+      state.waiting.add(info);
+      state.peakBufferedBytes = Math.max(state.peakBufferedBytes, state.bufferedBytes);
+    }
+    info.loaded.push({ param, loaded: kept, owned: !completes, shardId, expertId });
+    info.loadNumel += n;
+    const p = info.progress.get(param) ?? { elements: 0, shards: [] };
+    p.elements += n;
+    if (shardId !== undefined) {
+      p.shards.push(expertId === undefined ? `${shardId}` : `${shardId}@${expertId}`);
+    }
+    info.progress.set(param, p);
+    state.log(`${info.path}: ${info.loadNumel} / ${info.loadNumelTotal}`);
+    if (completes) processLayer(layer, info);
+  };
+  markWrapper(wrapper, original);
+  return wrapper;
+}
+
+function freeBuffered(b: Backend, info: LayerInfo, state: ReloadState): void {
+  for (const c of info.loaded) {
+    if (!c.owned) continue;
+    if (!c.loaded.storage!.freed) b.free(c.loaded.storage!);
+    state.bufferedBytes -= c.loaded.nbytes;
+  }
+  info.loaded = [];
+  state.waiting.delete(info);
+}
+
+function placeKernelTensors(layer: Module, info: LayerInfo): void {
+  for (const [name] of layer.ownSlots()) layer.deleteSlot(name);
+  for (const [name, k] of info.kernelTensors!) {
+    k.slot.tensor = k.tensor;
+    layer.setSlot(name, k.slot);
+  }
+}
+
+/**
+ * Materializes the layer in scratch, replays its buffered loads with the original loaders,
+ * processes it, copies the results into the kept kernel tensors and puts those back.
+ */
+function processLayer(layer: Module, info: LayerInfo): void {
+  const state = info.state!;
+  const b = layer.backend!;
+  const kernelStorages = new Set([...info.kernelTensors!.values()].map((k) => k.tensor.storage));
+  let scratch = 0;
+  try {
+    scratch = materializeLayer(layer);
+    state.scratchBytes += scratch;
+    state.peakScratchBytes = Math.max(state.peakScratchBytes, state.scratchBytes);
+    for (const c of info.loaded) {
+      const m = info.restoreMetadata!.get(c.param)!;
+      m.loader(m.slot, c.loaded, c.shardId, c.expertId);
+    }
+    layer.quantMethod?.processWeightsAfterLoading(layer);
+    const results = new Map(layer.ownSlots());
+    const kernel = info.kernelTensors!;
+    for (const [name, k] of kernel) {
+      const r = results.get(name)?.tensor;
+      if (!r || r.dtype !== k.tensor.dtype || r.shape.join() !== k.tensor.shape.join()) {
+        throw new ReloadError(
+          "KERNEL_MISMATCH",
+          `${qualify(info.path, name)}: processing gave ${
+            r ?? "nothing"
+          }, the kept kernel tensor is ${k.tensor}`,
+        );
+      }
+    }
+    for (const name of results.keys()) {
+      if (!kernel.has(name)) {
+        throw new ReloadError(
+          "KERNEL_MISMATCH",
+          `${qualify(info.path, name)}: processing made a tensor the model did not have`,
+        );
+      }
+    }
+    if (state.atomic) {
+      for (const k of kernel.values()) {
+        state.backups.push({ backend: b, tensor: k.tensor, bytes: b.download(k.tensor) });
+      }
+    }
+    for (const [name, k] of kernel) b.copy(k.tensor, results.get(name)!.tensor);
+    state.processed.push(info.path);
+  } finally {
+    freeBuffered(b, info, state);
+    const freed = new Set<Storage>();
+    for (const [, slot] of layer.ownSlots()) {
+      const s = slot.tensor.storage;
+      if (s && !s.freed && !kernelStorages.has(s) && !freed.has(s)) {
+        freed.add(s);
+        b.free(s);
+      }
+    }
+    state.scratchBytes -= scratch;
+    placeKernelTensors(layer, info);
+    info.reset();
+  }
+  state.log(`${info.path}: processed`);
+}
+
+function unwrapAll(model: Module): void {
+  for (const [, info] of recordedLayers(model)) {
+    for (const m of info.restoreMetadata!.values()) {
+      m.slot.weightLoader = getOriginalLoader(m.slot.weightLoader);
+    }
+  }
+}
+
+/** Describes what a partially loaded layer misses beyond padding; empty when only padding. */
+export function describeGaps(
+  layer: Module,
+  path: string,
+  meta: LayerMeta,
+  received: (name: string) => { elements: number; shards: readonly string[] },
+): string[] {
+  const gaps: string[] = [];
+  for (const [name, m] of meta) {
+    const expected = m.meta.numel - layer.paddingElements(name);
+    const got = received(name);
+    if (got.elements >= expected) continue;
+    const shards = got.shards.length === 0
+      ? ""
+      : ` (received shards ${got.shards.slice(0, 8).join(", ")}${
+        got.shards.length > 8 ? ", ..." : ""
+      })`;
+    gaps.push(`${qualify(path, name)}: ${got.elements} of ${expected} elements loaded${shards}`);
+  }
+  return gaps;
+}
+
+/** What a finished reload did (see reloadWeights for the full report). */
+export interface FinalizeSummary {
+  /** Paths of the layers written, in processing order. */
+  readonly processed: readonly string[];
+  /** Layers processed at finalize because only padding was missing. */
+  readonly delayed: readonly string[];
+  /** Layers that received nothing and kept their kernel tensors. */
+  readonly untouched: readonly string[];
+  /** Loads ignored (already processed layer, or the same shard twice). */
+  readonly ignoredLoads: number;
+  /** Largest number of buffered checkpoint bytes at any time. */
+  readonly peakBufferedBytes: number;
+  /** Largest number of scratch (model-format) bytes at any time. */
+  readonly peakScratchBytes: number;
+  /** True when every kernel tensor is the same tensor at the same address as before. */
+  readonly storageKept: boolean;
+}
+
+/**
+ * Ends a layerwise reload: layers that received nothing get their kernel tensors back,
+ * partially loaded layers missing only padding are processed, attention layers are processed
+ * last, wrappers are removed and the bookkeeping reset. When a layer misses real tensors,
+ * the reload is aborted and ReloadError `MISSING_WEIGHTS` names them.
+ */
+export function finalizeLayerwiseReload(model: Module): FinalizeSummary {
+  const state = STATE.get(model);
+  if (!state) {
+    throw new ReloadError("NOT_RELOADING", "finalize: no layerwise reload is in progress");
+  }
+  const active = recordedLayers(model).filter(([, i]) => i.canProcess() && i.state === state);
+  const missing: string[] = [];
+  const delayed = new Set<LayerInfo>();
+  for (const [layer, info] of active) {
+    if (layer.processLast || info.loadNumel <= 0 || info.loadNumel >= info.loadNumelTotal!) {
+      continue;
+    }
+    const gaps = describeGaps(layer, info.path, info.restoreMetadata!, (name) => {
+      return info.progress.get(name) ?? { elements: 0, shards: [] };
+    });
+    if (gaps.length > 0) missing.push(...gaps);
+    else delayed.add(info);
+  }
+  if (missing.length > 0) {
+    failReload(
+      model,
+      new ReloadError(
+        "MISSING_WEIGHTS",
+        `${missing.length} tensor${missing.length > 1 ? "s were" : " was"} not fully loaded: ${
+          missing.join("; ")
+        }`,
+      ),
+    );
+  }
+  try {
+    for (const last of [false, true]) {
+      for (const [layer, info] of active) {
+        if (layer.processLast !== last) continue;
+        if (info.loadNumel <= 0) {
+          placeKernelTensors(layer, info);
+          state.untouched.push(info.path);
+          info.reset();
+        } else {
+          if (delayed.has(info)) {
+            state.log(`${info.path}: delayed processing (padding not loaded)`);
+            state.delayed.push(info.path);
+          }
+          processLayer(layer, info);
+        }
+      }
+    }
+  } catch (e) {
+    failReload(model, e);
+  }
+  unwrapAll(model);
+  STATE.delete(model);
+  return {
+    processed: state.processed,
+    delayed: state.delayed,
+    untouched: state.untouched,
+    ignoredLoads: state.ignoredLoads,
+    peakBufferedBytes: state.peakBufferedBytes,
+    peakScratchBytes: state.peakScratchBytes,
+    storageKept: state.kept.every((k) =>
+      k.slot.tensor === k.tensor && !k.tensor.storage!.freed && k.tensor.ptr === k.ptr
+    ),
+  };
+}
+
+/**
+ * Abandons a layerwise reload: frees buffered tensors, puts every waiting layer's kernel
+ * tensors back, restores written layers from their host copies with `atomic`, removes the
+ * wrappers. Returns the paths of layers already written with new weights (empty with atomic).
+ */
+export function abortLayerwiseReload(model: Module): string[] {
+  const state = STATE.get(model);
+  if (!state) return [];
+  for (const [layer, info] of recordedLayers(model)) {
+    if (!info.canProcess() || info.state !== state) continue;
+    if (layer.backend) freeBuffered(layer.backend, info, state);
+    placeKernelTensors(layer, info);
+    info.reset();
+  }
+  let written = [...state.processed];
+  if (state.atomic) {
+    for (const bk of state.backups.reverse()) bk.backend.upload(bk.tensor, bk.bytes);
+    written = [];
+  }
+  unwrapAll(model);
+  STATE.delete(model);
+  return written;
+}
+
+/** Aborts the reload and rethrows `e`, saying which layers were already written. */
+export function failReload(model: Module, e: unknown): never {
+  const written = abortLayerwiseReload(model);
+  if (written.length > 0 && e instanceof LayerwiseError) {
+    const Ctor = e.constructor as new (code: string, message: string) => LayerwiseError;
+    throw new Ctor(
+      e.code,
+      `${e.message} [model inconsistent: ${written.length} layer(s) already hold new weights: ${
+        written.slice(0, 5).join(", ")
+      }${written.length > 5 ? ", ..." : ""}; use atomic to restore]`,
+    );
+  }
+  throw e;
+}
