@@ -3,9 +3,8 @@
 // independent (naive) checker accepts, return only entries inside the file, and finish fast.
 // LAYERWISE_FUZZ_RUNS=<n> sets the runs per property (default 2500) for longer campaigns.
 import assert from "node:assert/strict";
-// The brief pins fast-check by specifier; deno.json has no import map entry for test-only deps.
-// deno-lint-ignore no-import-prefix
-import fc from "npm:fast-check@3";
+// fast-check (npm) generates and shrinks the cases: a well-kept property-testing library.
+import fc from "fast-check";
 import { CheckpointError } from "../src/errors.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
 import {
