@@ -114,13 +114,33 @@ lw_status enter(void *ctx, lw_ctx **out) {
     if (s_ != LW_OK) return s_;             \
   } while (0)
 
-unsigned grid_for(const lw_ctx *c, size_t work_items) {
-  // Enough resident blocks to keep HBM busy, never more than the work needs.
-  size_t per_block = (size_t)kThreads * kUnroll;
-  size_t need = (work_items + per_block - 1) / per_block;
-  size_t cap = (size_t)c->sms * 8;
-  if (need < 1) need = 1;
-  return (unsigned)(need < cap ? need : cap);
+/* Blocks of kernel K that fit on one multiprocessor at once (queried once per kernel). */
+template <auto K>
+int resident_per_sm() {
+  static const int per_sm = [] {
+    int b = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, K, kThreads, 0) != cudaSuccess) {
+      cudaGetLastError();
+      b = 0;
+    }
+    return b < 1 ? 1 : b;
+  }();
+  return per_sm;
+}
+
+/* A grid of one resident wave at most: grid-stride loops then never leave a partial second
+ * wave behind, and small inputs get only the blocks they need. */
+template <auto K>
+unsigned grid(const lw_ctx *c, size_t blocks) {
+  size_t cap = (size_t)c->sms * resident_per_sm<K>();
+  if (blocks < 1) blocks = 1;
+  return (unsigned)(blocks < cap ? blocks : cap);
+}
+
+/* Blocks that n elements need at 8 elements per vector and kUnroll vectors per thread. */
+size_t vec_blocks(size_t n) {
+  size_t per_block = (size_t)kThreads * kUnroll * 8;
+  return (n + per_block - 1) / per_block;
 }
 
 // ------------------------------------------------------------------ dtype traits
@@ -653,10 +673,10 @@ LW_API lw_status lw_cast(void *ctx, void *dst, int32_t dst_dtype, size_t dst_pit
       if constexpr (SD == DD) {
         return;  // handled above as a copy
       } else if (flat) {
-        k_cast_flat<SD, DD><<<grid_for(c_, n / 8 + 1), kThreads, 0, c_->stream>>>(
+        k_cast_flat<SD, DD><<<grid<k_cast_flat<SD, DD>>(c_, vec_blocks(n)), kThreads, 0, c_->stream>>>(
             static_cast<DT *>(dst), static_cast<const ST *>(src), n);
       } else {
-        unsigned g = (unsigned)(rows < (size_t)c_->sms * 8 ? rows : (size_t)c_->sms * 8);
+        unsigned g = grid<k_cast_2d<SD, DD>>(c_, rows);
         k_cast_2d<SD, DD><<<g, kThreads, 0, c_->stream>>>(
             static_cast<DT *>(dst), dst_pitch, static_cast<const ST *>(src), src_pitch, rows,
             cols);
@@ -710,7 +730,7 @@ LW_API lw_status lw_fill(void *ctx, void *dst, size_t n, int32_t elem_size, uint
   }
   uint4 pattern;
   memcpy(&pattern, pat, 16);
-  unsigned g = grid_for(c_, nvec / kUnroll + 1);
+  unsigned g = grid<k_fill>(c_, nvec / kThreads + 1);
   k_fill<<<g, kThreads, 0, c_->stream>>>(static_cast<uint8_t *>(dst), bytes, head, nvec,
                                          pattern, elem_size, lo, hi);
   CK_LAUNCH("lw_fill");
@@ -725,7 +745,7 @@ LW_API lw_status lw_absmax(void *ctx, float *out, const void *src, int32_t dtype
   with_float(dtype, [&](auto d) {
     constexpr int DT = decltype(d)::value;
     using T = typename Ty<DT>::T;
-    k_absmax_bits<DT><<<grid_for(c_, n / 8 + 1), kThreads, 0, c_->stream>>>(
+    k_absmax_bits<DT><<<grid<k_absmax_bits<DT>>(c_, vec_blocks(n)), kThreads, 0, c_->stream>>>(
         reinterpret_cast<uint32_t *>(out), static_cast<const T *>(src), n);
     k_absmax_finish<DT><<<1, 1, 0, c_->stream>>>(reinterpret_cast<uint32_t *>(out));
   });
@@ -742,7 +762,7 @@ LW_API lw_status lw_count_nonfinite(void *ctx, uint64_t *out, const void *src, i
   with_float(dtype, [&](auto d) {
     constexpr int DT = decltype(d)::value;
     using T = typename Ty<DT>::T;
-    k_count_nonfinite<DT><<<grid_for(c_, n / 8 + 1), kThreads, 0, c_->stream>>>(
+    k_count_nonfinite<DT><<<grid<k_count_nonfinite<DT>>(c_, vec_blocks(n)), kThreads, 0, c_->stream>>>(
         reinterpret_cast<unsigned long long *>(out), static_cast<const T *>(src), n);
   });
   CK_LAUNCH("lw_count_nonfinite");
@@ -769,19 +789,19 @@ LW_API lw_status lw_quant_fp8(void *ctx, uint8_t *q, float *scale, const void *s
     using T = typename Ty<DT>::T;
     const T *s = static_cast<const T *>(src);
     if (granularity == LW_PER_TENSOR) {
-      unsigned g = grid_for(c_, n / 8 + 1);
       if (dynamic) {
-        k_absmax_bits<DT><<<g, kThreads, 0, c_->stream>>>(reinterpret_cast<uint32_t *>(scale),
-                                                          s, n);
+        k_absmax_bits<DT><<<grid<k_absmax_bits<DT>>(c_, vec_blocks(n)), kThreads, 0,
+                            c_->stream>>>(reinterpret_cast<uint32_t *>(scale), s, n);
         k_fp8_scale_finish<DT><<<1, 1, 0, c_->stream>>>(scale);
       }
-      k_quant_fp8_tensor<DT><<<g, kThreads, 0, c_->stream>>>(q, scale, s, n);
+      k_quant_fp8_tensor<DT><<<grid<k_quant_fp8_tensor<DT>>(c_, vec_blocks(n)), kThreads, 0,
+                               c_->stream>>>(q, scale, s, n);
     } else if (granularity == LW_PER_ROW) {
-      unsigned g = (unsigned)(rows < (size_t)c_->sms * 8 ? rows : (size_t)c_->sms * 8);
+      unsigned g = grid<k_quant_row<DT, false>>(c_, rows);
       k_quant_row<DT, false><<<g, kThreads, 0, c_->stream>>>(q, scale, s, rows, cols, dynamic);
     } else {
       size_t tiles = ((rows + 127) / 128) * ((cols + 127) / 128);
-      unsigned g = (unsigned)(tiles < (size_t)c_->sms * 8 ? tiles : (size_t)c_->sms * 8);
+      unsigned g = grid<k_quant_fp8_block<DT>>(c_, tiles);
       k_quant_fp8_block<DT><<<g, kThreads, 0, c_->stream>>>(q, scale, s, rows, cols, dynamic);
     }
   });
@@ -799,7 +819,7 @@ LW_API lw_status lw_quant_int8_row(void *ctx, int8_t *q, float *scale, const voi
   with_quant_input(src_dtype, [&](auto d) {
     constexpr int DT = decltype(d)::value;
     using T = typename Ty<DT>::T;
-    unsigned g = (unsigned)(rows < (size_t)c_->sms * 8 ? rows : (size_t)c_->sms * 8);
+    unsigned g = grid<k_quant_row<DT, true>>(c_, rows);
     k_quant_row<DT, true><<<g, kThreads, 0, c_->stream>>>(
         reinterpret_cast<uint8_t *>(q), scale, static_cast<const T *>(src), rows, cols, 1);
   });
@@ -824,10 +844,10 @@ LW_API lw_status lw_dequant_fp8(void *ctx, void *dst, int32_t dst_dtype, const u
     constexpr int DD = decltype(d)::value;
     using T = typename Ty<DD>::T;
     if (granularity == LW_PER_TENSOR) {
-      k_dequant_tensor<DD><<<grid_for(c_, n / 8 + 1), kThreads, 0, c_->stream>>>(
+      k_dequant_tensor<DD><<<grid<k_dequant_tensor<DD>>(c_, vec_blocks(n)), kThreads, 0, c_->stream>>>(
           static_cast<T *>(dst), q, scale, n);
     } else {
-      unsigned g = (unsigned)(rows < (size_t)c_->sms * 8 ? rows : (size_t)c_->sms * 8);
+      unsigned g = grid<k_dequant_rows<DD>>(c_, rows);
       k_dequant_rows<DD><<<g, kThreads, 0, c_->stream>>>(static_cast<T *>(dst), q, scale, rows,
                                                          cols, granularity);
     }
