@@ -63,7 +63,12 @@ LW_HD float lw_float(uint32_t u) {
 /* the NaN returned by reductions (absmax) over data that holds a NaN */
 #define LW_F32_CANONICAL_NAN 0x7FC00000u
 
-LW_HD int lw_isnan(float x) { return (lw_bits(x) & 0x7FFFFFFFu) > LW_F32_INF_BITS; }
+/* x != x is one instruction where a bit test is several (no fast-math anywhere) */
+LW_HD int lw_isnan(float x) { return x != x; }
+
+/* |x| by clearing the sign bit (exact; keeps NaN payloads). Range tests below compare |x| as a
+ * float: one SIMD instruction, where unsigned integer compares are several. */
+LW_HD float lw_fabs(float x) { return lw_float(lw_bits(x) & 0x7FFFFFFFu); }
 
 /* ---------------------------------------------------------------------------- bfloat16 */
 
@@ -73,7 +78,7 @@ LW_HD uint16_t lw_bf16_from_f32(float f) {
   uint32_t u = lw_bits(f);
   uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   /* PyTorch's AVX2/AVX-512 conversion blends every NaN to all ones */
-  return (u & 0x7FFFFFFFu) > LW_F32_INF_BITS ? (uint16_t)0xFFFFu : (uint16_t)r;
+  return lw_isnan(f) ? (uint16_t)0xFFFFu : (uint16_t)r;
 }
 
 /* ------------------------------------------------------------------------------ float16 */
@@ -93,14 +98,15 @@ LW_HD float lw_f32_from_f16(uint16_t h) {
 LW_HD uint16_t lw_f16_from_f32(float f) {
   uint32_t u = lw_bits(f);
   uint32_t sign = (u >> 16) & 0x8000u;
-  uint32_t a = u & 0x7FFFFFFFu;
+  float af = lw_fabs(f);
+  uint32_t a = lw_bits(af);
   /* below 2^-14: adding 0.5 (ulp 2^-24) rounds |f| to a multiple of the f16 subnormal step */
-  uint32_t sub = lw_bits(lw_float(a) + 0.5f) - 0x3F000000u;
+  uint32_t sub = lw_bits(af + 0.5f) - 0x3F000000u;
   uint32_t normal = ((a + 0xFFFu + ((a >> 13) & 1u)) >> 13) - (112u << 10);
   uint32_t nan = 0x7E00u | ((a >> 13) & 0x3FFu);
-  uint32_t r = a > LW_F32_INF_BITS ? nan
-               : a >= 0x47800000u  ? 0x7C00u /* >= 65536, rounding reaches Inf below that */
-               : a < 0x38800000u   ? sub
+  uint32_t r = lw_isnan(f)         ? nan
+               : af >= 65536.0f    ? 0x7C00u /* rounding reaches Inf from 65520 up */
+               : af < 6.103515625e-5f ? sub  /* 2^-14 */
                                    : normal;
   return (uint16_t)(sign | r);
 }
@@ -116,20 +122,21 @@ LW_HD float lw_f32_from_e4m3(uint8_t b) {
   return lw_float(sign | r);
 }
 
-/* |f| as e4m3fn bits for finite |f| < 448 (rounding may reach 448 = 0x7E) */
-LW_HD uint32_t lw_e4m3_mag(uint32_t a) {
+/* e4m3fn magnitude bits of af = |f| (not NaN): 0x7E (448) from 448 up, else rounded */
+LW_HD uint32_t lw_e4m3_mag(float af) {
+  uint32_t a = lw_bits(af);
   /* below 2^-6: adding 2^14 (ulp 2^-9) rounds to a multiple of the e4m3 subnormal step */
-  uint32_t sub = lw_bits(lw_float(a) + 16384.0f) - 0x46800000u;
+  uint32_t sub = lw_bits(af + 16384.0f) - 0x46800000u;
   uint32_t normal = ((a + 0x7FFFFu + ((a >> 20) & 1u)) >> 20) - (120u << 3);
-  return a < 0x3C800000u ? sub : normal;
+  return af >= 448.0f ? 0x7Eu : af < 0.015625f ? sub : normal;
 }
 
 /* saturating: finite |f| >= 448 -> 0x7E | sign; NaN and +-Inf -> 0x7F | sign (no Inf in e4m3fn) */
 LW_HD uint8_t lw_e4m3_from_f32_sat(float f) {
-  uint32_t u = lw_bits(f);
-  uint32_t sign = (u >> 24) & 0x80u;
-  uint32_t a = u & 0x7FFFFFFFu;
-  uint32_t r = a >= LW_F32_INF_BITS ? 0x7Fu : a >= 0x43E00000u ? 0x7Eu : lw_e4m3_mag(a);
+  uint32_t sign = (lw_bits(f) >> 24) & 0x80u;
+  float af = lw_fabs(f);
+  /* af > FLT_MAX is +Inf; NaN fails every compare and is caught first */
+  uint32_t r = lw_isnan(f) || af > 3.4028234663852886e38f ? 0x7Fu : lw_e4m3_mag(af);
   return (uint8_t)(sign | r);
 }
 
@@ -148,17 +155,17 @@ LW_HD float lw_f32_from_e5m2(uint8_t b) {
 
 /* saturating: finite |f| >= 57344 -> 0x7B | sign; +-Inf -> 0x7C | sign; NaN -> 0x7F | sign */
 LW_HD uint8_t lw_e5m2_from_f32_sat(float f) {
-  uint32_t u = lw_bits(f);
-  uint32_t sign = (u >> 24) & 0x80u;
-  uint32_t a = u & 0x7FFFFFFFu;
+  uint32_t sign = (lw_bits(f) >> 24) & 0x80u;
+  float af = lw_fabs(f);
+  uint32_t a = lw_bits(af);
   /* below 2^-14: adding 2^7 (ulp 2^-16) rounds to a multiple of the e5m2 subnormal step */
-  uint32_t sub = lw_bits(lw_float(a) + 128.0f) - 0x43000000u;
+  uint32_t sub = lw_bits(af + 128.0f) - 0x43000000u;
   uint32_t normal = ((a + 0xFFFFFu + ((a >> 21) & 1u)) >> 21) - (112u << 2);
-  uint32_t r = a > LW_F32_INF_BITS    ? 0x7Fu
-               : a == LW_F32_INF_BITS ? 0x7Cu
-               : a >= 0x47600000u     ? 0x7Bu
-               : a < 0x38800000u      ? sub
-                                      : normal;
+  uint32_t r = lw_isnan(f)                     ? 0x7Fu
+               : af > 3.4028234663852886e38f   ? 0x7Cu /* Inf */
+               : af >= 57344.0f                ? 0x7Bu
+               : af < 6.103515625e-5f          ? sub /* 2^-14 */
+                                               : normal;
   return (uint8_t)(sign | r);
 }
 
@@ -167,23 +174,21 @@ LW_HD uint8_t lw_e5m2_from_f32_sat(float f) {
 /* x / scale with the reference's NaN rules: a NaN operand is returned quieted (x first),
  * an invalid division (Inf/Inf, 0/0) gives the default NaN */
 LW_HD float lw_div(float x, float scale) {
-  uint32_t ux = lw_bits(x), us = lw_bits(scale);
   float y = x / scale;
-  uint32_t r = (ux & 0x7FFFFFFFu) > LW_F32_INF_BITS   ? ux | 0x00400000u
-               : (us & 0x7FFFFFFFu) > LW_F32_INF_BITS ? us | 0x00400000u
-               : lw_isnan(y)                          ? LW_F32_DEFAULT_NAN
-                                                      : lw_bits(y);
+  uint32_t r = lw_isnan(x)       ? lw_bits(x) | 0x00400000u
+               : lw_isnan(scale) ? lw_bits(scale) | 0x00400000u
+               : lw_isnan(y)     ? LW_F32_DEFAULT_NAN
+                                 : lw_bits(y);
   return lw_float(r);
 }
 
 /* a * b with the same NaN rules as lw_div */
 LW_HD float lw_mul(float a, float b) {
-  uint32_t ua = lw_bits(a), ub = lw_bits(b);
   float y = a * b;
-  uint32_t r = (ua & 0x7FFFFFFFu) > LW_F32_INF_BITS   ? ua | 0x00400000u
-               : (ub & 0x7FFFFFFFu) > LW_F32_INF_BITS ? ub | 0x00400000u
-               : lw_isnan(y)                          ? LW_F32_DEFAULT_NAN
-                                                      : lw_bits(y);
+  uint32_t r = lw_isnan(a)   ? lw_bits(a) | 0x00400000u
+               : lw_isnan(b) ? lw_bits(b) | 0x00400000u
+               : lw_isnan(y) ? LW_F32_DEFAULT_NAN
+                             : lw_bits(y);
   return lw_float(r);
 }
 
@@ -197,10 +202,10 @@ LW_HD float lw_fp8_scale(float absmax) {
 
 /* e4m3fn(clamp(x / scale, -448, 448)); a NaN quotient keeps its sign (torch.clamp keeps NaN) */
 LW_HD uint8_t lw_e4m3_quant(float x, float scale) {
-  uint32_t u = lw_bits(lw_div(x, scale));
-  uint32_t sign = (u >> 24) & 0x80u;
-  uint32_t a = u & 0x7FFFFFFFu;
-  uint32_t r = a > LW_F32_INF_BITS ? 0x7Fu : a >= 0x43E00000u ? 0x7Eu : lw_e4m3_mag(a);
+  float y = lw_div(x, scale);
+  uint32_t sign = (lw_bits(y) >> 24) & 0x80u;
+  /* clamping to +-448 first gives the same byte as saturating (Inf included) */
+  uint32_t r = lw_isnan(y) ? 0x7Fu : lw_e4m3_mag(lw_fabs(y));
   return (uint8_t)(sign | r);
 }
 

@@ -470,3 +470,52 @@ wasmTest("absmax and countNonFinite against values computed here", (b) => {
   const ints = upload(b, [4], DTYPES.i32, new Int32Array([0x7f800000, -1, 0x7fc00000, 5]));
   assert.equal(b.countNonFinite(ints), 0);
 });
+
+wasmTest("countNonFinite and absmax on random bit patterns of every floating dtype", (b) => {
+  // Random bits hit NaN and Inf patterns often in the 8-bit formats, rarely in the others.
+  const n = 200_003;
+  const formats: [DType, number, (bits: number) => number][] = [
+    // [dtype, bits per element, |x| as a number or NaN]
+    [DTYPES.bf16, 16, (h) => Math.abs(new Float32Array(new Uint32Array([h << 16]).buffer)[0])],
+    [DTYPES.f16, 16, (h) => {
+      const e = (h >> 10) & 31, m = h & 1023;
+      return e === 31
+        ? (m ? NaN : Infinity)
+        : e === 0
+        ? m * 2 ** -24
+        : (1 + m / 1024) * 2 ** (e - 15);
+    }],
+    [DTYPES.f8_e4m3fn, 8, (q) => {
+      const e = (q >> 3) & 15, m = q & 7;
+      return (q & 127) === 127 ? NaN : e === 0 ? m * 2 ** -9 : (1 + m / 8) * 2 ** (e - 7);
+    }],
+    [DTYPES.f8_e5m2, 8, (q) => {
+      const e = (q >> 2) & 31, m = q & 3;
+      return e === 31 ? (m ? NaN : Infinity) : e === 0 ? m * 2 ** -16 : (1 + m / 4) * 2 ** (e - 15);
+    }],
+  ];
+  for (const [dt, width, value] of formats) {
+    for (const density of [0, 1]) {
+      const bits = width === 16 ? new Uint16Array(n) : new Uint8Array(n);
+      let s = 99 + density;
+      let count = 0, max = 0, nan = false;
+      for (let i = 0; i < n; i++) {
+        s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+        let v = s >>> (32 - width);
+        // density 0: clear the top exponent bit so that every value is finite
+        if (density === 0) v &= width === 16 ? 0xbfff : 0xbf;
+        bits[i] = v;
+        const x = value(v);
+        if (!Number.isFinite(x)) count++;
+        if (Number.isNaN(x)) nan = true;
+        else max = Math.max(max, x);
+      }
+      const t = upload(b, [n], dt, bits);
+      assert.equal(b.countNonFinite(t), count, `${dt.name} density ${density}: count`);
+      const got = b.absmax(t);
+      if (nan) assert.ok(Number.isNaN(got), `${dt.name}: NaN absmax`);
+      else assert.equal(got, max, `${dt.name} density ${density}: absmax`);
+      b.free(t.storage!);
+    }
+  }
+});
