@@ -300,8 +300,8 @@ function makeOnlineProcessLoader(
       return;
     }
     const n = countWrites(() => original(slot, loaded, shardId, expertId));
-    info.seen.add(key);
     if (n === 0) {
+      info.seen.add(key);
       state.log(`${where}: load writes nothing on this rank`);
       return;
     }
@@ -323,6 +323,7 @@ function makeOnlineProcessLoader(
       state.waiting.add(info);
       state.peakBufferedBytes = Math.max(state.peakBufferedBytes, state.bufferedBytes);
     }
+    info.seen.add(key);
     info.loaded.push({ param, loaded: kept, owned: !completes, shardId, expertId });
     info.loadNumel += n;
     const p = info.progress.get(param) ?? { elements: 0, shards: [] };
