@@ -377,3 +377,27 @@ function bf16ToF32(bytes: Uint8Array): Float32Array {
   for (let i = 0; i < u16.length; i++) u32[i] = u16[i] << 16;
   return new Float32Array(u32.buffer);
 }
+
+if (BACKENDS.length > 1) {
+  Deno.test("reloaded kernel tensors are byte-identical across backends", async () => {
+    for (const quant of QUANT_SCHEMES) {
+      const results = [];
+      for (const [, b] of BACKENDS) {
+        const model = await freshModel(b, TINY, quant, checkpointFor(b, TINY, 1, quant));
+        try {
+          await reload(b, model, shuffle(checkpointFor(b, TINY, 2, quant), 13));
+          results.push(kernelBytes(b, model));
+        } finally {
+          freeModel(b, model);
+        }
+      }
+      for (const r of results.slice(1)) assertSameBytes(r, results[0], `${quant} across backends`);
+    }
+  });
+} else {
+  Deno.test({
+    name: "reloaded kernel tensors are byte-identical across backends",
+    ignore: true,
+    fn() {},
+  });
+}
