@@ -160,6 +160,7 @@ export class MergedColumnParallelLinear extends ColumnParallelLinear {
     });
   }
 
+  /** Index of a shard id in `fullSizes`; CheckpointError BAD_SHARD for others. */
   override shardIndex(shardId: ShardId | undefined): number {
     if (
       typeof shardId === "number" && Number.isInteger(shardId) && shardId >= 0 &&
@@ -220,6 +221,7 @@ export class QKVParallelLinear extends ColumnParallelLinear {
     this.numKvHeadsPerRank = kvPer;
   }
 
+  /** Index of a shard id in `fullSizes`; CheckpointError BAD_SHARD for others. */
   override shardIndex(shardId: ShardId | undefined): number {
     const i = shardId === "q" ? 0 : shardId === "k" ? 1 : shardId === "v" ? 2 : -1;
     if (i < 0) {
@@ -335,6 +337,7 @@ export class VocabParallelEmbedding extends Module {
     );
   }
 
+  /** The padding rows of `weight` on this rank, in elements. */
   override paddingElements(name: string): number {
     return name === "weight" ? (this.rowsPerRank - this.realRows) * this.embeddingDim : 0;
   }
