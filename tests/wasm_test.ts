@@ -99,6 +99,7 @@ wasmTest("refused kernel calls raise BackendError and write nothing", (b) => {
   throwsBackend(() => b.upload(q, new Uint8Array(31)), "SIZE_MISMATCH", /31 bytes/);
   throwsBackend(() => b.fill(q.narrow(1, 0, 4), 1), "NOT_CONTIGUOUS", /contiguous/);
   throwsBackend(() => b.fill(qi, 0.5), "BAD_VALUE", /not an integer/);
+  throwsBackend(() => b.fill(qi, 128), "BAD_VALUE", /outside \[-128, 127\]/);
   throwsBackend(() => b.copy(q.narrow(0, 0, 2), q.narrow(0, 1, 2)), "OVERLAP", /overlaps/);
   untouched();
 });

@@ -105,6 +105,14 @@ export interface RawDevice {
 }
 
 const FLOATS = new Set(["f32", "f16", "bf16", "f8_e4m3fn", "f8_e5m2"]);
+// Integer fills must fit the dtype: silently wrapping 300 into a u8 would hide a caller's bug.
+const INT_RANGE: Readonly<Record<string, [number, number]>> = {
+  i8: [-128, 127],
+  u8: [0, 255],
+  bool: [0, 1],
+  i32: [-(2 ** 31), 2 ** 31 - 1],
+  i64: [Number.MIN_SAFE_INTEGER, Number.MAX_SAFE_INTEGER],
+};
 const QUANT_INPUTS = new Set(["f32", "f16", "bf16"]);
 
 /** Scale count for a rows x cols matrix at a granularity. */
@@ -306,10 +314,14 @@ export class KernelBackend implements Backend {
           `fill: ${value} is not an integer for ${dst}`,
         );
       }
-      const big = BigInt.asUintN(
-        64,
-        BigInt(dst.dtype.name === "bool" ? (value ? 1 : 0) : value),
-      );
+      const [min, max] = INT_RANGE[dst.dtype.name];
+      if (value < min || value > max) {
+        throw new BackendError(
+          "BAD_VALUE",
+          `fill: ${value} is outside [${min}, ${max}] for ${dst}`,
+        );
+      }
+      const big = BigInt.asUintN(64, BigInt(value));
       lo = Number(big & 0xffffffffn);
       hi = Number(big >> 32n);
     }
