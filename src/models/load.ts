@@ -7,15 +7,17 @@
 
 import type { Backend } from "../backend/backend.ts";
 import { type BackendChoice, openBackend } from "../backend/select.ts";
-import { openWeightSource, type WeightSource } from "../checkpoint/source.ts";
+import { openWeightSource, type TensorPairs, type WeightSource } from "../checkpoint/source.ts";
 import { LayerwiseError } from "../errors.ts";
 import type { QuantScheme } from "../quant/method.ts";
-import { materializeLayer } from "../reload/meta.ts";
+import { recordMetadataForReloading, type ReloadOptions } from "../reload/layerwise.ts";
+import { loadWeights, type ReloadReport, reloadWeights as engineReload } from "../reload/load.ts";
 import type { DType } from "../tensor/dtype.ts";
 import type { BuildOptions, CausalLM } from "./causal_lm.ts";
 import { type ModelConfig, readModelConfig } from "./config.ts";
 import { buildLlama } from "./llama.ts";
 import { buildMixtral } from "./mixtral.ts";
+import { type ProgressCallback, streamWeights, validateWeights } from "./weights.ts";
 
 export { exportKernelTensors, kernelTensors } from "./export.ts";
 export type { CausalLM } from "./causal_lm.ts";
@@ -58,13 +60,26 @@ export interface LoadModelOptions {
   quant?: QuantName | QuantScheme;
   /** Overrides the config's dtype. */
   dtype?: DType;
-  /** Where the weights are, when not in `dir` (file, directory or in-memory pairs). */
+  /** Where the weights are when not in `dir`: a path or a weight source. */
   weights?: string | WeightSource;
+  /** Tensors the model does not have are errors (default: ignored, see the report). */
+  strict?: boolean;
+}
+
+/** Any weight source `reloadWeights` takes: a path, a source, or in-memory pairs. */
+export type WeightsInput = string | WeightSource | TensorPairs;
+
+async function open(weights: WeightsInput): Promise<[WeightSource, boolean]> {
+  if (typeof weights === "object" && weights !== null && "readInto" in weights) {
+    return [weights as WeightSource, false];
+  }
+  return [await openWeightSource(weights as string | TensorPairs), true];
 }
 
 /**
- * First load: reads `<dir>/config.json`, builds the model, loads the checkpoint (from `dir`
- * or `options.weights`) in layer order and processes every layer into kernel format.
+ * First load: reads `<dir>/config.json`, builds the model, validates the checkpoint (from `dir`
+ * or `options.weights`) against it, loads it in layer order and processes every layer into
+ * kernel format. A backend opened here belongs to the model (close it with `model.device`).
  */
 export async function loadModel(dir: string, options: LoadModelOptions = {}): Promise<CausalLM> {
   const config = await readModelConfig(dir, { dtype: options.dtype });
@@ -72,36 +87,62 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
     ? options.backend
     : await openBackend({ backend: options.backend });
   const model = buildModel(config, { backend, quant: quantScheme(options.quant ?? "fp8") });
-  const own = typeof options.weights !== "object";
-  const source = typeof options.weights === "object"
-    ? options.weights
-    : await openWeightSource(options.weights ?? dir);
+  recordMetadataForReloading(model);
+  const [source, own] = await open(options.weights ?? dir);
   try {
-    await firstLoad(model, source);
+    const plan = validateWeights(model, source, options);
+    await loadWeights(model, streamWeights(backend, source, plan, model.readOrder));
   } finally {
     if (own) source.close();
   }
   return model;
 }
 
-async function firstLoad(model: CausalLM, source: WeightSource): Promise<void> {
-  const b = model.device;
-  for (const [, m] of model.namedModules()) materializeLayer(m);
-  for (const name of source.plan(model.readOrder)) {
-    const info = source.tensors.get(name)!;
-    const host = new Uint8Array(info.bytes);
-    await source.readInto(name, host);
-    const t = b.empty(info.shape, info.dtype);
-    try {
-      b.upload(t, host);
-      model.loadWeight(name, t);
-    } finally {
-      b.free(t.storage!);
-    }
+/** Options of {@link reloadWeights}. */
+export interface ModelReloadOptions extends ReloadOptions {
+  /** Tensors the model does not have are errors (default: ignored and listed in the report). */
+  strict?: boolean;
+  /** Called after each tensor is read: layer groups done, their number, bytes read. */
+  onProgress?: ProgressCallback;
+}
+
+/** The engine's report plus what validation found. */
+export interface ModelReloadReport extends ReloadReport {
+  /** The source's description (path). */
+  readonly source: string;
+  /** Tensors of the source the model does not have (ignored; errors with `strict`). */
+  readonly unexpected: readonly string[];
+  /** Tensors the model ignores on purpose. */
+  readonly skipped: readonly string[];
+  /** Read rate: bytes loaded / seconds. */
+  readonly bytesPerSecond: number;
+}
+
+/**
+ * Reloads a loaded model in place from a path (file, directory or index), a weight source or
+ * in-memory pairs. The whole source is validated against the model before anything is
+ * written (CheckpointError naming file and tensor); then tensors are read in model layer order
+ * and handed to the layerwise engine. With `atomic`, a failure mid-way restores every kernel
+ * tensor bit-exactly.
+ */
+export async function reloadWeights(
+  model: CausalLM,
+  weights: WeightsInput,
+  options: ModelReloadOptions = {},
+): Promise<ModelReloadReport> {
+  const [source, own] = await open(weights);
+  try {
+    const plan = validateWeights(model, source, options);
+    const stream = streamWeights(model.device, source, plan, model.readOrder, options.onProgress);
+    const r = await engineReload(model, stream, options);
+    return {
+      ...r,
+      source: source.description,
+      unexpected: plan.unexpected,
+      skipped: plan.skipped,
+      bytesPerSecond: r.seconds > 0 ? r.bytesLoaded / r.seconds : 0,
+    };
+  } finally {
+    if (own) source.close();
   }
-  const layers = [...model.namedModules()].map(([, m]) => m).filter((m) => m.quantMethod);
-  for (const m of layers.filter((m) => !m.processLast)) {
-    m.quantMethod!.processWeightsAfterLoading(m);
-  }
-  for (const m of layers.filter((m) => m.processLast)) m.quantMethod!.processWeightsAfterLoading(m);
 }

@@ -89,3 +89,53 @@ export function layerOrderKey(numLayers: number): (name: string) => number {
     return numLayers + 2;
   };
 }
+
+/** The sizes {@link expectedCheckpointNames} needs (a subset of ModelConfig). */
+export interface NamingConfig {
+  /** Decoder layers. */
+  readonly numLayers: number;
+  /** Whether lm_head shares the embedding. */
+  readonly tieWordEmbeddings: boolean;
+  /** q/k/v biases. */
+  readonly qkvBias: boolean;
+  /** o_proj bias. */
+  readonly oBias: boolean;
+  /** MLP biases. */
+  readonly mlpBias: boolean;
+  /** MoE experts per layer (0: dense MLP). */
+  readonly numExperts: number;
+}
+
+/**
+ * Every tensor a Hugging Face checkpoint of this config holds, by checkpoint name, so that a
+ * missing one can be named as the checkpoint would name it.
+ */
+export function expectedCheckpointNames(c: NamingConfig): string[] {
+  const out = ["model.embed_tokens.weight"];
+  for (let i = 0; i < c.numLayers; i++) {
+    const p = `model.layers.${i}`;
+    out.push(`${p}.input_layernorm.weight`, `${p}.post_attention_layernorm.weight`);
+    for (const x of ["q", "k", "v"]) {
+      out.push(`${p}.self_attn.${x}_proj.weight`);
+      if (c.qkvBias) out.push(`${p}.self_attn.${x}_proj.bias`);
+    }
+    out.push(`${p}.self_attn.o_proj.weight`);
+    if (c.oBias) out.push(`${p}.self_attn.o_proj.bias`);
+    if (c.numExperts > 0) {
+      out.push(`${p}.block_sparse_moe.gate.weight`);
+      for (let e = 0; e < c.numExperts; e++) {
+        for (const w of ["w1", "w2", "w3"]) {
+          out.push(`${p}.block_sparse_moe.experts.${e}.${w}.weight`);
+        }
+      }
+    } else {
+      for (const x of ["gate", "up", "down"]) {
+        out.push(`${p}.mlp.${x}_proj.weight`);
+        if (c.mlpBias) out.push(`${p}.mlp.${x}_proj.bias`);
+      }
+    }
+  }
+  out.push("model.norm.weight");
+  if (!c.tieWordEmbeddings) out.push("lm_head.weight");
+  return out;
+}

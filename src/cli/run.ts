@@ -1,0 +1,104 @@
+/**
+ * `deno task reload --model DIR`: first load, then `--repeat` reloads from `--weights`, then
+ * `--export` (also after a failed reload) and `--json`.
+ * @module
+ */
+
+import { openBackend } from "../backend/select.ts";
+import type { Backend } from "../backend/backend.ts";
+import {
+  exportKernelTensors,
+  loadModel,
+  type ModelReloadReport,
+  reloadWeights,
+} from "../models/load.ts";
+import type { CausalLM } from "../models/causal_lm.ts";
+import type { CliOptions } from "./args.ts";
+import { createProgressBar, formatRate } from "./progress.ts";
+
+/** The JSON report of a run (`--json`). */
+export interface RunReport {
+  /** The backend's description. */
+  backend: string;
+  /** The --model directory. */
+  model: string;
+  /** The --weights path. */
+  weights: string;
+  /** The quantization. */
+  quant: string;
+  /** The first load. */
+  load: { seconds: number };
+  /** One entry per reload that completed. */
+  reloads: ModelReloadReport[];
+  /** The error line of a failed reload, if any. */
+  error?: string;
+}
+
+function print(line: string, quiet: boolean): void {
+  if (!quiet) console.log(line);
+}
+
+/** One line describing a reload. */
+export function describeReload(r: ModelReloadReport): string {
+  return `${r.layersProcessed} layers, ${(r.bytesLoaded / 1e9).toFixed(3)} GB in ${
+    r.seconds.toFixed(3)
+  } s (${formatRate(r.bytesLoaded, r.seconds)}), peak buffered ${
+    (r.peakBufferedBytes / 1e6).toFixed(1)
+  } MB, storage kept: ${r.storageKept ? "yes" : "NO"}` +
+    (r.unexpected.length > 0 ? `, ${r.unexpected.length} unexpected tensors ignored` : "");
+}
+
+/** Runs the --model flow; throws the first load or reload error (after --export and --json). */
+export async function runReload(o: CliOptions): Promise<void> {
+  const dir = o.model!;
+  const weights = o.weights ?? dir;
+  const backend: Backend = await openBackend({ backend: o.backend });
+  try {
+    const t0 = performance.now();
+    const model: CausalLM = await loadModel(dir, { backend, quant: o.quant });
+    const report: RunReport = {
+      backend: backend.description,
+      model: dir,
+      weights,
+      quant: o.quant,
+      load: { seconds: (performance.now() - t0) / 1000 },
+      reloads: [],
+    };
+    print(
+      `loaded ${model.config.architecture} from ${dir} on ${backend.description} (${o.quant}) in ${
+        report.load.seconds.toFixed(3)
+      } s`,
+      o.quiet,
+    );
+    let failure: unknown;
+    for (let i = 0; i < o.repeat; i++) {
+      const bar = createProgressBar({
+        quiet: o.quiet,
+        label: o.repeat > 1 ? `reload ${i + 1}/${o.repeat}` : "reload",
+      });
+      try {
+        const r = await reloadWeights(model, weights, {
+          atomic: o.atomic,
+          strict: o.strict,
+          onProgress: (done, total, bytes) => bar.update(done, total, bytes),
+        });
+        report.reloads.push(r);
+        bar.finish();
+        print(`reload ${i + 1}: ${describeReload(r)}`, o.quiet);
+      } catch (e) {
+        bar.finish();
+        failure = e;
+        report.error = e instanceof Error ? e.message : String(e);
+        break;
+      }
+    }
+    // Written even after a failure: the export shows the state the failure left.
+    if (o.export !== undefined) await exportKernelTensors(model, o.export);
+    if (o.json !== undefined) {
+      await Deno.writeTextFile(o.json, JSON.stringify(report, null, 2) + "\n");
+    }
+    if (failure !== undefined) throw failure;
+  } finally {
+    backend.close();
+  }
+}
