@@ -22,11 +22,15 @@ interface Run {
 }
 
 async function cli(...args: string[]): Promise<Run> {
+  return await cliIn({}, ...args);
+}
+
+async function cliIn(env: Record<string, string>, ...args: string[]): Promise<Run> {
   const out = await new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", MAIN, ...args],
     stdout: "piped",
     stderr: "piped",
-    env: { NO_COLOR: "1" },
+    env: { NO_COLOR: "1", ...env },
   }).output();
   const dec = new TextDecoder();
   return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
@@ -346,4 +350,83 @@ Deno.test("e2e: a missing model directory is a failed load: exit 1, one line", a
   assert.equal(r.code, 1);
   assert.equal(r.stderr.trim().split("\n").length, 1, r.stderr);
   assert.match(r.stderr, /^error: .*\/nonexistent\/model/);
+});
+
+Deno.test("e2e: the demo runs, keeps every pointer and matches B within the fp8 bound", async () => {
+  await withTemp(async (tmp) => {
+    const t0 = performance.now();
+    const r = await cliIn({ TMPDIR: tmp }, "--backend", "wasm", "--json", `${tmp}/demo.json`);
+    const seconds = (performance.now() - t0) / 1000;
+    ok(r, "demo");
+    assert.match(r.stdout, /check: \d+ kernel tensors, 0 moved/);
+    const rep = JSON.parse(await Deno.readTextFile(`${tmp}/demo.json`));
+    assert.deepEqual(rep.moved, []);
+    assert.equal(rep.reload.storageKept, true);
+    assert.ok(rep.tensorsChecked > 0);
+    assert.ok(rep.maxErrorOverBound <= 1, `${rep.maxErrorOverBound}`);
+    assert.ok(rep.maxErrorOverBound > 0, "fp8 is lossy: some error must show");
+    assert.ok(rep.reload.bytesLoaded >= 80e6, `${rep.reload.bytesLoaded}`);
+    assert.ok(seconds < 60, `demo took ${seconds} s`);
+    // The demo's temp dir (under TMPDIR, set to ours) is gone: only the report is left.
+    const left = [];
+    for await (const e of Deno.readDir(tmp)) left.push(e.name);
+    assert.deepEqual(left, ["demo.json"]);
+  });
+});
+
+Deno.test("e2e: every quantization reloads to the bytes of a first load", async () => {
+  await withTemp(async (tmp) => {
+    const copy = `${tmp}/copy`;
+    await Deno.mkdir(copy);
+    await permutedCopy(copy);
+    for (const q of ["none", "fp8-channel", "fp8-block", "int8"]) {
+      const flags = ["--quant", q, "--backend", "wasm", "--quiet"];
+      ok(
+        await cli(
+          "--model",
+          `${CKPT}qwen2-tiny`,
+          "--weights",
+          `${CKPT}qwen2-tiny`,
+          ...flags,
+          "--export",
+          `${tmp}/${q}-r.st`,
+        ),
+        `${q} reload`,
+      );
+      ok(
+        await cli(
+          "--model",
+          `${CKPT}qwen2-tiny`,
+          "--repeat",
+          "0",
+          ...flags,
+          "--export",
+          `${tmp}/${q}-f.st`,
+        ),
+        q,
+      );
+      const r = await Deno.readFile(`${tmp}/${q}-r.st`);
+      assert.ok(bytesEqual(r, await Deno.readFile(`${tmp}/${q}-f.st`)), q);
+      const rl = await cli(
+        "--model",
+        `${CKPT}llama-tiny`,
+        "--weights",
+        copy,
+        "--repeat",
+        "2",
+        ...flags,
+        "--export",
+        `${tmp}/${q}-c.st`,
+      );
+      ok(rl, `${q} reload twice into copy`);
+      ok(await cli("--model", copy, "--repeat", "0", ...flags, "--export", `${tmp}/${q}-cf.st`), q);
+      assert.ok(
+        bytesEqual(
+          await Deno.readFile(`${tmp}/${q}-c.st`),
+          await Deno.readFile(`${tmp}/${q}-cf.st`),
+        ),
+        `${q}: reload into copy`,
+      );
+    }
+  });
 });

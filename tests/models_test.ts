@@ -3,11 +3,20 @@ import { CheckpointError } from "../src/errors.ts";
 import { parseModelConfig, readModelConfig } from "../src/models/config.ts";
 import {
   denseNameMapper,
+  expectedCheckpointNames,
   layerOrderKey,
   mixtralNameMapper,
   type WeightTarget,
 } from "../src/models/names.ts";
-import { readSafetensorsHeader } from "../src/checkpoint/safetensors.ts";
+import {
+  type HostTensor,
+  loadSafetensors,
+  readSafetensorsHeader,
+} from "../src/checkpoint/safetensors.ts";
+import { openWasmBackend } from "../src/backend/wasm.ts";
+import { memorySource } from "../src/checkpoint/source.ts";
+import { downloadKernelTensors, kernelTensors } from "../src/models/export.ts";
+import { loadModel, reloadWeights } from "../src/models/load.ts";
 import { openCheckpoint } from "../src/checkpoint/sharded.ts";
 
 const FIXTURES = new URL("../../shared/fixtures/", import.meta.url);
@@ -171,4 +180,90 @@ Deno.test("names: layer order puts the embedding first, layers in turn, head las
   }
   assert.ok(key("lm_head.weight") > key("model.layers.2.mlp.down_proj.weight"));
   assert.ok(key("something.else") > key("lm_head.weight"));
+});
+
+Deno.test("names: expectedCheckpointNames lists exactly each fixture's tensors", async () => {
+  for (const name of NAMES) {
+    const cfg = await readModelConfig(`${CKPT}${name}`);
+    assert.deepEqual(
+      expectedCheckpointNames(cfg).sort(),
+      (await checkpointNames(name)).sort(),
+      name,
+    );
+  }
+});
+
+async function memoryPairs(dir: string, seed: number): Promise<[string, HostTensor][]> {
+  const t = await loadSafetensors(`${dir}/model.safetensors`);
+  const pairs = [...t];
+  // A seeded shuffle: the API must not depend on the order tensors arrive in.
+  let s = seed;
+  for (let i = pairs.length - 1; i > 0; i--) {
+    s = (s * 1103515245 + 12345) % 2 ** 31;
+    const j = s % (i + 1);
+    [pairs[i], pairs[j]] = [pairs[j], pairs[i]];
+  }
+  return pairs;
+}
+
+// Other values of the same shapes: each tensor's bf16 elements in reverse order.
+function reversed(pairs: [string, HostTensor][]): [string, HostTensor][] {
+  return pairs.map(([n, t]) => {
+    const e = new Uint16Array(t.data.slice().buffer).reverse();
+    return [n, { ...t, data: new Uint8Array(e.buffer) }];
+  });
+}
+
+Deno.test("api: reload from shuffled in-memory pairs equals a first load of them; pointers kept", async () => {
+  const backend = await openWasmBackend();
+  try {
+    for (const name of ["qwen2-tiny", "mixtral-tiny"]) {
+      const dir = `${CKPT}${name}`;
+      const model = await loadModel(dir, { backend, quant: "fp8" });
+      const first = downloadKernelTensors(model);
+      const ptrs = kernelTensors(model).map(([n, t]) => [n, t.ptr]);
+      const b = reversed(await memoryPairs(dir, 7));
+      const r = await reloadWeights(model, b);
+      assert.equal(r.storageKept, true);
+      assert.deepEqual(kernelTensors(model).map(([n, t]) => [n, t.ptr]), ptrs);
+      assert.ok(r.layersProcessed > 0);
+      const reloaded = downloadKernelTensors(model);
+      const fresh = await loadModel(dir, { backend, quant: "fp8", weights: memorySource(b) });
+      const want = downloadKernelTensors(fresh);
+      let changed = 0;
+      for (const [n, t] of want) {
+        assert.deepEqual(reloaded.get(n)!.data, t.data, `${name} ${n}`);
+        if (!bytesEqual(first.get(n)!.data, t.data)) changed++;
+      }
+      assert.ok(changed > want.size / 2, `${name}: only ${changed} tensors changed`);
+    }
+  } finally {
+    backend.close();
+  }
+});
+
+function bytesEqual(a: Uint8Array, b: Uint8Array): boolean {
+  return a.byteLength === b.byteLength && a.every((x, i) => x === b[i]);
+}
+
+Deno.test("api: unexpected tensors are reported, or errors with strict; nothing written", async () => {
+  const backend = await openWasmBackend();
+  try {
+    const dir = `${CKPT}llama-tiny`;
+    const model = await loadModel(dir, { backend, quant: "fp8" });
+    const before = downloadKernelTensors(model);
+    const pairs = await memoryPairs(dir, 3);
+    const extra: [string, HostTensor] = ["model.layers.0.mlp.extra.weight", pairs[0][1]];
+    const r = await reloadWeights(model, [...pairs, extra]);
+    assert.deepEqual(r.unexpected, [extra[0]]);
+    await assert.rejects(
+      reloadWeights(model, [...pairs, extra], { strict: true }),
+      (e: unknown) =>
+        e instanceof CheckpointError && e.code === "UNKNOWN_TENSOR" && e.message.includes(extra[0]),
+    );
+    const after = downloadKernelTensors(model);
+    for (const [n, t] of before) assert.deepEqual(after.get(n)!.data, t.data, n);
+  } finally {
+    backend.close();
+  }
 });

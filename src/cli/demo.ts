@@ -155,6 +155,12 @@ export async function runDemo(o: CliOptions): Promise<DemoReport> {
     if (o.export !== undefined) {
       await exportKernelTensors(model, o.export);
     }
+    if (!reload.storageKept) {
+      throw new ReloadError(
+        "DEMO_CHECK",
+        "the engine reports kernel tensors that lost their storage",
+      );
+    }
     if (moved.length > 0) {
       throw new ReloadError(
         "DEMO_CHECK",
