@@ -24,6 +24,7 @@
  */
 #include <cuda_runtime.h>
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -38,6 +39,7 @@ struct lw_ctx {
   int device;
   cudaStream_t stream;
   int sms;
+  bool hw_e4m3; /* the hardware e4m3 conversion agrees with lw_numeric.h on this device */
 };
 
 namespace {
@@ -75,12 +77,16 @@ lw_status cuda_fail(cudaError_t e, const char *what) {
 
 // ------------------------------------------------------------------ contexts
 
+lw_status check_hw_e4m3(int device, cudaStream_t stream, int sms, bool *ok);
+
 lw_status ctx_init(lw_ctx *c, int device) {
   CK(cudaSetDevice(device));
   CK(cudaDeviceGetAttribute(&c->sms, cudaDevAttrMultiProcessorCount, device));
   CK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
   c->device = device;
-  return LW_OK;
+  lw_status s = check_hw_e4m3(device, c->stream, c->sms, &c->hw_e4m3);
+  if (s != LW_OK) cudaStreamDestroy(c->stream);
+  return s;
 }
 
 std::mutex g_default_mutex;
@@ -200,97 +206,90 @@ __device__ __forceinline__ float absmax_value(uint32_t bits) {
 }
 
 // ------------------------------------------------------------------ vector access
+// A thread moves E elements per access, E chosen so the wider side is one 16-byte access: then
+// each warp-wide load or store instruction covers one contiguous run of memory (no half-written
+// sectors when a 2-byte source becomes a 4-byte destination).
 
-/* Alignment in bytes that a vector of 8 elements of T needs (two 16-byte accesses for 4-byte T). */
-template <typename T>
-__host__ __device__ constexpr size_t vec_align() {
-  return sizeof(T) == 1 ? 8 : 16;
+template <int BYTES>
+struct VecOf;
+template <>
+struct VecOf<4> {
+  using V = unsigned int;
+};
+template <>
+struct VecOf<8> {
+  using V = uint2;
+};
+template <>
+struct VecOf<16> {
+  using V = uint4;
+};
+
+template <int E, typename T>
+__device__ __forceinline__ void loadv(const T *p, T (&v)[E]) {
+  using V = typename VecOf<E * sizeof(T)>::V;
+  V u = __ldg(reinterpret_cast<const V *>(p));
+  memcpy(v, &u, sizeof(V));
 }
 
-template <typename T>
-__device__ __forceinline__ void load8(const T *p, T (&v)[8]) {
-  if constexpr (sizeof(T) == 1) {
-    uint2 u = __ldg(reinterpret_cast<const uint2 *>(p));
-    memcpy(v, &u, 8);
-  } else if constexpr (sizeof(T) == 2) {
-    uint4 u = __ldg(reinterpret_cast<const uint4 *>(p));
-    memcpy(v, &u, 16);
-  } else {
-    uint4 a = __ldg(reinterpret_cast<const uint4 *>(p));
-    uint4 b = __ldg(reinterpret_cast<const uint4 *>(p) + 1);
-    memcpy(v, &a, 16);
-    memcpy(v + 4, &b, 16);
-  }
+template <int E, typename T>
+__device__ __forceinline__ void storev(T *p, const T (&v)[E]) {
+  using V = typename VecOf<E * sizeof(T)>::V;
+  V u;
+  memcpy(&u, v, sizeof(V));
+  *reinterpret_cast<V *>(p) = u;
 }
 
-template <typename T>
-__device__ __forceinline__ void store8(T *p, const T (&v)[8]) {
-  if constexpr (sizeof(T) == 1) {
-    uint2 u;
-    memcpy(&u, v, 8);
-    *reinterpret_cast<uint2 *>(p) = u;
-  } else if constexpr (sizeof(T) == 2) {
-    uint4 u;
-    memcpy(&u, v, 16);
-    *reinterpret_cast<uint4 *>(p) = u;
-  } else {
-    uint4 a, b;
-    memcpy(&a, v, 16);
-    memcpy(&b, v + 4, 16);
-    reinterpret_cast<uint4 *>(p)[0] = a;
-    reinterpret_cast<uint4 *>(p)[1] = b;
-  }
-}
-
-/* Elements before p reaches vector alignment (at most 7), capped at n. */
-template <typename T>
+/* Elements before p reaches the alignment of E elements (fewer than E), capped at n. */
+template <int E, typename T>
 __device__ __forceinline__ size_t head_of(const T *p, size_t n) {
-  size_t a = vec_align<T>();
+  constexpr size_t a = E * sizeof(T);
   size_t mis = (size_t)p % a;
   size_t h = mis == 0 ? 0 : (a - mis) / sizeof(T);
   return h < n ? h : n;
 }
 
-template <typename T>
-__device__ __forceinline__ bool aligned8(const T *p) {
-  return (size_t)p % vec_align<T>() == 0;
+template <int E, typename T>
+__device__ __forceinline__ bool aligned_for(const T *p) {
+  return (size_t)p % (E * sizeof(T)) == 0;
 }
 
 /*
  * dst[i] = op(src[i], i) for i < n, by threads tid = 0..nth-1 of some group (a grid, a block or
  * part of one). Vector loads of src after its scalar head; vector stores when dst is aligned at
- * the same element too, scalar stores of the 8 results otherwise.
+ * the same element too, scalar stores otherwise.
  */
 template <typename S, typename D, typename Op>
 __device__ __forceinline__ void map_span(const S *src, D *dst, size_t n, size_t tid, size_t nth,
                                          Op op) {
-  size_t h = head_of(src, n);
-  size_t nvec = (n - h) / 8;
-  size_t t0 = h + nvec * 8;
+  constexpr int E = 16 / (sizeof(S) > sizeof(D) ? sizeof(S) : sizeof(D));
+  size_t h = head_of<E>(src, n);
+  size_t nvec = (n - h) / E;
+  size_t t0 = h + nvec * E;
   if (tid < h) dst[tid] = op(src[tid], tid);
   if (tid < n - t0) dst[t0 + tid] = op(src[t0 + tid], t0 + tid);
   const S *vs = src + h;
   D *vd = dst + h;
-  bool dvec = aligned8(vd);
+  bool dvec = aligned_for<E>(vd);
   for (size_t base = tid; base < nvec; base += nth * kUnroll) {
-    S in[kUnroll][8];
+    S in[kUnroll][E];
 #pragma unroll
     for (int u = 0; u < kUnroll; u++) {
       size_t i = base + u * nth;
-      if (i < nvec) load8(vs + i * 8, in[u]);
+      if (i < nvec) loadv<E>(vs + i * E, in[u]);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; u++) {
       size_t i = base + u * nth;
       if (i < nvec) {
-        D out[8];
+        D out[E];
 #pragma unroll
-        for (int k = 0; k < 8; k++) out[k] = op(in[u][k], h + i * 8 + k);
+        for (int k = 0; k < E; k++) out[k] = op(in[u][k], h + i * E + k);
         if (dvec) {
-          store8(vd + i * 8, out);
+          storev<E>(vd + i * E, out);
         } else {
 #pragma unroll
-          for (int k = 0; k < 8; k++) vd[i * 8 + k] = out[k];
+          for (int k = 0; k < E; k++) vd[i * E + k] = out[k];
         }
       }
     }
@@ -301,29 +300,114 @@ __device__ __forceinline__ void map_span(const S *src, D *dst, size_t n, size_t 
 template <typename S, typename Acc, typename F>
 __device__ __forceinline__ Acc fold_span(const S *src, size_t n, size_t tid, size_t nth, Acc acc,
                                          F f) {
-  size_t h = head_of(src, n);
-  size_t nvec = (n - h) / 8;
-  size_t t0 = h + nvec * 8;
+  constexpr int E = 16 / sizeof(S);
+  size_t h = head_of<E>(src, n);
+  size_t nvec = (n - h) / E;
+  size_t t0 = h + nvec * E;
   if (tid < h) acc = f(acc, src[tid]);
   if (tid < n - t0) acc = f(acc, src[t0 + tid]);
   const S *vs = src + h;
   for (size_t base = tid; base < nvec; base += nth * kUnroll) {
-    S in[kUnroll][8];
+    S in[kUnroll][E];
 #pragma unroll
     for (int u = 0; u < kUnroll; u++) {
       size_t i = base + u * nth;
-      if (i < nvec) load8(vs + i * 8, in[u]);
+      if (i < nvec) loadv<E>(vs + i * E, in[u]);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; u++) {
       size_t i = base + u * nth;
       if (i < nvec) {
 #pragma unroll
-        for (int k = 0; k < 8; k++) acc = f(acc, in[u][k]);
+        for (int k = 0; k < E; k++) acc = f(acc, in[u][k]);
       }
     }
   }
   return acc;
+}
+
+// ------------------------------------------------------------------ fast quantization
+// x / s is the one costly step of quantization (an IEEE division per element). With r = RN(1/s)
+// computed once, y = RN(x * r) is within one ulp of x / s, and Markstein's correction
+// q = RN(y + RN(x - y * s) * r) (two FMAs, the residual exact) is exactly RN(x / s) whenever
+// nothing overflows or underflows: |s| in [2^-60, 2^60] and |y| in [2^-12, 2^64). Below 2^-12
+// both quantizers give a signed zero whatever the last bits; everything else (NaN, Inf, huge
+// quotients, odd scales) takes the exact lw_numeric.h path. So results equal lw_e4m3_quant and
+// lw_int8_quant bit for bit; tests compare against the WebAssembly build on random data.
+
+struct Divisor {
+  float s, r;
+  bool fast;
+};
+
+__device__ __forceinline__ Divisor divisor_of(float s) {
+  uint32_t a = __float_as_uint(s) & 0x7FFFFFFFu;
+  return {s, __fdiv_rn(1.0f, s), a >= 0x21800000u && a <= 0x5D800000u};
+}
+
+/* 0: take the exact path; 1: the result is a signed zero (sign in *q's bits); 2: *q = RN(x/s) */
+__device__ __forceinline__ int fast_quotient(float x, const Divisor &d, float *q) {
+  if (!d.fast) return 0;
+  float y = __fmul_rn(x, d.r);
+  uint32_t ay = __float_as_uint(y) & 0x7FFFFFFFu;
+  if (ay >= 0x5F800000u) return 0;
+  *q = y;
+  if (ay < 0x39800000u) return 1;
+  *q = __fmaf_rn(__fmaf_rn(-y, d.s, x), d.r, y);
+  return 2;
+}
+
+/* e4m3fn of a finite f32 by the hardware conversion (sm_89+), saturating to +-448 */
+__device__ __forceinline__ uint8_t hw_e4m3(float q) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  unsigned short r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.0f), "f"(q));
+  return (uint8_t)(r & 0xFF);
+#else
+  return lw_e4m3_from_f32_sat(q);
+#endif
+}
+
+template <bool HW>
+__device__ __forceinline__ uint8_t quant_e4m3(float x, const Divisor &d) {
+  float q;
+  int k = fast_quotient(x, d, &q);
+  if (k == 1) return (uint8_t)((__float_as_uint(q) >> 24) & 0x80u);
+  if (k == 2) {
+    if constexpr (HW) {
+      return hw_e4m3(q);
+    } else {
+      uint32_t u = __float_as_uint(q), a = u & 0x7FFFFFFFu;
+      return (uint8_t)(((u >> 24) & 0x80u) | (a >= 0x43E00000u ? 0x7Eu : lw_e4m3_mag(a)));
+    }
+  }
+  return lw_e4m3_quant(x, d.s);
+}
+
+__device__ __forceinline__ int8_t quant_int8(float x, const Divisor &d) {
+  float q;
+  int k = fast_quotient(x, d, &q);
+  if (k == 1) return 0;
+  if (k == 2) {
+    float c = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);
+    return (int8_t)(int32_t)rintf(c);
+  }
+  return lw_int8_quant(x, d.s);
+}
+
+/* Sets *bad when the hardware e4m3 conversion differs from lw_e4m3_from_f32_sat for some finite
+ * f32; every finite pattern is tried. */
+__global__ void k_check_hw_e4m3(unsigned *bad) {
+  size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  size_t nth = (size_t)gridDim.x * blockDim.x;
+  unsigned diff = 0;
+  for (uint64_t u = tid; u < (1ull << 32); u += nth) {
+    uint32_t b = (uint32_t)u;
+    if ((b & 0x7F800000u) == 0x7F800000u) continue;
+    float f = __uint_as_float(b);
+    diff |= hw_e4m3(f) != lw_e4m3_from_f32_sat(f);
+  }
+  if (diff) atomicOr(bad, 1u);
 }
 
 // ------------------------------------------------------------------ block reductions
@@ -456,20 +540,20 @@ __global__ void __launch_bounds__(kThreads) k_count_nonfinite(unsigned long long
 // ------------------------------------------------------------------ kernels: quantization
 
 /* Per tensor: q = e4m3(x / scale[0]) over n elements, the scale already in place. */
-template <int DT>
+template <int DT, bool HW>
 __global__ void __launch_bounds__(kThreads) k_quant_fp8_tensor(uint8_t *q, const float *scale,
                                                                const typename Ty<DT>::T *src,
                                                                size_t n) {
   size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   size_t nth = (size_t)gridDim.x * blockDim.x;
-  float s = *scale;
+  Divisor d = divisor_of(*scale);
   map_span(src, q, n, tid, nth,
-           [s](typename Ty<DT>::T x, size_t) { return lw_e4m3_quant(Ty<DT>::to(x), s); });
+           [d](typename Ty<DT>::T x, size_t) { return quant_e4m3<HW>(Ty<DT>::to(x), d); });
 }
 
 /* Per row (fp8 or int8), one block per row: absmax, scale, quantize (the second read of a row
  * comes from L2). */
-template <int DT, bool INT8>
+template <int DT, bool INT8, bool HW>
 __global__ void __launch_bounds__(kThreads) k_quant_row(uint8_t *q, float *scale,
                                                         const typename Ty<DT>::T *src,
                                                         size_t rows, size_t cols, int dynamic) {
@@ -492,18 +576,19 @@ __global__ void __launch_bounds__(kThreads) k_quant_row(uint8_t *q, float *scale
     } else {
       s = scale[r];
     }
+    Divisor d = divisor_of(s);
     if constexpr (INT8) {
       map_span(row, reinterpret_cast<int8_t *>(q) + r * cols, cols, threadIdx.x, blockDim.x,
-               [s](typename Ty<DT>::T x, size_t) { return lw_int8_quant(Ty<DT>::to(x), s); });
+               [d](typename Ty<DT>::T x, size_t) { return quant_int8(Ty<DT>::to(x), d); });
     } else {
       map_span(row, q + r * cols, cols, threadIdx.x, blockDim.x,
-               [s](typename Ty<DT>::T x, size_t) { return lw_e4m3_quant(Ty<DT>::to(x), s); });
+               [d](typename Ty<DT>::T x, size_t) { return quant_e4m3<HW>(Ty<DT>::to(x), d); });
     }
   }
 }
 
 /* Per 128x128 block, one CUDA block per tile; groups of 16 threads take one tile row each. */
-template <int DT>
+template <int DT, bool HW>
 __global__ void __launch_bounds__(kThreads) k_quant_fp8_block(uint8_t *q, float *scale,
                                                               const typename Ty<DT>::T *src,
                                                               size_t rows, size_t cols,
@@ -528,10 +613,11 @@ __global__ void __launch_bounds__(kThreads) k_quant_fp8_block(uint8_t *q, float 
     } else {
       s = scale[t];
     }
+    Divisor d = divisor_of(s);
     for (size_t r = g; r < h; r += ng) {
       size_t off = (r0 + r) * cols + c0;
       map_span(src + off, q + off, w, lane, kGroup,
-               [s](typename Ty<DT>::T x, size_t) { return lw_e4m3_quant(Ty<DT>::to(x), s); });
+               [d](typename Ty<DT>::T x, size_t) { return quant_e4m3<HW>(Ty<DT>::to(x), d); });
     }
   }
 }
@@ -631,6 +717,59 @@ void with_quant_input(int32_t d, F f) {
       f(std::integral_constant<int, LW_BF16>());
       break;
   }
+}
+
+template <typename F>
+void with_bool(bool b, F f) {
+  if (b) {
+    f(std::true_type());
+  } else {
+    f(std::false_type());
+  }
+}
+
+std::mutex g_hw_mutex;
+signed char g_hw_state[256]; /* per device: 0 unknown, 1 agrees, -1 does not */
+
+/*
+ * Whether quantization may use the hardware e4m3 conversion on this device: compute capability
+ * 8.9 or newer, and the conversion equal to lw_e4m3_from_f32_sat on every finite f32, tried once
+ * per device and process (a few milliseconds). LAYERWISE_CUDA_SOFT_FP8=1 turns it off.
+ */
+lw_status check_hw_e4m3(int device, cudaStream_t stream, int sms, bool *ok) {
+  std::lock_guard<std::mutex> lock(g_hw_mutex);
+  *ok = false;
+  const char *soft = getenv("LAYERWISE_CUDA_SOFT_FP8");
+  if (soft != nullptr && soft[0] != '\0' && soft[0] != '0') return LW_OK;
+  if (device < 0 || device >= 256) return LW_OK;
+  if (g_hw_state[device] != 0) {
+    *ok = g_hw_state[device] > 0;
+    return LW_OK;
+  }
+  int major = 0, minor = 0;
+  CK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  CK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  if (major * 10 + minor < 89) {
+    g_hw_state[device] = -1;
+    return LW_OK;
+  }
+  unsigned *bad = nullptr;
+  unsigned host_bad = 1;
+  CK(cudaMalloc(&bad, sizeof(unsigned)));
+  cudaError_t e = cudaMemsetAsync(bad, 0, sizeof(unsigned), stream);
+  if (e == cudaSuccess) {
+    k_check_hw_e4m3<<<sms * 4, kThreads, 0, stream>>>(bad);
+    e = cudaGetLastError();
+  }
+  if (e == cudaSuccess) {
+    e = cudaMemcpyAsync(&host_bad, bad, sizeof(unsigned), cudaMemcpyDeviceToHost, stream);
+  }
+  if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
+  cudaFree(bad);
+  if (e != cudaSuccess) return cuda_fail(e, "checking the hardware e4m3 conversion");
+  g_hw_state[device] = host_bad == 0 ? 1 : -1;
+  *ok = host_bad == 0;
+  return LW_OK;
 }
 
 lw_status einval(const char *what) { return fail(LW_EINVAL, what); }
@@ -794,15 +933,26 @@ LW_API lw_status lw_quant_fp8(void *ctx, uint8_t *q, float *scale, const void *s
                             c_->stream>>>(reinterpret_cast<uint32_t *>(scale), s, n);
         k_fp8_scale_finish<DT><<<1, 1, 0, c_->stream>>>(scale);
       }
-      k_quant_fp8_tensor<DT><<<grid<k_quant_fp8_tensor<DT>>(c_, vec_blocks(n)), kThreads, 0,
-                               c_->stream>>>(q, scale, s, n);
+      with_bool(c_->hw_e4m3, [&](auto hw) {
+        constexpr bool HW = decltype(hw)::value;
+        k_quant_fp8_tensor<DT, HW><<<grid<k_quant_fp8_tensor<DT, HW>>(c_, vec_blocks(n)),
+                                     kThreads, 0, c_->stream>>>(q, scale, s, n);
+      });
     } else if (granularity == LW_PER_ROW) {
-      unsigned g = grid<k_quant_row<DT, false>>(c_, rows);
-      k_quant_row<DT, false><<<g, kThreads, 0, c_->stream>>>(q, scale, s, rows, cols, dynamic);
+      with_bool(c_->hw_e4m3, [&](auto hw) {
+        constexpr bool HW = decltype(hw)::value;
+        unsigned g = grid<k_quant_row<DT, false, HW>>(c_, rows);
+        k_quant_row<DT, false, HW>
+            <<<g, kThreads, 0, c_->stream>>>(q, scale, s, rows, cols, dynamic);
+      });
     } else {
       size_t tiles = ((rows + 127) / 128) * ((cols + 127) / 128);
-      unsigned g = grid<k_quant_fp8_block<DT>>(c_, tiles);
-      k_quant_fp8_block<DT><<<g, kThreads, 0, c_->stream>>>(q, scale, s, rows, cols, dynamic);
+      with_bool(c_->hw_e4m3, [&](auto hw) {
+        constexpr bool HW = decltype(hw)::value;
+        unsigned g = grid<k_quant_fp8_block<DT, HW>>(c_, tiles);
+        k_quant_fp8_block<DT, HW>
+            <<<g, kThreads, 0, c_->stream>>>(q, scale, s, rows, cols, dynamic);
+      });
     }
   });
   CK_LAUNCH("lw_quant_fp8");
@@ -819,8 +969,8 @@ LW_API lw_status lw_quant_int8_row(void *ctx, int8_t *q, float *scale, const voi
   with_quant_input(src_dtype, [&](auto d) {
     constexpr int DT = decltype(d)::value;
     using T = typename Ty<DT>::T;
-    unsigned g = grid<k_quant_row<DT, true>>(c_, rows);
-    k_quant_row<DT, true><<<g, kThreads, 0, c_->stream>>>(
+    unsigned g = grid<k_quant_row<DT, true, false>>(c_, rows);
+    k_quant_row<DT, true, false><<<g, kThreads, 0, c_->stream>>>(
         reinterpret_cast<uint8_t *>(q), scale, static_cast<const T *>(src), rows, cols, 1);
   });
   CK_LAUNCH("lw_quant_int8_row");

@@ -94,6 +94,8 @@ for (const [name, b, fn] of cases) {
 }
 TS
 deno run -A build/gpu_bandwidth.ts 2>&1 | tee "$log/bandwidth.txt"
+echo "== the same with the software e4m3 conversion (LAYERWISE_CUDA_SOFT_FP8=1)"
+LAYERWISE_CUDA_SOFT_FP8=1 deno run -A build/gpu_bandwidth.ts 2>&1 | tee "$log/bandwidth_soft.txt"
 
 echo "== package bench"
 if [ -f scripts/bench.ts ]; then

@@ -426,6 +426,44 @@ gpuTest("fp8 quantization with NaN/Inf in the input matches WASM", (c, w) => {
   }
 });
 
+gpuTest("fp8 quantization at the edges of the fast division path matches WASM", (c, w) => {
+  // The CUDA kernels divide through a reciprocal with a correction step where that is exact
+  // (|scale| in [2^-60, 2^60], quotients in [2^-12, 2^64)); scales and inputs around those
+  // bounds, and every input encoding, must still give the exact division's bytes.
+  const scales = [
+    2 ** -61,
+    2 ** -60,
+    1.5 * 2 ** -60,
+    1e-10,
+    1 / 229376,
+    0.75,
+    3,
+    2 ** 59 * 1.9,
+    2 ** 60,
+    2 ** 61,
+    0,
+    -3,
+    Infinity,
+    NaN,
+  ];
+  let seed = 900;
+  for (const dtype of QUANT_IN) {
+    const n = 65_536 + 5;
+    const bytes = randomBits(n, dtype, seed++);
+    for (const sv of scales) {
+      const sb = new Uint8Array(4);
+      new DataView(sb.buffer).setFloat32(0, sv, true);
+      both(c, w, `fp8 ${dtype.name} given scale ${sv}`, (b) => {
+        const x = put(b, [n], dtype, bytes, 1);
+        const q = dest(b, [n], DTYPES.f8_e4m3fn, 1);
+        const s = put(b, [1], DTYPES.f32, sb, 0);
+        b.quantizeFp8(q, s, x, "tensor", false);
+        return { outs: [q], keep: [x, s] };
+      });
+    }
+  }
+});
+
 gpuTest("int8 per-row quantization matches WASM", (c, w) => {
   let seed = 700;
   for (const dtype of QUANT_IN) {
