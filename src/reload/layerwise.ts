@@ -11,7 +11,11 @@
  * bounded by `maxBufferedBytes` (a load that would go past it throws ReloadError
  * `BUFFER_LIMIT`); a partially loaded layer is processed at finalize only when what is missing
  * is padding, otherwise the missing tensors are reported by name (ReloadError
- * `MISSING_WEIGHTS`); with `atomic`, a failed reload restores every kernel tensor bit-exactly.
+ * `MISSING_WEIGHTS`); with `atomic`, a failed reload restores every kernel tensor bit-exactly from
+ * host copies; without it, the model is marked inconsistent ({@link isInconsistent}) until the
+ * layers the failed reload wrote are written again; `rejectNonFinite` scans incoming tensors for
+ * NaN/Inf; a second reload (or a first load) of a model while one runs is refused
+ * (`RELOAD_ACTIVE`, `LOAD_ACTIVE`).
  *
  * Bookkeeping lives in WeakMaps keyed by module: it goes away with the model.
  * @module
@@ -42,10 +46,21 @@ export interface ReloadOptions {
    */
   maxBufferedBytes?: number;
   /**
-   * Copy every kernel tensor to host memory before overwriting it, so that a failed reload
-   * restores the model bit-exactly (costs host memory of the model's size).
+   * Copy each layer's kernel tensors to host memory (never device memory) right before they
+   * are overwritten, so that a failed reload restores every written layer bit-exactly. Costs
+   * one device-to-host read of the kernel tensors and host memory up to the model's kernel
+   * size, held until the reload ends. Default false: a failed reload then leaves the written
+   * layers with new weights and marks the model inconsistent (see {@link isInconsistent}).
    */
   atomic?: boolean;
+  /**
+   * Scan every incoming tensor on the backend (`countNonFinite`) before it is buffered or
+   * written, and fail with ReloadError `NON_FINITE` naming the tensor and the count of NaN/Inf
+   * elements. Default false in the API (the CLI turns it on). Costs one extra read of every
+   * incoming tensor on the device (about the checkpoint's size in memory bandwidth) and, for a
+   * non-contiguous tensor, a temporary contiguous copy. Integer tensors are never scanned.
+   */
+  rejectNonFinite?: boolean;
   /** Receives debug messages (ignored loads, delayed processing). */
   log?: (message: string) => void;
 }
@@ -75,7 +90,10 @@ interface KeptPointer {
 interface ReloadState {
   readonly maxBufferedBytes: number;
   readonly atomic: boolean;
+  readonly rejectNonFinite: boolean;
   readonly log: (message: string) => void;
+  /** The layer whose kernel tensors are being overwritten right now, if any. */
+  writing: string | null;
   bufferedBytes: number;
   peakBufferedBytes: number;
   scratchBytes: number;
@@ -85,7 +103,7 @@ interface ReloadState {
   readonly delayed: string[];
   readonly untouched: string[];
   readonly kept: KeptPointer[];
-  readonly backups: { backend: Backend; tensor: Tensor; bytes: Uint8Array }[];
+  readonly backups: { path: string; backend: Backend; tensor: Tensor; bytes: Uint8Array }[];
   readonly waiting: Set<LayerInfo>;
 }
 
@@ -118,6 +136,10 @@ class LayerInfo {
 
 const INFO = new WeakMap<Module, LayerInfo>();
 const STATE = new WeakMap<Module, ReloadState>();
+/** Models inside loadWeights (a first load), which holds them across awaits. */
+const LOADING = new WeakSet<Module>();
+/** Layers that hold weights of a failed, non-atomic reload, per model. */
+const INCONSISTENT = new WeakMap<Module, Set<string>>();
 
 function infoOf(layer: Module): LayerInfo {
   let info = INFO.get(layer);
@@ -151,6 +173,62 @@ export function getLayerwiseInfo(layer: Module): LayerwiseInfo | undefined {
 /** Whether a layerwise reload of `model` is in progress. */
 export function isReloading(model: Module): boolean {
   return STATE.has(model);
+}
+
+/**
+ * Refuses to start a load or reload of `model` while another one runs: ReloadError
+ * `RELOAD_ACTIVE` (a reload runs) or `LOAD_ACTIVE` (a first load runs). `what` names the
+ * caller in the message.
+ */
+export function assertIdle(model: Module, what: string): void {
+  if (STATE.has(model)) {
+    throw new ReloadError(
+      "RELOAD_ACTIVE",
+      `${what}: a reload of this model is already in progress; concurrent loads and reloads of one model are refused, wait for the running reload to settle`,
+    );
+  }
+  if (LOADING.has(model)) {
+    throw new ReloadError(
+      "LOAD_ACTIVE",
+      `${what}: a first load (loadWeights) of this model is in progress; wait for it to settle`,
+    );
+  }
+}
+
+/**
+ * Marks `model` as being loaded by loadWeights (true) or not (false), so that reloads and
+ * other loads are refused meanwhile. For loadWeights only.
+ */
+export function setLoading(model: Module, loading: boolean): void {
+  if (loading) LOADING.add(model);
+  else LOADING.delete(model);
+}
+
+/**
+ * Whether a failed reload without `atomic` left layers of `model` holding its new weights
+ * while others hold the previous ones. Stays true until every such layer has been written
+ * again by a reload that succeeded (a complete reload clears it).
+ */
+export function isInconsistent(model: Module): boolean {
+  return (INCONSISTENT.get(model)?.size ?? 0) > 0;
+}
+
+/** Paths of the layers that hold weights of a failed reload (empty when consistent). */
+export function inconsistentLayers(model: Module): string[] {
+  return [...INCONSISTENT.get(model) ?? []];
+}
+
+function listSome(items: readonly string[], n = 5): string {
+  return `${items.slice(0, n).join(", ")}${items.length > n ? ", ..." : ""}`;
+}
+
+/** One-line note on an inconsistent model for messages; empty when consistent. */
+export function inconsistencyNote(model: Module): string {
+  const layers = inconsistentLayers(model);
+  if (layers.length === 0) return "";
+  return `model inconsistent: ${layers.length} layer(s) hold weights of a failed reload: ${
+    listSome(layers)
+  }; a complete reload that succeeds fixes it`;
 }
 
 /**
@@ -201,12 +279,7 @@ function recordedLayers(model: Module): [Module, LayerInfo][] {
  * model format on meta, counts the elements it expects, and wraps its loaders.
  */
 export function initializeLayerwiseReload(model: Module, options: ReloadOptions = {}): void {
-  if (STATE.has(model)) {
-    throw new ReloadError(
-      "RELOAD_ACTIVE",
-      "a layerwise reload of this model is already in progress",
-    );
-  }
+  assertIdle(model, "initializeLayerwiseReload");
   const layers = recordedLayers(model);
   for (const [path, m] of model.namedModules()) {
     if (m.ownSlots().length > 0 && !INFO.get(m)?.restoreMetadata) {
@@ -234,6 +307,8 @@ export function initializeLayerwiseReload(model: Module, options: ReloadOptions 
   const state: ReloadState = {
     maxBufferedBytes: max,
     atomic: options.atomic ?? false,
+    rejectNonFinite: options.rejectNonFinite ?? false,
+    writing: null,
     log: options.log ?? (() => {}),
     bufferedBytes: 0,
     peakBufferedBytes: 0,
@@ -305,6 +380,7 @@ function makeOnlineProcessLoader(
       state.log(`${where}: load writes nothing on this rank`);
       return;
     }
+    if (state.rejectNonFinite) rejectNonFinite(layer.backend!, loaded, where);
     const completes = info.loadNumel + n >= info.loadNumelTotal! && !layer.processLast;
     let kept = loaded;
     if (!completes) {
@@ -337,6 +413,31 @@ function makeOnlineProcessLoader(
   };
   markWrapper(wrapper, original);
   return wrapper;
+}
+
+/**
+ * Throws ReloadError `NON_FINITE` when `t` holds NaN or infinite elements (counted on the
+ * backend; a non-contiguous view is compacted into a temporary first). `where` names it.
+ */
+export function rejectNonFinite(b: Backend, t: Tensor, where: string): void {
+  if (!t.dtype.floating || t.numel === 0) return;
+  let n: number;
+  if (t.isContiguous) n = b.countNonFinite(t);
+  else {
+    const tmp = b.empty(t.shape, t.dtype);
+    try {
+      b.copy(tmp, t);
+      n = b.countNonFinite(tmp);
+    } finally {
+      b.free(tmp.storage!);
+    }
+  }
+  if (n > 0) {
+    throw new ReloadError(
+      "NON_FINITE",
+      `${where}: ${n} of ${t.numel} elements of the incoming ${t} are NaN or infinite (rejectNonFinite is set)`,
+    );
+  }
 }
 
 function freeBuffered(b: Backend, info: LayerInfo, state: ReloadState): void {
@@ -397,12 +498,21 @@ function processLayer(layer: Module, info: LayerInfo): void {
       }
     }
     if (state.atomic) {
+      // download() returns host memory: the snapshot costs no device memory.
       for (const k of kernel.values()) {
-        state.backups.push({ backend: b, tensor: k.tensor, bytes: b.download(k.tensor) });
+        state.backups.push({
+          path: info.path,
+          backend: b,
+          tensor: k.tensor,
+          bytes: b.download(k.tensor),
+        });
       }
     }
+    // From here a failure leaves this layer partly written: it counts as written.
+    state.writing = info.path;
     for (const [name, k] of kernel) b.copy(k.tensor, results.get(name)!.tensor);
     state.processed.push(info.path);
+    state.writing = null;
   } finally {
     freeBuffered(b, info, state);
     const freed = new Set<Storage>();
@@ -466,6 +576,11 @@ export interface FinalizeSummary {
   readonly peakScratchBytes: number;
   /** True when every kernel tensor is the same tensor at the same address as before. */
   readonly storageKept: boolean;
+  /**
+   * Layers that still hold weights of an earlier failed, non-atomic reload (not written by
+   * this one); empty when the model is consistent.
+   */
+  readonly inconsistentLayers: readonly string[];
 }
 
 /**
@@ -525,7 +640,13 @@ export function finalizeLayerwiseReload(model: Module): FinalizeSummary {
   }
   unwrapAll(model);
   STATE.delete(model);
+  const stale = INCONSISTENT.get(model);
+  if (stale) {
+    for (const p of state.processed) stale.delete(p);
+    if (stale.size === 0) INCONSISTENT.delete(model);
+  }
   return {
+    inconsistentLayers: inconsistentLayers(model),
     processed: state.processed,
     delayed: state.delayed,
     untouched: state.untouched,
@@ -541,7 +662,8 @@ export function finalizeLayerwiseReload(model: Module): FinalizeSummary {
 /**
  * Abandons a layerwise reload: frees buffered tensors, puts every waiting layer's kernel
  * tensors back, restores written layers from their host copies with `atomic`, removes the
- * wrappers. Returns the paths of layers already written with new weights (empty with atomic).
+ * wrappers. Returns the paths of layers that hold new weights after the abort (empty with
+ * atomic, unless a restore itself failed); without atomic they mark the model inconsistent.
  */
 export function abortLayerwiseReload(model: Module): string[] {
   const state = STATE.get(model);
@@ -553,26 +675,60 @@ export function abortLayerwiseReload(model: Module): string[] {
     info.reset();
   }
   let written = [...state.processed];
+  if (state.writing !== null) written.push(state.writing);
   if (state.atomic) {
-    for (const bk of state.backups.reverse()) bk.backend.upload(bk.tensor, bk.bytes);
-    written = [];
+    const failed = new Set<string>();
+    for (const bk of state.backups.reverse()) {
+      try {
+        bk.backend.upload(bk.tensor, bk.bytes);
+      } catch (e) {
+        state.log(`${bk.path}: restore failed: ${e instanceof Error ? e.message : e}`);
+        failed.add(bk.path);
+      }
+    }
+    state.backups.length = 0;
+    written = written.filter((p) => failed.has(p));
+  }
+  if (written.length > 0) {
+    const stale = INCONSISTENT.get(model) ?? new Set<string>();
+    for (const p of written) stale.add(p);
+    INCONSISTENT.set(model, stale);
   }
   unwrapAll(model);
   STATE.delete(model);
   return written;
 }
 
-/** Aborts the reload and rethrows `e`, saying which layers were already written. */
+/**
+ * Aborts the reload and rethrows `e` as a one-line typed error saying what state the model is
+ * in: with layers written (no atomic), which; when an earlier failed reload left it
+ * inconsistent, that too. Errors that are not LayerwiseErrors become ReloadError
+ * `RELOAD_FAILED` with the original as `cause`.
+ */
 export function failReload(model: Module, e: unknown): never {
+  const wasInconsistent = isInconsistent(model);
   const written = abortLayerwiseReload(model);
-  if (written.length > 0 && e instanceof LayerwiseError) {
-    const Ctor = e.constructor as new (code: string, message: string) => LayerwiseError;
-    throw new Ctor(
-      e.code,
-      `${e.message} [model inconsistent: ${written.length} layer(s) already hold new weights: ${
-        written.slice(0, 5).join(", ")
-      }${written.length > 5 ? ", ..." : ""}; use atomic to restore]`,
-    );
+  let err: LayerwiseError;
+  if (e instanceof LayerwiseError) err = e;
+  else {
+    const what = e instanceof Error ? `${e.name}: ${e.message}` : String(e);
+    err = new ReloadError("RELOAD_FAILED", `reload failed: ${what.split("\n")[0]}`);
+    Object.defineProperty(err, "cause", { value: e, configurable: true, writable: true });
   }
-  throw e;
+  let note = "";
+  if (written.length > 0) {
+    note = `model inconsistent: ${written.length} layer(s) already hold new weights: ${
+      listSome(written)
+    }; use atomic to restore, or reload completely`;
+  } else if (wasInconsistent) {
+    note = inconsistencyNote(model);
+  }
+  if (note === "" && err === e) throw e;
+  const Ctor = err.constructor as new (code: string, message: string) => LayerwiseError;
+  const out = new Ctor(err.code, note === "" ? err.message : `${err.message} [${note}]`);
+  const cause = err === e ? (e as { cause?: unknown }).cause : e;
+  if (cause !== undefined) {
+    Object.defineProperty(out, "cause", { value: cause, configurable: true, writable: true });
+  }
+  throw out;
 }

@@ -12,16 +12,19 @@ import { CheckpointError, ReloadError } from "../errors.ts";
 import { countWrites, type Module, prefixError, type TensorSlot } from "../nn/module.ts";
 import { type Storage, Tensor } from "../tensor/tensor.ts";
 import {
+  assertIdle,
   describeGaps,
   failReload,
   finalizeLayerwiseReload,
   getLayerwiseInfo,
   initializeLayerwiseReload,
-  isReloading,
   recordMetadataForReloading,
+  rejectNonFinite,
   type ReloadOptions,
+  setLoading,
 } from "./layerwise.ts";
 import { materializeLayer, restoreLayerOnMeta } from "./meta.ts";
+import { type TensorDescriptor, validateWeights, type ValidationReport } from "./validate.ts";
 
 /** Checkpoint tensors by name, in any order: an array, a generator, an async stream. */
 export type WeightSource =
@@ -44,11 +47,35 @@ export interface LoadReport {
   readonly seconds: number;
 }
 
+/** Validation options shared by {@link loadWeights} and {@link reloadWeights}. */
+export interface ExpectOptions {
+  /**
+   * Descriptors (name, dtype, shape) of every tensor the source will give, e.g. a weight
+   * source's `tensors.values()` read from headers: when set, the whole checkpoint is checked
+   * against the model with validateWeights before anything is written.
+   */
+  expected?: Iterable<TensorDescriptor>;
+  /**
+   * With `expected`: unknown and uncovered tensors are errors (true, default) or only
+   * reported (false; unknown names are then skipped during the load).
+   */
+  strict?: boolean;
+}
+
 /** Options of {@link loadWeights}. */
-export interface LoadOptions {
+export interface LoadOptions extends ExpectOptions {
   /** Receives debug messages. */
   log?: (message: string) => void;
+  /**
+   * Scan every incoming tensor on the backend for NaN/Inf before loading it; a hit is
+   * ReloadError `NON_FINITE` naming the tensor and the count. Default false (the CLI turns it
+   * on); costs one extra device read of every incoming tensor.
+   */
+  rejectNonFinite?: boolean;
 }
+
+/** Options of {@link reloadWeights}: the lifecycle's options plus validation. */
+export interface ReloadWeightsOptions extends ReloadOptions, ExpectOptions {}
 
 /**
  * First load: gives the model-format tensors storage, runs every load through the real
@@ -64,9 +91,7 @@ export async function loadWeights(
 ): Promise<LoadReport> {
   const t0 = performance.now();
   const log = options.log ?? (() => {});
-  if (isReloading(model)) {
-    throw new ReloadError("RELOAD_ACTIVE", "loadWeights: a layerwise reload is in progress");
-  }
+  assertIdle(model, "loadWeights");
   const layers = [...model.namedModules()].filter(([, m]) => m.ownSlots().length > 0);
   if (layers.some(([, m]) => !getLayerwiseInfo(m)?.restoreMetadata)) {
     recordMetadataForReloading(model); // also refuses a model that was loaded already
@@ -81,12 +106,21 @@ export async function loadWeights(
       }
     }
   }
+  const skip = options.expected
+    ? new Set(validateWeights(model, options.expected, { strict: options.strict }).unknown)
+    : new Set<string>();
   const counts = new Map<TensorSlot, { elements: number; shards: string[] }>();
   const seen = new Map<TensorSlot, Set<string>>();
   let tensors = 0, skipped = 0, ignored = 0, bytes = 0;
+  // Set synchronously, before the first await: a reload or load started meanwhile is refused.
+  setLoading(model, true);
   try {
     for (const [, m] of layers) materializeLayer(m);
     for await (const [name, loaded] of weights) {
+      if (skip.has(name)) {
+        skipped++;
+        continue;
+      }
       const r = model.resolveWeight(name);
       if (!r) {
         skipped++;
@@ -102,6 +136,7 @@ export async function loadWeights(
       const real = r.slot.tensor;
       let n: number;
       try {
+        if (options.rejectNonFinite) rejectNonFinite(r.module.backend!, loaded, name);
         r.slot.tensor = Tensor.meta(real.shape, real.dtype);
         try {
           n = countWrites(() => r.slot.weightLoader(r.slot, loaded, r.shardId, r.expertId));
@@ -159,6 +194,8 @@ export async function loadWeights(
       restoreLayerOnMeta(m, getLayerwiseInfo(m)!.restoreMetadata!);
     }
     throw e;
+  } finally {
+    setLoading(model, false);
   }
   return {
     tensorsLoaded: tensors,
@@ -196,24 +233,49 @@ export interface ReloadReport {
   readonly peakScratchBytes: number;
   /** Every kernel tensor kept its storage (same address) through the reload. */
   readonly storageKept: boolean;
+  /**
+   * True while layers still hold weights of an earlier failed, non-atomic reload that this
+   * reload did not write again (see isInconsistent); they are in {@link inconsistentLayers}.
+   */
+  readonly inconsistent: boolean;
+  /** The layers that make the model inconsistent; empty when it is consistent. */
+  readonly inconsistentLayers: readonly string[];
+  /** The validation done before writing, when `expected` was given. */
+  readonly validation: ValidationReport | null;
 }
 
 /**
- * Reloads new weights into a loaded model, layer by layer, in place: initialize, load every
- * tensor of `weights` (any order), finalize. On any error the reload is aborted (see
- * abortLayerwiseReload) and the error says which layers already hold new weights.
+ * Reloads new weights into a loaded model, layer by layer, in place: validate (with
+ * `expected`), initialize, load every tensor of `weights` (any order), finalize. On any error
+ * the reload is aborted (see abortLayerwiseReload): with `atomic` the model is restored
+ * bit-exactly, otherwise the error lists the layers already written and the model is marked
+ * inconsistent (isInconsistent). Errors that are not LayerwiseErrors (a source that throws)
+ * come out as ReloadError `RELOAD_FAILED` with the original as `cause`.
+ *
+ * While it runs (it awaits the source), another reloadWeights or loadWeights of the same model
+ * is refused with ReloadError `RELOAD_ACTIVE`; the model's slots show model-format meta
+ * tensors for layers not yet written, so do not read or export the model through its slots
+ * until the promise settles. Kernel tensor storage (device pointers) stays valid and in place
+ * throughout: kernels that use it see old weights in layers not yet written and new weights
+ * in written ones.
  */
 export async function reloadWeights(
   model: Module,
   weights: WeightSource,
-  options: ReloadOptions = {},
+  options: ReloadWeightsOptions = {},
 ): Promise<ReloadReport> {
   const t0 = performance.now();
+  assertIdle(model, "reloadWeights");
+  const validation = options.expected
+    ? validateWeights(model, options.expected, { strict: options.strict })
+    : null;
+  const skip = new Set(validation?.unknown ?? []);
   initializeLayerwiseReload(model, options);
   let tensors = 0, skipped = 0, bytes = 0;
   try {
     for await (const [name, loaded] of weights) {
-      if (model.loadWeight(name, loaded)) {
+      if (skip.has(name)) skipped++;
+      else if (model.loadWeight(name, loaded)) {
         tensors++;
         bytes += loaded.nbytes;
       } else skipped++;
@@ -235,5 +297,8 @@ export async function reloadWeights(
     peakBufferedBytes: s.peakBufferedBytes,
     peakScratchBytes: s.peakScratchBytes,
     storageKept: s.storageKept,
+    inconsistent: s.inconsistentLayers.length > 0,
+    inconsistentLayers: s.inconsistentLayers,
+    validation,
   };
 }

@@ -48,20 +48,30 @@ export {
   finalizeLayerwiseReload,
   type FinalizeSummary,
   getLayerwiseInfo,
+  inconsistentLayers,
   initializeLayerwiseReload,
+  isInconsistent,
   isReloading,
   type LayerwiseInfo,
   recordMetadataForReloading,
   type ReloadOptions,
 } from "./layerwise.ts";
 export {
+  type ExpectOptions,
   type LoadOptions,
   type LoadReport,
   loadWeights,
   type ReloadReport,
   reloadWeights,
+  type ReloadWeightsOptions,
   type WeightSource,
 } from "./load.ts";
+export {
+  type TensorDescriptor,
+  type ValidateOptions,
+  validateWeights,
+  type ValidationReport,
+} from "./validate.ts";
 export {
   captureLayerToMeta,
   getOriginalLoader,
