@@ -14,6 +14,8 @@ const CKPT = new URL("ckpt/", FIXTURES).pathname;
 const EXPECT = new URL("expect/", FIXTURES).pathname;
 const MAIN = new URL("../src/cli/main.ts", import.meta.url).pathname;
 const NAMES = ["llama-tiny", "llama-tiny-sharded", "qwen2-tiny", "mixtral-tiny"];
+// The GPU machine runs the same tests with LAYERWISE_E2E_BACKEND=cuda.
+const BACKEND = Deno.env.get("LAYERWISE_E2E_BACKEND") ?? "wasm";
 
 interface Run {
   code: number;
@@ -80,7 +82,7 @@ Deno.test("e2e: --quant fp8 --export matches the PyTorch expectation for every f
         "--quant",
         "fp8",
         "--backend",
-        "wasm",
+        BACKEND,
         "--export",
         out,
         "--quiet",
@@ -112,7 +114,7 @@ Deno.test("e2e: a reload from another checkpoint equals a first load of it, both
     const copy = `${tmp}/copy`;
     await Deno.mkdir(copy);
     await permutedCopy(copy);
-    const flags = ["--quant", "fp8", "--backend", "wasm", "--quiet"];
+    const flags = ["--quant", "fp8", "--backend", BACKEND, "--quiet"];
     // Reload llama-tiny -> copy, against a first load of the copy (no reload: --repeat 0).
     ok(
       await cli(
@@ -301,7 +303,7 @@ const BAD: Bad[] = [
 
 Deno.test("e2e: bad checkpoints exit 1 with one line naming file and tensor; state unchanged", async () => {
   await withTemp(async (tmp) => {
-    const flags = ["--model", `${CKPT}llama-tiny`, "--quant", "fp8", "--backend", "wasm"];
+    const flags = ["--model", `${CKPT}llama-tiny`, "--quant", "fp8", "--backend", BACKEND];
     ok(await cli(...flags, "--repeat", "0", "--export", `${tmp}/before.st`), "first load");
     const before = await Deno.readFile(`${tmp}/before.st`);
     for (const [i, bad] of BAD.entries()) {
@@ -346,7 +348,7 @@ Deno.test("e2e: bad usage exits 2 with one line and a hint; --help exits 0", asy
 });
 
 Deno.test("e2e: a missing model directory is a failed load: exit 1, one line", async () => {
-  const r = await cli("--model", "/nonexistent/model", "--backend", "wasm");
+  const r = await cli("--model", "/nonexistent/model", "--backend", BACKEND);
   assert.equal(r.code, 1);
   assert.equal(r.stderr.trim().split("\n").length, 1, r.stderr);
   assert.match(r.stderr, /^error: .*\/nonexistent\/model/);
@@ -355,7 +357,7 @@ Deno.test("e2e: a missing model directory is a failed load: exit 1, one line", a
 Deno.test("e2e: the demo runs, keeps every pointer and matches B within the fp8 bound", async () => {
   await withTemp(async (tmp) => {
     const t0 = performance.now();
-    const r = await cliIn({ TMPDIR: tmp }, "--backend", "wasm", "--json", `${tmp}/demo.json`);
+    const r = await cliIn({ TMPDIR: tmp }, "--backend", BACKEND, "--json", `${tmp}/demo.json`);
     const seconds = (performance.now() - t0) / 1000;
     ok(r, "demo");
     assert.match(r.stdout, /check: \d+ kernel tensors, 0 moved/);
@@ -380,7 +382,7 @@ Deno.test("e2e: every quantization reloads to the bytes of a first load", async 
     await Deno.mkdir(copy);
     await permutedCopy(copy);
     for (const q of ["none", "fp8-channel", "fp8-block", "int8"]) {
-      const flags = ["--quant", q, "--backend", "wasm", "--quiet"];
+      const flags = ["--quant", q, "--backend", BACKEND, "--quiet"];
       ok(
         await cli(
           "--model",
