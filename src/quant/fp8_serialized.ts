@@ -67,23 +67,29 @@ export class Fp8SerializedMethod implements QuantMethod {
       const experts = expertCount(spec);
       const scale = b.empty(experts === 0 ? [1] : [experts], DTYPES.f32);
       const [, cols] = matrixShape(spec);
-      const tmp = n > 1 ? b.empty([Math.max(...spec.shardRows), cols], DTYPES.f32) : null;
+      let tmp: Tensor | null = null;
       try {
+        if (n > 1) tmp = b.empty([Math.max(...spec.shardRows), cols], DTYPES.f32);
         matrices(w).forEach((m, e) => {
           const own = host.subarray(e * n, e * n + n);
           const max = own.reduce((a, x) => Math.max(a, x), -Infinity);
           const sv = scale.narrow(0, e, 1);
           b.upload(sv, new Uint8Array(Float32Array.of(max).buffer));
           if (!tmp) return;
+          const buf = tmp;
           let start = 0;
           spec.shardRows.forEach((rows, i) => {
             const shard = m.narrow(0, start, rows);
-            const t = tmp.narrow(0, 0, rows);
+            const t = buf.narrow(0, 0, rows);
             b.dequantizeFp8(t, shard, flat.narrow(0, e * n + i, 1), "tensor");
             b.quantizeFp8(shard, sv, t, "tensor", false);
             start += rows;
           });
         });
+      } catch (e) {
+        // Not yet in the layer: nobody else would free it.
+        b.free(scale.storage!);
+        throw e;
       } finally {
         if (tmp) b.free(tmp.storage!);
       }

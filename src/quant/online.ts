@@ -57,12 +57,20 @@ export class OnlineQuantMethod implements QuantMethod {
       const per = scaleShape(rows, cols, g);
       const sShape = experts === 0 ? per : g === "tensor" ? [experts] : [experts, ...per];
       const q = b.empty(w.shape, this.#target);
-      const s = b.empty(sShape, DTYPES.f32);
-      const qs = matrices(q), ws = matrices(w);
-      for (let i = 0; i < qs.length; i++) {
-        const sv: Tensor = experts === 0 ? s : g === "tensor" ? s.narrow(0, i, 1) : select0(s, i);
-        if (this.#target === DTYPES.i8) b.quantizeInt8(qs[i], sv, ws[i]);
-        else b.quantizeFp8(qs[i], sv, ws[i], g, true);
+      let s: Tensor | undefined;
+      try {
+        s = b.empty(sShape, DTYPES.f32);
+        const qs = matrices(q), ws = matrices(w);
+        for (let i = 0; i < qs.length; i++) {
+          const sv: Tensor = experts === 0 ? s : g === "tensor" ? s.narrow(0, i, 1) : select0(s, i);
+          if (this.#target === DTYPES.i8) b.quantizeInt8(qs[i], sv, ws[i]);
+          else b.quantizeFp8(qs[i], sv, ws[i], g, true);
+        }
+      } catch (e) {
+        // Not yet in the layer: nobody else would free them.
+        b.free(q.storage!);
+        if (s) b.free(s.storage!);
+        throw e;
       }
       b.free(w.storage!);
       putTensor(layer, spec.name, q);

@@ -394,7 +394,12 @@ function makeOnlineProcessLoader(
         );
       }
       kept = layer.backend!.empty(loaded.shape, loaded.dtype);
-      layer.backend!.copy(kept, loaded);
+      try {
+        layer.backend!.copy(kept, loaded);
+      } catch (e) {
+        layer.backend!.free(kept.storage!);
+        throw e;
+      }
       state.bufferedBytes += bytes;
       state.waiting.add(info);
       state.peakBufferedBytes = Math.max(state.peakBufferedBytes, state.bufferedBytes);
@@ -707,6 +712,7 @@ export function abortLayerwiseReload(model: Module): string[] {
  */
 export function failReload(model: Module, e: unknown): never {
   const wasInconsistent = isInconsistent(model);
+  const atomic = STATE.get(model)?.atomic ?? false;
   const written = abortLayerwiseReload(model);
   let err: LayerwiseError;
   if (e instanceof LayerwiseError) err = e;
@@ -716,7 +722,11 @@ export function failReload(model: Module, e: unknown): never {
     Object.defineProperty(err, "cause", { value: e, configurable: true, writable: true });
   }
   let note = "";
-  if (written.length > 0) {
+  if (written.length > 0 && atomic) {
+    note = `model inconsistent: ${written.length} layer(s) already hold new weights: ${
+      listSome(written)
+    }; restoring them from the atomic snapshot failed, reload completely`;
+  } else if (written.length > 0) {
     note = `model inconsistent: ${written.length} layer(s) already hold new weights: ${
       listSome(written)
     }; use atomic to restore, or reload completely`;
