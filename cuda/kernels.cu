@@ -255,19 +255,21 @@ __device__ __forceinline__ bool aligned_for(const T *p) {
 }
 
 /*
- * dst[i] = op(src[i], i) for i < n, by threads tid = 0..nth-1 of some group (a grid, a block or
- * part of one). Vector loads of src after its scalar head; vector stores when dst is aligned at
- * the same element too, scalar stores otherwise.
+ * dst[i] = exact(src[i], i) for i < n, by threads tid = 0..nth-1 of some group (a grid, a block
+ * or part of one). The vector body calls fast(src[i], i, slow) instead, which may set `slow` for
+ * inputs it cannot handle exactly; such a vector is then redone with `exact` in a loop that is
+ * not unrolled, so the rare path costs little code. Vector loads of src after its scalar head;
+ * vector stores when dst is aligned at the same element too, scalar stores otherwise.
  */
-template <typename S, typename D, typename Op>
-__device__ __forceinline__ void map_span(const S *src, D *dst, size_t n, size_t tid, size_t nth,
-                                         Op op) {
+template <typename S, typename D, typename Fast, typename Exact>
+__device__ __forceinline__ void map_span2(const S *src, D *dst, size_t n, size_t tid, size_t nth,
+                                          Fast fast, Exact exact) {
   constexpr int E = 16 / (sizeof(S) > sizeof(D) ? sizeof(S) : sizeof(D));
   size_t h = head_of<E>(src, n);
   size_t nvec = (n - h) / E;
   size_t t0 = h + nvec * E;
-  if (tid < h) dst[tid] = op(src[tid], tid);
-  if (tid < n - t0) dst[t0 + tid] = op(src[t0 + tid], t0 + tid);
+  if (tid < h) dst[tid] = exact(src[tid], tid);
+  if (tid < n - t0) dst[t0 + tid] = exact(src[t0 + tid], t0 + tid);
   const S *vs = src + h;
   D *vd = dst + h;
   bool dvec = aligned_for<E>(vd);
@@ -283,9 +285,13 @@ __device__ __forceinline__ void map_span(const S *src, D *dst, size_t n, size_t 
       size_t i = base + u * nth;
       if (i < nvec) {
         D out[E];
+        bool slow = false;
 #pragma unroll
-        for (int k = 0; k < E; k++) out[k] = op(in[u][k], h + i * E + k);
-        if (dvec) {
+        for (int k = 0; k < E; k++) out[k] = fast(in[u][k], h + i * E + k, slow);
+        if (slow) {
+#pragma unroll 1
+          for (int k = 0; k < E; k++) vd[i * E + k] = exact(vs[i * E + k], h + i * E + k);
+        } else if (dvec) {
           storev<E>(vd + i * E, out);
         } else {
 #pragma unroll
@@ -294,6 +300,14 @@ __device__ __forceinline__ void map_span(const S *src, D *dst, size_t n, size_t 
       }
     }
   }
+}
+
+/* dst[i] = op(src[i], i) for i < n (map_span2 with one exact function). */
+template <typename S, typename D, typename Op>
+__device__ __forceinline__ void map_span(const S *src, D *dst, size_t n, size_t tid, size_t nth,
+                                         Op op) {
+  map_span2(
+      src, dst, n, tid, nth, [op](S x, size_t i, bool &) { return op(x, i); }, op);
 }
 
 /* acc = f(acc, src[i]) over i < n for this thread's share (see map_span). */
@@ -345,16 +359,14 @@ __device__ __forceinline__ Divisor divisor_of(float s) {
   return {s, __fdiv_rn(1.0f, s), a >= 0x21800000u && a <= 0x5D800000u};
 }
 
-/* 0: take the exact path; 1: the result is a signed zero (sign in *q's bits); 2: *q = RN(x/s) */
-__device__ __forceinline__ int fast_quotient(float x, const Divisor &d, float *q) {
-  if (!d.fast) return 0;
+/* RN(x / d.s) in *q when d.fast and the quotient is in range; otherwise sets `slow`. A quotient
+ * below 2^-12 is returned as RN(x * r), which has the right sign and quantizes to zero. */
+__device__ __forceinline__ float fast_quotient(float x, const Divisor &d, bool &slow) {
   float y = __fmul_rn(x, d.r);
   uint32_t ay = __float_as_uint(y) & 0x7FFFFFFFu;
-  if (ay >= 0x5F800000u) return 0;
-  *q = y;
-  if (ay < 0x39800000u) return 1;
-  *q = __fmaf_rn(__fmaf_rn(-y, d.s, x), d.r, y);
-  return 2;
+  slow |= !d.fast || ay >= 0x5F800000u;
+  float q = __fmaf_rn(__fmaf_rn(-y, d.s, x), d.r, y);
+  return ay < 0x39800000u ? y : q;
 }
 
 /* e4m3fn of a finite f32 by the hardware conversion (sm_89+), saturating to +-448 */
@@ -368,31 +380,28 @@ __device__ __forceinline__ uint8_t hw_e4m3(float q) {
 #endif
 }
 
+/* The exact paths, out of line: they run only for rare inputs, and inlined into every element
+ * of an unrolled loop they would make the kernels too large for the instruction cache. */
+__device__ __noinline__ uint8_t exact_e4m3(float x, float s) { return lw_e4m3_quant(x, s); }
+__device__ __noinline__ int8_t exact_int8(float x, float s) { return lw_int8_quant(x, s); }
+
+/* lw_e4m3_quant(x, d.s) unless `slow` is set */
 template <bool HW>
-__device__ __forceinline__ uint8_t quant_e4m3(float x, const Divisor &d) {
-  float q;
-  int k = fast_quotient(x, d, &q);
-  if (k == 1) return (uint8_t)((__float_as_uint(q) >> 24) & 0x80u);
-  if (k == 2) {
-    if constexpr (HW) {
-      return hw_e4m3(q);
-    } else {
-      uint32_t u = __float_as_uint(q), a = u & 0x7FFFFFFFu;
-      return (uint8_t)(((u >> 24) & 0x80u) | (a >= 0x43E00000u ? 0x7Eu : lw_e4m3_mag(a)));
-    }
+__device__ __forceinline__ uint8_t quant_e4m3(float x, const Divisor &d, bool &slow) {
+  float q = fast_quotient(x, d, slow);
+  if constexpr (HW) {
+    return hw_e4m3(q);  // tiny quotients: RN to a signed zero, as the software path
+  } else {
+    uint32_t u = __float_as_uint(q), a = u & 0x7FFFFFFFu;
+    return (uint8_t)(((u >> 24) & 0x80u) | (a >= 0x43E00000u ? 0x7Eu : lw_e4m3_mag(a)));
   }
-  return lw_e4m3_quant(x, d.s);
 }
 
-__device__ __forceinline__ int8_t quant_int8(float x, const Divisor &d) {
-  float q;
-  int k = fast_quotient(x, d, &q);
-  if (k == 1) return 0;
-  if (k == 2) {
-    float c = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);
-    return (int8_t)(int32_t)rintf(c);
-  }
-  return lw_int8_quant(x, d.s);
+/* lw_int8_quant(x, d.s) unless `slow` is set */
+__device__ __forceinline__ int8_t quant_int8(float x, const Divisor &d, bool &slow) {
+  float q = fast_quotient(x, d, slow);
+  float c = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);
+  return (int8_t)(int32_t)rintf(c);
 }
 
 /* Sets *bad when the hardware e4m3 conversion differs from lw_e4m3_from_f32_sat for some finite
@@ -547,8 +556,12 @@ __global__ void __launch_bounds__(kThreads) k_quant_fp8_tensor(uint8_t *q, const
   size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   size_t nth = (size_t)gridDim.x * blockDim.x;
   Divisor d = divisor_of(*scale);
-  map_span(src, q, n, tid, nth,
-           [d](typename Ty<DT>::T x, size_t) { return quant_e4m3<HW>(Ty<DT>::to(x), d); });
+  map_span2(
+      src, q, n, tid, nth,
+      [d](typename Ty<DT>::T x, size_t, bool &slow) {
+        return quant_e4m3<HW>(Ty<DT>::to(x), d, slow);
+      },
+      [d](typename Ty<DT>::T x, size_t) { return exact_e4m3(Ty<DT>::to(x), d.s); });
 }
 
 /* Per row (fp8 or int8), one block per row: absmax, scale, quantize (the second read of a row
@@ -578,11 +591,19 @@ __global__ void __launch_bounds__(kThreads) k_quant_row(uint8_t *q, float *scale
     }
     Divisor d = divisor_of(s);
     if constexpr (INT8) {
-      map_span(row, reinterpret_cast<int8_t *>(q) + r * cols, cols, threadIdx.x, blockDim.x,
-               [d](typename Ty<DT>::T x, size_t) { return quant_int8(Ty<DT>::to(x), d); });
+      map_span2(
+          row, reinterpret_cast<int8_t *>(q) + r * cols, cols, threadIdx.x, blockDim.x,
+          [d](typename Ty<DT>::T x, size_t, bool &slow) {
+            return quant_int8(Ty<DT>::to(x), d, slow);
+          },
+          [d](typename Ty<DT>::T x, size_t) { return exact_int8(Ty<DT>::to(x), d.s); });
     } else {
-      map_span(row, q + r * cols, cols, threadIdx.x, blockDim.x,
-               [d](typename Ty<DT>::T x, size_t) { return quant_e4m3<HW>(Ty<DT>::to(x), d); });
+      map_span2(
+          row, q + r * cols, cols, threadIdx.x, blockDim.x,
+          [d](typename Ty<DT>::T x, size_t, bool &slow) {
+            return quant_e4m3<HW>(Ty<DT>::to(x), d, slow);
+          },
+          [d](typename Ty<DT>::T x, size_t) { return exact_e4m3(Ty<DT>::to(x), d.s); });
     }
   }
 }
@@ -616,8 +637,12 @@ __global__ void __launch_bounds__(kThreads) k_quant_fp8_block(uint8_t *q, float 
     Divisor d = divisor_of(s);
     for (size_t r = g; r < h; r += ng) {
       size_t off = (r0 + r) * cols + c0;
-      map_span(src + off, q + off, w, lane, kGroup,
-               [d](typename Ty<DT>::T x, size_t) { return quant_e4m3<HW>(Ty<DT>::to(x), d); });
+      map_span2(
+          src + off, q + off, w, lane, kGroup,
+          [d](typename Ty<DT>::T x, size_t, bool &slow) {
+            return quant_e4m3<HW>(Ty<DT>::to(x), d, slow);
+          },
+          [d](typename Ty<DT>::T x, size_t) { return exact_e4m3(Ty<DT>::to(x), d.s); });
     }
   }
 }

@@ -291,10 +291,14 @@ gpuTest("contiguous copies of every size and offset match WASM", (c, w) => {
 gpuTest("fill matches WASM for every dtype, value and offset", (c, w) => {
   const values: Record<string, number[]> = {
     float: [0, -0, 1.5, -3.25e-3, 1e9, -70000, NaN, Infinity, 1e-45],
-    int: [0, 1, -1, 127, -128, 255, 123456789],
+    i8: [0, 1, -1, 127, -128],
+    u8: [0, 1, 127, 255],
+    i32: [0, 1, -1, 123456789, -(2 ** 31), 2 ** 31 - 1],
+    i64: [0, 1, -1, 123456789, -(2 ** 40), 2 ** 53 - 1],
+    bool: [0, 1],
   };
   for (const dtype of Object.values(DTYPES)) {
-    const vals = dtype.floating ? values.float : values.int;
+    const vals = dtype.floating ? values.float : values[dtype.name];
     for (const v of vals) {
       for (const n of [1, 7, 4097, 100_003]) {
         const off = 1 + (n % 3);
