@@ -136,6 +136,20 @@ for (const [bn, b] of BACKENDS) {
         () => validateWeights(model, extra),
         /1 unknown tensor: model\.layers\.0\.mlp\.extra_proj\.weight$/,
       );
+      // With an origin (a weight source's TensorInfo has one), messages name the file.
+      const fromFile = extra.map((d) => ({ ...d, origin: "/ckpt/model-00002.safetensors" }));
+      assert.throws(
+        () => validateWeights(model, fromFile),
+        /unknown tensor: \/ckpt\/model-00002\.safetensors: model\.layers\.0\.mlp\.extra_proj\.weight$/,
+      );
+      assert.throws(
+        () =>
+          validateWeights(
+            model,
+            fromFile.map((d) => d.name === "model.norm.weight" ? { ...d, shape: [7] } : d),
+          ),
+        /checkpoint does not fit the model: 1 tensor does not fit: \/ckpt\/model-00002\.safetensors: model\.norm\.weight: /,
+      );
       const lenient = validateWeights(model, extra, { strict: false });
       assert.deepEqual(lenient.unknown, ["model.layers.0.mlp.extra_proj.weight"]);
       assert.equal(lenient.complete, false);

@@ -30,6 +30,8 @@ export interface TensorDescriptor {
   readonly dtype: DType;
   /** Sizes of each dimension. */
   readonly shape: readonly number[];
+  /** Where it comes from (a file path), put in front of messages about it when given. */
+  readonly origin?: string;
 }
 
 /** Options of {@link validateWeights}. */
@@ -149,6 +151,7 @@ export function validateWeights(
   const keys = new Set<string>();
   const slotIds = new Map<Target, number>();
   const skipped: string[] = [], unknown: string[] = [], duplicates: string[] = [];
+  const unknownWhere: string[] = [];
   const misfits: LayerwiseError[] = [];
   let tensors = 0;
   for (const e of entries) {
@@ -167,6 +170,7 @@ export function validateWeights(
     }
     if (!target) {
       unknown.push(name);
+      unknownWhere.push(e.origin === undefined ? name : `${e.origin}: ${name}`);
       continue;
     }
     const shardId: ShardId | undefined = mapped.shardId;
@@ -186,7 +190,12 @@ export function validateWeights(
       n = countWrites(() => target.loader(slot, loaded, shardId, expertId));
     } catch (err) {
       if (err instanceof LayerwiseError) {
-        misfits.push(prefixError(err, name) as LayerwiseError);
+        const named = prefixError(err, name) as LayerwiseError;
+        misfits.push(
+          e.origin === undefined
+            ? named
+            : new CheckpointError(named.code, `${e.origin}: ${named.message}`),
+        );
         continue;
       }
       throw prefixError(err, name);
@@ -245,7 +254,7 @@ export function validateWeights(
   }
   if (strict && unknown.length > 0) {
     code ||= "UNKNOWN_TENSOR";
-    parts.push(`${plural(unknown.length, "unknown tensor")}: ${some(unknown)}`);
+    parts.push(`${plural(unknown.length, "unknown tensor")}: ${some(unknownWhere)}`);
   }
   if (strict && missing.length > 0) {
     code ||= "MISSING_WEIGHTS";
