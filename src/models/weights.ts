@@ -7,11 +7,10 @@
 
 import type { Backend } from "../backend/backend.ts";
 import { wasmView } from "../backend/wasm.ts";
-import type { TensorInfo, WeightSource } from "../checkpoint/source.ts";
-import { CheckpointError, LayerwiseError } from "../errors.ts";
-import { countWrites, TensorSlot } from "../nn/module.ts";
-import { describeGaps, getLayerwiseInfo } from "../reload/layerwise.ts";
-import { Tensor } from "../tensor/tensor.ts";
+import type { WeightSource } from "../checkpoint/source.ts";
+import { CheckpointError } from "../errors.ts";
+import { validateWeights as checkAgainstModel } from "../reload/validate.ts";
+import type { Tensor } from "../tensor/tensor.ts";
 import type { CausalLM } from "./causal_lm.ts";
 import { expectedCheckpointNames } from "./names.ts";
 
@@ -29,19 +28,12 @@ export interface ValidatedWeights {
   readonly layers: ReadonlyMap<number, number>;
 }
 
-function quote(s: string): string {
-  return JSON.stringify(s);
-}
-
-function where(info: TensorInfo): string {
-  return `${info.origin}: tensor ${quote(info.name)}`;
-}
-
 /**
- * Checks every tensor of `source` against `model` from its description: each name maps to a
- * model tensor (or is reported, or is an error with `strict`), each load fits (shape, dtype,
- * shard) as the real loader sees it, and together they cover every model tensor except
- * padding. Throws CheckpointError naming the file and the tensor. The model must have recorded
+ * Checks every tensor of `source` against `model` from its description before anything is
+ * read: the names the architecture needs are all there (CheckpointError `MISSING_TENSOR`
+ * naming them as the checkpoint would), then the engine's dry run of the real loaders
+ * (src/reload/validate.ts) checks shapes, dtypes and coverage. Unknown names are errors with
+ * `strict`, else listed. Messages name the file and the tensor. The model must have recorded
  * its metadata (loadModel does).
  */
 export function validateWeights(
@@ -49,65 +41,6 @@ export function validateWeights(
   source: WeightSource,
   options: { strict?: boolean } = {},
 ): ValidatedWeights {
-  const names: string[] = [];
-  const skipped: string[] = [];
-  const unexpected: string[] = [];
-  const received = new Map<TensorSlot, { elements: number; shards: string[] }>();
-  let bytes = 0;
-  for (const name of source.plan(model.readOrder)) {
-    const info = source.tensors.get(name)!;
-    const target = model.mapCheckpointName(name);
-    if (target === null) {
-      skipped.push(name);
-      continue;
-    }
-    const module = model.getModule(target.path);
-    const slot = module?.getSlot(target.param);
-    const meta = module && getLayerwiseInfo(module)?.restoreMetadata?.get(target.param);
-    if (!module || !slot || module.isTied(target.param) || !meta) {
-      if (options.strict) {
-        throw new CheckpointError(
-          "UNKNOWN_TENSOR",
-          `${where(info)} is not a tensor of this ${model.config.architecture} model`,
-        );
-      }
-      unexpected.push(name);
-      continue;
-    }
-    // The real loader against meta tensors: it checks shard, shape and dtype as a load would,
-    // and counts the elements it would write.
-    const probe = new TensorSlot(meta.meta, meta.loader);
-    let n: number;
-    try {
-      n = countWrites(() =>
-        meta.loader(
-          probe,
-          Tensor.meta(info.shape, info.dtype),
-          target.shardId,
-          target.expertId,
-        )
-      );
-    } catch (e) {
-      if (!(e instanceof LayerwiseError)) throw e;
-      throw new CheckpointError(e.code, `${where(info)} does not fit the model: ${e.message}`);
-    }
-    const got = received.get(slot) ?? { elements: 0, shards: [] };
-    const shard = target.shardId === undefined ? "" : String(target.shardId) +
-      (target.expertId === undefined ? "" : `@${target.expertId}`);
-    if (got.shards.includes(shard) || (shard === "" && got.elements > 0)) {
-      throw new CheckpointError(
-        "DUPLICATE",
-        `${where(info)} loads ${target.path}.${target.param}${
-          shard ? ` shard ${shard}` : ""
-        } a second time`,
-      );
-    }
-    got.elements += n;
-    got.shards.push(shard);
-    received.set(slot, got);
-    names.push(name);
-    bytes += info.bytes;
-  }
   const present = new Set(source.tensors.keys());
   const absent = expectedCheckpointNames(model.config).filter((n) => !present.has(n));
   if (absent.length > 0) {
@@ -118,32 +51,20 @@ export function validateWeights(
       }${absent.length > 8 ? ", ..." : ""}`,
     );
   }
-  // Coverage by element count catches what a name list cannot (e.g. a custom mapping).
-  const gaps: string[] = [];
-  for (const [path, m] of model.namedModules()) {
-    const meta = getLayerwiseInfo(m)?.restoreMetadata;
-    if (!meta || m.processLast) continue;
-    gaps.push(
-      ...describeGaps(
-        m,
-        path,
-        meta,
-        (n) => received.get(m.getSlot(n)!) ?? { elements: 0, shards: [] },
-      ),
-    );
-  }
-  if (gaps.length > 0) {
-    throw new CheckpointError(
-      "MISSING_WEIGHTS",
-      `${source.description}: not every model tensor is covered: ${gaps.slice(0, 4).join("; ")}`,
-    );
-  }
+  const order = source.plan(model.readOrder);
+  const report = checkAgainstModel(model, order.map((n) => source.tensors.get(n)!), {
+    strict: options.strict ?? false,
+  });
+  const left = new Set([...report.skipped, ...report.unknown, ...report.duplicates]);
+  const names = order.filter((n) => !left.has(n));
+  let bytes = 0;
   const layers = new Map<number, number>();
   for (const n of names) {
+    bytes += source.tensors.get(n)!.bytes;
     const k = model.readOrder(n);
     layers.set(k, (layers.get(k) ?? 0) + 1);
   }
-  return { names, skipped, unexpected, bytes, layers };
+  return { names, skipped: report.skipped, unexpected: report.unknown, bytes, layers };
 }
 
 /** Progress of a stream: layer-order groups fully read, of all, and bytes read. */
