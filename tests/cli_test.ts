@@ -48,11 +48,13 @@ Deno.test("args: defaults, every option, and --help", () => {
     json: "r.json",
     atomic: true,
     strict: true,
+    rejectNonFinite: true,
     repeat: 3,
     quiet: true,
     help: false,
   });
   assert.equal(parseCliArgs(["--help"]).help, true);
+  assert.equal(parseCliArgs(["--allow-non-finite"]).rejectNonFinite, false);
   for (const flag of ["--model", "--weights", "--quant", "--backend", "--export", "--json"]) {
     assert.ok(HELP.includes(flag), flag);
   }

@@ -202,7 +202,17 @@ function lastTensor(p: Parts): string {
     .at(-1)![0];
 }
 
+/** llama-tiny with one bf16 NaN in o_proj of layer 0. */
+async function withNaN(dir: string): Promise<string> {
+  const p = await llamaParts();
+  const data = p.data.slice();
+  const [begin] = p.header[O0].data_offsets;
+  new DataView(data.buffer).setUint16(begin + 6, 0x7fc0, true);
+  return await writeFile(dir, pack(JSON.stringify(p.header), data));
+}
+
 const BAD: Bad[] = [
+  { label: "a NaN in a weight (refused by default)", make: withNaN, mentions: [O0, "NaN"] },
   {
     label: "truncated file",
     make: async (dir) => {
@@ -326,6 +336,17 @@ Deno.test("e2e: bad checkpoints exit 1 with one line naming file and tensor; sta
         assert.ok(bytesEqual(await Deno.readFile(after), before), `${what}: export unchanged`);
       }
     }
+  });
+});
+
+Deno.test("e2e: --allow-non-finite accepts a NaN weight and reloads it", async () => {
+  await withTemp(async (tmp) => {
+    const weights = await withNaN(tmp);
+    const r = await cli(
+      ...["--model", `${CKPT}llama-tiny`, "--weights", weights, "--backend", BACKEND],
+      ...["--allow-non-finite", "--quiet"],
+    );
+    ok(r, "--allow-non-finite");
   });
 });
 

@@ -39,6 +39,8 @@ export interface CliOptions {
   atomic: boolean;
   /** Unknown tensors in the weights are errors (instead of being reported). */
   strict: boolean;
+  /** Scan incoming tensors and refuse NaN/Inf (default on; `--allow-non-finite` turns it off). */
+  rejectNonFinite: boolean;
   /** How many reloads to run. */
   repeat: number;
   /** No progress bar and no report on stdout. */
@@ -74,6 +76,8 @@ Options:
   --json FILE        write the report as JSON
   --atomic           on a failed reload, restore every kernel tensor bit-exactly
   --strict           tensors the model does not have are errors (default: reported)
+  --allow-non-finite accept NaN/Inf in incoming weights (default: refused; the check costs one
+                     extra read of every incoming tensor on the device)
   --repeat N         reload N times (default 1; 0 only loads)
   --quiet            no progress bar, no report on stdout
   --help             show this help
@@ -105,6 +109,7 @@ export function parseCliArgs(argv: readonly string[]): CliOptions {
         json: { type: "string" },
         atomic: { type: "boolean" },
         strict: { type: "boolean" },
+        "allow-non-finite": { type: "boolean" },
         repeat: { type: "string" },
         quiet: { type: "boolean" },
         help: { type: "boolean", short: "h" },
@@ -137,6 +142,7 @@ export function parseCliArgs(argv: readonly string[]): CliOptions {
     json: v.json,
     atomic: v.atomic ?? false,
     strict: v.strict ?? false,
+    rejectNonFinite: !(v["allow-non-finite"] ?? false),
     repeat,
     quiet: v.quiet ?? false,
     help: v.help ?? false,

@@ -113,7 +113,11 @@ export async function runDemo(o: CliOptions): Promise<DemoReport> {
     );
 
     let t = performance.now();
-    const model = await loadModel(dirA, { backend, quant: o.quant });
+    const model = await loadModel(dirA, {
+      backend,
+      quant: o.quant,
+      rejectNonFinite: o.rejectNonFinite,
+    });
     const loadSeconds = (performance.now() - t) / 1000;
     say(`first load from A (${o.quant}): ${loadSeconds.toFixed(2)} s`);
 
@@ -123,6 +127,7 @@ export async function runDemo(o: CliOptions): Promise<DemoReport> {
     const reload = await reloadWeights(model, dirB, {
       atomic: o.atomic,
       strict: o.strict,
+      rejectNonFinite: o.rejectNonFinite,
       onProgress: (done, total, n) => bar.update(done, total, n),
     });
     bar.finish();

@@ -55,7 +55,11 @@ export async function runReload(o: CliOptions): Promise<void> {
   const backend: Backend = await openBackend({ backend: o.backend });
   try {
     const t0 = performance.now();
-    const model: CausalLM = await loadModel(dir, { backend, quant: o.quant });
+    const model: CausalLM = await loadModel(dir, {
+      backend,
+      quant: o.quant,
+      rejectNonFinite: o.rejectNonFinite,
+    });
     const report: RunReport = {
       backend: backend.description,
       model: dir,
@@ -80,11 +84,19 @@ export async function runReload(o: CliOptions): Promise<void> {
         const r = await reloadWeights(model, weights, {
           atomic: o.atomic,
           strict: o.strict,
+          rejectNonFinite: o.rejectNonFinite,
           onProgress: (done, total, bytes) => bar.update(done, total, bytes),
         });
         report.reloads.push(r);
         bar.finish();
         print(`reload ${i + 1}: ${describeReload(r)}`, o.quiet);
+        if (r.inconsistent) {
+          console.error(
+            `warning: model inconsistent: ${
+              r.inconsistentLayers.join(", ")
+            } hold weights of an earlier failed reload`,
+          );
+        }
       } catch (e) {
         bar.finish();
         failure = e;

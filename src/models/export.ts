@@ -12,6 +12,7 @@ import type { HostTensor } from "../checkpoint/safetensors.ts";
 import { writeSafetensors } from "../checkpoint/safetensors.ts";
 import { VocabParallelEmbedding } from "../nn/layers.ts";
 import type { Module } from "../nn/module.ts";
+import { assertIdle } from "../reload/layerwise.ts";
 import type { Tensor } from "../tensor/tensor.ts";
 
 /**
@@ -19,6 +20,8 @@ import type { Tensor } from "../tensor/tensor.ts";
  * (under their owner's name); meta tensors (nothing loaded) are left out.
  */
 export function kernelTensors(model: Module): [string, Tensor][] {
+  // Mid-reload, layers not yet written hold shape-only placeholders: refuse rather than skip.
+  assertIdle(model, "kernelTensors");
   const out: [string, Tensor][] = [];
   for (const [path, m] of model.namedModules()) {
     for (const [name, slot] of m.ownSlots()) {

@@ -12,7 +12,9 @@ import { LayerwiseError } from "../errors.ts";
 import type { QuantScheme } from "../quant/method.ts";
 import { recordMetadataForReloading, type ReloadOptions } from "../reload/layerwise.ts";
 import { loadWeights, type ReloadReport, reloadWeights as engineReload } from "../reload/load.ts";
+import { prefixError } from "../nn/module.ts";
 import type { DType } from "../tensor/dtype.ts";
+import type { Tensor } from "../tensor/tensor.ts";
 import type { BuildOptions, CausalLM } from "./causal_lm.ts";
 import { type ModelConfig, readModelConfig } from "./config.ts";
 import { buildLlama } from "./llama.ts";
@@ -64,6 +66,11 @@ export interface LoadModelOptions {
   weights?: string | WeightSource;
   /** Tensors the model does not have are errors (default: ignored, see the report). */
   strict?: boolean;
+  /**
+   * Refuse NaN or infinite values in the checkpoint (ReloadError `NON_FINITE`). Default off
+   * in the API (the CLI turns it on); it costs one extra device read of every tensor.
+   */
+  rejectNonFinite?: boolean;
 }
 
 /** Any weight source `reloadWeights` takes: a path, a source, or in-memory pairs. */
@@ -91,11 +98,43 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
   const [source, own] = await open(options.weights ?? dir);
   try {
     const plan = validateWeights(model, source, options);
-    await loadWeights(model, streamWeights(backend, source, plan, model.readOrder));
+    const stream = streamWeights(backend, source, plan, model.readOrder);
+    await namingFile(
+      source,
+      stream,
+      (s) => loadWeights(model, s, { rejectNonFinite: options.rejectNonFinite }),
+    );
   } finally {
     if (own) source.close();
   }
   return model;
+}
+
+/**
+ * Runs `consume` over `stream` and puts the file of the tensor being loaded in front of an
+ * error that does not name it yet (an engine error knows tensors, not files).
+ */
+async function namingFile<T>(
+  source: WeightSource,
+  stream: AsyncIterable<readonly [string, Tensor]>,
+  consume: (s: AsyncIterable<readonly [string, Tensor]>) => Promise<T>,
+): Promise<T> {
+  let current: string | undefined;
+  async function* track() {
+    for await (const item of stream) {
+      current = item[0];
+      yield item;
+    }
+  }
+  try {
+    return await consume(track());
+  } catch (e) {
+    const origin = current === undefined ? undefined : source.tensors.get(current)?.origin;
+    if (origin === undefined || !(e instanceof LayerwiseError) || e.message.includes(origin)) {
+      throw e;
+    }
+    throw prefixError(e, origin);
+  }
 }
 
 /** Options of {@link reloadWeights}. */
@@ -134,7 +173,7 @@ export async function reloadWeights(
   try {
     const plan = validateWeights(model, source, options);
     const stream = streamWeights(model.device, source, plan, model.readOrder, options.onProgress);
-    const r = await engineReload(model, stream, options);
+    const r = await namingFile(source, stream, (s) => engineReload(model, s, options));
     return {
       ...r,
       source: source.description,
