@@ -1200,3 +1200,6 @@ LW_API lw_status lw_pread(int32_t fd, void *dst, size_t n, uint64_t offset) {
 }
 
 }  // extern "C"
+
+// ================================================================== graphs (cuda/graph.cu)
+#include "graph.cu"

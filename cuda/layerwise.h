@@ -136,6 +136,25 @@ LW_API lw_status lw_event_elapsed(float *out_ms, void *start, void *end);
 LW_API lw_status lw_pread(int32_t fd, void *dst, size_t n, uint64_t offset);
 #endif
 
+/* ---------------------------------------------------------------- CUDA graphs, streams, probe
+ * (CUDA only; cuda/graph.cu). Capture on a ctx's stream: lw_graph_begin, then any entry points
+ * on that ctx, then lw_graph_end gives an executable graph to launch any number of times. */
+#ifndef __EMSCRIPTEN__
+/* the cudaStream_t of ctx (NULL: device 0's default context), for libraries such as NCCL */
+LW_API lw_status lw_ctx_stream(void *ctx, uint64_t *out_stream);
+LW_API lw_status lw_graph_begin(void *ctx);
+/* ends the capture and instantiates it; on error the capture is discarded */
+LW_API lw_status lw_graph_end(void *ctx, uint64_t *out_exec);
+LW_API lw_status lw_graph_launch(void *ctx, void *exec);
+LW_API lw_status lw_graph_destroy(void *exec);
+/* For n tensors described by the device table {q, numel, scale}[n] (uint64 each; scale: one f32
+ * or 0): sums[i] = sum of the e4m3fn elements of q in units of 2^-9 (exact; NaN counts 0) and
+ * dequant[i] = sums[i] * 2^-9 * scale (f64). max_numel only sizes the grid. Stream-only work,
+ * so it can be captured in a graph. */
+LW_API lw_status lw_fp8_tensor_sums(void *ctx, const uint64_t *table, size_t n, size_t max_numel,
+                                    int64_t *sums, double *dequant);
+#endif
+
 #ifdef __cplusplus
 }
 #endif

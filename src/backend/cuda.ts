@@ -263,6 +263,52 @@ export class CudaDevice {
     if (st !== 0) this.#asyncFail(`pread(${n} bytes at ${offset})`, st);
   }
 
+  // ------------------------------------------------ graphs, streams, fp8 probe (cuda/graph.cu)
+
+  /** The `cudaStream_t` of a context, for libraries that queue work on it (NCCL). */
+  stream(ctx: number): number {
+    return this.#out("stream", this.#s.lw_ctx_stream(ctx, this.#u64));
+  }
+
+  /** Starts capturing a context's stream into a CUDA graph (thread-local capture mode). */
+  graphBegin(ctx: number): void {
+    this.check("graphBegin", this.#s.lw_graph_begin(ctx));
+  }
+
+  /** Ends the capture begun by {@link graphBegin}; returns an executable graph. */
+  graphEnd(ctx: number): number {
+    return this.#out("graphEnd", this.#s.lw_graph_end(ctx, this.#u64));
+  }
+
+  /** Queues one replay of an executable graph on a context's stream. */
+  graphLaunch(ctx: number, exec: number): void {
+    this.check("graphLaunch", this.#s.lw_graph_launch(ctx, exec));
+  }
+
+  /** Destroys an executable graph. */
+  graphDestroy(exec: number): void {
+    this.check("graphDestroy", this.#s.lw_graph_destroy(exec));
+  }
+
+  /**
+   * Queues the fp8 probe (cuda/layerwise.h `lw_fp8_tensor_sums`): for a device table of `n`
+   * entries {q, numel, scale}, exact sums in units of 2^-9 into `sums` (i64) and the
+   * dequantized sums into `dequant` (f64). Capturable.
+   */
+  fp8TensorSums(
+    ctx: number,
+    table: number,
+    n: number,
+    maxNumel: number,
+    sums: number,
+    dequant: number,
+  ): void {
+    this.check(
+      "fp8TensorSums",
+      this.#s.lw_fp8_tensor_sums(ctx, table, n, maxNumel, sums, dequant),
+    );
+  }
+
   // The library keeps error text per thread and nonblocking calls ran on another one.
   #asyncFail(op: string, status: number): never {
     const [code, what] = STATUS_NAMES[status] ?? ["DEVICE", `status ${status}`];

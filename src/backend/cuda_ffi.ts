@@ -80,6 +80,17 @@ export const CUDA_SYMBOLS = {
     result: STATUS,
     nonblocking: true,
   },
+
+  // -------------------------------------------------- graphs, streams, fp8 probe (cuda/graph.cu)
+  lw_ctx_stream: { parameters: [PTR, "buffer"], result: STATUS },
+  lw_graph_begin: { parameters: [PTR], result: STATUS },
+  lw_graph_end: { parameters: [PTR, "buffer"], result: STATUS },
+  lw_graph_launch: { parameters: [PTR, PTR], result: STATUS },
+  lw_graph_destroy: { parameters: [PTR], result: STATUS },
+  lw_fp8_tensor_sums: {
+    parameters: [PTR, PTR, "usize", "usize", PTR, PTR],
+    result: STATUS,
+  },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 type RawSymbols = Deno.DynamicLibrary<typeof CUDA_SYMBOLS>["symbols"];
@@ -101,7 +112,12 @@ export interface CudaLibrary {
 }
 
 /** Files the cached build is compiled from, relative to the repository root. */
-const SOURCES = ["cuda/kernels.cu", "cuda/layerwise.h", "cuda/lw_numeric.h"] as const;
+const SOURCES = [
+  "cuda/kernels.cu",
+  "cuda/layerwise.h",
+  "cuda/lw_numeric.h",
+  "cuda/graph.cu",
+] as const;
 const BUILD_SCRIPT = "scripts/build-cuda.sh";
 const ROOT = new URL("../../", import.meta.url);
 
