@@ -26,6 +26,10 @@ export interface BuildOptions {
   readonly backend: Backend;
   /** Quantization of the linear (and expert) layers; embeddings and norms stay in the model dtype. */
   readonly quant: QuantScheme;
+  /** Tensor-parallel rank of this model (default 0); see src/parallel/tp.ts. */
+  readonly tpRank?: number;
+  /** Tensor-parallel ranks (default 1): the model holds rank `tpRank`'s shard of every layer. */
+  readonly tpSize?: number;
 }
 
 /** The root of a causal language model: `model` and `lm_head`, plus the name mapping. */
@@ -70,7 +74,12 @@ export class CausalLM extends Module {
 
 /** The layer context of a model. */
 export function layerContext(config: ModelConfig, options: BuildOptions): LayerContext {
-  return { backend: options.backend, dtype: config.dtype };
+  return {
+    backend: options.backend,
+    dtype: config.dtype,
+    tpRank: options.tpRank ?? 0,
+    tpSize: options.tpSize ?? 1,
+  };
 }
 
 /** `self_attn`: fused qkv_proj, o_proj and the attention layer (no KV-cache scales). */

@@ -71,6 +71,10 @@ export interface LoadModelOptions {
    * in the API (the CLI turns it on); it costs one extra device read of every tensor.
    */
   rejectNonFinite?: boolean;
+  /** Tensor-parallel rank to build and load (default 0); see src/parallel/tp.ts. */
+  tpRank?: number;
+  /** Tensor-parallel ranks (default 1). */
+  tpSize?: number;
 }
 
 /** Any weight source `reloadWeights` takes: a path, a source, or in-memory pairs. */
@@ -93,7 +97,12 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
   const backend = typeof options.backend === "object"
     ? options.backend
     : await openBackend({ backend: options.backend });
-  const model = buildModel(config, { backend, quant: quantScheme(options.quant ?? "fp8") });
+  const model = buildModel(config, {
+    backend,
+    quant: quantScheme(options.quant ?? "fp8"),
+    tpRank: options.tpRank,
+    tpSize: options.tpSize,
+  });
   recordMetadataForReloading(model);
   const [source, own] = await open(options.weights ?? dir);
   try {
