@@ -1,0 +1,384 @@
+/**
+ * Tensor parallelism on WebAssembly: N simulated ranks (N = 2 and 4), each on its own backend,
+ * loaded from the same unsharded checkpoint (the fixtures llama-tiny, llama-tiny-sharded,
+ * qwen2-tiny, mixtral-tiny, and synthetic shapes with more KV heads and a vocabulary that
+ * leaves the last rank without a real row).
+ *
+ * - quant `none`: the concatenation of the rank shards equals the unsharded kernel tensors, for
+ *   every layer type: column-parallel layers on output rows (fused q/k/v and gate/up, each
+ *   logical shard on its own; the MoE w13 per expert), row-parallel layers on input columns
+ *   (o_proj, down_proj, MoE w2), embeddings and the LM head on the vocabulary; KV heads held by
+ *   several ranks (fewer KV heads than ranks) are identical on each and appear once; norms,
+ *   row-parallel biases and the router are whole on every rank.
+ * - quant `fp8` (per tensor): the shards cannot be concatenated (each has its own scale), so
+ *   each rank's fp8 weight and scale must equal quantizing, on its own, that rank's shard of
+ *   the unsharded model-format tensor (per expert for MoE weights); the other tensors equal
+ *   the `none` shards.
+ *
+ * The expected split is written here from the sharding rules, independently of the layers'
+ * own bookkeeping.
+ */
+import assert from "node:assert/strict";
+import type { Backend } from "../src/backend/backend.ts";
+import { openWasmBackend } from "../src/backend/wasm.ts";
+import type { HostTensor } from "../src/checkpoint/safetensors.ts";
+import { synthTensors, writeSynthCheckpoint } from "../src/cli/synth.ts";
+import { readModelConfig } from "../src/models/config.ts";
+import type { ModelConfig } from "../src/models/config.ts";
+import { downloadKernelTensors } from "../src/models/export.ts";
+import { loadModel } from "../src/models/load.ts";
+import {
+  freeModel,
+  loadTensorParallel,
+  openRankBackends,
+  reloadTensorParallel,
+} from "../src/parallel/tp.ts";
+import { DTYPES } from "../src/tensor/dtype.ts";
+
+const CKPT = new URL("../../shared/fixtures/ckpt/", import.meta.url).pathname;
+
+// ---------------------------------------------------------------- host tensor helpers
+
+type Host = HostTensor;
+
+function numel(shape: readonly number[]): number {
+  return shape.reduce((a, b) => a * b, 1);
+}
+
+/** Elements [start, start+len) along `dim`, contiguous. */
+function narrow(t: Host, dim: number, start: number, len: number): Host {
+  assert.ok(start >= 0 && start + len <= t.shape[dim], `narrow ${start}+${len} of ${t.shape}`);
+  const inner = numel(t.shape.slice(dim + 1)) * t.dtype.size;
+  const outer = numel(t.shape.slice(0, dim));
+  const shape = [...t.shape];
+  shape[dim] = len;
+  const out = new Uint8Array(outer * len * inner);
+  for (let o = 0; o < outer; o++) {
+    const src = (o * t.shape[dim] + start) * inner;
+    out.set(t.data.subarray(src, src + len * inner), o * len * inner);
+  }
+  return { dtype: t.dtype, shape, data: out };
+}
+
+/** Concatenation along `dim`. */
+function cat(dim: number, parts: readonly Host[]): Host {
+  assert.ok(parts.length > 0);
+  const t0 = parts[0];
+  const inner = numel(t0.shape.slice(dim + 1)) * t0.dtype.size;
+  const outer = numel(t0.shape.slice(0, dim));
+  const total = parts.reduce((a, p) => a + p.shape[dim], 0);
+  const out = new Uint8Array(outer * total * inner);
+  let at = 0;
+  for (let o = 0; o < outer; o++) {
+    for (const p of parts) {
+      const n = p.shape[dim] * inner;
+      out.set(p.data.subarray(o * n, (o + 1) * n), at);
+      at += n;
+    }
+  }
+  const shape = [...t0.shape];
+  shape[dim] = total;
+  return { dtype: t0.dtype, shape, data: out };
+}
+
+function assertHostEqual(a: Host, b: Host, what: string): void {
+  assert.equal(a.dtype, b.dtype, `${what}: dtype`);
+  assert.deepEqual([...a.shape], [...b.shape], `${what}: shape`);
+  assert.ok(
+    a.data.length === b.data.length && a.data.every((x, i) => x === b.data[i]),
+    `${what}: bytes differ`,
+  );
+}
+
+// ---------------------------------------------------------------- the sharding rules
+
+/** One logical block along the split dim: full size, and which block rank r holds. */
+interface Part {
+  full: number;
+  per: number;
+  source: (r: number) => number;
+}
+
+type Split =
+  | { kind: "replicated" }
+  | { kind: "parts"; dim: number; parts: Part[] } // column-parallel (fused) outputs
+  | { kind: "cols"; dim: number } // row-parallel inputs
+  | { kind: "vocab" };
+
+function split(name: string, c: ModelConfig, n: number): Split {
+  const even = (full: number): Part => ({ full, per: full / n, source: (r) => r });
+  if (name.endsWith("qkv_proj.weight") || name.endsWith("qkv_proj.bias")) {
+    const d = c.headDim, kv = c.numKvHeads;
+    const kvPart: Part = n >= kv
+      ? { full: kv * d, per: d, source: (r) => Math.floor(r / (n / kv)) }
+      : even(kv * d);
+    return { kind: "parts", dim: 0, parts: [even(c.numHeads * d), kvPart, kvPart] };
+  }
+  if (name.endsWith("gate_up_proj.weight") || name.endsWith("gate_up_proj.bias")) {
+    return {
+      kind: "parts",
+      dim: 0,
+      parts: [even(c.intermediateSize), even(c.intermediateSize)],
+    };
+  }
+  if (name.endsWith("experts.w13_weight")) {
+    return {
+      kind: "parts",
+      dim: 1,
+      parts: [even(c.intermediateSize), even(c.intermediateSize)],
+    };
+  }
+  if (name.endsWith("experts.w2_weight")) return { kind: "cols", dim: 2 };
+  if (name.endsWith("o_proj.weight") || name.endsWith("down_proj.weight")) {
+    return { kind: "cols", dim: 1 };
+  }
+  if (name === "model.embed_tokens.weight" || name === "lm_head.weight") return { kind: "vocab" };
+  if (
+    name.endsWith("norm.weight") || name.endsWith("o_proj.bias") ||
+    name.endsWith("down_proj.bias") || name.endsWith("block_sparse_moe.gate.weight")
+  ) {
+    return { kind: "replicated" };
+  }
+  throw new Error(`no sharding rule for ${name}`);
+}
+
+/** Rank r's expected shard of an unsharded kernel tensor (vocabulary padding cut off). */
+function expectedShard(full: Host, s: Split, c: ModelConfig, n: number, r: number): Host {
+  switch (s.kind) {
+    case "replicated":
+      return full;
+    case "cols": {
+      const per = full.shape[s.dim] / n;
+      return narrow(full, s.dim, r * per, per);
+    }
+    case "vocab": {
+      const rows = Math.ceil(c.vocabSize / 64) * 64 / n;
+      const first = r * rows;
+      const real = Math.max(0, Math.min(rows, c.vocabSize - first));
+      return narrow(full, 0, Math.min(first, c.vocabSize), real);
+    }
+    case "parts": {
+      let at = 0;
+      const pieces: Host[] = [];
+      for (const p of s.parts) {
+        pieces.push(narrow(full, s.dim, at + p.source(r) * p.per, p.per));
+        at += p.full;
+      }
+      return cat(s.dim, pieces);
+    }
+  }
+}
+
+/** The unsharded tensor put back together from the rank shards (checking replicas agree). */
+function unshard(shards: Host[], s: Split, n: number, what: string): Host {
+  switch (s.kind) {
+    case "replicated":
+      for (let r = 1; r < n; r++) assertHostEqual(shards[r], shards[0], `${what} replica ${r}`);
+      return shards[0];
+    case "cols":
+      return cat(s.dim, shards);
+    case "vocab":
+      return cat(0, shards.filter((t) => t.shape[0] > 0));
+    case "parts": {
+      const blocks: Host[] = [];
+      let at = 0;
+      for (const p of s.parts) {
+        const held = new Map<number, Host>();
+        for (let r = 0; r < n; r++) {
+          const mine = narrow(shards[r], s.dim, at, p.per);
+          const prev = held.get(p.source(r));
+          if (prev) assertHostEqual(mine, prev, `${what}: replicated block on rank ${r}`);
+          else held.set(p.source(r), mine);
+        }
+        assert.equal(held.size, p.full / p.per, `${what}: every block held by some rank`);
+        for (let k = 0; k < held.size; k++) blocks.push(held.get(k)!);
+        at += p.per;
+      }
+      return cat(s.dim, blocks);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- fixtures and synthetic shapes
+
+const SYNTH = {
+  hiddenSize: 64,
+  intermediateSize: 96,
+  numLayers: 2,
+  numHeads: 8,
+  numKvHeads: 4,
+  vocabSize: 130, // padded to 192: with 4 ranks of 48 rows, rank 3 holds only padding
+  tieWordEmbeddings: false,
+};
+const synthDir = await Deno.makeTempDir({ prefix: "layerwise-tp-" });
+await writeSynthCheckpoint(synthDir, SYNTH, synthTensors(SYNTH, 7));
+const synthTiedDir = await Deno.makeTempDir({ prefix: "layerwise-tp-tied-" });
+const SYNTH_TIED = { ...SYNTH, numKvHeads: 2, vocabSize: 200, tieWordEmbeddings: true };
+await writeSynthCheckpoint(synthTiedDir, SYNTH_TIED, synthTensors(SYNTH_TIED, 8));
+
+const MODELS: [string, string][] = [
+  ["llama-tiny", `${CKPT}llama-tiny`],
+  ["llama-tiny-sharded", `${CKPT}llama-tiny-sharded`],
+  ["qwen2-tiny", `${CKPT}qwen2-tiny`],
+  ["mixtral-tiny", `${CKPT}mixtral-tiny`],
+  ["synthetic (8 heads, 4 KV heads, vocab 130)", synthDir],
+  ["synthetic (tied, 2 KV heads, vocab 200)", synthTiedDir],
+];
+
+const reference: Backend = await openWasmBackend();
+const ranks4 = await openRankBackends(4, "wasm");
+
+Deno.test({
+  name: "tp: rank backends are separate memories, one per rank",
+  fn: () => {
+    assert.equal(new Set(ranks4).size, 4);
+    assert.ok(ranks4.every((b) => b.kind === "wasm" && b !== reference));
+  },
+});
+
+for (const [label, dir] of MODELS) {
+  for (const n of [2, 4]) {
+    Deno.test(`tp: ${label}, ${n} ranks, quant none: the shards concatenate to the unsharded tensors`, async () => {
+      const c = await readModelConfig(dir);
+      const full = await loadModel(dir, { backend: reference, quant: "none" });
+      const models = await loadTensorParallel(dir, ranks4.slice(0, n), { quant: "none" });
+      try {
+        const want = downloadKernelTensors(full);
+        const got = models.map((m) => downloadKernelTensors(m));
+        for (const g of got) assert.deepEqual([...g.keys()], [...want.keys()], "tensor names");
+        const kinds = new Set<string>();
+        for (const [name, w] of want) {
+          const s = split(name, c, n);
+          kinds.add(
+            s.kind === "parts" ? `parts@${s.dim}` : s.kind === "cols" ? `cols@${s.dim}` : s.kind,
+          );
+          const shards = got.map((g) => g.get(name)!);
+          assertHostEqual(unshard(shards, s, n, name), w, `${name} put back together`);
+          for (let r = 0; r < n; r++) {
+            assertHostEqual(shards[r], expectedShard(w, s, c, n, r), `${name} rank ${r}`);
+          }
+        }
+        // Every layer type of the family was met.
+        const need = c.numExperts > 0
+          ? ["parts@0", "parts@1", "cols@1", "cols@2", "vocab", "replicated"]
+          : ["parts@0", "cols@1", "vocab", "replicated"];
+        for (const k of need) assert.ok(kinds.has(k), `${label}: a ${k} tensor was checked`);
+      } finally {
+        freeModel(full);
+        for (const m of models) freeModel(m);
+      }
+    });
+
+    Deno.test(`tp: ${label}, ${n} ranks, fp8 per tensor: each shard is its own quantization of the unsharded model-format shard`, async () => {
+      const c = await readModelConfig(dir);
+      const full = await loadModel(dir, { backend: reference, quant: "none" });
+      const models = await loadTensorParallel(dir, ranks4.slice(0, n), { quant: "fp8" });
+      try {
+        const want = downloadKernelTensors(full); // model format: quant none does not process
+        let quantized = 0;
+        for (let r = 0; r < n; r++) {
+          const got = downloadKernelTensors(models[r]);
+          for (const [name, g] of got) {
+            if (name.endsWith("_scale")) continue; // checked with its weight
+            const base = want.get(name);
+            assert.ok(base, `${name} exists unsharded`);
+            const shard = expectedShard(base, split(name, c, n), c, n, r);
+            if (g.dtype !== DTYPES.f8_e4m3fn) {
+              assertHostEqual(g, shard, `${name} rank ${r}`);
+              continue;
+            }
+            const [q, scale] = quantizeOnItsOwn(reference, shard);
+            assertHostEqual(g, q, `${name} rank ${r}: fp8 bytes`);
+            assertHostEqual(got.get(`${name}_scale`)!, scale, `${name}_scale rank ${r}`);
+            quantized++;
+          }
+        }
+        assert.equal(quantized, n * 4 * c.numLayers, "4 fp8 weights per layer on every rank");
+      } finally {
+        freeModel(full);
+        for (const m of models) freeModel(m);
+      }
+    });
+  }
+}
+
+/**
+ * fp8 per-tensor quantization of a model-format shard on its own (2-D: one scale; 3-D: one per
+ * expert), on the reference backend.
+ */
+function quantizeOnItsOwn(b: Backend, t: Host): [Host, Host] {
+  const experts = t.shape.length === 3 ? t.shape[0] : 0;
+  const mats = experts === 0 ? [t] : Array.from({ length: experts }, (_, e) => {
+    const m = narrow(t, 0, e, 1);
+    return { ...m, shape: m.shape.slice(1) };
+  });
+  const qs: Host[] = [], scales: Host[] = [];
+  for (const m of mats) {
+    const src = b.empty(m.shape, m.dtype);
+    const q = b.empty(m.shape, DTYPES.f8_e4m3fn);
+    const s = b.empty([1], DTYPES.f32);
+    try {
+      b.upload(src, m.data);
+      b.quantizeFp8(q, s, src, "tensor", true);
+      qs.push({ dtype: DTYPES.f8_e4m3fn, shape: [1, ...m.shape], data: b.download(q) });
+      scales.push({ dtype: DTYPES.f32, shape: [1], data: b.download(s) });
+    } finally {
+      for (const x of [src, q, s]) b.free(x.storage!);
+    }
+  }
+  if (experts === 0) {
+    return [{ ...qs[0], shape: qs[0].shape.slice(1) }, scales[0]];
+  }
+  return [cat(0, qs), cat(0, scales)];
+}
+
+Deno.test("tp: a shape that does not divide is a clear BAD_CONFIG naming the layer", async () => {
+  const bad = await Deno.makeTempDir({ prefix: "layerwise-tp-bad-" });
+  try {
+    const shape = { ...SYNTH, intermediateSize: 90 };
+    await writeSynthCheckpoint(bad, shape, synthTensors(shape, 1));
+    await assert.rejects(
+      () => loadTensorParallel(bad, ranks4.slice(0, 4), { quant: "none" }),
+      (e: Error & { code?: string }) =>
+        e.code === "BAD_CONFIG" && /not divisible by 4/.test(e.message),
+    );
+  } finally {
+    await Deno.remove(bad, { recursive: true });
+  }
+});
+
+Deno.test("tp: reloading every rank in place equals a fresh tensor-parallel load of the new weights", async () => {
+  const next = await Deno.makeTempDir({ prefix: "layerwise-tp-next-" });
+  const models = await loadTensorParallel(synthDir, ranks4, { quant: "fp8" });
+  try {
+    await writeSynthCheckpoint(next, SYNTH, synthTensors(SYNTH, 9));
+    const ptrs = models.map((m) =>
+      [...m.namedModules()].flatMap(([, x]) => x.ownSlots().map(([, s]) => s.tensor.ptr))
+    );
+    const reports = await reloadTensorParallel(models, next);
+    assert.ok(reports.every((r) => r.storageKept && r.tensorsLoaded > 0));
+    const again = models.map((m) =>
+      [...m.namedModules()].flatMap(([, x]) => x.ownSlots().map(([, s]) => s.tensor.ptr))
+    );
+    assert.deepEqual(again, ptrs, "no kernel tensor moved");
+    const fresh = await loadTensorParallel(next, ranks4, { quant: "fp8" });
+    try {
+      for (let r = 0; r < 4; r++) {
+        const a = downloadKernelTensors(models[r]), b = downloadKernelTensors(fresh[r]);
+        assert.deepEqual([...a.keys()], [...b.keys()]);
+        for (const [name, t] of a) assertHostEqual(t, b.get(name)!, `rank ${r} ${name}`);
+      }
+    } finally {
+      for (const m of fresh) freeModel(m);
+    }
+  } finally {
+    for (const m of models) freeModel(m);
+    await Deno.remove(next, { recursive: true });
+  }
+});
+
+Deno.test("tp: cleanup", async () => {
+  for (const b of [reference, ...ranks4]) assert.equal(b.allocatedBytes(), 0, "nothing leaked");
+  await Deno.remove(synthDir, { recursive: true });
+  await Deno.remove(synthTiedDir, { recursive: true });
+});
