@@ -330,6 +330,8 @@ class CudaRaw implements RawDevice {
   readonly #s: CudaSymbols;
   readonly #ctx: number;
   readonly #live = new Set<number>();
+  /** Sizes of live blocks and the reuse cache of the staged reload path (issue 5). */
+  readonly pool: DevicePool = new DevicePool();
 
   constructor(d: CudaDevice) {
     this.#d = d;
@@ -338,15 +340,26 @@ class CudaRaw implements RawDevice {
     this.description = `cuda:${d.device} ${d.name}`;
   }
 
+  /** The stream every kernel of this backend runs on. */
+  get ctx(): number {
+    return this.#ctx;
+  }
+
+  /** The device. */
+  get cudaDevice(): CudaDevice {
+    return this.#d;
+  }
+
   malloc(bytes: number): number {
-    const p = this.#d.malloc(bytes);
+    const p = this.pool.take(bytes) ?? this.#d.malloc(bytes);
     this.#live.add(p);
+    this.pool.allocated(p, bytes);
     return p;
   }
 
   free(ptr: number): void {
     this.#live.delete(ptr);
-    this.#d.free(ptr);
+    if (!this.pool.give(ptr)) this.#d.free(ptr);
   }
 
   write(ptr: number, src: Uint8Array): void {
@@ -458,6 +471,7 @@ class CudaRaw implements RawDevice {
     } finally {
       for (const p of this.#live) this.#d.free(p);
       this.#live.clear();
+      this.pool.trim((p) => this.#d.free(p));
     }
   }
 }
@@ -474,5 +488,113 @@ export interface CudaBackendOptions {
  */
 export function openCudaBackend(options: CudaBackendOptions = {}): Backend {
   const dev = CudaDevice.open(options.device ?? 0);
-  return new KernelBackend(new CudaRaw(dev));
+  const raw = new CudaRaw(dev);
+  const backend = new KernelBackend(raw);
+  HANDLES.set(backend, { device: dev, ctx: raw.ctx, pool: raw.pool });
+  return backend;
+}
+
+// ---------------------------------------------------------------- staged reload support (issue 5)
+
+/**
+ * Device memory accounting of one CUDA backend, and an exact-size reuse cache for the staged
+ * reload path. Every layer of a model has the same shapes, so the blocks a layer frees are the
+ * blocks the next one asks for: while the cache is held, `free` keeps blocks for reuse instead
+ * of calling cudaFree, which would synchronize the whole device (and stall the copy stream).
+ * Reuse is safe because every kernel of the backend runs on its one stream, in order; other
+ * streams writing into backend memory must first wait for an event recorded on that stream
+ * after the allocation.
+ */
+export class DevicePool {
+  readonly #sizes = new Map<number, number>();
+  readonly #cache = new Map<number, number[]>();
+  #holds = 0;
+  #cached = 0;
+  #live = 0;
+  #peak = 0;
+
+  /** A cached block of exactly `bytes`, if the cache is held and has one. */
+  take(bytes: number): number | undefined {
+    if (this.#holds === 0) return undefined;
+    const list = this.#cache.get(bytes);
+    const p = list?.pop();
+    if (p !== undefined) this.#cached -= bytes;
+    return p;
+  }
+
+  /** Records a block handed out. */
+  allocated(ptr: number, bytes: number): void {
+    this.#sizes.set(ptr, bytes);
+    this.#live += bytes;
+    this.#peak = Math.max(this.#peak, this.#live + this.#cached);
+  }
+
+  /** Takes a freed block into the cache when held (true), else forgets it (false). */
+  give(ptr: number): boolean {
+    const bytes = this.#sizes.get(ptr) ?? 0;
+    this.#sizes.delete(ptr);
+    this.#live -= bytes;
+    if (this.#holds === 0) return false;
+    const list = this.#cache.get(bytes) ?? [];
+    list.push(ptr);
+    this.#cache.set(bytes, list);
+    this.#cached += bytes;
+    return true;
+  }
+
+  /** Starts caching (nested holds count). */
+  hold(): void {
+    this.#holds++;
+  }
+
+  /** Ends one hold; the last one gives every cached block back through `free`. */
+  release(free: (ptr: number) => void): void {
+    if (this.#holds > 0) this.#holds--;
+    if (this.#holds === 0) this.trim(free);
+  }
+
+  /** Gives every cached block back through `free`. */
+  trim(free: (ptr: number) => void): void {
+    const blocks = [...this.#cache.values()].flat();
+    this.#cache.clear();
+    this.#cached = 0;
+    for (const p of blocks) free(p);
+  }
+
+  /** Bytes in live blocks. */
+  get liveBytes(): number {
+    return this.#live;
+  }
+
+  /** Bytes held in the cache. */
+  get cachedBytes(): number {
+    return this.#cached;
+  }
+
+  /** Most live + cached bytes since the last {@link resetPeak}. */
+  get peakBytes(): number {
+    return this.#peak;
+  }
+
+  /** Starts a new peak measurement from the current bytes. */
+  resetPeak(): void {
+    this.#peak = this.#live + this.#cached;
+  }
+}
+
+/** What the staged reload path needs of a CUDA backend. */
+export interface CudaHandle {
+  /** The device. */
+  readonly device: CudaDevice;
+  /** The stream the backend's kernels run on. */
+  readonly ctx: number;
+  /** Its memory accounting and reuse cache. */
+  readonly pool: DevicePool;
+}
+
+const HANDLES = new WeakMap<Backend, CudaHandle>();
+
+/** The device, stream and pool behind a backend from {@link openCudaBackend}; else undefined. */
+export function cudaHandle(backend: Backend): CudaHandle | undefined {
+  return HANDLES.get(backend);
 }

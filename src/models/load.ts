@@ -8,6 +8,7 @@
 import type { Backend } from "../backend/backend.ts";
 import { type BackendChoice, openBackend } from "../backend/select.ts";
 import { openWeightSource, type TensorPairs, type WeightSource } from "../checkpoint/source.ts";
+import type { StagingOptions } from "../checkpoint/staging.ts";
 import { LayerwiseError } from "../errors.ts";
 import type { QuantScheme } from "../quant/method.ts";
 import { recordMetadataForReloading, type ReloadOptions } from "../reload/layerwise.ts";
@@ -75,6 +76,11 @@ export interface LoadModelOptions {
   tpRank?: number;
   /** Tensor-parallel ranks (default 1). */
   tpSize?: number;
+  /**
+   * Sizes of the pinned staging pipeline used on CUDA with checkpoint files, or false for
+   * the simple path (one tensor at a time through the source).
+   */
+  staging?: StagingOptions | false;
 }
 
 /** Any weight source `reloadWeights` takes: a path, a source, or in-memory pairs. */
@@ -107,7 +113,14 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
   const [source, own] = await open(options.weights ?? dir);
   try {
     const plan = validateWeights(model, source, options);
-    const stream = streamWeights(backend, source, plan, model.readOrder);
+    const stream = streamWeights(
+      backend,
+      source,
+      plan,
+      model.readOrder,
+      undefined,
+      options.staging,
+    );
     await namingFile(
       source,
       stream,
@@ -152,6 +165,8 @@ export interface ModelReloadOptions extends ReloadOptions {
   strict?: boolean;
   /** Called after each tensor is read: layer groups done, their number, bytes read. */
   onProgress?: ProgressCallback;
+  /** As in {@link LoadModelOptions.staging}. */
+  staging?: StagingOptions | false;
 }
 
 /** The engine's report plus what validation found. */
@@ -181,7 +196,14 @@ export async function reloadWeights(
   const [source, own] = await open(weights);
   try {
     const plan = validateWeights(model, source, options);
-    const stream = streamWeights(model.device, source, plan, model.readOrder, options.onProgress);
+    const stream = streamWeights(
+      model.device,
+      source,
+      plan,
+      model.readOrder,
+      options.onProgress,
+      options.staging,
+    );
     const r = await namingFile(source, stream, (s) => engineReload(model, s, options));
     return {
       ...r,

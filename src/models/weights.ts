@@ -8,6 +8,7 @@
 import type { Backend } from "../backend/backend.ts";
 import { wasmView } from "../backend/wasm.ts";
 import type { WeightSource } from "../checkpoint/source.ts";
+import { canStage, stageTensors, type StagingOptions } from "../checkpoint/staging.ts";
 import { CheckpointError } from "../errors.ts";
 import { validateWeights as checkAgainstModel } from "../reload/validate.ts";
 import type { Tensor } from "../tensor/tensor.ts";
@@ -72,8 +73,10 @@ export type ProgressCallback = (layersDone: number, layersTotal: number, bytes: 
 
 /**
  * Reads the validated names in order into backend tensors and yields them; each tensor is
- * freed when the consumer asks for the next one (the engine copies what it keeps). On the
- * WebAssembly backend the bytes are read straight into its memory.
+ * borrowed: freed or overwritten when the consumer asks for the next one (the engine copies
+ * what it keeps). On CUDA with a file-backed source, reads go through the pinned staging ring
+ * of `checkpoint/staging.ts` (unless `staging` is false); on the WebAssembly backend the bytes
+ * are read straight into its memory.
  */
 export async function* streamWeights(
   backend: Backend,
@@ -81,10 +84,36 @@ export async function* streamWeights(
   plan: ValidatedWeights,
   readOrder: (name: string) => number,
   onProgress?: ProgressCallback,
+  staging?: StagingOptions | false,
 ): AsyncGenerator<[string, Tensor]> {
   const left = new Map(plan.layers);
   let done = 0, bytes = 0;
-  let staging = new Uint8Array(0);
+  const progress = (name: string, n: number) => {
+    bytes += n;
+    const k = readOrder(name);
+    const m = left.get(k)! - 1;
+    left.set(k, m);
+    if (m === 0) done++;
+    onProgress?.(done, plan.layers.size, bytes);
+  };
+  if (staging !== false && canStage(backend)) {
+    // CUDA and a file-backed source: pinned ring, parallel reads, asynchronous copies.
+    const staged = stageTensors(backend, source, plan.names, staging ?? {});
+    let r = await staged.next();
+    if (!(r.done && r.value === false)) {
+      try {
+        while (!r.done) {
+          progress(r.value[0], r.value[1].nbytes);
+          yield r.value;
+          r = await staged.next();
+        }
+      } finally {
+        await staged.return(true);
+      }
+      return;
+    }
+  }
+  let buffer = new Uint8Array(0);
   for (const name of plan.names) {
     const info = source.tensors.get(name)!;
     const t = backend.empty(info.shape, info.dtype);
@@ -92,17 +121,12 @@ export async function* streamWeights(
       if (backend.kind === "wasm") {
         await source.readInto(name, wasmView(backend, t));
       } else {
-        if (staging.byteLength < info.bytes) staging = new Uint8Array(info.bytes);
-        const dst = staging.subarray(0, info.bytes);
+        if (buffer.byteLength < info.bytes) buffer = new Uint8Array(info.bytes);
+        const dst = buffer.subarray(0, info.bytes);
         await source.readInto(name, dst);
         backend.upload(t, dst);
       }
-      bytes += info.bytes;
-      const k = readOrder(name);
-      const n = left.get(k)! - 1;
-      left.set(k, n);
-      if (n === 0) done++;
-      onProgress?.(done, plan.layers.size, bytes);
+      progress(name, info.bytes);
       yield [name, t];
     } finally {
       backend.free(t.storage!);

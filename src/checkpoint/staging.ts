@@ -1,0 +1,542 @@
+/**
+ * Staged reads for the CUDA backend: checkpoint tensors read from files by several native
+ * threads into a ring of pinned host buffers, copied to the device asynchronously on a stream
+ * of their own, and handed out as backend tensors in read order, so that reading the next
+ * tensors overlaps copying and processing the current ones.
+ *
+ * The read order is cut into blocks of at most one pinned slot; each block is read with
+ * parallel `pread`s (nonblocking FFI calls run on Deno's blocking thread pool; reads of
+ * neighbouring tensors of one file are merged, then split into chunks), then copied to the
+ * device piece by piece. Tensors land in a device ring (tensors larger than half of it get a
+ * block of their own) and are handed out as soon as their last piece is queued; the backend's
+ * stream waits for that copy through an event, and the copy stream waits, through another
+ * event recorded after the consumer returned, before it overwrites a tensor's place in the ring.
+ * Only reusing a pinned slot waits on the host, once per slot of tens of MB, never per tensor.
+ *
+ * {@link canStage} says whether a backend and a source can take this path (a CUDA backend and a
+ * file-backed source on Linux); otherwise callers read through the source as before.
+ * @module
+ */
+
+import type { Backend } from "../backend/backend.ts";
+import {
+  type CudaDevice,
+  type CudaHandle,
+  cudaHandle,
+  type PinnedBuffer,
+} from "../backend/cuda.ts";
+import { BackendError, CheckpointError } from "../errors.ts";
+import { type Storage, Tensor } from "../tensor/tensor.ts";
+import { openCheckpoint } from "./sharded.ts";
+import type { WeightSource } from "./source.ts";
+
+/** Sizes of the staging pipeline. */
+export interface StagingOptions {
+  /** Bytes per pinned slot (default 64 MiB). */
+  slotBytes?: number;
+  /** Pinned slots in the ring (default 4). */
+  slots?: number;
+  /** Largest single pread (default 8 MiB): larger reads are split and run in parallel. */
+  chunkBytes?: number;
+  /** Most preads in flight at once (default 16). */
+  readers?: number;
+  /** Bytes of the device ring tensors land in (default 256 MiB). */
+  deviceRingBytes?: number;
+  /**
+   * Keep device blocks freed during the stream for exact-size reuse (default true): avoids a
+   * cudaFree, which synchronizes the device, for every scratch tensor of every layer.
+   */
+  reuseAllocations?: boolean;
+}
+
+const MiB = 1 << 20;
+const DEFAULTS: Required<StagingOptions> = {
+  slotBytes: 64 * MiB,
+  slots: 4,
+  chunkBytes: 8 * MiB,
+  readers: 16,
+  deviceRingBytes: 256 * MiB,
+  reuseAllocations: true,
+};
+const ALIGN = 256;
+
+/** Where one tensor's bytes are: file (index into the file list), offset, length. */
+export interface StagedTensor {
+  /** Checkpoint name. */
+  readonly name: string;
+  /** Index of its file. */
+  readonly file: number;
+  /** Absolute offset of its first byte in the file. */
+  readonly offset: number;
+  /** Byte length. */
+  readonly bytes: number;
+}
+
+/** A contiguous part of one tensor inside a pinned slot. */
+export interface Piece {
+  /** Index of the tensor in the read order. */
+  readonly tensor: number;
+  /** Byte offset of the piece inside the tensor. */
+  readonly at: number;
+  /** Byte offset of the piece inside the slot. */
+  readonly slotAt: number;
+  /** Length. */
+  readonly bytes: number;
+}
+
+/** One pread into a slot. */
+export interface ReadOp {
+  /** File index. */
+  readonly file: number;
+  /** Absolute file offset. */
+  readonly offset: number;
+  /** Byte offset inside the slot. */
+  readonly slotAt: number;
+  /** Length. */
+  readonly bytes: number;
+}
+
+/** What fills one pinned slot: the reads, then the pieces copied out of it. */
+export interface Block {
+  /** Reads into the slot (neighbours merged, then split into chunks). */
+  readonly reads: readonly ReadOp[];
+  /** Pieces copied to the device, in order. */
+  readonly pieces: readonly Piece[];
+}
+
+/**
+ * Cuts tensors, in read order, into blocks of at most `slotBytes`: each tensor's bytes go to
+ * consecutive pieces (a tensor larger than a slot spans several blocks); reads of pieces that
+ * follow each other in the same file and in the slot are merged, then split into reads of at
+ * most `chunkBytes`.
+ */
+export function planBlocks(
+  tensors: readonly StagedTensor[],
+  slotBytes: number,
+  chunkBytes: number,
+): Block[] {
+  if (!(slotBytes > 0) || !(chunkBytes > 0)) {
+    throw new BackendError("BAD_OPTION", "staging: slot and chunk sizes must be positive");
+  }
+  const blocks: Block[] = [];
+  let pieces: Piece[] = [];
+  let used = 0;
+  const flush = () => {
+    if (pieces.length === 0) return;
+    const merged: { file: number; offset: number; slotAt: number; bytes: number }[] = [];
+    for (const p of pieces) {
+      const t = tensors[p.tensor];
+      const last = merged[merged.length - 1];
+      if (
+        last && last.file === t.file && last.offset + last.bytes === t.offset + p.at &&
+        last.slotAt + last.bytes === p.slotAt
+      ) last.bytes += p.bytes;
+      else merged.push({ file: t.file, offset: t.offset + p.at, slotAt: p.slotAt, bytes: p.bytes });
+    }
+    const reads: ReadOp[] = [];
+    for (const m of merged) {
+      for (let k = 0; k < m.bytes; k += chunkBytes) {
+        const n = Math.min(chunkBytes, m.bytes - k);
+        reads.push({ file: m.file, offset: m.offset + k, slotAt: m.slotAt + k, bytes: n });
+      }
+    }
+    blocks.push({ reads, pieces });
+    pieces = [];
+    used = 0;
+  };
+  tensors.forEach((t, i) => {
+    // An empty tensor still needs a piece: it is handed out when its (only) piece is.
+    if (t.bytes === 0) pieces.push({ tensor: i, at: 0, slotAt: used, bytes: 0 });
+    let at = 0;
+    while (at < t.bytes) {
+      const n = Math.min(t.bytes - at, slotBytes - used);
+      pieces.push({ tensor: i, at, slotAt: used, bytes: n });
+      at += n;
+      used += n;
+      if (used === slotBytes) flush();
+    }
+  });
+  flush();
+  return blocks;
+}
+
+/**
+ * Places tensors in a circular device ring in order; returns each tensor's offset, or -1 for
+ * tensors that get a block of their own (larger than half the ring). Exported for tests.
+ */
+export class DeviceRing {
+  readonly #capacity: number;
+  #head = 0;
+  /** Places in use: [begin, end) and who holds them. */
+  readonly #held: { begin: number; end: number; owner: number }[] = [];
+
+  /** A ring of `capacity` bytes. */
+  constructor(capacity: number) {
+    this.#capacity = capacity;
+  }
+
+  /** Whether a tensor of `bytes` goes into the ring. */
+  fits(bytes: number): boolean {
+    return bytes <= this.#capacity / 2;
+  }
+
+  /**
+   * The offset for `bytes` (aligned), and the owners of the places it overwrites (which
+   * must be released first; they are forgotten here).
+   */
+  place(bytes: number, owner: number): { offset: number; overwrites: number[] } {
+    let begin = this.#head;
+    if (begin + bytes > this.#capacity) begin = 0;
+    const end = begin + bytes;
+    const overwrites: number[] = [];
+    for (let i = this.#held.length - 1; i >= 0; i--) {
+      const h = this.#held[i];
+      if (h.begin < end && begin < h.end) {
+        overwrites.push(h.owner);
+        this.#held.splice(i, 1);
+      }
+    }
+    this.#held.push({ begin, end: Math.max(end, begin + 1), owner });
+    this.#head = Math.ceil(end / ALIGN) * ALIGN;
+    return { offset: begin, overwrites };
+  }
+}
+
+// ------------------------------------------------------------------------------ files
+
+const O_RDONLY = 0;
+let libc:
+  | Deno.DynamicLibrary<{
+    open: { parameters: ["buffer", "i32"]; result: "i32" };
+    close: { parameters: ["i32"]; result: "i32" };
+  }>
+  | null
+  | undefined;
+
+// Deno gives no file descriptors; pread in the CUDA library needs one.
+function posix(): NonNullable<typeof libc> | null {
+  if (libc !== undefined) return libc;
+  if (Deno.build.os !== "linux") return libc = null;
+  try {
+    libc = Deno.dlopen("libc.so.6", {
+      open: { parameters: ["buffer", "i32"], result: "i32" },
+      close: { parameters: ["i32"], result: "i32" },
+    });
+  } catch {
+    libc = null;
+  }
+  return libc;
+}
+
+function openFd(path: string): number {
+  const fd = posix()!.symbols.open(new TextEncoder().encode(`${path}\0`), O_RDONLY);
+  if (fd < 0) {
+    throw new CheckpointError("MISSING_SHARD", `${path}: cannot open for reading`);
+  }
+  return fd;
+}
+
+/** Where a source's tensors are in files, or null when it is not file-backed. */
+async function locate(
+  source: WeightSource,
+  names: readonly string[],
+): Promise<{ files: string[]; tensors: StagedTensor[] } | null> {
+  const infos = names.map((n) => source.tensors.get(n));
+  if (infos.some((i) => i === undefined || i.origin === "memory")) return null;
+  let ckpt;
+  try {
+    ckpt = await openCheckpoint(source.description);
+  } catch {
+    return null;
+  }
+  const files: string[] = [];
+  const index = new Map<string, number>();
+  const tensors: StagedTensor[] = [];
+  for (const name of names) {
+    const info = source.tensors.get(name)!;
+    const e = ckpt.tensors.get(name);
+    // The headers must be the ones the source validated: same file, dtype and size.
+    if (
+      !e || e.file !== info.origin || e.dtype.name !== info.dtype.name ||
+      e.end - e.begin !== info.bytes
+    ) return null;
+    let f = index.get(e.file);
+    if (f === undefined) {
+      index.set(e.file, f = files.length);
+      files.push(e.file);
+    }
+    tensors.push({ name, file: f, offset: e.begin, bytes: info.bytes });
+  }
+  return { files, tensors };
+}
+
+/** Whether {@link stageTensors} can run for this backend (CUDA, Linux, libc loadable). */
+export function canStage(backend: Backend): boolean {
+  return backend.kind === "cuda" && cudaHandle(backend) !== undefined && posix() !== null;
+}
+
+// ------------------------------------------------------------------------------ ring
+
+interface HostRing {
+  readonly slotBytes: number;
+  readonly slots: PinnedBuffer[];
+  /** Recorded on the copy stream after a slot's last copy. */
+  readonly slotEvents: number[];
+  /** The copy stream. */
+  readonly ctx: number;
+  /** Spare events (ready, fences, ring releases). */
+  readonly events: number[];
+  busy: boolean;
+}
+
+const RINGS = new WeakMap<Backend, HostRing>();
+
+function makeRing(d: CudaDevice, slotBytes: number, slots: number): HostRing {
+  const ring: HostRing = {
+    slotBytes,
+    slots: [],
+    slotEvents: [],
+    ctx: d.createContext(),
+    events: [],
+    busy: false,
+  };
+  try {
+    for (let i = 0; i < slots; i++) {
+      ring.slots.push(d.hostAlloc(slotBytes));
+      ring.slotEvents.push(d.createEvent());
+    }
+  } catch (e) {
+    freeRing(d, ring);
+    throw e;
+  }
+  return ring;
+}
+
+function freeRing(d: CudaDevice, ring: HostRing): void {
+  d.sync(ring.ctx);
+  for (const b of ring.slots) d.hostFree(b);
+  for (const e of [...ring.slotEvents, ...ring.events]) d.destroyEvent(e);
+  d.destroyContext(ring.ctx);
+  ring.slots.length = 0;
+  ring.slotEvents.length = 0;
+  ring.events.length = 0;
+}
+
+/** The pinned ring kept for a backend (allocating pinned memory takes tens of ms). */
+function ringFor(backend: Backend, h: CudaHandle, o: Required<StagingOptions>): HostRing {
+  const kept = RINGS.get(backend);
+  if (kept && !kept.busy && kept.slotBytes === o.slotBytes && kept.slots.length === o.slots) {
+    return kept;
+  }
+  const ring = makeRing(h.device, o.slotBytes, o.slots);
+  if (!kept || !kept.busy) {
+    if (kept) freeRing(h.device, kept);
+    RINGS.set(backend, ring);
+  }
+  return ring;
+}
+
+/**
+ * Frees the pinned staging ring kept for `backend` (kept between reloads because pinning
+ * memory is slow). Call before closing the backend; a later staged read makes a new one.
+ */
+export function releaseStaging(backend: Backend): void {
+  const ring = RINGS.get(backend);
+  const h = cudaHandle(backend);
+  if (!ring || !h || ring.busy) return;
+  RINGS.delete(backend);
+  freeRing(h.device, ring);
+}
+
+/** Bounds how many promises run at once. */
+class Gate {
+  #free: number;
+  readonly #waiting: (() => void)[] = [];
+  constructor(n: number) {
+    this.#free = Math.max(1, n);
+  }
+  async run<T>(f: () => Promise<T>): Promise<T> {
+    if (this.#free > 0) this.#free--;
+    else await new Promise<void>((r) => this.#waiting.push(r));
+    try {
+      return await f();
+    } finally {
+      const next = this.#waiting.shift();
+      if (next) next();
+      else this.#free++;
+    }
+  }
+}
+
+/** Numbers a run of {@link stageTensors} reports. */
+export interface StagingStats {
+  /** Bytes read from files. */
+  bytes: number;
+  /** Pinned bytes of the ring. */
+  pinnedBytes: number;
+  /** Device bytes of the ring. */
+  deviceRingBytes: number;
+  /** Tensors that got device blocks of their own. */
+  dedicated: number;
+  /** Seconds the consumer waited for reads (host). */
+  readWaitSeconds: number;
+}
+
+/**
+ * Reads `names` of a file-backed `source` (in that order) through the pinned ring and yields
+ * each as a contiguous tensor in `backend` memory, borrowed: it is valid until the consumer
+ * asks for the next one. Yields nothing and returns false when the source is not file-backed
+ * (call {@link canStage} for the backend first); returns true after the last tensor.
+ * Errors: CheckpointError `TRUNCATED` when a file came short, `MISSING_SHARD` when one
+ * vanished; BackendError from the device.
+ */
+export async function* stageTensors(
+  backend: Backend,
+  source: WeightSource,
+  names: readonly string[],
+  options: StagingOptions = {},
+  stats?: StagingStats,
+): AsyncGenerator<[string, Tensor], boolean> {
+  const h = cudaHandle(backend);
+  if (!h || posix() === null) return false;
+  const where = await locate(source, names);
+  if (where === null) return false;
+  const o = { ...DEFAULTS, ...options };
+  const d = h.device;
+  const ring = ringFor(backend, h, o);
+  const kept = RINGS.get(backend) === ring;
+  ring.busy = true;
+  const fds: number[] = [];
+  const reads: Promise<void>[] = [];
+  const dedicated = new Map<number, Storage>();
+  let devRing: Storage | null = null;
+  let ok = false;
+  // Release events of ring places, by tensor index; spare events go back to the ring.
+  const released = new Map<number, number>();
+  let fence = 0;
+  if (o.reuseAllocations) h.pool.hold();
+  try {
+    for (const f of where.files) fds.push(openFd(f));
+    const tensors = where.tensors;
+    const blocks = planBlocks(tensors, o.slotBytes, o.chunkBytes);
+    const largest = tensors.reduce((m, t) => Math.max(m, t.bytes), 0);
+    const ringBytes = Math.min(o.deviceRingBytes, Math.ceil(2 * largest / ALIGN) * ALIGN + ALIGN);
+    devRing = backend.alloc(ringBytes);
+    const places = new DeviceRing(ringBytes);
+    if (stats) {
+      stats.pinnedBytes = o.slotBytes * o.slots;
+      stats.deviceRingBytes = ringBytes;
+    }
+    const gate = new Gate(o.readers);
+    const event = () => ring.events.pop() ?? d.createEvent();
+    const base = new Map<number, [Storage, number]>();
+    fence = event();
+
+    const startRead = (i: number) => {
+      if (i >= blocks.length) return;
+      const s = i % o.slots;
+      const slot = ring.slots[s];
+      const p = (async () => {
+        if (i >= o.slots) await d.eventSyncAsync(ring.slotEvents[s]);
+        await Promise.all(blocks[i].reads.map((r) =>
+          gate.run(async () => {
+            try {
+              await d.preadAsync(fds[r.file], slot.ptr + r.slotAt, r.bytes, r.offset);
+            } catch (e) {
+              if (!(e instanceof BackendError) || e.code !== "IO") throw e;
+              throw new CheckpointError(
+                "TRUNCATED",
+                `${
+                  where.files[r.file]
+                }: reading ${r.bytes} bytes at ${r.offset} failed or came short (${e.message})`,
+              );
+            }
+          })
+        ));
+      })();
+      p.catch(() => {}); // awaited in order below; this only keeps an early failure handled
+      reads[i] = p;
+    };
+    for (let i = 0; i < Math.min(o.slots, blocks.length); i++) startRead(i);
+
+    for (let i = 0; i < blocks.length; i++) {
+      const t0 = performance.now();
+      await reads[i];
+      if (stats) stats.readWaitSeconds += (performance.now() - t0) / 1000;
+      const slot = ring.slots[i % o.slots];
+      for (const p of blocks[i].pieces) {
+        const t = tensors[p.tensor];
+        if (p.at === 0) {
+          // First piece: give the tensor its place; the copy stream must not write there
+          // before the backend's stream is done with what was there.
+          if (places.fits(t.bytes)) {
+            const { offset, overwrites } = places.place(t.bytes, p.tensor);
+            for (const w of overwrites) {
+              const ev = released.get(w);
+              if (ev === undefined) continue;
+              d.wait(ring.ctx, ev);
+              released.delete(w);
+              ring.events.push(ev);
+            }
+            base.set(p.tensor, [devRing, offset]);
+          } else {
+            const s = backend.alloc(t.bytes);
+            dedicated.set(p.tensor, s);
+            base.set(p.tensor, [s, 0]);
+            if (stats) stats.dedicated++;
+            d.record(fence, h.ctx);
+            d.wait(ring.ctx, fence);
+          }
+        }
+        const [storage, off] = base.get(p.tensor)!;
+        if (p.bytes > 0) d.h2d(ring.ctx, storage.ptr + off + p.at, slot.ptr + p.slotAt, p.bytes);
+        if (p.at + p.bytes < t.bytes) continue;
+        // Last piece: the backend's stream waits for the copy, then the consumer gets it.
+        d.record(fence, ring.ctx);
+        d.wait(h.ctx, fence);
+        const info = source.tensors.get(t.name)!;
+        const tensor = new Tensor(info.shape, info.dtype, storage, off / info.dtype.size);
+        base.delete(p.tensor);
+        if (stats) stats.bytes += t.bytes;
+        yield [t.name, tensor];
+        const own = dedicated.get(p.tensor);
+        if (own) {
+          dedicated.delete(p.tensor);
+          backend.free(own);
+        } else {
+          const ev = event();
+          d.record(ev, h.ctx);
+          released.set(p.tensor, ev);
+        }
+      }
+      d.record(ring.slotEvents[i % o.slots], ring.ctx);
+      startRead(i + o.slots);
+    }
+    ok = true;
+    return true;
+  } finally {
+    // Reads still in flight write into pinned memory: let them finish before anything goes.
+    await Promise.allSettled(reads);
+    let err: unknown = null;
+    const attempt = (f: () => void) => {
+      try {
+        f();
+      } catch (e) {
+        err ??= e;
+      }
+    };
+    attempt(() => d.sync(ring.ctx));
+    ring.events.push(...released.values());
+    if (fence !== 0) ring.events.push(fence);
+    attempt(() => backend.synchronize());
+    for (const s of dedicated.values()) attempt(() => backend.free(s));
+    if (devRing) attempt(() => backend.free(devRing!));
+    if (o.reuseAllocations) attempt(() => h.pool.release((p) => d.free(p)));
+    for (const fd of fds) posix()!.symbols.close(fd);
+    ring.busy = false;
+    if (!kept) attempt(() => freeRing(d, ring));
+    // A cleanup failure after success is the error; after a failure the first error wins.
+    // deno-lint-ignore no-unsafe-finally -- only after success, where nothing else is thrown
+    if (ok && err !== null) throw err;
+  }
+}
