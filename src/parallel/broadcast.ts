@@ -1,0 +1,333 @@
+/**
+ * Broadcast reload: a source rank reads each checkpoint-format tensor once, packs tensors into
+ * buckets in its GPU memory and broadcasts each bucket over NCCL to every rank; every rank
+ * feeds the tensors of each bucket it receives to its own layerwise reload (the models may be
+ * tensor-parallel shards: each rank's loaders narrow the whole tensors to its shard).
+ *
+ * Pipeline, with two buckets per rank: while bucket i is filled on the root and broadcast (on a
+ * stream of its own per rank), every rank's reload consumes bucket i-1 (its kernels on the
+ * model backend's stream). A bucket is reused once every rank's reload has taken its tensors
+ * and its backend has finished the work that reads them. The reload engine borrows tensors
+ * only for the step that receives them, so nothing of a bucket is kept.
+ *
+ * Validation first: every rank checks the whole checkpoint description against its model
+ * before anything is read or written (as reloadWeights does).
+ * @module
+ */
+
+import { CudaDevice } from "../backend/cuda.ts";
+import type { NcclComms } from "../backend/nccl.ts";
+import type { TensorInfo, WeightSource } from "../checkpoint/source.ts";
+import { LayerwiseError } from "../errors.ts";
+import type { CausalLM } from "../models/causal_lm.ts";
+import type { ModelReloadOptions } from "../models/load.ts";
+import { validateWeights } from "../models/weights.ts";
+import { type ReloadReport, reloadWeights as engineReload } from "../reload/load.ts";
+import type { Storage } from "../tensor/tensor.ts";
+import { Tensor } from "../tensor/tensor.ts";
+
+/** Where the root rank gets tensor bytes: a checkpoint, or tensors already on its GPU. */
+export interface BroadcastSource {
+  /** For messages and reports. */
+  readonly description: string;
+  /** Every tensor, by name, known before anything is read. */
+  readonly tensors: ReadonlyMap<string, TensorInfo>;
+  /** Names in read order (see WeightSource.plan). */
+  plan(order?: (name: string) => number): string[];
+  /**
+   * Puts tensor `name`'s bytes at device address `dst` of the root's device, queued on context
+   * `ctx` of `dev` (host staging is the source's business). Called once per tensor.
+   */
+  fill(name: string, dst: number, dev: CudaDevice, ctx: number): Promise<void>;
+  /** Releases what the source holds. */
+  close(): void;
+}
+
+const ALIGN = 256;
+
+function alignUp(n: number): number {
+  return Math.ceil(n / ALIGN) * ALIGN;
+}
+
+/**
+ * A checkpoint (WeightSource) as a broadcast source: each tensor is read once into pinned host
+ * memory on the root and copied to the device.
+ */
+export function checkpointBroadcastSource(source: WeightSource): BroadcastSource {
+  const pinned = new Map<CudaDevice, { ptr: number; bytes: number; view: Uint8Array }>();
+  return {
+    description: source.description,
+    tensors: source.tensors,
+    plan: (order) => source.plan(order),
+    async fill(name, dst, dev, ctx) {
+      const info = source.tensors.get(name)!;
+      let buf = pinned.get(dev);
+      if (!buf || buf.bytes < info.bytes) {
+        // One staging buffer: the previous copy out of it must be done before it is refilled.
+        if (buf) {
+          dev.sync(ctx);
+          dev.hostFree(buf);
+        }
+        buf = dev.hostAlloc(Math.max(info.bytes, 64 << 20));
+        pinned.set(dev, buf);
+      }
+      dev.sync(ctx);
+      await source.readInto(name, buf.view.subarray(0, info.bytes));
+      dev.h2d(ctx, dst, buf.ptr, info.bytes);
+    },
+    close() {
+      for (const [dev, buf] of pinned) dev.hostFree(buf);
+      pinned.clear();
+    },
+  };
+}
+
+/**
+ * Tensors already on the root's GPU (e.g. a trainer's weights) as a broadcast source: each is
+ * copied device to device into the bucket. The tensors must be contiguous.
+ */
+export function deviceBroadcastSource(
+  tensors: Iterable<readonly [string, Tensor]>,
+  description = "device tensors",
+): BroadcastSource {
+  const byName = new Map<string, Tensor>();
+  const infos = new Map<string, TensorInfo>();
+  for (const [name, t] of tensors) {
+    if (!t.isContiguous || t.isMeta) {
+      throw new LayerwiseError(
+        "BAD_SOURCE",
+        `${name}: a broadcast source tensor must be contiguous`,
+      );
+    }
+    byName.set(name, t);
+    infos.set(name, {
+      name,
+      dtype: t.dtype,
+      shape: [...t.shape],
+      bytes: t.nbytes,
+      origin: description,
+    });
+  }
+  const names = [...byName.keys()];
+  return {
+    description,
+    tensors: infos,
+    plan(order) {
+      if (!order) return [...names];
+      const at = new Map(names.map((n, i) => [n, i]));
+      return [...names].sort((a, b) => order(a) - order(b) || at.get(a)! - at.get(b)!);
+    },
+    fill(name, dst, dev, ctx) {
+      const t = byName.get(name)!;
+      if (t.nbytes > 0) dev.check("broadcast copy", dev.symbols.lw_copy(ctx, dst, t.ptr, t.nbytes));
+      return Promise.resolve();
+    },
+    close() {},
+  };
+}
+
+/** Options of {@link broadcastReload}. */
+export interface BroadcastReloadOptions extends ModelReloadOptions {
+  /** The rank that reads the source (default 0). */
+  root?: number;
+  /** Bucket size in bytes (default 256 MiB; raised to the largest tensor). */
+  bucketBytes?: number;
+}
+
+/** What {@link broadcastReload} did. */
+export interface BroadcastReloadReport {
+  /** Each rank's reload report. */
+  readonly ranks: readonly ReloadReport[];
+  /** Checkpoint bytes broadcast (each read once on the root). */
+  readonly bytes: number;
+  /** Buckets broadcast. */
+  readonly buckets: number;
+  /** Bucket capacity used, in bytes. */
+  readonly bucketBytes: number;
+  /** Wall time, seconds, until every rank's reload finished and its device was idle. */
+  readonly seconds: number;
+  /** bytes / seconds. */
+  readonly bytesPerSecond: number;
+}
+
+interface Deferred {
+  promise: Promise<void>;
+  resolve: () => void;
+  reject: (e: unknown) => void;
+}
+
+function deferred(): Deferred {
+  let resolve!: () => void, reject!: (e: unknown) => void;
+  const promise = new Promise<void>((a, b) => {
+    resolve = a;
+    reject = b;
+  });
+  promise.catch(() => {}); // observed by whoever awaits it; never an unhandled rejection
+  return { promise, resolve, reject };
+}
+
+interface Bucket {
+  names: string[];
+  offsets: number[];
+  bytes: number;
+}
+
+/** Rank r's description of a broadcast source, for validateWeights. */
+function described(source: BroadcastSource): WeightSource {
+  const refuse = (): never => {
+    throw new LayerwiseError("BAD_SOURCE", `${source.description}: read through the broadcast`);
+  };
+  return {
+    description: source.description,
+    tensors: source.tensors,
+    plan: (order) => source.plan(order),
+    readInto: refuse,
+    close: () => {},
+    [Symbol.asyncIterator]: refuse,
+  };
+}
+
+/**
+ * Reloads every rank's model in place from one source read once on the root and broadcast
+ * over NCCL in buckets. `models[r]` must live on the CUDA device `comms.devices[r]`. Rejects
+ * with the first error of any rank (each rank's reload then aborts as reloadWeights does:
+ * restored with `atomic`, else marked inconsistent).
+ */
+export async function broadcastReload(
+  models: readonly CausalLM[],
+  comms: NcclComms,
+  source: BroadcastSource,
+  options: BroadcastReloadOptions = {},
+): Promise<BroadcastReloadReport> {
+  const t0 = performance.now();
+  const n = comms.size;
+  if (models.length !== n) {
+    throw new LayerwiseError("BAD_CONFIG", `${models.length} models for ${n} NCCL ranks`);
+  }
+  const root = options.root ?? 0;
+  if (!Number.isInteger(root) || root < 0 || root >= n) {
+    throw new LayerwiseError("BAD_CONFIG", `broadcast root ${root} is not a rank of ${n}`);
+  }
+  for (const m of models) {
+    if (m.device.kind !== "cuda") {
+      throw new LayerwiseError("BAD_CONFIG", "broadcastReload needs models on CUDA backends");
+    }
+  }
+  // Validate everything against every rank before a byte moves.
+  const plans = models.map((m) => validateWeights(m, described(source), options));
+  const names = plans[0].names;
+  for (let r = 1; r < n; r++) {
+    if (plans[r].names.join("\n") !== names.join("\n")) {
+      throw new LayerwiseError("BAD_CONFIG", `rank ${r} loads other tensors than rank 0`);
+    }
+  }
+  // Buckets in read order.
+  let cap = options.bucketBytes ?? 256 << 20;
+  for (const name of names) cap = Math.max(cap, alignUp(source.tensors.get(name)!.bytes));
+  const buckets: Bucket[] = [];
+  let cur: Bucket = { names: [], offsets: [], bytes: 0 };
+  let total = 0;
+  for (const name of names) {
+    const bytes = source.tensors.get(name)!.bytes;
+    total += bytes;
+    if (cur.names.length > 0 && alignUp(cur.bytes) + bytes > cap) {
+      buckets.push(cur);
+      cur = { names: [], offsets: [], bytes: 0 };
+    }
+    const at = alignUp(cur.bytes);
+    cur.names.push(name);
+    cur.offsets.push(at);
+    cur.bytes = at + bytes;
+  }
+  if (cur.names.length > 0) buckets.push(cur);
+
+  const devs = comms.devices.map((d) => CudaDevice.open(d));
+  const ctxs: number[] = [];
+  const storages: Storage[][] = [];
+  try {
+    for (let r = 0; r < n; r++) {
+      ctxs.push(devs[r].createContext());
+      storages.push([models[r].device.alloc(cap), models[r].device.alloc(cap)]);
+    }
+    const streams = ctxs.map((c, r) => devs[r].stream(c));
+    const ready = models.map(() => buckets.map(() => deferred()));
+    const consumed = models.map(() => buckets.map(() => deferred()));
+    let failed: unknown;
+    const failAll = (e: unknown) => {
+      failed ??= e;
+      for (const list of [...ready, ...consumed]) for (const d of list) d.reject(failed);
+    };
+
+    const rankStream = async function* (r: number): AsyncGenerator<[string, Tensor]> {
+      for (let i = 0; i < buckets.length; i++) {
+        await ready[r][i].promise;
+        const b = buckets[i], storage = storages[r][i % 2];
+        for (let k = 0; k < b.names.length; k++) {
+          const info = source.tensors.get(b.names[k])!;
+          yield [
+            b.names[k],
+            new Tensor(info.shape, info.dtype, storage, b.offsets[k] / info.dtype.size),
+          ];
+        }
+        // Every tensor of the bucket was taken; its reads are queued on the model's stream.
+        models[r].device.synchronize();
+        consumed[r][i].resolve();
+      }
+    };
+
+    const coordinator = (async () => {
+      for (let i = 0; i < buckets.length; i++) {
+        const slot = i % 2;
+        if (i >= 2) await Promise.all(consumed.map((c) => c[i - 2].promise));
+        if (failed) return;
+        const b = buckets[i];
+        const rootBase = storages[root][slot].ptr;
+        for (let k = 0; k < b.names.length; k++) {
+          await source.fill(b.names[k], rootBase + b.offsets[k], devs[root], ctxs[root]);
+        }
+        comms.broadcast(
+          storages.map((s, r) => ({ ptr: s[slot].ptr, stream: streams[r] })),
+          b.bytes,
+          root,
+        );
+        // Each rank may start on bucket i as soon as its own copy has arrived.
+        for (let r = 0; r < n; r++) {
+          devs[r].syncAsync(ctxs[r]).then(() => ready[r][i].resolve(), failAll);
+        }
+      }
+    })().catch(failAll);
+
+    const reports = await Promise.all(
+      models.map((m, r) =>
+        engineReload(m, rankStream(r), options).catch((e) => {
+          failAll(e);
+          throw e;
+        })
+      ),
+    ).catch(async (e) => {
+      await coordinator;
+      throw failed ?? e;
+    });
+    await coordinator;
+    if (failed) throw failed;
+    for (let r = 0; r < n; r++) {
+      devs[r].sync(ctxs[r]);
+      models[r].device.synchronize();
+    }
+    comms.checkAsync();
+    const seconds = (performance.now() - t0) / 1000;
+    return {
+      ranks: reports,
+      bytes: total,
+      buckets: buckets.length,
+      bucketBytes: cap,
+      seconds,
+      bytesPerSecond: seconds > 0 ? total / seconds : 0,
+    };
+  } finally {
+    for (let r = 0; r < ctxs.length; r++) devs[r].destroyContext(ctxs[r]);
+    for (let r = 0; r < storages.length; r++) {
+      for (const s of storages[r]) models[r].device.free(s);
+    }
+  }
+}
