@@ -1,14 +1,18 @@
 /**
- * `deno task bench`: kernel throughput on the chosen backend, each figure printed beside the
- * limit it is measured against, as a ratio from the same run.
+ * `deno task bench`: kernel throughput on the chosen backend, then the reload bench
+ * (scripts/bench_reload.ts: a synthetic Llama-shaped checkpoint reloaded into fp8), each
+ * figure printed beside the limit it is measured against, as a ratio from the same run.
  *
- *   deno task bench [--backend auto|cuda|wasm] [--elements N] [--reps N] [--json FILE]
+ *   deno task bench [--backend auto|cuda|wasm] [--only kernels|reload] [--elements N]
+ *       [--reps N] [--json FILE] [--shape 8b|small] [--runs N] [--dir DIR] [--keep] [--simple]
+ *       [--slot-mb N] [--slots N] [--chunk-mb N] [--readers N] [--ring-mb N]
  * @module
  */
 
 import { parseArgs } from "node:util";
 import { openBackend } from "../src/backend/select.ts";
 import { benchKernels, kernelTable } from "./bench_kernels.ts";
+import { benchReload, reloadOptions } from "./bench_reload.ts";
 
 const { values } = parseArgs({
   args: Deno.args,
@@ -18,27 +22,46 @@ const { values } = parseArgs({
     reps: { type: "string", default: "10" },
     json: { type: "string" },
     help: { type: "boolean", short: "h" },
+    only: { type: "string" },
+    shape: { type: "string" },
+    runs: { type: "string", default: "3" },
+    dir: { type: "string" },
+    keep: { type: "boolean" },
+    simple: { type: "boolean" },
+    "slot-mb": { type: "string" },
+    slots: { type: "string" },
+    "chunk-mb": { type: "string" },
+    readers: { type: "string" },
+    "ring-mb": { type: "string" },
   },
 });
 
 if (values.help) {
   console.log(
-    "usage: deno task bench [--backend auto|cuda|wasm] [--elements N] [--reps N] [--json FILE]",
+    "usage: deno task bench [--backend auto|cuda|wasm] [--only kernels|reload] [--elements N] " +
+      "[--reps N] [--json FILE] [--shape 8b|small] [--runs N] [--dir DIR] [--keep] [--simple] " +
+      "[--slot-mb N] [--slots N] [--chunk-mb N] [--readers N] [--ring-mb N]",
   );
   Deno.exit(0);
 }
 
+const only = values.only;
+if (only !== undefined && only !== "kernels" && only !== "reload") {
+  console.error(`bench: --only takes kernels or reload, not ${only}`);
+  Deno.exit(2);
+}
+
 const backend = await openBackend({ backend: values.backend as "auto" | "cuda" | "wasm" });
 try {
-  const elements = Number(values.elements ?? (backend.kind === "cuda" ? 2 ** 28 : 2 ** 24));
-  const results = await benchKernels(backend, elements, Number(values.reps));
-  console.log(kernelTable(backend, results));
-  if (values.json) {
-    await Deno.writeTextFile(
-      values.json,
-      JSON.stringify({ backend: backend.description, kernels: results }, null, 2),
-    );
+  const out: Record<string, unknown> = { backend: backend.description };
+  if (only !== "reload") {
+    const elements = Number(values.elements ?? (backend.kind === "cuda" ? 2 ** 28 : 2 ** 24));
+    const results = await benchKernels(backend, elements, Number(values.reps));
+    console.log(kernelTable(backend, results));
+    out.kernels = results;
   }
+  if (only !== "kernels") out.reload = await benchReload(backend, reloadOptions(values));
+  if (values.json) await Deno.writeTextFile(values.json, JSON.stringify(out, null, 2));
 } finally {
   backend.close();
 }
