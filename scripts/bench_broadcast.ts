@@ -1,0 +1,201 @@
+/**
+ * Broadcast-reload bandwidth against raw NCCL broadcast bandwidth of the same bytes, in the
+ * same run (issue 7: limit 0.7).
+ *
+ *   NCCL_NVLS_ENABLE=0 LAYERWISE_NCCL_LIB=.../libnccl.so.2 \
+ *     deno run -A scripts/bench_broadcast.ts [--ranks N] [--shape 8b|1b|small] [--layers L]
+ *       [--quant fp8|none|...] [--bucket-mib M] [--repeat R]
+ *
+ * Rank r is a tensor-parallel shard (TP = N) on CUDA device r, all driven by this process. The
+ * source is the checkpoint-format (bf16) weights already on the root GPU, as a trainer would
+ * hold them; each bucket is packed on the root, broadcast over NCCL, and every rank reloads its
+ * shard from it (fp8 quantization included). The raw figure broadcasts buckets of the same sizes
+ * buffer to buffer, nothing else. With one rank NCCL has no peer to send to, so only the
+ * reload figure means something; the ratio is the acceptance figure on 2+ GPUs.
+ * @module
+ */
+
+import type { Backend } from "../src/backend/backend.ts";
+import { CudaDevice } from "../src/backend/cuda.ts";
+import { NcclComms } from "../src/backend/nccl.ts";
+import { synthConfig, type SynthShape, synthTensorShapes } from "../src/cli/synth.ts";
+import { parseModelConfig } from "../src/models/config.ts";
+import { type QuantName, quantScheme } from "../src/models/load.ts";
+import { broadcastReload, deviceBroadcastSource } from "../src/parallel/broadcast.ts";
+import { buildTensorParallel, freeModel, openRankBackends } from "../src/parallel/tp.ts";
+import { loadWeights } from "../src/reload/load.ts";
+import { DTYPES } from "../src/tensor/dtype.ts";
+import type { Tensor } from "../src/tensor/tensor.ts";
+
+const SHAPES: Record<string, SynthShape> = {
+  "8b": {
+    hiddenSize: 4096,
+    intermediateSize: 14336,
+    numLayers: 32,
+    numHeads: 32,
+    numKvHeads: 8,
+    vocabSize: 128256,
+    tieWordEmbeddings: false,
+  },
+  "1b": {
+    hiddenSize: 2048,
+    intermediateSize: 8192,
+    numLayers: 16,
+    numHeads: 32,
+    numKvHeads: 8,
+    vocabSize: 128256,
+    tieWordEmbeddings: true,
+  },
+  small: {
+    hiddenSize: 1024,
+    intermediateSize: 4096,
+    numLayers: 8,
+    numHeads: 16,
+    numKvHeads: 8,
+    vocabSize: 32000,
+    tieWordEmbeddings: false,
+  },
+};
+
+function arg(name: string, fallback: string): string {
+  const i = Deno.args.indexOf(`--${name}`);
+  return i >= 0 && i + 1 < Deno.args.length ? Deno.args[i + 1] : fallback;
+}
+
+const ranks = Number(arg("ranks", "1"));
+const shapeName = arg("shape", "1b");
+const shape = { ...SHAPES[shapeName] };
+if (!SHAPES[shapeName]) throw new Error(`--shape: one of ${Object.keys(SHAPES).join(", ")}`);
+if (Deno.args.includes("--layers")) shape.numLayers = Number(arg("layers", "1"));
+const quant = arg("quant", "fp8") as QuantName;
+const bucketBytes = Number(arg("bucket-mib", "256")) * (1 << 20);
+const repeat = Number(arg("repeat", "3"));
+if (Deno.env.get("NCCL_NVLS_ENABLE") === undefined) Deno.env.set("NCCL_NVLS_ENABLE", "0");
+
+const GB = 1e9;
+const devices = Array.from({ length: ranks }, (_, r) => r);
+const backends: Backend[] = await openRankBackends(ranks, "cuda", devices);
+const config = parseModelConfig(synthConfig(shape));
+const models = buildTensorParallel(config, backends, quantScheme(quant));
+const comms = NcclComms.initAll(devices);
+const cuda0 = CudaDevice.open(0);
+console.log(
+  `# ${
+    new Date().toISOString()
+  } ${cuda0.name} x${ranks}, NCCL ${comms.version}, shape ${shapeName}` +
+    ` (${shape.numLayers} layers), quant ${quant}, TP=${ranks}, bucket ${bucketBytes >> 20} MiB`,
+);
+
+// Seeded bf16 values in a typical weight range, tiled: the bytes only need to be realistic.
+const shapes = synthTensorShapes(shape);
+const maxBytes = Math.max(...shapes.map(([, s]) => s.reduce((a, b) => a * b, 1) * 2));
+const host = new Uint16Array(maxBytes / 2 + 4096);
+{
+  const tile = new Uint16Array(1 << 22);
+  let x = 12345;
+  for (let i = 0; i < tile.length; i++) {
+    x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+    tile[i] = 0x3c00 + ((x >>> 16) & 0x3ff) | ((x & 1) << 15); // |v| in [2^-7, 2)
+  }
+  for (let at = 0; at < host.length; at += tile.length) {
+    host.set(tile.subarray(0, Math.min(tile.length, host.length - at)), at);
+  }
+}
+const hostBytes = new Uint8Array(host.buffer);
+
+// The source: checkpoint-format tensors on the root GPU.
+const root = backends[0];
+const source: [string, Tensor][] = [];
+let total = 0;
+for (const [k, [name, s]] of shapes.entries()) {
+  const t = root.empty(s, DTYPES.bf16);
+  const off = (k * 2 * 977) % 8192;
+  root.upload(t, hostBytes.subarray(off, off + t.nbytes));
+  source.push([name, t]);
+  total += t.nbytes;
+}
+root.synchronize();
+console.log(`source: ${source.length} tensors, ${(total / GB).toFixed(2)} GB on cuda:0`);
+
+// First load of every rank, tensor by tensor through its own backend.
+for (let r = 0; r < ranks; r++) {
+  const b = backends[r];
+  const stream = async function* (): AsyncGenerator<[string, Tensor]> {
+    for (const [name, t] of source) {
+      if (r === 0) {
+        yield [name, t];
+        continue;
+      }
+      const x = b.empty(t.shape, t.dtype);
+      try {
+        b.upload(x, root.download(t));
+        yield [name, x];
+      } finally {
+        b.free(x.storage!);
+      }
+    }
+  };
+  await loadWeights(models[r], stream());
+}
+
+// Raw NCCL: buckets of the same sizes, buffer to buffer, same streams setup.
+const devs = devices.map((d) => CudaDevice.open(d));
+const ctxs = devs.map((d) => d.createContext());
+const streams = ctxs.map((c, r) => devs[r].stream(c));
+const cap = Math.max(bucketBytes, ...source.map(([, t]) => Math.ceil(t.nbytes / 256) * 256));
+const bufs = devs.map((d) => [d.malloc(cap), d.malloc(cap)]);
+const sizes: number[] = [];
+{
+  let cur = 0;
+  for (const [, t] of source) {
+    if (cur > 0 && Math.ceil(cur / 256) * 256 + t.nbytes > cap) {
+      sizes.push(cur);
+      cur = 0;
+    }
+    cur = Math.ceil(cur / 256) * 256 + t.nbytes;
+  }
+  if (cur > 0) sizes.push(cur);
+}
+function rawOnce(): number {
+  for (let r = 0; r < ranks; r++) devs[r].sync(ctxs[r]);
+  const t0 = performance.now();
+  sizes.forEach((n, i) => {
+    comms.broadcast(bufs.map((b, r) => ({ ptr: b[i % 2], stream: streams[r] })), n, 0);
+  });
+  for (let r = 0; r < ranks; r++) devs[r].sync(ctxs[r]);
+  return (performance.now() - t0) / 1000;
+}
+rawOnce(); // warm-up (NCCL sets up its channels on first use)
+let rawBest = Infinity;
+for (let i = 0; i < repeat; i++) rawBest = Math.min(rawBest, rawOnce());
+
+const src = deviceBroadcastSource(source, "root GPU bf16 tensors");
+await broadcastReload(models, comms, src, { bucketBytes }); // warm-up
+let best = Infinity, buckets = 0;
+for (let i = 0; i < repeat; i++) {
+  const r = await broadcastReload(models, comms, src, { bucketBytes });
+  if (!r.ranks.every((x) => x.storageKept)) throw new Error("a kernel tensor moved");
+  best = Math.min(best, r.seconds);
+  buckets = r.buckets;
+}
+
+const raw = total / rawBest / GB, reload = total / best / GB;
+console.log(
+  `NCCL broadcast (same ${sizes.length} buckets, ${(total / GB).toFixed(2)} GB): ` +
+    `${raw.toFixed(1)} GB/s  (best of ${repeat})`,
+);
+console.log(
+  `broadcast reload (${buckets} buckets, TP=${ranks}, ${quant}): ${reload.toFixed(1)} GB/s` +
+    `  ratio ${(reload / raw).toFixed(3)} (limit 0.7)${
+      ranks === 1 ? "  [1 rank: NCCL sends nothing; the ratio needs 2+ GPUs]" : ""
+    }`,
+);
+
+for (let r = 0; r < ranks; r++) {
+  devs[r].destroyContext(ctxs[r]);
+  for (const p of bufs[r]) devs[r].free(p);
+}
+comms.destroy();
+for (const m of models) freeModel(m);
+for (const [, t] of source) root.free(t.storage!);
+for (const b of backends) b.close();
