@@ -4,7 +4,11 @@
  *
  *   NCCL_NVLS_ENABLE=0 LAYERWISE_NCCL_LIB=.../libnccl.so.2 \
  *     deno run -A scripts/bench_broadcast.ts [--ranks N] [--shape 8b|1b|small] [--layers L]
- *       [--quant fp8|none|...] [--bucket-mib M] [--repeat R]
+ *       [--quant fp8|none|...] [--bucket-mib M] [--repeat R] [--verify]
+ *
+ * --verify (with --quant none): after the timed runs, a TP=1 model is loaded on cuda:0 from the
+ * same source, and every rank's kernel tensors must equal, byte for byte, the matching shard of
+ * the TP=1 kernel tensors (src/parallel/shards.ts); prints `verify: ... identical` or throws.
  *
  * Rank r is a tensor-parallel shard (TP = N) on CUDA device r, all driven by this process. The
  * source is the checkpoint-format (bf16) weights already on the root GPU, as a trainer would
@@ -21,7 +25,9 @@ import { NcclComms } from "../src/backend/nccl.ts";
 import { synthConfig, type SynthShape, synthTensorShapes } from "../src/cli/synth.ts";
 import { parseModelConfig } from "../src/models/config.ts";
 import { type QuantName, quantScheme } from "../src/models/load.ts";
+import { kernelTensors } from "../src/models/export.ts";
 import { broadcastReload, deviceBroadcastSource } from "../src/parallel/broadcast.ts";
+import { expectedShard, shardRule } from "../src/parallel/shards.ts";
 import { buildTensorParallel, freeModel, openRankBackends } from "../src/parallel/tp.ts";
 import { loadWeights } from "../src/reload/load.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
@@ -190,6 +196,42 @@ console.log(
       ranks === 1 ? "  [1 rank: NCCL sends nothing; the ratio needs 2+ GPUs]" : ""
     }`,
 );
+
+if (Deno.args.includes("--verify")) {
+  if (quant !== "none") throw new Error("--verify compares bytes: use it with --quant none");
+  const t0 = performance.now();
+  const [tp1] = buildTensorParallel(config, [root], quantScheme(quant));
+  await loadWeights(tp1, source);
+  const full = new Map(kernelTensors(tp1));
+  let compared = 0, bytes = 0;
+  for (let r = 0; r < ranks; r++) {
+    for (const [name, t] of kernelTensors(models[r])) {
+      const f = full.get(name);
+      if (!f) throw new Error(`verify: ${name} is not in the TP=1 model`);
+      const want = expectedShard(
+        { dtype: f.dtype, shape: [...f.shape], data: root.download(f) },
+        shardRule(name, config, ranks),
+        config,
+        ranks,
+        r,
+      );
+      const got = backends[r].download(t);
+      if (
+        want.shape.join() !== t.shape.join() || got.length !== want.data.length ||
+        !got.every((v, i) => v === want.data[i])
+      ) {
+        throw new Error(`verify: rank ${r} ${name} differs from its TP=1 shard`);
+      }
+      compared++;
+      bytes += got.length;
+    }
+  }
+  console.log(
+    `verify: ${compared} kernel tensors of ${ranks} ranks (${(bytes / GB).toFixed(2)} GB) ` +
+      `identical to their TP=1 shards (${((performance.now() - t0) / 1000).toFixed(1)} s)`,
+  );
+  freeModel(tp1);
+}
 
 for (let r = 0; r < ranks; r++) {
   devs[r].destroyContext(ctxs[r]);

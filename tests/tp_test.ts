@@ -24,7 +24,6 @@ import { openWasmBackend } from "../src/backend/wasm.ts";
 import type { HostTensor } from "../src/checkpoint/safetensors.ts";
 import { synthTensors, writeSynthCheckpoint } from "../src/cli/synth.ts";
 import { readModelConfig } from "../src/models/config.ts";
-import type { ModelConfig } from "../src/models/config.ts";
 import { downloadKernelTensors } from "../src/models/export.ts";
 import { loadModel } from "../src/models/load.ts";
 import {
@@ -34,52 +33,23 @@ import {
   reloadTensorParallel,
 } from "../src/parallel/tp.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
+import {
+  catHost,
+  expectedShard,
+  narrowHost,
+  type ShardRule,
+  shardRule,
+} from "../src/parallel/shards.ts";
 
 const CKPT = new URL("../../shared/fixtures/ckpt/", import.meta.url).pathname;
 
-// ---------------------------------------------------------------- host tensor helpers
+// ---------------------------------------------------------------- helpers
 
 type Host = HostTensor;
-
-function numel(shape: readonly number[]): number {
-  return shape.reduce((a, b) => a * b, 1);
-}
-
-/** Elements [start, start+len) along `dim`, contiguous. */
-function narrow(t: Host, dim: number, start: number, len: number): Host {
-  assert.ok(start >= 0 && start + len <= t.shape[dim], `narrow ${start}+${len} of ${t.shape}`);
-  const inner = numel(t.shape.slice(dim + 1)) * t.dtype.size;
-  const outer = numel(t.shape.slice(0, dim));
-  const shape = [...t.shape];
-  shape[dim] = len;
-  const out = new Uint8Array(outer * len * inner);
-  for (let o = 0; o < outer; o++) {
-    const src = (o * t.shape[dim] + start) * inner;
-    out.set(t.data.subarray(src, src + len * inner), o * len * inner);
-  }
-  return { dtype: t.dtype, shape, data: out };
-}
-
-/** Concatenation along `dim`. */
-function cat(dim: number, parts: readonly Host[]): Host {
-  assert.ok(parts.length > 0);
-  const t0 = parts[0];
-  const inner = numel(t0.shape.slice(dim + 1)) * t0.dtype.size;
-  const outer = numel(t0.shape.slice(0, dim));
-  const total = parts.reduce((a, p) => a + p.shape[dim], 0);
-  const out = new Uint8Array(outer * total * inner);
-  let at = 0;
-  for (let o = 0; o < outer; o++) {
-    for (const p of parts) {
-      const n = p.shape[dim] * inner;
-      out.set(p.data.subarray(o * n, (o + 1) * n), at);
-      at += n;
-    }
-  }
-  const shape = [...t0.shape];
-  shape[dim] = total;
-  return { dtype: t0.dtype, shape, data: out };
-}
+const narrow = narrowHost;
+const cat = catHost;
+type Split = ShardRule;
+const split = shardRule;
 
 function assertHostEqual(a: Host, b: Host, what: string): void {
   assert.equal(a.dtype, b.dtype, `${what}: dtype`);
@@ -88,85 +58,6 @@ function assertHostEqual(a: Host, b: Host, what: string): void {
     a.data.length === b.data.length && a.data.every((x, i) => x === b.data[i]),
     `${what}: bytes differ`,
   );
-}
-
-// ---------------------------------------------------------------- the sharding rules
-
-/** One logical block along the split dim: full size, and which block rank r holds. */
-interface Part {
-  full: number;
-  per: number;
-  source: (r: number) => number;
-}
-
-type Split =
-  | { kind: "replicated" }
-  | { kind: "parts"; dim: number; parts: Part[] } // column-parallel (fused) outputs
-  | { kind: "cols"; dim: number } // row-parallel inputs
-  | { kind: "vocab" };
-
-function split(name: string, c: ModelConfig, n: number): Split {
-  const even = (full: number): Part => ({ full, per: full / n, source: (r) => r });
-  if (name.endsWith("qkv_proj.weight") || name.endsWith("qkv_proj.bias")) {
-    const d = c.headDim, kv = c.numKvHeads;
-    const kvPart: Part = n >= kv
-      ? { full: kv * d, per: d, source: (r) => Math.floor(r / (n / kv)) }
-      : even(kv * d);
-    return { kind: "parts", dim: 0, parts: [even(c.numHeads * d), kvPart, kvPart] };
-  }
-  if (name.endsWith("gate_up_proj.weight") || name.endsWith("gate_up_proj.bias")) {
-    return {
-      kind: "parts",
-      dim: 0,
-      parts: [even(c.intermediateSize), even(c.intermediateSize)],
-    };
-  }
-  if (name.endsWith("experts.w13_weight")) {
-    return {
-      kind: "parts",
-      dim: 1,
-      parts: [even(c.intermediateSize), even(c.intermediateSize)],
-    };
-  }
-  if (name.endsWith("experts.w2_weight")) return { kind: "cols", dim: 2 };
-  if (name.endsWith("o_proj.weight") || name.endsWith("down_proj.weight")) {
-    return { kind: "cols", dim: 1 };
-  }
-  if (name === "model.embed_tokens.weight" || name === "lm_head.weight") return { kind: "vocab" };
-  if (
-    name.endsWith("norm.weight") || name.endsWith("o_proj.bias") ||
-    name.endsWith("down_proj.bias") || name.endsWith("block_sparse_moe.gate.weight")
-  ) {
-    return { kind: "replicated" };
-  }
-  throw new Error(`no sharding rule for ${name}`);
-}
-
-/** Rank r's expected shard of an unsharded kernel tensor (vocabulary padding cut off). */
-function expectedShard(full: Host, s: Split, c: ModelConfig, n: number, r: number): Host {
-  switch (s.kind) {
-    case "replicated":
-      return full;
-    case "cols": {
-      const per = full.shape[s.dim] / n;
-      return narrow(full, s.dim, r * per, per);
-    }
-    case "vocab": {
-      const rows = Math.ceil(c.vocabSize / 64) * 64 / n;
-      const first = r * rows;
-      const real = Math.max(0, Math.min(rows, c.vocabSize - first));
-      return narrow(full, 0, Math.min(first, c.vocabSize), real);
-    }
-    case "parts": {
-      let at = 0;
-      const pieces: Host[] = [];
-      for (const p of s.parts) {
-        pieces.push(narrow(full, s.dim, at + p.source(r) * p.per, p.per));
-        at += p.full;
-      }
-      return cat(s.dim, pieces);
-    }
-  }
 }
 
 /** The unsharded tensor put back together from the rank shards (checking replicas agree). */
