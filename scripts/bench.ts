@@ -5,7 +5,7 @@
  *
  *   deno task bench [--backend auto|cuda|wasm] [--only kernels|reload] [--elements N]
  *       [--reps N] [--json FILE] [--shape 8b|small] [--runs N] [--dir DIR] [--keep] [--simple]
- *       [--slot-mb N] [--slots N] [--chunk-mb N] [--readers N] [--ring-mb N]
+ *       [--slot-mb N] [--slots N] [--chunk-mb N] [--readers N] [--ring-mb N] [--sweep RxSxC,...]
  * @module
  */
 
@@ -33,6 +33,7 @@ const { values } = parseArgs({
     "chunk-mb": { type: "string" },
     readers: { type: "string" },
     "ring-mb": { type: "string" },
+    sweep: { type: "string" },
   },
 });
 
@@ -40,7 +41,7 @@ if (values.help) {
   console.log(
     "usage: deno task bench [--backend auto|cuda|wasm] [--only kernels|reload] [--elements N] " +
       "[--reps N] [--json FILE] [--shape 8b|small] [--runs N] [--dir DIR] [--keep] [--simple] " +
-      "[--slot-mb N] [--slots N] [--chunk-mb N] [--readers N] [--ring-mb N]",
+      "[--slot-mb N] [--slots N] [--chunk-mb N] [--readers N] [--ring-mb N] [--sweep RxSxC,...]",
   );
   Deno.exit(0);
 }

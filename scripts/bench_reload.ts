@@ -342,6 +342,8 @@ export interface ReloadBenchOptions {
   simple?: boolean;
   /** Staging sizes. */
   staging?: StagingOptions;
+  /** More staging sizes to time (stages and reloads) after the main table. */
+  sweep?: StagingOptions[];
 }
 
 /** One timed reload. */
@@ -380,9 +382,9 @@ export async function benchReload(
   const log = (s: string) => console.log(s);
   const st: Required<StagingOptions> = {
     slotBytes: 64 * MiB,
-    slots: 4,
+    slots: 8,
     chunkBytes: 8 * MiB,
-    readers: 16,
+    readers: 32,
     deviceRingBytes: 256 * MiB,
     reuseAllocations: true,
     ...options.staging,
@@ -512,6 +514,26 @@ export async function benchReload(
     );
     result.limitExtraBytes = limitExtra;
     result.runs = runsOut;
+    for (const alt of cuda ? options.sweep ?? [] : []) {
+      const o = { ...st, ...alt };
+      const rd = await readOnlySeconds(backend, `${root}/ordered`, o);
+      const [ss] = await streamOnlySeconds(backend, `${root}/ordered`, o);
+      const times: string[] = [];
+      for (const c of ["ordered", "ordered", "shuffled"]) {
+        const t = performance.now();
+        await reloadWeights(model, `${root}/${c}`, { staging: o });
+        const s = (performance.now() - t) / 1000;
+        const ref = h2dSeconds(backend, ckptBytes);
+        times.push(`${c} ${(ckptBytes / GB / s).toFixed(1)} GB/s (x${(ref / s).toFixed(2)})`);
+      }
+      log(
+        `  sweep readers ${o.readers}, slots ${o.slots} x ${o.slotBytes / MiB} MiB, chunks ${
+          o.chunkBytes / MiB
+        } MiB: reads ${(ckptBytes / GB / rd).toFixed(1)} GB/s, stream ${
+          (ckptBytes / GB / ss).toFixed(1)
+        } GB/s, reloads ${times.join(", ")}`,
+      );
+    }
     if (options.simple) {
       const t = performance.now();
       await reloadWeights(model, `${root}/ordered`, { staging: false });
@@ -546,6 +568,7 @@ if (import.meta.main) {
       "chunk-mb": { type: "string" },
       readers: { type: "string" },
       "ring-mb": { type: "string" },
+      sweep: { type: "string" },
     },
   });
   const backend = await openBackend({ backend: values.backend as "auto" | "cuda" | "wasm" });
@@ -566,7 +589,17 @@ export function reloadOptions(v: Record<string, string | boolean | undefined>): 
   if (num("chunk-mb")) staging.chunkBytes = num("chunk-mb")! * MiB;
   if (num("readers")) staging.readers = num("readers");
   if (num("ring-mb")) staging.deviceRingBytes = num("ring-mb")! * MiB;
+  // --sweep readers x slots x chunk MiB [x slot MiB], comma-separated: 32x8x8,32x8x4x32
+  const sweep = typeof v.sweep === "string"
+    ? v.sweep.split(",").map((c) => {
+      const [r, n, ch, sl] = c.split("x").map(Number);
+      const o: StagingOptions = { readers: r, slots: n, chunkBytes: ch * MiB };
+      if (sl) o.slotBytes = sl * MiB;
+      return o;
+    })
+    : undefined;
   return {
+    sweep,
     shape: v.shape as "8b" | "small" | undefined,
     runs: num("runs") ?? 3,
     dir: v.dir as string | undefined,

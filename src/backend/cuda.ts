@@ -351,7 +351,13 @@ class CudaRaw implements RawDevice {
   }
 
   malloc(bytes: number): number {
-    const p = this.pool.take(bytes) ?? this.#d.malloc(bytes);
+    let p = this.pool.take(bytes);
+    if (p === undefined) {
+      // A size the cache does not hold: the pattern changed (another kind of layer), so what
+      // it holds is unlikely to be asked for again soon; give it back rather than pile up.
+      if (this.pool.cachedBytes > 0) this.pool.trim((q) => this.#d.free(q));
+      p = this.#d.malloc(bytes);
+    }
     this.#live.add(p);
     this.pool.allocated(p, bytes);
     return p;

@@ -34,11 +34,11 @@ import type { WeightSource } from "./source.ts";
 export interface StagingOptions {
   /** Bytes per pinned slot (default 64 MiB). */
   slotBytes?: number;
-  /** Pinned slots in the ring (default 4). */
+  /** Pinned slots in the ring (default 8). */
   slots?: number;
   /** Largest single pread (default 8 MiB): larger reads are split and run in parallel. */
   chunkBytes?: number;
-  /** Most preads in flight at once (default 16). */
+  /** Most preads in flight at once (default 32). */
   readers?: number;
   /** Bytes of the device ring tensors land in (default 256 MiB). */
   deviceRingBytes?: number;
@@ -52,9 +52,9 @@ export interface StagingOptions {
 const MiB = 1 << 20;
 const DEFAULTS: Required<StagingOptions> = {
   slotBytes: 64 * MiB,
-  slots: 4,
+  slots: 8,
   chunkBytes: 8 * MiB,
-  readers: 16,
+  readers: 32,
   deviceRingBytes: 256 * MiB,
   reuseAllocations: true,
 };
