@@ -19,6 +19,7 @@
  * @module
  */
 
+import { Buffer } from "node:buffer";
 import type { Backend } from "../src/backend/backend.ts";
 import { CudaDevice } from "../src/backend/cuda.ts";
 import { NcclComms } from "../src/backend/nccl.ts";
@@ -217,8 +218,8 @@ if (Deno.args.includes("--verify")) {
       );
       const got = backends[r].download(t);
       if (
-        want.shape.join() !== t.shape.join() || got.length !== want.data.length ||
-        !got.every((v, i) => v === want.data[i])
+        want.shape.join() !== t.shape.join() ||
+        !Buffer.from(got.buffer, got.byteOffset, got.length).equals(want.data)
       ) {
         throw new Error(`verify: rank ${r} ${name} differs from its TP=1 shard`);
       }
