@@ -9,17 +9,10 @@
 import type { Backend } from "../src/backend/backend.ts";
 import { BackendError } from "../src/errors.ts";
 import type { Module } from "../src/nn/module.ts";
-import type { QuantScheme } from "../src/quant/method.ts";
-import { loadWeights, reloadWeights, type ReloadWeightsOptions } from "../src/reload/load.ts";
+import { reloadWeights, type ReloadWeightsOptions } from "../src/reload/load.ts";
 import type { ReloadReport } from "../src/reload/load.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
-import {
-  freeWeights,
-  type HostWeight,
-  type TinyConfig,
-  TinyModel,
-  uploadWeights,
-} from "./nn_testmodel.ts";
+import { freeWeights, type HostWeight, uploadWeights } from "./nn_testmodel.ts";
 
 /** A Backend that delegates to another and fails on demand. */
 export interface FaultyBackend extends Backend {
@@ -93,23 +86,6 @@ export function faultyBackend(inner: Backend): FaultyBackend {
       };
     },
   }) as FaultyBackend;
-}
-
-/** A model built on `b` and loaded from host weights `host`. */
-export async function freshModel(
-  b: Backend,
-  c: TinyConfig,
-  quant: QuantScheme,
-  host: HostWeight[],
-): Promise<TinyModel> {
-  const model = new TinyModel(b, c, quant);
-  const ws = uploadWeights(b, host);
-  try {
-    await loadWeights(model, ws);
-  } finally {
-    freeWeights(b, ws);
-  }
-  return model;
 }
 
 /** Reloads `model` from host weights (uploaded for the call, freed after). */

@@ -23,7 +23,6 @@ import {
   equalBytes,
   failingSource,
   faultyBackend,
-  freshModel,
   layerOf,
   reloadHost,
 } from "./_faulty_backend.ts";
@@ -31,6 +30,7 @@ import {
   checkpointFor,
   freeModel,
   freeWeights,
+  freshModel,
   type HostWeight,
   kernelBytes,
   kernelLayout,

@@ -21,6 +21,7 @@ import {
 } from "../src/nn/layers.ts";
 import { Module, type WeightTarget } from "../src/nn/module.ts";
 import type { QuantScheme } from "../src/quant/method.ts";
+import { loadWeights } from "../src/reload/load.ts";
 import { type DType, DTYPES } from "../src/tensor/dtype.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
 
@@ -327,4 +328,21 @@ export function freeModel(backend: Backend, model: Module): void {
       backend.free(st);
     }
   }
+}
+
+/** A model built on `b` and loaded from host weights `host`. */
+export async function freshModel(
+  b: Backend,
+  c: TinyConfig,
+  quant: QuantScheme,
+  host: HostWeight[],
+): Promise<TinyModel> {
+  const model = new TinyModel(b, c, quant);
+  const ws = uploadWeights(b, host);
+  try {
+    await loadWeights(model, ws);
+  } finally {
+    freeWeights(b, ws);
+  }
+  return model;
 }

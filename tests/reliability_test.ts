@@ -17,18 +17,12 @@ import { loadWeights, reloadWeights } from "../src/reload/load.ts";
 import { validateWeights } from "../src/reload/validate.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
-import {
-  describe,
-  differing,
-  faultyBackend,
-  freshModel,
-  layerOf,
-  reloadHost,
-} from "./_faulty_backend.ts";
+import { describe, differing, faultyBackend, layerOf, reloadHost } from "./_faulty_backend.ts";
 import {
   checkpointFor,
   freeModel,
   freeWeights,
+  freshModel,
   type HostWeight,
   kernelBytes,
   kernelLayout,

@@ -8,13 +8,14 @@ import assert from "node:assert/strict";
 import type { Backend } from "../src/backend/backend.ts";
 import { ReloadError } from "../src/errors.ts";
 import { QUANT_SCHEMES, type QuantScheme } from "../src/quant/method.ts";
-import { loadWeights, type ReloadReport, reloadWeights } from "../src/reload/load.ts";
+import { type ReloadReport, reloadWeights } from "../src/reload/load.ts";
 import { isReloading } from "../src/reload/layerwise.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
 import {
   checkpointFor,
   freeModel,
   freeWeights,
+  freshModel,
   type HostWeight,
   kernelBytes,
   kernelLayout,
@@ -27,18 +28,6 @@ import {
 } from "./nn_testmodel.ts";
 
 const BACKENDS = await testBackends();
-
-/** Loads `host` into a fresh model; returns the model (caller frees). */
-async function freshModel(b: Backend, c: TinyConfig, quant: QuantScheme, host: HostWeight[]) {
-  const model = new TinyModel(b, c, quant);
-  const ws = uploadWeights(b, host);
-  try {
-    await loadWeights(model, ws);
-  } finally {
-    freeWeights(b, ws);
-  }
-  return model;
-}
 
 async function reload(
   b: Backend,
