@@ -58,7 +58,12 @@ export { type Layout2D, type Storage, Tensor } from "./src/tensor/tensor.ts";
 export type { Backend, BackendKind, Granularity } from "./src/backend/backend.ts";
 export { type BackendChoice, openBackend, type OpenBackendOptions } from "./src/backend/select.ts";
 export { openWasmBackend, WASM_MAX_MEMORY_BYTES, wasmView } from "./src/backend/wasm.ts";
-export { type CudaBackendOptions, openCudaBackend } from "./src/backend/cuda.ts";
+export {
+  type CudaBackendOptions,
+  CudaDevice,
+  openCudaBackend,
+  type PinnedBuffer,
+} from "./src/backend/cuda.ts";
 
 // Checkpoints
 export {
@@ -72,6 +77,7 @@ export {
   writeSafetensors,
 } from "./src/checkpoint/safetensors.ts";
 export { type Checkpoint, openCheckpoint } from "./src/checkpoint/sharded.ts";
+export type { StagingOptions } from "./src/checkpoint/staging.ts";
 export {
   fileSource,
   memorySource,
@@ -171,3 +177,27 @@ export {
   type WeightSpec,
   type WeightTarget,
 } from "./src/reload/mod.ts";
+
+// Several GPUs of one host: tensor-parallel ranks and the NCCL broadcast reload
+export {
+  buildTensorParallel,
+  freeModel,
+  loadTensorParallel,
+  openRankBackends,
+  type RankBackendKind,
+  reloadTensorParallel,
+  type TensorParallelLoadOptions,
+} from "./src/parallel/tp.ts";
+export {
+  broadcastReload,
+  type BroadcastReloadOptions,
+  type BroadcastReloadReport,
+  type BroadcastSource,
+  checkpointBroadcastSource,
+  deviceBroadcastSource,
+} from "./src/parallel/broadcast.ts";
+export { type BroadcastPart, NcclComms } from "./src/backend/nccl.ts";
+// Low-level FFI surface, for callers that batch their own device calls
+export { NCCL_SYMBOLS, type NcclLibrary, type NcclSymbols } from "./src/backend/nccl_ffi.ts";
+export { CUDA_SYMBOLS, type CudaSymbols } from "./src/backend/cuda_ffi.ts";
+export type { Wide, WideFn, WideSymbols } from "./src/backend/ffi.ts";

@@ -14,6 +14,7 @@
  * @module
  */
 
+import type { WideSymbols } from "./ffi.ts";
 import { createHash } from "node:crypto";
 import { BackendError } from "../errors.ts";
 
@@ -93,15 +94,8 @@ export const CUDA_SYMBOLS = {
   },
 } as const satisfies Deno.ForeignLibraryInterface;
 
-type RawSymbols = Deno.DynamicLibrary<typeof CUDA_SYMBOLS>["symbols"];
-/** A 64-bit parameter: Deno's FFI takes JS numbers as well as bigints (its types say bigint). */
-type Wide<T> = T extends bigint ? number | bigint : T;
-type WideFn<F> = F extends (...args: infer A) => infer R
-  ? (...args: { [K in keyof A]: Wide<A[K]> }) => R
-  : never;
-
-/** The loaded library's functions; pointers and sizes may be passed as JS numbers. */
-export type CudaSymbols = { readonly [K in keyof RawSymbols]: WideFn<RawSymbols[K]> };
+/** The loaded library's functions; pointers, handles and sizes may be passed as JS numbers. */
+export type CudaSymbols = WideSymbols<typeof CUDA_SYMBOLS>;
 
 /** A loaded library and where it came from. */
 export interface CudaLibrary {

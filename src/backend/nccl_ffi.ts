@@ -8,6 +8,7 @@
  * @module
  */
 
+import type { WideSymbols } from "./ffi.ts";
 import { BackendError } from "../errors.ts";
 
 /** NCCL's symbols that layerwise uses (nccl.h, NCCL 2.x). */
@@ -31,15 +32,8 @@ export const NCCL_SYMBOLS = {
 /** ncclUint8: counts are bytes. */
 export const NCCL_UINT8 = 1;
 
-type RawSymbols = Deno.DynamicLibrary<typeof NCCL_SYMBOLS>["symbols"];
-/** A 64-bit parameter: Deno's FFI takes JS numbers as well as bigints (its types say bigint). */
-type Wide<T> = T extends bigint ? number | bigint : T;
-type WideFn<F> = F extends (...args: infer A) => infer R
-  ? (...args: { [K in keyof A]: Wide<A[K]> }) => R
-  : F;
-
-/** The loaded library's functions; handles and sizes may be passed as JS numbers. */
-export type NcclSymbols = { readonly [K in keyof RawSymbols]: WideFn<RawSymbols[K]> };
+/** The loaded library's functions; pointers, handles and sizes may be passed as JS numbers. */
+export type NcclSymbols = WideSymbols<typeof NCCL_SYMBOLS>;
 
 /** A loaded NCCL and where it came from. */
 export interface NcclLibrary {
