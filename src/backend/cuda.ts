@@ -9,7 +9,7 @@
 import { BackendError } from "../errors.ts";
 import type { Backend } from "./backend.ts";
 import { type CudaLibrary, type CudaSymbols, loadCudaLibrary } from "./cuda_ffi.ts";
-import { KernelBackend, type RawDevice } from "./kernels.ts";
+import { type KernelAbi, KernelBackend, type RawDevice } from "./kernels.ts";
 
 const STATUS_NAMES: Readonly<Record<number, [string, string]>> = {
   1: ["INVALID", "invalid argument"],
@@ -376,90 +376,9 @@ class CudaRaw implements RawDevice {
     this.#d.readSync(this.#ctx, dst, ptr);
   }
 
-  cast(
-    dst: number,
-    dstDtype: number,
-    dstPitch: number,
-    src: number,
-    srcDtype: number,
-    srcPitch: number,
-    rows: number,
-    cols: number,
-  ): number {
-    return this.#s.lw_cast(this.#ctx, dst, dstDtype, dstPitch, src, srcDtype, srcPitch, rows, cols);
-  }
-
-  copy(dst: number, src: number, n: number): number {
-    return this.#s.lw_copy(this.#ctx, dst, src, n);
-  }
-
-  copy2d(
-    dst: number,
-    dstPitch: number,
-    src: number,
-    srcPitch: number,
-    width: number,
-    rows: number,
-  ): number {
-    return this.#s.lw_copy2d(this.#ctx, dst, dstPitch, src, srcPitch, width, rows);
-  }
-
-  fill(dst: number, n: number, elemSize: number, lo: number, hi: number): number {
-    return this.#s.lw_fill(this.#ctx, dst, n, elemSize, lo >>> 0, hi >>> 0);
-  }
-
-  absmax(out: number, src: number, dtype: number, n: number): number {
-    return this.#s.lw_absmax(this.#ctx, out, src, dtype, n);
-  }
-
-  countNonfinite(out: number, src: number, dtype: number, n: number): number {
-    return this.#s.lw_count_nonfinite(this.#ctx, out, src, dtype, n);
-  }
-
-  quantFp8(
-    q: number,
-    scale: number,
-    src: number,
-    srcDtype: number,
-    rows: number,
-    cols: number,
-    granularity: number,
-    dynamic: number,
-  ): number {
-    return this.#s.lw_quant_fp8(
-      this.#ctx,
-      q,
-      scale,
-      src,
-      srcDtype,
-      rows,
-      cols,
-      granularity,
-      dynamic,
-    );
-  }
-
-  quantInt8Row(
-    q: number,
-    scale: number,
-    src: number,
-    srcDtype: number,
-    rows: number,
-    cols: number,
-  ): number {
-    return this.#s.lw_quant_int8_row(this.#ctx, q, scale, src, srcDtype, rows, cols);
-  }
-
-  dequantFp8(
-    dst: number,
-    dstDtype: number,
-    q: number,
-    scale: number,
-    rows: number,
-    cols: number,
-    granularity: number,
-  ): number {
-    return this.#s.lw_dequant_fp8(this.#ctx, dst, dstDtype, q, scale, rows, cols, granularity);
+  /** The library's kernel entry points, called with {@link CudaRaw.ctx}. */
+  get kernels(): KernelAbi {
+    return this.#s;
   }
 
   sync(): void {

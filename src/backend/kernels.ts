@@ -18,6 +18,77 @@ export const GRANULARITY_CODE: Readonly<Record<Granularity, number>> = {
   block128: 2,
 };
 
+/**
+ * The kernel section of the C ABI (cuda/layerwise.h) as JS sees it: the context first, pointers
+ * and sizes as numbers, a status back. Both the WASM module's exports and the CUDA library's FFI
+ * symbols have exactly this shape.
+ */
+export interface KernelAbi {
+  /** lw_cast: strided 2-D conversion (or copy) between dtypes. */
+  lw_cast(
+    ctx: number,
+    dst: number,
+    dstDtype: number,
+    dstPitch: number,
+    src: number,
+    srcDtype: number,
+    srcPitch: number,
+    rows: number,
+    cols: number,
+  ): number;
+  /** lw_copy: n bytes. */
+  lw_copy(ctx: number, dst: number, src: number, n: number): number;
+  /** lw_copy2d: rows x width bytes, pitches in bytes. */
+  lw_copy2d(
+    ctx: number,
+    dst: number,
+    dstPitch: number,
+    src: number,
+    srcPitch: number,
+    width: number,
+    rows: number,
+  ): number;
+  /** lw_fill: n elements of elemSize bytes set to the pattern hi:lo. */
+  lw_fill(ctx: number, dst: number, n: number, elemSize: number, lo: number, hi: number): number;
+  /** lw_absmax: out[0] = max |x| as f32. */
+  lw_absmax(ctx: number, out: number, src: number, dtype: number, n: number): number;
+  /** lw_count_nonfinite: out[0] = count of NaN/Inf as u64. */
+  lw_count_nonfinite(ctx: number, out: number, src: number, dtype: number, n: number): number;
+  /** lw_quant_fp8: e4m3fn quantization at a granularity, dynamic or given scales. */
+  lw_quant_fp8(
+    ctx: number,
+    q: number,
+    scale: number,
+    src: number,
+    srcDtype: number,
+    rows: number,
+    cols: number,
+    granularity: number,
+    dynamic: number,
+  ): number;
+  /** lw_quant_int8_row: int8 per-row quantization. */
+  lw_quant_int8_row(
+    ctx: number,
+    q: number,
+    scale: number,
+    src: number,
+    srcDtype: number,
+    rows: number,
+    cols: number,
+  ): number;
+  /** lw_dequant_fp8: f32(q) * scale into f32/f16/bf16. */
+  lw_dequant_fp8(
+    ctx: number,
+    dst: number,
+    dstDtype: number,
+    q: number,
+    scale: number,
+    rows: number,
+    cols: number,
+    granularity: number,
+  ): number;
+}
+
 /** Memory and kernels of one device as the C ABI exposes them; each kernel returns a status. */
 export interface RawDevice {
   /** `cuda` or `wasm`. */
@@ -32,70 +103,10 @@ export interface RawDevice {
   write(ptr: number, src: Uint8Array): void;
   /** Device to host, synchronous. */
   read(ptr: number, dst: Uint8Array): void;
-  /** lw_cast */
-  cast(
-    dst: number,
-    dstDtype: number,
-    dstPitch: number,
-    src: number,
-    srcDtype: number,
-    srcPitch: number,
-    rows: number,
-    cols: number,
-  ): number;
-  /** lw_copy */
-  copy(dst: number, src: number, n: number): number;
-  /** lw_copy2d */
-  copy2d(
-    dst: number,
-    dstPitch: number,
-    src: number,
-    srcPitch: number,
-    width: number,
-    rows: number,
-  ): number;
-  /** lw_fill */
-  fill(
-    dst: number,
-    n: number,
-    elemSize: number,
-    lo: number,
-    hi: number,
-  ): number;
-  /** lw_absmax */
-  absmax(out: number, src: number, dtype: number, n: number): number;
-  /** lw_count_nonfinite */
-  countNonfinite(out: number, src: number, dtype: number, n: number): number;
-  /** lw_quant_fp8 */
-  quantFp8(
-    q: number,
-    scale: number,
-    src: number,
-    srcDtype: number,
-    rows: number,
-    cols: number,
-    granularity: number,
-    dynamic: number,
-  ): number;
-  /** lw_quant_int8_row */
-  quantInt8Row(
-    q: number,
-    scale: number,
-    src: number,
-    srcDtype: number,
-    rows: number,
-    cols: number,
-  ): number;
-  /** lw_dequant_fp8 */
-  dequantFp8(
-    dst: number,
-    dstDtype: number,
-    q: number,
-    scale: number,
-    rows: number,
-    cols: number,
-    granularity: number,
-  ): number;
+  /** The kernel entry points, each called with {@link RawDevice.ctx} first. */
+  readonly kernels: KernelAbi;
+  /** The execution context passed to every kernel: a CUDA `lw_ctx*`, 0 on WASM. */
+  readonly ctx: number;
   /** Waits for queued work. */
   sync(): void;
   /** Text for a non-zero status from the last call. */
@@ -132,6 +143,8 @@ function matrixDims(t: Tensor): [number, number] {
 /** The Backend over a RawDevice; see the module doc. */
 export class KernelBackend implements Backend {
   readonly #dev: RawDevice;
+  readonly #k: KernelAbi;
+  readonly #ctx: number;
   readonly #live = new Set<Storage>();
   #allocated = 0;
   #scratch: Storage;
@@ -140,6 +153,8 @@ export class KernelBackend implements Backend {
   /** Wraps a raw device. */
   constructor(dev: RawDevice) {
     this.#dev = dev;
+    this.#k = dev.kernels;
+    this.#ctx = dev.ctx;
     this.#scratch = this.alloc(64);
   }
 
@@ -255,7 +270,8 @@ export class KernelBackend implements Backend {
         const e = dst.dtype.size;
         this.#check(
           "copy",
-          d.rows === 1 ? this.#dev.copy(d.ptr, s.ptr, d.cols * e) : this.#dev.copy2d(
+          d.rows === 1 ? this.#k.lw_copy(this.#ctx, d.ptr, s.ptr, d.cols * e) : this.#k.lw_copy2d(
+            this.#ctx,
             d.ptr,
             d.pitch * e,
             s.ptr,
@@ -267,7 +283,8 @@ export class KernelBackend implements Backend {
       } else {
         this.#check(
           "copy",
-          this.#dev.cast(
+          this.#k.lw_cast(
+            this.#ctx,
             d.ptr,
             dst.dtype.code,
             d.pitch,
@@ -293,7 +310,8 @@ export class KernelBackend implements Backend {
       this.#dev.write(this.#scratch.ptr, tmp);
       this.#check(
         "fill",
-        this.#dev.cast(
+        this.#k.lw_cast(
+          this.#ctx,
           this.#scratch.ptr + 8,
           dst.dtype.code,
           1,
@@ -326,7 +344,7 @@ export class KernelBackend implements Backend {
       hi = Number(big >> 32n);
     }
     if (dst.numel === 0) return;
-    this.#check("fill", this.#dev.fill(dst.ptr, dst.numel, e, lo, hi));
+    this.#check("fill", this.#k.lw_fill(this.#ctx, dst.ptr, dst.numel, e, lo, hi));
   }
 
   absmax(src: Tensor): number {
@@ -335,7 +353,7 @@ export class KernelBackend implements Backend {
     if (src.numel === 0) return 0;
     this.#check(
       "absmax",
-      this.#dev.absmax(this.#scratch.ptr, src.ptr, src.dtype.code, src.numel),
+      this.#k.lw_absmax(this.#ctx, this.#scratch.ptr, src.ptr, src.dtype.code, src.numel),
     );
     const out = new Uint8Array(4);
     this.#dev.read(this.#scratch.ptr, out);
@@ -347,12 +365,7 @@ export class KernelBackend implements Backend {
     if (src.numel === 0 || !src.dtype.floating) return 0;
     this.#check(
       "countNonFinite",
-      this.#dev.countNonfinite(
-        this.#scratch.ptr,
-        src.ptr,
-        src.dtype.code,
-        src.numel,
-      ),
+      this.#k.lw_count_nonfinite(this.#ctx, this.#scratch.ptr, src.ptr, src.dtype.code, src.numel),
     );
     const out = new Uint8Array(8);
     this.#dev.read(this.#scratch.ptr, out);
@@ -377,7 +390,8 @@ export class KernelBackend implements Backend {
     if (rows * cols === 0) return;
     this.#check(
       "quantizeFp8",
-      this.#dev.quantFp8(
+      this.#k.lw_quant_fp8(
+        this.#ctx,
         q.ptr,
         scale.ptr,
         src.ptr,
@@ -402,14 +416,7 @@ export class KernelBackend implements Backend {
     if (rows * cols === 0) return;
     this.#check(
       "quantizeInt8",
-      this.#dev.quantInt8Row(
-        q.ptr,
-        scale.ptr,
-        src.ptr,
-        src.dtype.code,
-        rows,
-        cols,
-      ),
+      this.#k.lw_quant_int8_row(this.#ctx, q.ptr, scale.ptr, src.ptr, src.dtype.code, rows, cols),
     );
   }
 
@@ -431,7 +438,8 @@ export class KernelBackend implements Backend {
     this.#noOverlap("dequantizeFp8", dst, q);
     this.#check(
       "dequantizeFp8",
-      this.#dev.dequantFp8(
+      this.#k.lw_dequant_fp8(
+        this.#ctx,
         dst.ptr,
         dst.dtype.code,
         q.ptr,

@@ -11,7 +11,7 @@ import { BackendError } from "../errors.ts";
 import type { Tensor } from "../tensor/tensor.ts";
 import { kernelsWasmBytes } from "../../wasm/kernels_wasm.ts";
 import type { Backend } from "./backend.ts";
-import { KernelBackend, type RawDevice } from "./kernels.ts";
+import { type KernelAbi, KernelBackend, type RawDevice } from "./kernels.ts";
 
 /** The most memory a wasm32 instance can address (the module is built with this maximum). */
 export const WASM_MAX_MEMORY_BYTES: number = 4 * 1024 ** 3;
@@ -20,66 +20,12 @@ export const WASM_MAX_MEMORY_BYTES: number = 4 * 1024 ** 3;
 export const WASM_MAX_ALLOCATION_BYTES: number = 2 * 1024 ** 3;
 
 /** What the kernels module exports (see scripts/build-wasm.sh); pointers and sizes are i32. */
-interface KernelExports {
+interface KernelExports extends KernelAbi {
   memory: WebAssembly.Memory;
   _initialize?: () => void;
   malloc(bytes: number): number;
   free(ptr: number): void;
   lw_wasm_last_error(): number;
-  lw_cast(
-    ctx: number,
-    dst: number,
-    dstDtype: number,
-    dstPitch: number,
-    src: number,
-    srcDtype: number,
-    srcPitch: number,
-    rows: number,
-    cols: number,
-  ): number;
-  lw_copy(ctx: number, dst: number, src: number, n: number): number;
-  lw_copy2d(
-    ctx: number,
-    dst: number,
-    dstPitch: number,
-    src: number,
-    srcPitch: number,
-    width: number,
-    rows: number,
-  ): number;
-  lw_fill(ctx: number, dst: number, n: number, elemSize: number, lo: number, hi: number): number;
-  lw_absmax(ctx: number, out: number, src: number, dtype: number, n: number): number;
-  lw_count_nonfinite(ctx: number, out: number, src: number, dtype: number, n: number): number;
-  lw_quant_fp8(
-    ctx: number,
-    q: number,
-    scale: number,
-    src: number,
-    srcDtype: number,
-    rows: number,
-    cols: number,
-    granularity: number,
-    dynamic: number,
-  ): number;
-  lw_quant_int8_row(
-    ctx: number,
-    q: number,
-    scale: number,
-    src: number,
-    srcDtype: number,
-    rows: number,
-    cols: number,
-  ): number;
-  lw_dequant_fp8(
-    ctx: number,
-    dst: number,
-    dstDtype: number,
-    q: number,
-    scale: number,
-    rows: number,
-    cols: number,
-    granularity: number,
-  ): number;
 }
 
 let compiled: Promise<WebAssembly.Module> | undefined;
@@ -191,81 +137,13 @@ class WasmDevice implements RawDevice {
     dst.set(new Uint8Array(this.buffer, ptr, dst.byteLength));
   }
 
-  cast(
-    dst: number,
-    dstDtype: number,
-    dstPitch: number,
-    src: number,
-    srcDtype: number,
-    srcPitch: number,
-    rows: number,
-    cols: number,
-  ): number {
-    return this.exports.lw_cast(0, dst, dstDtype, dstPitch, src, srcDtype, srcPitch, rows, cols);
+  /** The module's kernel exports; the context argument is ignored (always 0). */
+  get kernels(): KernelAbi {
+    return this.exports;
   }
 
-  copy(dst: number, src: number, n: number): number {
-    return this.exports.lw_copy(0, dst, src, n);
-  }
-
-  copy2d(
-    dst: number,
-    dstPitch: number,
-    src: number,
-    srcPitch: number,
-    width: number,
-    rows: number,
-  ): number {
-    return this.exports.lw_copy2d(0, dst, dstPitch, src, srcPitch, width, rows);
-  }
-
-  fill(dst: number, n: number, elemSize: number, lo: number, hi: number): number {
-    return this.exports.lw_fill(0, dst, n, elemSize, lo, hi);
-  }
-
-  absmax(out: number, src: number, dtype: number, n: number): number {
-    return this.exports.lw_absmax(0, out, src, dtype, n);
-  }
-
-  countNonfinite(out: number, src: number, dtype: number, n: number): number {
-    return this.exports.lw_count_nonfinite(0, out, src, dtype, n);
-  }
-
-  quantFp8(
-    q: number,
-    scale: number,
-    src: number,
-    srcDtype: number,
-    rows: number,
-    cols: number,
-    granularity: number,
-    dynamic: number,
-  ): number {
-    return this.exports.lw_quant_fp8(0, q, scale, src, srcDtype, rows, cols, granularity, dynamic);
-  }
-
-  quantInt8Row(
-    q: number,
-    scale: number,
-    src: number,
-    srcDtype: number,
-    rows: number,
-    cols: number,
-  ): number {
-    return this.exports.lw_quant_int8_row(0, q, scale, src, srcDtype, rows, cols);
-  }
-
-  dequantFp8(
-    dst: number,
-    dstDtype: number,
-    q: number,
-    scale: number,
-    rows: number,
-    cols: number,
-    granularity: number,
-  ): number {
-    return this.exports.lw_dequant_fp8(0, dst, dstDtype, q, scale, rows, cols, granularity);
-  }
+  /** WebAssembly kernels run synchronously on the caller's thread: no context. */
+  readonly ctx = 0;
 
   sync(): void {
     // Kernels run synchronously on the calling thread: nothing is ever queued.
