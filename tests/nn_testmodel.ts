@@ -20,6 +20,7 @@ import {
   VocabParallelEmbedding,
 } from "../src/nn/layers.ts";
 import { Module, type WeightTarget } from "../src/nn/module.ts";
+import { rng as prng } from "../src/cli/synth.ts";
 import type { QuantScheme } from "../src/quant/method.ts";
 import { loadWeights } from "../src/reload/load.ts";
 import { type DType, DTYPES } from "../src/tensor/dtype.ts";
@@ -38,17 +39,8 @@ export async function testBackends(): Promise<[string, Backend][]> {
   return out;
 }
 
-/** mulberry32: a small seeded PRNG returning floats in [0, 1). */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** The seeded generator the synthetic checkpoints use (mulberry32, floats in [0, 1)). */
+export { prng };
 
 /** bf16 bytes (round to nearest even) of `n` values `center + spread * u`, u uniform in [-1, 1). */
 export function randomBf16(rand: () => number, n: number, spread = 1, center = 0): Uint8Array {
