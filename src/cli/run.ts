@@ -40,7 +40,8 @@ function print(line: string, quiet: boolean): void {
 
 /** One line describing a reload. */
 export function describeReload(r: ModelReloadReport): string {
-  return `${r.layersProcessed} layers, ${(r.bytesLoaded / 1e9).toFixed(3)} GB in ${
+  // "Layers" in the engine's sense (every module holding weights), not decoder layers.
+  return `${r.layersProcessed} weight modules, ${(r.bytesLoaded / 1e9).toFixed(3)} GB in ${
     r.seconds.toFixed(3)
   } s (${formatRate(r.bytesLoaded, r.seconds)}), peak buffered ${
     (r.peakBufferedBytes / 1e6).toFixed(1)
