@@ -1199,6 +1199,18 @@ LW_API lw_status lw_pread(int32_t fd, void *dst, size_t n, uint64_t offset) {
   return LW_OK;
 }
 
+/* ---------------------------------------------------------------- staged reads (issue 5) */
+
+// Waiting on a default event spins a CPU core; the staging pipeline waits on several at once
+// while file reads need every core, so its events sleep instead (and skip timing).
+LW_API lw_status lw_event_create_blocking(int32_t device, uint64_t *out_event) {
+  CK(cudaSetDevice(device));
+  cudaEvent_t e;
+  CK(cudaEventCreateWithFlags(&e, cudaEventBlockingSync | cudaEventDisableTiming));
+  *out_event = (uint64_t)(uintptr_t)e;
+  return LW_OK;
+}
+
 }  // extern "C"
 
 // ================================================================== graphs (cuda/graph.cu)

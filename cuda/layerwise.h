@@ -134,6 +134,8 @@ LW_API lw_status lw_event_sync(void *event);
 LW_API lw_status lw_event_elapsed(float *out_ms, void *start, void *end);
 /* pread n bytes at offset of fd into (pinned) host memory; fails with LW_EIO when short */
 LW_API lw_status lw_pread(int32_t fd, void *dst, size_t n, uint64_t offset);
+/* staged reads (issue 5): an event whose host waits sleep instead of spinning, without timing */
+LW_API lw_status lw_event_create_blocking(int32_t device, uint64_t *out_event);
 #endif
 
 /* ---------------------------------------------------------------- CUDA graphs, streams, probe

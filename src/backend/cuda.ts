@@ -219,6 +219,14 @@ export class CudaDevice {
     return this.#out("createEvent", this.#s.lw_event_create(this.device, this.#u64));
   }
 
+  /** A new event whose host waits sleep rather than spin (no timing); for staged reads. */
+  createSyncEvent(): number {
+    return this.#out(
+      "createSyncEvent",
+      this.#s.lw_event_create_blocking(this.device, this.#u64),
+    );
+  }
+
   /** Destroys an event. */
   destroyEvent(event: number): void {
     this.check("destroyEvent", this.#s.lw_event_destroy(event));
@@ -351,13 +359,7 @@ class CudaRaw implements RawDevice {
   }
 
   malloc(bytes: number): number {
-    let p = this.pool.take(bytes);
-    if (p === undefined) {
-      // A size the cache does not hold: the pattern changed (another kind of layer), so what
-      // it holds is unlikely to be asked for again soon; give it back rather than pile up.
-      if (this.pool.cachedBytes > 0) this.pool.trim((q) => this.#d.free(q));
-      p = this.#d.malloc(bytes);
-    }
+    const p = this.pool.take(bytes, (q) => this.#d.free(q)) ?? this.#d.malloc(bytes);
     this.#live.add(p);
     this.pool.allocated(p, bytes);
     return p;
@@ -433,19 +435,40 @@ export function openCudaBackend(options: CudaBackendOptions = {}): Backend {
 export class DevicePool {
   readonly #sizes = new Map<number, number>();
   readonly #cache = new Map<number, number[]>();
+  /** When each cached block came in (allocation count), oldest first. */
+  readonly #ages: { ptr: number; bytes: number; at: number }[] = [];
+  #clock = 0;
   #holds = 0;
   #cached = 0;
   #live = 0;
   #peak = 0;
 
-  /** A cached block of exactly `bytes`, if the cache is held and has one. */
-  take(bytes: number): number | undefined {
+  /**
+   * A cached block of exactly `bytes`, if the cache is held and has one. Blocks nobody asked
+   * for during the last {@link DevicePool.STALE} allocations (another kind of layer: the
+   * embedding's before the decoder layers) are given back through `free` first.
+   */
+  take(bytes: number, free: (ptr: number) => void): number | undefined {
     if (this.#holds === 0) return undefined;
+    this.#clock++;
+    while (this.#ages.length > 0 && this.#clock - this.#ages[0].at > DevicePool.STALE) {
+      const old = this.#ages.shift()!;
+      const list = this.#cache.get(old.bytes)!;
+      list.splice(list.indexOf(old.ptr), 1);
+      this.#cached -= old.bytes;
+      free(old.ptr);
+    }
     const list = this.#cache.get(bytes);
     const p = list?.pop();
-    if (p !== undefined) this.#cached -= bytes;
+    if (p !== undefined) {
+      this.#cached -= bytes;
+      this.#ages.splice(this.#ages.findIndex((a) => a.ptr === p), 1);
+    }
     return p;
   }
+
+  /** Allocations after which an unused cached block is given back (a few layers' worth). */
+  static readonly STALE = 64;
 
   /** Records a block handed out. */
   allocated(ptr: number, bytes: number): void {
@@ -463,6 +486,7 @@ export class DevicePool {
     const list = this.#cache.get(bytes) ?? [];
     list.push(ptr);
     this.#cache.set(bytes, list);
+    this.#ages.push({ ptr, bytes, at: this.#clock });
     this.#cached += bytes;
     return true;
   }
@@ -482,6 +506,7 @@ export class DevicePool {
   trim(free: (ptr: number) => void): void {
     const blocks = [...this.#cache.values()].flat();
     this.#cache.clear();
+    this.#ages.length = 0;
     this.#cached = 0;
     for (const p of blocks) free(p);
   }

@@ -92,6 +92,9 @@ export const CUDA_SYMBOLS = {
     parameters: [PTR, PTR, "usize", "usize", PTR, PTR],
     result: STATUS,
   },
+
+  // staged reads (issue 5)
+  lw_event_create_blocking: { parameters: ["i32", "buffer"], result: STATUS },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 /** The loaded library's functions; pointers, handles and sizes may be passed as JS numbers. */

@@ -303,7 +303,7 @@ function makeRing(d: CudaDevice, slotBytes: number, slots: number): HostRing {
   try {
     for (let i = 0; i < slots; i++) {
       ring.slots.push(d.hostAlloc(slotBytes));
-      ring.slotEvents.push(d.createEvent());
+      ring.slotEvents.push(d.createSyncEvent());
     }
   } catch (e) {
     freeRing(d, ring);
@@ -428,7 +428,7 @@ export async function* stageTensors(
       stats.deviceRingBytes = ringBytes;
     }
     const gate = new Gate(o.readers);
-    const event = () => ring.events.pop() ?? d.createEvent();
+    const event = () => ring.events.pop() ?? d.createSyncEvent();
     const base = new Map<number, [Storage, number]>();
     fence = event();
 
