@@ -28,6 +28,7 @@ import { parseModelConfig } from "../src/models/config.ts";
 import { type QuantName, quantScheme } from "../src/models/load.ts";
 import { kernelTensors } from "../src/models/export.ts";
 import { broadcastReload, deviceBroadcastSource } from "../src/parallel/broadcast.ts";
+import { SHAPE_8B } from "./bench_reload.ts";
 import { expectedShard, shardRule } from "../src/parallel/shards.ts";
 import { buildTensorParallel, freeModel, openRankBackends } from "../src/parallel/tp.ts";
 import { loadWeights } from "../src/reload/load.ts";
@@ -35,15 +36,7 @@ import { DTYPES } from "../src/tensor/dtype.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
 
 const SHAPES: Record<string, SynthShape> = {
-  "8b": {
-    hiddenSize: 4096,
-    intermediateSize: 14336,
-    numLayers: 32,
-    numHeads: 32,
-    numKvHeads: 8,
-    vocabSize: 128256,
-    tieWordEmbeddings: false,
-  },
+  "8b": SHAPE_8B,
   "1b": {
     hiddenSize: 2048,
     intermediateSize: 8192,

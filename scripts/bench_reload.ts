@@ -27,7 +27,13 @@ import {
   type StagingOptions,
   type StagingStats,
 } from "../src/checkpoint/staging.ts";
-import { bf16Bits, rng, synthConfig, type SynthShape } from "../src/cli/synth.ts";
+import {
+  bf16Bits,
+  rng,
+  synthConfig,
+  type SynthShape,
+  synthTensorShapes,
+} from "../src/cli/synth.ts";
 import { loadModel, reloadWeights } from "../src/models/load.ts";
 
 /** Llama-3-8B's shape, untied (16.06 GB of bf16). */
@@ -55,28 +61,6 @@ export const SHAPE_SMALL: Readonly<SynthShape> = Object.freeze({
 const GB = 1e9;
 const MiB = 1 << 20;
 
-function tensorShapes(s: SynthShape): [string, number[]][] {
-  const h = s.hiddenSize, d = h / s.numHeads;
-  const out: [string, number[]][] = [["model.embed_tokens.weight", [s.vocabSize, h]]];
-  for (let i = 0; i < s.numLayers; i++) {
-    const p = `model.layers.${i}`;
-    out.push(
-      [`${p}.input_layernorm.weight`, [h]],
-      [`${p}.self_attn.q_proj.weight`, [s.numHeads * d, h]],
-      [`${p}.self_attn.k_proj.weight`, [s.numKvHeads * d, h]],
-      [`${p}.self_attn.v_proj.weight`, [s.numKvHeads * d, h]],
-      [`${p}.self_attn.o_proj.weight`, [h, s.numHeads * d]],
-      [`${p}.post_attention_layernorm.weight`, [h]],
-      [`${p}.mlp.gate_proj.weight`, [s.intermediateSize, h]],
-      [`${p}.mlp.up_proj.weight`, [s.intermediateSize, h]],
-      [`${p}.mlp.down_proj.weight`, [h, s.intermediateSize]],
-    );
-  }
-  out.push(["model.norm.weight", [h]]);
-  if (!s.tieWordEmbeddings) out.push(["lm_head.weight", [s.vocabSize, h]]);
-  return out;
-}
-
 /** Bytes of one decoder layer in model format (bf16 fused qkv, gate_up, o, down, 2 norms). */
 export function layerModelBytes(s: SynthShape): number {
   const h = s.hiddenSize, d = h / s.numHeads;
@@ -99,7 +83,7 @@ async function writeCheckpoint(
 ): Promise<number> {
   await Deno.mkdir(dir, { recursive: true });
   await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify(synthConfig(shape), null, 2));
-  const all = tensorShapes(shape);
+  const all = synthTensorShapes(shape);
   const list = order.map((i) => ({ index: i, name: all[i][0], shape: all[i][1] }));
   const sizeOf = (s: number[]) => 2 * s.reduce((a, b) => a * b, 1);
   const shards: (typeof list)[] = [[]];
@@ -372,7 +356,7 @@ export async function benchReload(
   const cuda = backend.kind === "cuda";
   const shape = (options.shape ?? (cuda ? "8b" : "small")) === "8b" ? SHAPE_8B : SHAPE_SMALL;
   const runs = options.runs ?? 3;
-  const all = tensorShapes(shape);
+  const all = synthTensorShapes(shape);
   const ckptBytes = all.reduce((a, [, s]) => a + 2 * s.reduce((x, y) => x * y, 1), 0);
   const shm = "/dev/shm";
   const root = options.dir ??
