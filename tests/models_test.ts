@@ -267,3 +267,45 @@ Deno.test("api: unexpected tensors are reported, or errors with strict; nothing 
     backend.close();
   }
 });
+
+Deno.test("api: a partial reload keeps untouched modules; without `partial` it is refused", async () => {
+  const backend = await openWasmBackend();
+  try {
+    const dir = `${CKPT}llama-tiny`;
+    const model = await loadModel(dir, { backend, quant: "fp8" });
+    const before = downloadKernelTensors(model);
+    // New values for layer 0 only.
+    const layer0 = reversed(await memoryPairs(dir, 7)).filter(([n]) =>
+      n.startsWith("model.layers.0.")
+    );
+    await assert.rejects(
+      reloadWeights(model, layer0),
+      (e: unknown) => e instanceof CheckpointError && e.code === "MISSING_TENSOR",
+    );
+    const unchanged = downloadKernelTensors(model);
+    for (const [n, t] of before) assert.deepEqual(unchanged.get(n)!.data, t.data, n);
+
+    const r = await reloadWeights(model, layer0, { partial: true });
+    assert.ok(r.missing.includes("model.layers.1.self_attn.qkv_proj.weight"), r.missing.join());
+    assert.ok(!r.missing.some((n) => n.startsWith("model.layers.0.")), r.missing.join());
+    assert.ok(r.untouched.includes("model.layers.1.mlp.down_proj"), r.untouched.join());
+    const after = downloadKernelTensors(model);
+    let changed = 0;
+    for (const [n, t] of before) {
+      const same = bytesEqual(after.get(n)!.data, t.data);
+      if (n.startsWith("model.layers.0.") && n.endsWith(".weight") && !n.includes("norm")) {
+        assert.ok(!same, `${n} follows the new weights`);
+        changed++;
+      } else if (!n.startsWith("model.layers.0.")) assert.ok(same, `${n} kept its weights`);
+    }
+    assert.equal(changed, 4, "qkv, o, gate_up and down of layer 0 changed");
+    // A module covered in part is an error even with `partial`.
+    const noK = layer0.filter(([n]) => !n.endsWith("self_attn.k_proj.weight"));
+    await assert.rejects(
+      reloadWeights(model, noK, { partial: true }),
+      (e: unknown) => e instanceof CheckpointError && e.code === "MISSING_WEIGHTS",
+    );
+  } finally {
+    backend.close();
+  }
+});

@@ -163,6 +163,13 @@ async function namingFile<T>(
 export interface ModelReloadOptions extends ReloadOptions {
   /** Tensors the model does not have are errors (default: ignored and listed in the report). */
   strict?: boolean;
+  /**
+   * Accept a source that covers only some modules (e.g. a trainer pushing the layers it
+   * changed): modules it does not touch keep their weights and are listed in `missing` and
+   * `untouched`. Default false: a missing tensor is a CheckpointError before anything is
+   * written. A module covered in part (one of q/k/v, say) is an error either way.
+   */
+  partial?: boolean;
   /** Called after each tensor is read: layer groups done, their number, bytes read. */
   onProgress?: ProgressCallback;
   /** As in {@link LoadModelOptions.staging}. */
@@ -177,6 +184,8 @@ export interface ModelReloadReport extends ReloadReport {
   readonly unexpected: readonly string[];
   /** Tensors the model ignores on purpose. */
   readonly skipped: readonly string[];
+  /** Model tensors the source did not cover (only with `partial`): they kept their weights. */
+  readonly missing: readonly string[];
   /** Read rate: bytes loaded / seconds. */
   readonly bytesPerSecond: number;
 }
@@ -210,6 +219,7 @@ export async function reloadWeights(
       source: source.description,
       unexpected: plan.unexpected,
       skipped: plan.skipped,
+      missing: plan.missing,
       bytesPerSecond: r.seconds > 0 ? r.bytesLoaded / r.seconds : 0,
     };
   } finally {

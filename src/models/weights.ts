@@ -23,6 +23,8 @@ export interface ValidatedWeights {
   readonly skipped: readonly string[];
   /** Names the model does not have (only when not strict; strict makes them errors). */
   readonly unexpected: readonly string[];
+  /** Model tensors the source does not cover (only with `partial`; else an error). */
+  readonly missing: readonly string[];
   /** Bytes to load. */
   readonly bytes: number;
   /** Layer-order keys of the names, with how many names each has (for progress). */
@@ -34,17 +36,19 @@ export interface ValidatedWeights {
  * read: the names the architecture needs are all there (CheckpointError `MISSING_TENSOR`
  * naming them as the checkpoint would), then the engine's dry run of the real loaders
  * (src/reload/validate.ts) checks shapes, dtypes and coverage. Unknown names are errors with
- * `strict`, else listed. Messages name the file and the tensor. The model must have recorded
- * its metadata (loadModel does).
+ * `strict`, else listed. With `partial`, modules the source does not touch at all are listed
+ * instead of being an error (they keep their weights); a module covered in part is an error
+ * either way. Messages name the file and the tensor. The model must have recorded its metadata
+ * (loadModel does).
  */
 export function validateWeights(
   model: CausalLM,
   source: WeightSource,
-  options: { strict?: boolean } = {},
+  options: { strict?: boolean; partial?: boolean } = {},
 ): ValidatedWeights {
   const present = new Set(source.tensors.keys());
   const absent = expectedCheckpointNames(model.config).filter((n) => !present.has(n));
-  if (absent.length > 0) {
+  if (absent.length > 0 && !options.partial) {
     throw new CheckpointError(
       "MISSING_TENSOR",
       `${source.description}: ${absent.length} tensor${absent.length > 1 ? "s" : ""} missing: ${
@@ -65,7 +69,14 @@ export function validateWeights(
     const k = model.readOrder(n);
     layers.set(k, (layers.get(k) ?? 0) + 1);
   }
-  return { names, skipped: report.skipped, unexpected: report.unknown, bytes, layers };
+  return {
+    names,
+    skipped: report.skipped,
+    unexpected: report.unknown,
+    missing: report.missing,
+    bytes,
+    layers,
+  };
 }
 
 /** Progress of a stream: layer-order groups fully read, of all, and bytes read. */
