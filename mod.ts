@@ -135,6 +135,7 @@ export {
   initializeLayerwiseReload,
   isInconsistent,
   isReloading,
+  type KernelDestination,
   type LayerContext,
   type LayerMeta,
   type LayerwiseInfo,

@@ -35,6 +35,7 @@ import {
   synthTensorShapes,
 } from "../src/cli/synth.ts";
 import { loadModel, reloadWeights } from "../src/models/load.ts";
+import { trackPeak } from "./reload_memory.ts";
 
 /** Llama-3-8B's shape, untied (16.06 GB of bf16). */
 export const SHAPE_8B: Readonly<SynthShape> = Object.freeze({
@@ -456,9 +457,16 @@ export async function benchReload(
       for (let i = 0; i < runs; i++) {
         const pool = cuda ? cudaHandle(backend)!.pool : null;
         pool?.resetPeak();
-        const start = pool ? pool.liveBytes + pool.cachedBytes : 0;
+        const start = pool ? pool.liveBytes + pool.cachedBytes : backend.allocatedBytes();
+        // Without the CUDA pool's figures: the backend's allocated bytes, peak tracked on alloc.
+        const tracker = pool ? null : trackPeak(backend);
         const t = performance.now();
-        const r = await reloadWeights(model, `${root}/${c}`, { staging: st });
+        let r;
+        try {
+          r = await reloadWeights(model, `${root}/${c}`, { staging: st });
+        } finally {
+          tracker?.stop();
+        }
         const s = (performance.now() - t) / 1000;
         const ref = cuda ? h2dSeconds(backend, ckptBytes) : memcpySeconds(ckptBytes);
         const run: ReloadRun = {
@@ -466,7 +474,7 @@ export async function benchReload(
           seconds: s,
           gbps: ckptBytes / GB / s,
           ratio: ref / s,
-          peakExtraBytes: pool ? pool.peakBytes - start : null,
+          peakExtraBytes: (pool ? pool.peakBytes : tracker!.peak) - start,
           peakBufferedBytes: r.peakBufferedBytes,
           peakScratchBytes: r.peakScratchBytes,
         };

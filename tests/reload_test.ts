@@ -202,7 +202,7 @@ for (const [bn, b] of BACKENDS) {
     }
   });
 
-  Deno.test(`${bn}: buffered bytes stay within maxBufferedBytes, or BUFFER_LIMIT`, async () => {
+  Deno.test(`${bn}: scratch of waiting layers stays within maxBufferedBytes, or BUFFER_LIMIT`, async () => {
     const order = (ws: HostWeight[]) => shuffle(ws, 7);
     const B = order(checkpointFor(b, TINY, 2, "fp8-channel"));
     const unbounded = await reloadMatchesFresh(b, TINY, "fp8-channel", () => [...B]);
@@ -225,7 +225,7 @@ for (const [bn, b] of BACKENDS) {
           assert.ok(e instanceof ReloadError && e.code === "BUFFER_LIMIT", String(e));
           assert.match(
             e.message,
-            /model\.layers\.\d\.\S+: buffering \d+ bytes would hold \d+ bytes, over maxBufferedBytes=\d+/,
+            /model\.layers\.\d\.\S+: materializing \d+ bytes of model-format scratch would hold \d+ bytes, over maxBufferedBytes=\d+/,
           );
           return true;
         },

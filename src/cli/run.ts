@@ -43,7 +43,7 @@ export function describeReload(r: ModelReloadReport): string {
   // "Layers" in the engine's sense (every module holding weights), not decoder layers.
   return `${r.layersProcessed} weight modules, ${(r.bytesLoaded / 1e9).toFixed(3)} GB in ${
     r.seconds.toFixed(3)
-  } s (${formatRate(r.bytesLoaded, r.seconds)}), peak buffered ${
+  } s (${formatRate(r.bytesLoaded, r.seconds)}), peak scratch ${
     (r.peakBufferedBytes / 1e6).toFixed(1)
   } MB, storage kept: ${r.storageKept ? "yes" : "NO"}` +
     (r.unexpected.length > 0 ? `, ${r.unexpected.length} unexpected tensors ignored` : "");

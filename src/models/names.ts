@@ -78,7 +78,7 @@ const LAYER = /^model\.layers\.(\d+)\./;
 /**
  * A read-order key for a checkpoint (or model) name: the embedding first, then each decoder
  * layer in turn, then the final norm and lm_head; anything else last. Reads sorted by it keep
- * about one layer buffered whatever the order of tensors in the files.
+ * one layer's scratch in memory whatever the order of tensors in the files.
  */
 export function layerOrderKey(numLayers: number): (name: string) => number {
   return (name: string): number => {

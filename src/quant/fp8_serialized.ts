@@ -12,7 +12,7 @@ import { copyInto, type Module, select0, TensorSlot } from "../nn/module.ts";
 import { DTYPES } from "../tensor/dtype.ts";
 import { Tensor } from "../tensor/tensor.ts";
 import { expertCount, matrices, matrixShape } from "./common.ts";
-import type { QuantMethod, WeightSpec } from "./method.ts";
+import type { KernelDestination, QuantMethod, WeightSpec } from "./method.ts";
 
 /** Loads fp8 weights and per-shard scales; requantizes fused weights to one scale. */
 export class Fp8SerializedMethod implements QuantMethod {
@@ -55,46 +55,58 @@ export class Fp8SerializedMethod implements QuantMethod {
     }
   }
 
-  processWeightsAfterLoading(layer: Module): void {
+  processWeightsAfterLoading(layer: Module, into?: KernelDestination): void {
     const b = this.#backend;
     for (const spec of this.#specs) {
-      const w = layer.slot(spec.name).tensor;
+      const slot = layer.slot(spec.name);
+      const w = slot.tensor;
       const scaleSlot = layer.slot(spec.scaleName);
       const old = scaleSlot.tensor;
       const n = spec.shardRows.length;
       const flat = old.reshape([old.numel]);
       const host = new Float32Array(b.download(old).buffer);
       const experts = expertCount(spec);
-      const scale = b.empty(experts === 0 ? [1] : [experts], DTYPES.f32);
+      // Requantized in place, or into the caller's kernel tensor when `into` gives one.
+      const out = into?.(spec.name, w.shape, w.dtype) ?? w;
+      const shape = experts === 0 ? [1] : [experts];
+      const given = into?.(spec.scaleName, shape, DTYPES.f32) ?? null;
+      const scale = given ?? b.empty(shape, DTYPES.f32);
       const [, cols] = matrixShape(spec);
       let tmp: Tensor | null = null;
       try {
         if (n > 1) tmp = b.empty([Math.max(...spec.shardRows), cols], DTYPES.f32);
+        const dst = matrices(out);
         matrices(w).forEach((m, e) => {
           const own = host.subarray(e * n, e * n + n);
           const max = own.reduce((a, x) => Math.max(a, x), -Infinity);
           const sv = scale.narrow(0, e, 1);
           b.upload(sv, new Uint8Array(Float32Array.of(max).buffer));
-          if (!tmp) return;
+          if (!tmp) {
+            if (out !== w) b.copy(dst[e], m);
+            return;
+          }
           const buf = tmp;
           let start = 0;
           spec.shardRows.forEach((rows, i) => {
-            const shard = m.narrow(0, start, rows);
             const t = buf.narrow(0, 0, rows);
-            b.dequantizeFp8(t, shard, flat.narrow(0, e * n + i, 1), "tensor");
-            b.quantizeFp8(shard, sv, t, "tensor", false);
+            b.dequantizeFp8(t, m.narrow(0, start, rows), flat.narrow(0, e * n + i, 1), "tensor");
+            b.quantizeFp8(dst[e].narrow(0, start, rows), sv, t, "tensor", false);
             start += rows;
           });
         });
       } catch (e) {
         // Not yet in the layer: nobody else would free it.
-        b.free(scale.storage!);
+        if (!given) b.free(scale.storage!);
         throw e;
       } finally {
         if (tmp) b.free(tmp.storage!);
       }
       b.free(old.storage!);
       scaleSlot.tensor = scale;
+      if (out !== w) {
+        b.free(w.storage!);
+        slot.tensor = out;
+      }
     }
   }
 }

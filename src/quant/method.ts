@@ -5,6 +5,8 @@
  */
 
 import type { Module, ShardId, WeightLoader } from "../nn/module.ts";
+import type { DType } from "../tensor/dtype.ts";
+import type { Tensor } from "../tensor/tensor.ts";
 
 /** A quantizable weight of a layer, as the layer describes it to its quant method. */
 export interface WeightSpec {
@@ -34,20 +36,41 @@ export interface ScaleIndex {
 }
 
 /**
+ * Where processing may write a kernel-format result: the tensor to write the result `name`
+ * (of `shape` and `dtype`) into, or null to allocate it as usual. A reload passes one that
+ * gives the kept kernel tensor of that name (same shape and dtype, contiguous), so that results
+ * land in place without a second allocation and copy. Asking for a destination declares that
+ * the layer's kernel tensors are about to be overwritten: the reload takes its atomic snapshot
+ * and counts the layer as written from then on.
+ */
+export type KernelDestination = (
+  name: string,
+  shape: readonly number[],
+  dtype: DType,
+) => Tensor | null;
+
+/**
  * Creates a layer's model-format weights and processes them into kernel format.
  *
  * Contract for processing: it may change shapes and dtypes; it swaps `slot.tensor` of existing
  * slots (it never replaces a slot object, so tied slots stay shared), may add new slots (scales),
  * and frees the model-format tensors it replaces. Everything left in the layer afterwards is
- * kernel format.
+ * kernel format. Given `into`, it asks it for each result's tensor before computing that result
+ * and writes the result there when it gets one (putting that tensor into the slot, never freeing
+ * it); the bytes must be those it would have computed into a fresh tensor.
  */
 export interface QuantMethod {
   /** Scheme name, for messages. */
   readonly name: string;
+  /**
+   * True when processing changes nothing: the model-format tensors are the kernel tensors. A
+   * reload then writes checkpoint tensors straight into the kept kernel tensors (no scratch).
+   */
+  readonly keepsModelFormat?: boolean;
   /** Registers the (meta) model-format slots of `specs` on `layer`. */
   createWeights(layer: Module, specs: readonly WeightSpec[]): void;
-  /** Turns the loaded model-format tensors of `layer` into kernel format. */
-  processWeightsAfterLoading(layer: Module): void;
+  /** Turns the loaded model-format tensors of `layer` into kernel format (see `into` above). */
+  processWeightsAfterLoading(layer: Module, into?: KernelDestination): void;
 }
 
 /** The quantization schemes of linear (and FusedMoE) layers. */

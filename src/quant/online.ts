@@ -13,7 +13,7 @@ import { type DType, DTYPES } from "../tensor/dtype.ts";
 import { select0 } from "../nn/module.ts";
 import type { Tensor } from "../tensor/tensor.ts";
 import { expertCount, matrices, matrixShape, putTensor } from "./common.ts";
-import type { QuantMethod, WeightSpec } from "./method.ts";
+import type { KernelDestination, QuantMethod, WeightSpec } from "./method.ts";
 import { UnquantizedMethod } from "./unquantized.ts";
 
 /** Shape of the scales of one matrix. */
@@ -48,7 +48,7 @@ export class OnlineQuantMethod implements QuantMethod {
     this.#create.createWeights(layer, specs);
   }
 
-  processWeightsAfterLoading(layer: Module): void {
+  processWeightsAfterLoading(layer: Module, into?: KernelDestination): void {
     const b = this.#backend, g = this.#granularity;
     for (const spec of this.#specs) {
       const w = layer.slot(spec.name).tensor;
@@ -56,10 +56,19 @@ export class OnlineQuantMethod implements QuantMethod {
       const [rows, cols] = matrixShape(spec);
       const per = scaleShape(rows, cols, g);
       const sShape = experts === 0 ? per : g === "tensor" ? [experts] : [experts, ...per];
-      const q = b.empty(w.shape, this.#target);
-      let s: Tensor | undefined;
+      // Tensors given by `into` belong to the caller: never freed here.
+      const own: Tensor[] = [];
+      const dest = (name: string, shape: readonly number[], dtype: DType): Tensor => {
+        const t = into?.(name, shape, dtype);
+        if (t) return t;
+        const n = b.empty(shape, dtype);
+        own.push(n);
+        return n;
+      };
+      let q: Tensor, s: Tensor;
       try {
-        s = b.empty(sShape, DTYPES.f32);
+        q = dest(spec.name, w.shape, this.#target);
+        s = dest(spec.scaleName, sShape, DTYPES.f32);
         const qs = matrices(q), ws = matrices(w);
         for (let i = 0; i < qs.length; i++) {
           const sv: Tensor = experts === 0 ? s : g === "tensor" ? s.narrow(0, i, 1) : select0(s, i);
@@ -68,8 +77,7 @@ export class OnlineQuantMethod implements QuantMethod {
         }
       } catch (e) {
         // Not yet in the layer: nobody else would free them.
-        b.free(q.storage!);
-        if (s) b.free(s.storage!);
+        for (const t of own) b.free(t.storage!);
         throw e;
       }
       b.free(w.storage!);

@@ -12,6 +12,8 @@ import type { QuantMethod, WeightSpec } from "./method.ts";
 export class UnquantizedMethod implements QuantMethod {
   /** `none`. */
   readonly name: string = "none";
+  /** Kernel format is model format. */
+  readonly keepsModelFormat: boolean = true;
   readonly #dtype: DType;
 
   /** A method creating weights of `dtype` (the model dtype). */

@@ -2,19 +2,25 @@
  * The layerwise reload lifecycle (see DESIGN.md, "Lifecycle"):
  * {@link recordMetadataForReloading} after building, {@link initializeLayerwiseReload} before
  * new weights arrive, loads in any order through the wrapped loaders, then
- * {@link finalizeLayerwiseReload}. A layer is processed as soon as it has every element:
- * materialized in scratch, buffered loads replayed, processed by its quant method, and the
- * results copied into the kept kernel tensors, whose storage never moves.
+ * {@link finalizeLayerwiseReload}. At a layer's first load the layer gets its model-format
+ * scratch and every load runs the original loader straight into it (fused shards land in their
+ * rows as they arrive; nothing is buffered or replayed); as soon as the layer has every element
+ * its quant method processes the scratch into the kept kernel tensors (whose storage never
+ * moves) and the scratch is freed. Layers whose kernel format is their model format (norms,
+ * embeddings, unquantized linears) need no scratch: loads go straight into the kept kernel
+ * tensors. So a reload in layer order holds about one layer of extra memory.
  *
  * Beyond the reference: attention scales reload; loads that write nothing (experts of another
- * rank) are not buffered; a duplicate load of the same shard is ignored; buffered bytes are
- * bounded by `maxBufferedBytes` (a load that would go past it throws ReloadError
- * `BUFFER_LIMIT`); a partially loaded layer is processed at finalize only when what is missing
- * is padding, otherwise the missing tensors are reported by name (ReloadError
- * `MISSING_WEIGHTS`); with `atomic`, a failed reload restores every kernel tensor bit-exactly from
- * host copies; without it, the model is marked inconsistent ({@link isInconsistent}) until the
- * layers the failed reload wrote are written again; `rejectNonFinite` scans incoming tensors for
- * NaN/Inf; a second reload (or a first load) of a model while one runs is refused
+ * rank) start nothing; a duplicate load of the same shard is ignored; the scratch held by
+ * layers waiting for more tensors is bounded by `maxBufferedBytes` (a layer whose scratch would
+ * go past it throws ReloadError `BUFFER_LIMIT`); a partially loaded layer is processed at
+ * finalize only when what is missing is padding, otherwise the missing tensors are reported by
+ * name (ReloadError `MISSING_WEIGHTS`); with `atomic`, a failed reload restores every kernel
+ * tensor bit-exactly from host copies taken before the first write into each layer; without
+ * it, the model is marked inconsistent ({@link isInconsistent}) until the layers the failed
+ * reload wrote (a layer loaded straight into its kernel tensors counts as written from its
+ * first load) are written again; `rejectNonFinite` scans incoming tensors for NaN/Inf before
+ * anything is written; a second reload (or a first load) of a model while one runs is refused
  * (`RELOAD_ACTIVE`, `LOAD_ACTIVE`).
  *
  * Bookkeeping lives in WeakMaps keyed by module: it goes away with the model.
@@ -23,7 +29,8 @@
 
 import type { Backend } from "../backend/backend.ts";
 import { LayerwiseError, ReloadError } from "../errors.ts";
-import type { Module, ShardId, TensorSlot, WeightLoader } from "../nn/module.ts";
+import type { Module, TensorSlot, WeightLoader } from "../nn/module.ts";
+import type { KernelDestination } from "../quant/method.ts";
 import { countWrites } from "../nn/module.ts";
 import type { Storage, Tensor } from "../tensor/tensor.ts";
 import {
@@ -39,39 +46,32 @@ import {
 /** Options of a layerwise reload. */
 export interface ReloadOptions {
   /**
-   * Upper bound on the bytes of checkpoint tensors held while their layer waits for the rest
-   * of its shards (default: no bound). A load that would exceed it throws ReloadError
-   * `BUFFER_LIMIT` naming the layer and the numbers; loads in layer order need about one
-   * layer's worth.
+   * Upper bound on the model-format scratch bytes held at once by layers that received some of
+   * their tensors and wait for the rest (default: no bound). The first load of a layer whose
+   * scratch would exceed it throws ReloadError `BUFFER_LIMIT` naming the layer and the numbers;
+   * loads in layer order need the largest layer's scratch (layers loaded straight into their
+   * kernel tensors need none).
    */
   maxBufferedBytes?: number;
   /**
-   * Copy each layer's kernel tensors to host memory (never device memory) right before they
-   * are overwritten, so that a failed reload restores every written layer bit-exactly. Costs
-   * one device-to-host read of the kernel tensors and host memory up to the model's kernel
-   * size, held until the reload ends. Default false: a failed reload then leaves the written
-   * layers with new weights and marks the model inconsistent (see {@link isInconsistent}).
+   * Copy each layer's kernel tensors to host memory (never device memory) right before the
+   * first write into any of them, so that a failed reload restores every written layer
+   * bit-exactly. Costs one device-to-host read of the kernel tensors and host memory up to the
+   * model's kernel size, held until the reload ends. Default false: a failed reload then
+   * leaves the written layers with new weights and marks the model inconsistent (see
+   * {@link isInconsistent}).
    */
   atomic?: boolean;
   /**
-   * Scan every incoming tensor on the backend (`countNonFinite`) before it is buffered or
-   * written, and fail with ReloadError `NON_FINITE` naming the tensor and the count of NaN/Inf
-   * elements. Default false in the API (the CLI turns it on). Costs one extra read of every
+   * Scan every incoming tensor on the backend (`countNonFinite`) before it is written, and
+   * fail with ReloadError `NON_FINITE` naming the tensor and the count of NaN/Inf elements.
+   * Default false in the API (the CLI turns it on). Costs one extra read of every
    * incoming tensor on the device (about the checkpoint's size in memory bandwidth) and, for a
    * non-contiguous tensor, a temporary contiguous copy. Integer tensors are never scanned.
    */
   rejectNonFinite?: boolean;
   /** Receives debug messages (ignored loads, delayed processing). */
   log?: (message: string) => void;
-}
-
-interface BufferedLoad {
-  readonly param: string;
-  readonly loaded: Tensor;
-  /** Whether `loaded` is our copy (freed after processing) or the caller's tensor. */
-  readonly owned: boolean;
-  readonly shardId: ShardId | undefined;
-  readonly expertId: number | undefined;
 }
 
 interface KernelTensor {
@@ -92,12 +92,14 @@ interface ReloadState {
   readonly atomic: boolean;
   readonly rejectNonFinite: boolean;
   readonly log: (message: string) => void;
-  /** The layer whose kernel tensors are being overwritten right now, if any. */
-  writing: string | null;
+  /**
+   * Layers whose kernel tensors may hold new bytes but that are not processed yet (loaded
+   * straight into their kernel tensors, or being processed into them), in the order they began.
+   */
+  readonly partial: Set<string>;
+  /** Scratch bytes held by layers that began and are not processed yet. */
   bufferedBytes: number;
   peakBufferedBytes: number;
-  scratchBytes: number;
-  peakScratchBytes: number;
   ignoredLoads: number;
   readonly processed: string[];
   readonly delayed: string[];
@@ -113,9 +115,15 @@ class LayerInfo {
   path = "";
   state: ReloadState | null = null;
   kernelTensors: Map<string, KernelTensor> | null = null;
+  /** Loads go straight into the kept kernel tensors (kernel format is model format). */
+  direct = false;
+  /** The first load came: scratch materialized, or (direct) kernel tensors in the slots. */
+  started = false;
+  /** The kernel tensors were (or need not be) copied to host for this reload. */
+  snapshotTaken = false;
+  scratchBytes = 0;
   loadNumel = 0;
   loadNumelTotal: number | null = null;
-  loaded: BufferedLoad[] = [];
   progress = new Map<string, { elements: number; shards: string[] }>();
   seen = new Set<string>();
 
@@ -126,9 +134,12 @@ class LayerInfo {
   reset(): void {
     this.state = null;
     this.kernelTensors = null;
+    this.direct = false;
+    this.started = false;
+    this.snapshotTaken = false;
+    this.scratchBytes = 0;
     this.loadNumel = 0;
     this.loadNumelTotal = null;
-    this.loaded = [];
     this.progress = new Map();
     this.seen = new Set();
   }
@@ -155,8 +166,13 @@ export interface LayerwiseInfo {
   readonly loadNumel: number;
   /** Elements the layer expects in the current reload; null when not reloading. */
   readonly loadNumelTotal: number | null;
-  /** Loads buffered for the layer. */
+  /**
+   * Checkpoint tensors held as copies for the layer: always 0, loads go straight into the
+   * layer's scratch or kernel tensors (kept for compatibility).
+   */
   readonly bufferedLoads: number;
+  /** Model-format scratch bytes the layer holds in the current reload (0 when loaded direct). */
+  readonly scratchBytes: number;
 }
 
 /** The bookkeeping of `layer`, if any. */
@@ -166,7 +182,8 @@ export function getLayerwiseInfo(layer: Module): LayerwiseInfo | undefined {
     restoreMetadata: i.restoreMetadata,
     loadNumel: i.loadNumel,
     loadNumelTotal: i.loadNumelTotal,
-    bufferedLoads: i.loaded.length,
+    bufferedLoads: 0,
+    scratchBytes: i.scratchBytes,
   };
 }
 
@@ -308,12 +325,10 @@ export function initializeLayerwiseReload(model: Module, options: ReloadOptions 
     maxBufferedBytes: max,
     atomic: options.atomic ?? false,
     rejectNonFinite: options.rejectNonFinite ?? false,
-    writing: null,
+    partial: new Set(),
     log: options.log ?? (() => {}),
     bufferedBytes: 0,
     peakBufferedBytes: 0,
-    scratchBytes: 0,
-    peakScratchBytes: 0,
     ignoredLoads: 0,
     processed: [],
     delayed: [],
@@ -336,6 +351,7 @@ export function initializeLayerwiseReload(model: Module, options: ReloadOptions 
       });
     }
     const meta = info.restoreMetadata!;
+    info.direct = keepsModelFormat(layer, meta, info.kernelTensors);
     restoreLayerOnMeta(layer, meta);
     info.state = state;
     info.loadNumel = 0;
@@ -348,6 +364,34 @@ export function initializeLayerwiseReload(model: Module, options: ReloadOptions 
     }
   }
   STATE.set(model, state);
+}
+
+/**
+ * Whether the layer's kernel tensors are its model-format tensors (no processing, or a method
+ * that keeps model format; same slots, shapes and dtypes; contiguous, separate storage), so
+ * that loads can go straight into them.
+ */
+function keepsModelFormat(
+  layer: Module,
+  meta: LayerMeta,
+  kernel: Map<string, KernelTensor>,
+): boolean {
+  const q = layer.quantMethod;
+  if (q !== undefined && q.keepsModelFormat !== true) return false;
+  if (kernel.size !== meta.size) return false;
+  const storages = new Set<Storage>();
+  for (const [name, m] of meta) {
+    const k = kernel.get(name);
+    if (
+      !k || k.slot !== m.slot || k.tensor.dtype !== m.meta.dtype ||
+      k.tensor.shape.join() !== m.meta.shape.join() || !k.tensor.isContiguous ||
+      storages.has(k.tensor.storage!)
+    ) {
+      return false;
+    }
+    storages.add(k.tensor.storage!);
+  }
+  return true;
 }
 
 function makeOnlineProcessLoader(
@@ -374,38 +418,26 @@ function makeOnlineProcessLoader(
       );
       return;
     }
-    const n = countWrites(() => original(slot, loaded, shardId, expertId));
+    // Count (and check shapes) against the meta tensor first: nothing is written or
+    // allocated for a load that fails or writes nothing.
+    const real = slot.tensor;
+    let n: number;
+    slot.tensor = info.restoreMetadata!.get(param)!.meta;
+    try {
+      n = countWrites(() => original(slot, loaded, shardId, expertId));
+    } finally {
+      slot.tensor = real;
+    }
     if (n === 0) {
       info.seen.add(key);
       state.log(`${where}: load writes nothing on this rank`);
       return;
     }
     if (state.rejectNonFinite) rejectNonFinite(layer.backend!, loaded, where);
-    const completes = info.loadNumel + n >= info.loadNumelTotal! && !layer.processLast;
-    let kept = loaded;
-    if (!completes) {
-      const bytes = loaded.nbytes;
-      if (state.bufferedBytes + bytes > state.maxBufferedBytes) {
-        throw new ReloadError(
-          "BUFFER_LIMIT",
-          `${where}: buffering ${bytes} bytes would hold ${
-            state.bufferedBytes + bytes
-          } bytes, over maxBufferedBytes=${state.maxBufferedBytes} (layer has ${info.loadNumel} of ${info.loadNumelTotal} elements; ${state.waiting.size} layers wait for more tensors); send tensors in layer order or raise the limit`,
-        );
-      }
-      kept = layer.backend!.empty(loaded.shape, loaded.dtype);
-      try {
-        layer.backend!.copy(kept, loaded);
-      } catch (e) {
-        layer.backend!.free(kept.storage!);
-        throw e;
-      }
-      state.bufferedBytes += bytes;
-      state.waiting.add(info);
-      state.peakBufferedBytes = Math.max(state.peakBufferedBytes, state.bufferedBytes);
-    }
+    if (!info.started) startLayer(layer, info, where);
+    // `loaded` is borrowed: it is written now and not referenced after this call.
+    original(slot, loaded, shardId, expertId);
     info.seen.add(key);
-    info.loaded.push({ param, loaded: kept, owned: !completes, shardId, expertId });
     info.loadNumel += n;
     const p = info.progress.get(param) ?? { elements: 0, shards: [] };
     p.elements += n;
@@ -414,10 +446,67 @@ function makeOnlineProcessLoader(
     }
     info.progress.set(param, p);
     state.log(`${info.path}: ${info.loadNumel} / ${info.loadNumelTotal}`);
-    if (completes) processLayer(layer, info);
+    if (info.loadNumel >= info.loadNumelTotal! && !layer.processLast) processLayer(layer, info);
   };
   markWrapper(wrapper, original);
   return wrapper;
+}
+
+/**
+ * Takes the layer's atomic snapshot (to host) if not taken yet, then counts the layer as
+ * partly written: call it right before the first write into a kept kernel tensor.
+ */
+function beginWrite(layer: Module, info: LayerInfo): void {
+  const state = info.state!;
+  if (!info.snapshotTaken && state.atomic) {
+    const b = layer.backend!;
+    // download() returns host memory: the snapshot costs no device memory.
+    for (const k of info.kernelTensors!.values()) {
+      state.backups.push({
+        path: info.path,
+        backend: b,
+        tensor: k.tensor,
+        bytes: b.download(k.tensor),
+      });
+    }
+  }
+  info.snapshotTaken = true;
+  state.partial.add(info.path);
+}
+
+/**
+ * A layer's first load: a direct layer gets its kept kernel tensors back in its slots (after
+ * the snapshot; slots with an `initValue` are filled with it, as scratch would be); any other
+ * layer gets model-format scratch, within `maxBufferedBytes`.
+ */
+function startLayer(layer: Module, info: LayerInfo, where: string): void {
+  const state = info.state!;
+  const meta = info.restoreMetadata!;
+  if (info.direct) {
+    beginWrite(layer, info);
+    for (const [name, m] of meta) {
+      const k = info.kernelTensors!.get(name)!.tensor;
+      m.slot.tensor = k;
+      if (m.slot.initValue !== undefined) layer.backend!.fill(k, m.slot.initValue);
+    }
+    info.started = true;
+    return;
+  }
+  const bytes = [...meta.values()].reduce((a, m) => a + m.meta.nbytes, 0);
+  if (state.bufferedBytes + bytes > state.maxBufferedBytes) {
+    throw new ReloadError(
+      "BUFFER_LIMIT",
+      `${where}: materializing ${bytes} bytes of model-format scratch would hold ${
+        state.bufferedBytes + bytes
+      } bytes, over maxBufferedBytes=${state.maxBufferedBytes} (${state.waiting.size} layers wait for more tensors); send tensors in layer order or raise the limit`,
+    );
+  }
+  // On a failure part-way, what was allocated is in the slots: releaseScratch frees it.
+  info.scratchBytes = materializeLayer(layer);
+  info.started = true;
+  state.bufferedBytes += info.scratchBytes;
+  state.peakBufferedBytes = Math.max(state.peakBufferedBytes, state.bufferedBytes);
+  state.waiting.add(info);
 }
 
 /**
@@ -445,13 +534,19 @@ export function rejectNonFinite(b: Backend, t: Tensor, where: string): void {
   }
 }
 
-function freeBuffered(b: Backend, info: LayerInfo, state: ReloadState): void {
-  for (const c of info.loaded) {
-    if (!c.owned) continue;
-    if (!c.loaded.storage!.freed) b.free(c.loaded.storage!);
-    state.bufferedBytes -= c.loaded.nbytes;
+/** Frees what the layer's slots hold besides its kept kernel tensors (scratch, temporaries). */
+function releaseScratch(layer: Module, info: LayerInfo, state: ReloadState): void {
+  const kernel = new Set([...info.kernelTensors!.values()].map((k) => k.tensor.storage));
+  const freed = new Set<Storage>();
+  for (const [, slot] of layer.ownSlots()) {
+    const s = slot.tensor.storage;
+    if (s && !s.freed && !kernel.has(s) && !freed.has(s)) {
+      freed.add(s);
+      layer.backend!.free(s);
+    }
   }
-  info.loaded = [];
+  state.bufferedBytes -= info.scratchBytes;
+  info.scratchBytes = 0;
   state.waiting.delete(info);
 }
 
@@ -464,25 +559,29 @@ function placeKernelTensors(layer: Module, info: LayerInfo): void {
 }
 
 /**
- * Materializes the layer in scratch, replays its buffered loads with the original loaders,
- * processes it, copies the results into the kept kernel tensors and puts those back.
+ * Processes a layer that has all its elements: a direct layer's kernel tensors already hold
+ * them (its method, if any, keeps model format); otherwise the quant method turns the scratch
+ * into kernel format, writing into the kept kernel tensors where it can (results it allocated
+ * anyway are copied into them). Then the scratch is freed and the kernel tensors put back.
  */
 function processLayer(layer: Module, info: LayerInfo): void {
   const state = info.state!;
   const b = layer.backend!;
-  const kernelStorages = new Set([...info.kernelTensors!.values()].map((k) => k.tensor.storage));
-  let scratch = 0;
+  const kernel = info.kernelTensors!;
   try {
-    scratch = materializeLayer(layer);
-    state.scratchBytes += scratch;
-    state.peakScratchBytes = Math.max(state.peakScratchBytes, state.scratchBytes);
-    for (const c of info.loaded) {
-      const m = info.restoreMetadata!.get(c.param)!;
-      m.loader(m.slot, c.loaded, c.shardId, c.expertId);
-    }
-    layer.quantMethod?.processWeightsAfterLoading(layer);
+    const into: KernelDestination = (name, shape, dtype) => {
+      const k = kernel.get(name)?.tensor;
+      if (
+        info.direct || !k || k.dtype !== dtype || k.shape.join() !== shape.join() ||
+        !k.isContiguous
+      ) {
+        return null;
+      }
+      beginWrite(layer, info);
+      return k;
+    };
+    layer.quantMethod?.processWeightsAfterLoading(layer, into);
     const results = new Map(layer.ownSlots());
-    const kernel = info.kernelTensors!;
     for (const [name, k] of kernel) {
       const r = results.get(name)?.tensor;
       if (!r || r.dtype !== k.tensor.dtype || r.shape.join() !== k.tensor.shape.join()) {
@@ -491,6 +590,14 @@ function processLayer(layer: Module, info: LayerInfo): void {
           `${qualify(info.path, name)}: processing gave ${
             r ?? "nothing"
           }, the kept kernel tensor is ${k.tensor}`,
+        );
+      }
+      if (info.direct && r !== k.tensor) {
+        throw new ReloadError(
+          "KERNEL_MISMATCH",
+          `${
+            qualify(info.path, name)
+          }: ${layer.quantMethod?.name} keeps model format but replaced the tensor`,
         );
       }
     }
@@ -502,33 +609,16 @@ function processLayer(layer: Module, info: LayerInfo): void {
         );
       }
     }
-    if (state.atomic) {
-      // download() returns host memory: the snapshot costs no device memory.
-      for (const k of kernel.values()) {
-        state.backups.push({
-          path: info.path,
-          backend: b,
-          tensor: k.tensor,
-          bytes: b.download(k.tensor),
-        });
-      }
+    for (const [name, k] of kernel) {
+      const r = results.get(name)!.tensor;
+      if (r === k.tensor) continue;
+      beginWrite(layer, info);
+      b.copy(k.tensor, r);
     }
-    // From here a failure leaves this layer partly written: it counts as written.
-    state.writing = info.path;
-    for (const [name, k] of kernel) b.copy(k.tensor, results.get(name)!.tensor);
+    state.partial.delete(info.path);
     state.processed.push(info.path);
-    state.writing = null;
   } finally {
-    freeBuffered(b, info, state);
-    const freed = new Set<Storage>();
-    for (const [, slot] of layer.ownSlots()) {
-      const s = slot.tensor.storage;
-      if (s && !s.freed && !kernelStorages.has(s) && !freed.has(s)) {
-        freed.add(s);
-        b.free(s);
-      }
-    }
-    state.scratchBytes -= scratch;
+    releaseScratch(layer, info, state);
     placeKernelTensors(layer, info);
     info.reset();
   }
@@ -575,9 +665,12 @@ export interface FinalizeSummary {
   readonly untouched: readonly string[];
   /** Loads ignored (already processed layer, or the same shard twice). */
   readonly ignoredLoads: number;
-  /** Largest number of buffered checkpoint bytes at any time. */
+  /**
+   * Most model-format scratch bytes held at once by layers that had begun receiving tensors
+   * (what `maxBufferedBytes` bounds); loads go straight into scratch, nothing else is held.
+   */
   readonly peakBufferedBytes: number;
-  /** Largest number of scratch (model-format) bytes at any time. */
+  /** The same figure as {@link FinalizeSummary.peakBufferedBytes} (kept for compatibility). */
   readonly peakScratchBytes: number;
   /** True when every kernel tensor is the same tensor at the same address as before. */
   readonly storageKept: boolean;
@@ -657,7 +750,7 @@ export function finalizeLayerwiseReload(model: Module): FinalizeSummary {
     untouched: state.untouched,
     ignoredLoads: state.ignoredLoads,
     peakBufferedBytes: state.peakBufferedBytes,
-    peakScratchBytes: state.peakScratchBytes,
+    peakScratchBytes: state.peakBufferedBytes,
     storageKept: state.kept.every((k) =>
       k.slot.tensor === k.tensor && !k.tensor.storage!.freed && k.tensor.ptr === k.ptr
     ),
@@ -665,8 +758,8 @@ export function finalizeLayerwiseReload(model: Module): FinalizeSummary {
 }
 
 /**
- * Abandons a layerwise reload: frees buffered tensors, puts every waiting layer's kernel
- * tensors back, restores written layers from their host copies with `atomic`, removes the
+ * Abandons a layerwise reload: frees the scratch of waiting layers, puts every waiting layer's
+ * kernel tensors back, restores written layers from their host copies with `atomic`, removes the
  * wrappers. Returns the paths of layers that hold new weights after the abort (empty with
  * atomic, unless a restore itself failed); without atomic they mark the model inconsistent.
  */
@@ -675,12 +768,11 @@ export function abortLayerwiseReload(model: Module): string[] {
   if (!state) return [];
   for (const [layer, info] of recordedLayers(model)) {
     if (!info.canProcess() || info.state !== state) continue;
-    if (layer.backend) freeBuffered(layer.backend, info, state);
+    if (layer.backend) releaseScratch(layer, info, state);
     placeKernelTensors(layer, info);
     info.reset();
   }
-  let written = [...state.processed];
-  if (state.writing !== null) written.push(state.writing);
+  let written = [...state.processed, ...state.partial];
   if (state.atomic) {
     const failed = new Set<string>();
     for (const bk of state.backups.reverse()) {

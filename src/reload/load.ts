@@ -3,8 +3,8 @@
  * processing per layer) and {@link reloadWeights} (layerwise reload into the kept kernel
  * tensors, returning a {@link ReloadReport}).
  *
- * Tensors from the source are borrowed: the engine reads them during the call that receives
- * them and copies what it must keep, so the source may free or reuse them after each step.
+ * Tensors from the source are borrowed: the engine writes them into place during the call that
+ * receives them and keeps no reference, so the source may free or reuse them after each step.
  * @module
  */
 
@@ -227,9 +227,13 @@ export interface ReloadReport {
   readonly bytesLoaded: number;
   /** Wall time in seconds. */
   readonly seconds: number;
-  /** Most checkpoint bytes held at once while layers waited for shards. */
+  /**
+   * Most model-format scratch bytes held at once by layers waiting for the rest of their tensors
+   * (the largest quantized layer in layer order; 0 when every layer loads straight into its
+   * kernel tensors).
+   */
   readonly peakBufferedBytes: number;
-  /** Most model-format scratch bytes at once (about one layer). */
+  /** The same figure as {@link ReloadReport.peakBufferedBytes} (kept for compatibility). */
   readonly peakScratchBytes: number;
   /** Every kernel tensor kept its storage (same address) through the reload. */
   readonly storageKept: boolean;
@@ -253,11 +257,12 @@ export interface ReloadReport {
  * come out as ReloadError `RELOAD_FAILED` with the original as `cause`.
  *
  * While it runs (it awaits the source), another reloadWeights or loadWeights of the same model
- * is refused with ReloadError `RELOAD_ACTIVE`; the model's slots show model-format meta
- * tensors for layers not yet written, so do not read or export the model through its slots
- * until the promise settles. Kernel tensor storage (device pointers) stays valid and in place
- * throughout: kernels that use it see old weights in layers not yet written and new weights
- * in written ones.
+ * is refused with ReloadError `RELOAD_ACTIVE`; the model's slots show model-format tensors
+ * (meta, or scratch being filled) for layers not yet processed, so do not read or export the
+ * model through its slots until the promise settles. Kernel tensor storage (device pointers)
+ * stays valid and in place throughout: kernels that use it see old weights in layers not yet
+ * written, new weights in written ones, and a mix in a layer being written (a layer without
+ * quantization is written as its tensors arrive).
  */
 export async function reloadWeights(
   model: Module,

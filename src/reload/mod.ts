@@ -37,6 +37,7 @@ export {
 } from "../nn/layers.ts";
 export { createQuantMethod } from "../quant/create.ts";
 export {
+  type KernelDestination,
   QUANT_SCHEMES,
   type QuantMethod,
   type QuantScheme,
