@@ -77,7 +77,7 @@ export {
   writeSafetensors,
 } from "./src/checkpoint/safetensors.ts";
 export { type Checkpoint, openCheckpoint } from "./src/checkpoint/sharded.ts";
-export type { StagingOptions } from "./src/checkpoint/staging.ts";
+export { STAGING_DEFAULTS, type StagingOptions } from "./src/checkpoint/staging.ts";
 export {
   fileSource,
   memorySource,

@@ -24,6 +24,7 @@ import { fileSource } from "../src/checkpoint/source.ts";
 import {
   releaseStaging,
   stageTensors,
+  STAGING_DEFAULTS,
   type StagingOptions,
   type StagingStats,
 } from "../src/checkpoint/staging.ts";
@@ -365,15 +366,7 @@ export async function benchReload(
       ? await Deno.makeTempDir({ dir: shm, prefix: "layerwise-bench-" })
       : await Deno.makeTempDir({ prefix: "layerwise-bench-" }));
   const log = (s: string) => console.log(s);
-  const st: Required<StagingOptions> = {
-    slotBytes: 64 * MiB,
-    slots: 8,
-    chunkBytes: 8 * MiB,
-    readers: 32,
-    deviceRingBytes: 256 * MiB,
-    reuseAllocations: true,
-    ...options.staging,
-  };
+  const st: Required<StagingOptions> = { ...STAGING_DEFAULTS, ...options.staging };
   const result: Record<string, unknown> = {
     date: new Date().toISOString(),
     backend: backend.description,

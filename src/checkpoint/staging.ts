@@ -32,13 +32,13 @@ import type { WeightSource } from "./source.ts";
 
 /** Sizes of the staging pipeline. */
 export interface StagingOptions {
-  /** Bytes per pinned slot (default 64 MiB). */
+  /** Bytes per pinned slot (default 16 MiB). */
   slotBytes?: number;
-  /** Pinned slots in the ring (default 8). */
+  /** Pinned slots in the ring (default 16). */
   slots?: number;
-  /** Largest single pread (default 8 MiB): larger reads are split and run in parallel. */
+  /** Largest single pread (default 4 MiB): larger reads are split and run in parallel. */
   chunkBytes?: number;
-  /** Most preads in flight at once (default 32). */
+  /** Most preads in flight at once (default 48). */
   readers?: number;
   /** Bytes of the device ring tensors land in (default 256 MiB). */
   deviceRingBytes?: number;
@@ -50,14 +50,18 @@ export interface StagingOptions {
 }
 
 const MiB = 1 << 20;
-const DEFAULTS: Required<StagingOptions> = {
-  slotBytes: 64 * MiB,
-  slots: 8,
-  chunkBytes: 8 * MiB,
-  readers: 32,
+// Measured on the H200 host (BENCHMARKS.md, sweep of 2026-11-26): 16 slots of 16 MiB with 4 MiB
+// preads reloaded the 8B shape at 41-42 GB/s in steady state against 30-36 GB/s with 8 x 64 MiB
+// slots, probably because a small pinned ring stays in the host caches between read and DMA.
+/** The sizes used when a StagingOptions field is not given. */
+export const STAGING_DEFAULTS: Readonly<Required<StagingOptions>> = Object.freeze({
+  slotBytes: 16 * MiB,
+  slots: 16,
+  chunkBytes: 4 * MiB,
+  readers: 48,
   deviceRingBytes: 256 * MiB,
   reuseAllocations: true,
-};
+});
 const ALIGN = 256;
 
 /** Where one tensor's bytes are: file (index into the file list), offset, length. */
@@ -401,7 +405,7 @@ export async function* stageTensors(
   if (!h || posix() === null) return false;
   const where = await locate(source, names);
   if (where === null) return false;
-  const o = { ...DEFAULTS, ...options };
+  const o = { ...STAGING_DEFAULTS, ...options };
   const d = h.device;
   const ring = ringFor(backend, h, o);
   const kept = RINGS.get(backend) === ring;
