@@ -32,13 +32,13 @@ import type { WeightSource } from "./source.ts";
 
 /** Sizes of the staging pipeline. */
 export interface StagingOptions {
-  /** Bytes per pinned slot (default 16 MiB). */
+  /** Bytes per pinned slot (default 4 MiB). */
   slotBytes?: number;
   /** Pinned slots in the ring (default 16). */
   slots?: number;
-  /** Largest single pread (default 4 MiB): larger reads are split and run in parallel. */
+  /** Largest single pread (default 2 MiB): larger reads are split and run in parallel. */
   chunkBytes?: number;
-  /** Most preads in flight at once (default 48). */
+  /** Most preads in flight at once (default 32). */
   readers?: number;
   /** Bytes of the device ring tensors land in (default 256 MiB). */
   deviceRingBytes?: number;
@@ -50,15 +50,16 @@ export interface StagingOptions {
 }
 
 const MiB = 1 << 20;
-// Measured on the H200 host (BENCHMARKS.md, sweep of 2026-11-26): 16 slots of 16 MiB with 4 MiB
-// preads reloaded the 8B shape at 41-42 GB/s in steady state against 30-36 GB/s with 8 x 64 MiB
-// slots, probably because a small pinned ring stays in the host caches between read and DMA.
+// Measured on the H200 host (BENCHMARKS.md, sweeps of 2026-11-26): a small pinned ring (16 x
+// 4 MiB, 2 MiB preads, 32 readers) reloaded the 8B shape at 40-43 GB/s where 8 x 64 MiB gave
+// 30-36 GB/s, probably because a small ring stays in the host caches between read and DMA.
+// Run-to-run spread on that shared host is about +-10%.
 /** The sizes used when a StagingOptions field is not given. */
 export const STAGING_DEFAULTS: Readonly<Required<StagingOptions>> = Object.freeze({
-  slotBytes: 16 * MiB,
+  slotBytes: 4 * MiB,
   slots: 16,
-  chunkBytes: 4 * MiB,
-  readers: 48,
+  chunkBytes: 2 * MiB,
+  readers: 32,
   deviceRingBytes: 256 * MiB,
   reuseAllocations: true,
 });
