@@ -263,6 +263,7 @@ for (const [bn, b] of BACKENDS) {
             // ignored; with one rank nothing is.
             if (!c.tpSize) assert.equal(r.ignoredLoads, 0, `${label} ${order}: nothing ignored`);
             assert.equal(r.bytesLoaded, B.reduce((a, h) => a + h.bytes.length, 0));
+            assert.equal(r.tensorsLoaded, B.length, "a tensor sent as chunks counts once");
             assert.deepEqual(kernelLayout(model), layout, `${label} ${order}: nothing moved`);
             assert.equal(b.allocatedBytes(), allocated, `${label} ${order}: everything freed`);
             assertSameBytes(kernelBytes(b, model), want, `${label} ${quant} reload ${order}`);
@@ -271,6 +272,7 @@ for (const [bn, b] of BACKENDS) {
           try {
             assertSameBytes(kernelBytes(b, first.model), want, `${label} ${quant} first load`);
             assert.equal(first.report.ignoredLoads, 0, "a first load writes every chunk once");
+            assert.equal(first.report.tensorsLoaded, B.length);
           } finally {
             freeModel(b, first.model);
           }

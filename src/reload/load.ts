@@ -37,7 +37,7 @@ export type WeightSource =
 
 /** What {@link loadWeights} did. */
 export interface LoadReport {
-  /** Tensors loaded (each row chunk counts as one). */
+  /** Checkpoint tensors loaded (a tensor sent as row chunks counts once). */
   readonly tensorsLoaded: number;
   /** Names the model skips on purpose (mapCheckpointName returned null). */
   readonly tensorsSkipped: number;
@@ -115,7 +115,8 @@ export async function loadWeights(
     : new Set<string>();
   const counts = new Map<TensorSlot, { elements: number; shards: string[] }>();
   const seen = new Map<TensorSlot, RowLedger>();
-  let tensors = 0, skipped = 0, ignored = 0, bytes = 0;
+  let skipped = 0, ignored = 0, bytes = 0;
+  const tensors = new Set<string>();
   // Set synchronously, before the first await: a reload or load started meanwhile is refused.
   setLoading(model, true);
   try {
@@ -158,7 +159,7 @@ export async function loadWeights(
       const label = loadLabel(loaded, r.shardId, r.expertId);
       if (label !== null) c.shards.push(label);
       counts.set(r.slot, c);
-      tensors++;
+      tensors.add(name);
       bytes += loaded.windowRows().nbytes;
     }
     const missing: string[] = [];
@@ -201,7 +202,7 @@ export async function loadWeights(
     setLoading(model, false);
   }
   return {
-    tensorsLoaded: tensors,
+    tensorsLoaded: tensors.size,
     tensorsSkipped: skipped,
     ignoredLoads: ignored,
     bytesLoaded: bytes,
@@ -220,7 +221,7 @@ export interface ReloadReport {
   readonly delayed: readonly string[];
   /** Layers that received nothing: their kernel tensors are unchanged. */
   readonly untouched: readonly string[];
-  /** Tensors loaded (each row chunk counts as one). */
+  /** Checkpoint tensors loaded (a tensor sent as row chunks counts once). */
   readonly tensorsLoaded: number;
   /** Names the model skips on purpose. */
   readonly tensorsSkipped: number;
@@ -279,12 +280,13 @@ export async function reloadWeights(
     : null;
   const skip = new Set(validation?.unknown ?? []);
   initializeLayerwiseReload(model, options);
-  let tensors = 0, skipped = 0, bytes = 0;
+  let skipped = 0, bytes = 0;
+  const tensors = new Set<string>();
   try {
     for await (const [name, loaded] of weights) {
       if (skip.has(name)) skipped++;
       else if (model.loadWeight(name, loaded)) {
-        tensors++;
+        tensors.add(name);
         bytes += loaded.windowRows().nbytes;
       } else skipped++;
     }
@@ -297,7 +299,7 @@ export async function reloadWeights(
     processed: s.processed,
     delayed: s.delayed,
     untouched: s.untouched,
-    tensorsLoaded: tensors,
+    tensorsLoaded: tensors.size,
     tensorsSkipped: skipped,
     ignoredLoads: s.ignoredLoads,
     bytesLoaded: bytes,
