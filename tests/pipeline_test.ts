@@ -1,10 +1,10 @@
 /**
- * The staged read path (src/checkpoint/staging.ts): the block plan and the device ring on any
- * machine; on a GPU, kernel bytes identical to the simple path for every fixture checkpoint
- * and for synthetic ones (sharded, shuffled across shards, tiny slots so tensors span several
- * slots and the device ring wraps; a ring so small that big tensors travel as row chunks),
- * memory given back, and a file that shrank after validation refused as TRUNCATED; on any
- * machine, the cut of big tensors into row chunks. Without a GPU the CUDA tests are registered as ignored.
+ * The staged read path (src/checkpoint/staging.ts): the block plan, the device ring and the cut
+ * of big tensors into row chunks on any machine; on a GPU, kernel bytes identical to the simple
+ * path for every fixture checkpoint and for synthetic ones (sharded, shuffled across shards,
+ * tiny slots so tensors span several slots and the device ring wraps, a ring so small that big
+ * tensors travel as row chunks), memory given back, and a file that shrank after validation
+ * refused as TRUNCATED. Without a GPU the CUDA tests are registered as ignored.
  */
 import assert from "node:assert/strict";
 import fc from "fast-check";

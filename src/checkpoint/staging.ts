@@ -441,8 +441,9 @@ export interface StagingStats {
  * Reads `names` of a file-backed `source` (in that order) through the pinned ring and yields
  * each as a contiguous tensor in `backend` memory, borrowed: it is valid until the consumer
  * asks for the next one. A tensor larger than half the device ring (or `maxChunkBytes`) comes
- * as consecutive row chunks under its name, each a `rowWindow` of it. Yields nothing and returns false when the source is not file-backed
- * (call {@link canStage} for the backend first); returns true after the last tensor.
+ * as consecutive row chunks under its name, each a `rowWindow` of it. Yields nothing and
+ * returns false when the source is not file-backed (call {@link canStage} for the backend
+ * first); returns true after the last tensor.
  * Errors: CheckpointError `TRUNCATED` when a file came short, `MISSING_SHARD` when one
  * vanished; BackendError from the device.
  */
