@@ -52,7 +52,13 @@ export {
   dtypeOf,
   DTYPES,
 } from "./src/tensor/dtype.ts";
-export { type Layout2D, type Storage, Tensor } from "./src/tensor/tensor.ts";
+export {
+  type Layout2D,
+  type RowWindow,
+  rowWindow,
+  type Storage,
+  Tensor,
+} from "./src/tensor/tensor.ts";
 
 // Backends
 export type { Backend, BackendKind, Granularity } from "./src/backend/backend.ts";

@@ -302,6 +302,7 @@ async function streamOnlySeconds(
     pinnedBytes: 0,
     deviceRingBytes: 0,
     dedicated: 0,
+    chunks: 0,
     readWaitSeconds: 0,
   };
   try {
@@ -419,7 +420,7 @@ export async function benchReload(
           st.chunkBytes / MiB
         } MiB chunks); staged stream without the engine ${
           (ckptBytes / GB / ss).toFixed(1)
-        } GB/s (${stats.dedicated} dedicated tensors, read wait ${
+        } GB/s (${stats.dedicated} dedicated tensors, ${stats.chunks} row chunks, read wait ${
           stats.readWaitSeconds.toFixed(3)
         } s); pinned H2D ${(ckptBytes / GB / hd).toFixed(1)} GB/s`,
       );

@@ -3,8 +3,10 @@
  * backend's own allocation figure: in layer order a reload holds the model-format scratch of
  * one quantized layer at a time (plus the tiny attention scales, held to the end), layers
  * without quantization none at all, and processing allocates nothing beside the scratch; in any
- * order the engine's peakBufferedBytes accounts for everything it holds. Also: a layer loaded
- * straight into its kernel tensors counts as written from its first load. Runs on every backend.
+ * order the engine's peakBufferedBytes accounts for everything it holds; with big tensors sent
+ * as row chunks, a source that holds one chunk at a time adds one chunk to that, however large
+ * the embedding is. Also: a layer loaded straight into its kernel tensors counts as written from
+ * its first load. Runs on every backend.
  */
 
 import assert from "node:assert/strict";
@@ -13,12 +15,16 @@ import type { Module } from "../src/nn/module.ts";
 import { QUANT_SCHEMES, type QuantScheme } from "../src/quant/method.ts";
 import { getLayerwiseInfo, inconsistentLayers } from "../src/reload/layerwise.ts";
 import { reloadWeights } from "../src/reload/load.ts";
+import type { Backend } from "../src/backend/backend.ts";
+import type { Tensor } from "../src/tensor/tensor.ts";
+import { boundedChunks, chunkBytes, type HostChunk, streamChunks } from "./_chunks.ts";
 import { differing, failingSource, faultyBackend, layerOf } from "./_faulty_backend.ts";
 import {
   checkpointFor,
   freeModel,
   freeWeights,
   freshModel,
+  type HostWeight,
   kernelBytes,
   shuffle,
   testBackends,
@@ -70,6 +76,14 @@ function processingBytes(model: Module, quant: QuantScheme): number {
     }
   }
   return most;
+}
+
+/** The host weights as a source that uploads each just before it is loaded. */
+function uploadedOnce(b: Backend, host: HostWeight[]): AsyncGenerator<[string, Tensor]> {
+  return streamChunks(
+    b,
+    host.map((h) => ({ name: h.name, whole: h, start: null, end: 0 })),
+  );
 }
 
 for (const [bn, b] of BACKENDS) {
@@ -133,6 +147,55 @@ for (const [bn, b] of BACKENDS) {
         }
       });
     }
+  }
+
+  for (const quant of QUANT_SCHEMES) {
+    Deno.test(`${bn}: ${quant}: row chunks in layer order hold one layer's scratch plus one chunk, even with an embedding larger than a layer`, async () => {
+      const c: TinyConfig = { ...TINY, vocab: 4000 };
+      const fb = faultyBackend(b);
+      const A = checkpointFor(b, c, 1, quant), B = checkpointFor(b, c, 2, quant);
+      const model = await freshModel(fb, c, quant, A);
+      try {
+        const ms = modules(model);
+        const scratch = ms.filter((m) => m.scratch && !m.last).map((m) => m.bytes);
+        const largest = Math.max(0, ...scratch);
+        const held = ms.filter((m) => m.scratch && m.last).reduce((a, m) => a + m.bytes, 0);
+        const extra = processingBytes(model, quant);
+        const layer = ms.filter((m) => m.path.startsWith("model.layers.0."))
+          .reduce((a, m) => a + m.bytes, 0);
+        const embedding = ms.find((m) => m.path === "model.embed_tokens")!.bytes;
+        assert.ok(embedding > layer, `embedding ${embedding} > decoder layer ${layer}`);
+        const maxChunk = 32 * 1024;
+        const chunks = boundedChunks(B, maxChunk);
+        const chunk = Math.max(...chunks.map((k) => chunkBytes(k).length));
+        assert.ok(chunk <= maxChunk);
+        const bound = largest + held + extra + chunk;
+        assert.ok(bound < embedding, "the bound leaves no room for a whole embedding");
+        const whole = B.map((h): HostChunk => ({ name: h.name, whole: h, start: null, end: 0 }));
+
+        const peakOf = async (list: HostChunk[]) => {
+          const base = b.allocatedBytes();
+          fb.resetPeak();
+          const r = await reloadWeights(model, streamChunks(fb, list));
+          assert.equal(b.allocatedBytes(), base, "everything freed");
+          assert.equal(r.storageKept, true);
+          return fb.peakAllocated - base;
+        };
+        // Whole tensors one at a time: the embedding itself is in memory at once.
+        const tensor = B.find((h) => h.name === "model.embed_tokens.weight")!.bytes.length;
+        assert.ok((await peakOf(whole)) >= tensor);
+        const want = kernelBytes(b, model);
+        await reloadWeights(model, uploadedOnce(b, A));
+        const peak = await peakOf(chunks);
+        assert.ok(
+          peak <= bound,
+          `peak extra ${peak} <= largest scratch ${largest} + scales ${held} + ${extra} + chunk ${chunk}`,
+        );
+        assert.deepEqual(differing(kernelBytes(b, model), want), [], "same bytes as whole tensors");
+      } finally {
+        freeModel(b, model);
+      }
+    });
   }
 
   Deno.test(`${bn}: none: a layer loaded straight into its kernel tensors is written from its first load`, async () => {

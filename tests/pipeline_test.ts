@@ -1,9 +1,10 @@
 /**
- * The staged read path (src/checkpoint/staging.ts): the block plan and the device ring on any
- * machine; on a GPU, kernel bytes identical to the simple path for every fixture checkpoint
- * and for synthetic ones (sharded, shuffled across shards, tiny slots so tensors span several
- * slots and the device ring wraps), memory given back, and a file that shrank after
- * validation refused as TRUNCATED. Without a GPU the CUDA tests are registered as ignored.
+ * The staged read path (src/checkpoint/staging.ts): the block plan, the device ring and the cut
+ * of big tensors into row chunks on any machine; on a GPU, kernel bytes identical to the simple
+ * path for every fixture checkpoint and for synthetic ones (sharded, shuffled across shards,
+ * tiny slots so tensors span several slots and the device ring wraps, a ring so small that big
+ * tensors travel as row chunks), memory given back, and a file that shrank after validation
+ * refused as TRUNCATED. Without a GPU the CUDA tests are registered as ignored.
  */
 import assert from "node:assert/strict";
 import fc from "fast-check";
@@ -17,8 +18,11 @@ import {
   DeviceRing,
   planBlocks,
   releaseStaging,
+  splitRows,
   type StagedTensor,
+  stageTensors,
   type StagingOptions,
+  type StagingStats,
 } from "../src/checkpoint/staging.ts";
 import { type SynthShape, synthTensors, writeSynthCheckpoint } from "../src/cli/synth.ts";
 import { downloadKernelTensors } from "../src/models/export.ts";
@@ -161,6 +165,57 @@ Deno.test("device ring: a place never overlaps one still held, and overwrites ar
   );
 });
 
+Deno.test("staging rows: big tensors become consecutive row chunks that rebuild them exactly", () => {
+  fc.assert(
+    fc.property(
+      fc.array(
+        fc.tuple(
+          fc.array(fc.integer({ min: 1, max: 40 }), { minLength: 1, maxLength: 3 }),
+          fc.constantFrom(1, 2, 4),
+        ),
+        { minLength: 1, maxLength: 6 },
+      ),
+      fc.integer({ min: 1, max: 600 }),
+      (specs, maxBytes) => {
+        const shapes = new Map<string, number[]>();
+        let at = 16;
+        const tensors: StagedTensor[] = specs.map(([shape, size], i) => {
+          const bytes = shape.reduce((a, d) => a * d, size);
+          shapes.set(`t${i}`, shape);
+          const t = { name: `t${i}`, file: i % 2, offset: at, bytes };
+          at += bytes;
+          return t;
+        });
+        const out = splitRows(tensors, (n) => shapes.get(n)!, maxBytes);
+        for (const t of tensors) {
+          const parts = out.filter((p) => p.name === t.name);
+          const shape = shapes.get(t.name)!;
+          const rowBytes = t.bytes / shape[0];
+          if (shape.length < 2 || t.bytes <= maxBytes || rowBytes > maxBytes) {
+            assert.deepEqual(parts, [t], `${t.name} stays whole`);
+            continue;
+          }
+          let row = 0, offset = t.offset;
+          for (const p of parts) {
+            assert.equal(p.file, t.file);
+            assert.equal(p.rows!.start, row, "consecutive rows");
+            assert.equal(p.offset, offset, "consecutive bytes");
+            assert.equal(p.bytes, (p.rows!.end - p.rows!.start) * rowBytes);
+            assert.ok(p.bytes <= maxBytes && p.bytes > 0, "within the bound");
+            row = p.rows!.end;
+            offset += p.bytes;
+          }
+          assert.equal(row, shape[0], "every row");
+        }
+        // The read order is kept: chunks of a tensor take its place.
+        assert.deepEqual([...new Set(out.map((p) => p.name))], tensors.map((t) => t.name));
+      },
+    ),
+    { numRuns: 300 },
+  );
+  assert.throws(() => splitRows([], () => [], 0), /positive/);
+});
+
 Deno.test("staging: the WebAssembly backend takes the simple path with the same bytes", async () => {
   const wasm = await openWasmBackend();
   try {
@@ -269,6 +324,76 @@ gpuTest(
             assert.equal(h.pool.cachedBytes, 0, "no block left in the reuse cache");
           }
         }
+      }
+    });
+  },
+);
+
+/** A ring so small that the embedding, lm_head and MLP weights travel as row chunks. */
+const CHUNKED: StagingOptions = { ...TINY, deviceRingBytes: 256 * 1024, maxChunkBytes: 40 * 1024 };
+
+gpuTest(
+  "big tensors travel as row chunks: no dedicated block, each chunk holds its rows' bytes, same kernels",
+  async (c) => {
+    await withTemp(async (tmp) => {
+      await synth(`${tmp}/a`, 1, 1, false);
+      await synth(`${tmp}/b`, 2, 3, true);
+      const source = await fileSource(`${tmp}/b`);
+      try {
+        const stats: StagingStats = {
+          bytes: 0,
+          pinnedBytes: 0,
+          deviceRingBytes: 0,
+          dedicated: 0,
+          chunks: 0,
+          readWaitSeconds: 0,
+        };
+        const names = source.plan();
+        const before = c.allocatedBytes();
+        const rowsSeen = new Map<string, number>();
+        for await (const [name, t] of stageTensors(c, source, names, CHUNKED, stats)) {
+          const info = source.tensors.get(name)!;
+          assert.deepEqual(t.shape, info.shape, `${name}: the whole shape`);
+          const want = new Uint8Array(info.bytes);
+          await source.readInto(name, want);
+          const { start, end } = t.rowRange;
+          const rb = info.shape.length === 0 ? info.bytes : info.bytes / info.shape[0];
+          assert.equal(start, rowsSeen.get(name) ?? 0, `${name}: chunks in row order`);
+          rowsSeen.set(name, end);
+          const got = c.download(t.windowRows());
+          assert.ok(
+            Buffer.from(got).equals(Buffer.from(want.subarray(start * rb, end * rb))),
+            `${name} rows [${start}, ${end}) bytes`,
+          );
+          if (t.window) assert.ok(got.length <= 40 * 1024, `${name}: chunk within maxChunkBytes`);
+        }
+        for (const n of names) {
+          const shape = source.tensors.get(n)!.shape;
+          assert.equal(rowsSeen.get(n), shape.length === 0 ? 1 : shape[0], `${n}: every row`);
+        }
+        assert.equal(stats.dedicated, 0, "no tensor got a device block of its own");
+        assert.ok((stats.chunks ?? 0) > names.length, `${stats.chunks} chunks`);
+        assert.ok(stats.deviceRingBytes <= 256 * 1024);
+        assert.equal(c.allocatedBytes(), before, "device memory given back");
+      } finally {
+        source.close();
+      }
+      for (const quant of ["fp8", "fp8-block", "int8"] as const) {
+        const simple = await loadModel(`${tmp}/a`, { backend: c, quant, staging: false });
+        const staged = await loadModel(`${tmp}/a`, { backend: c, quant, staging: CHUNKED });
+        assertSameKernels(
+          downloadKernelTensors(simple),
+          downloadKernelTensors(staged),
+          `${quant} first load`,
+        );
+        await reloadWeights(simple, `${tmp}/b`, { staging: false });
+        const r = await reloadWeights(staged, `${tmp}/b`, { staging: CHUNKED });
+        assert.ok(r.storageKept);
+        assertSameKernels(
+          downloadKernelTensors(simple),
+          downloadKernelTensors(staged),
+          `${quant} reload`,
+        );
       }
     });
   },

@@ -7,8 +7,11 @@
  * The read order is cut into blocks of at most one pinned slot; each block is read with
  * parallel `pread`s (nonblocking FFI calls run on Deno's blocking thread pool; reads of
  * neighbouring tensors of one file are merged, then split into chunks), then copied to the
- * device piece by piece. Tensors land in a device ring (tensors larger than half of it get a
- * block of their own) and are handed out as soon as their last piece is queued; the backend's
+ * device piece by piece. Tensors land in a device ring and are handed out as soon as their last
+ * piece is queued; a tensor larger than half of the ring (or than `maxChunkBytes`) travels as
+ * consecutive row chunks, each handed out as a `rowWindow` of the tensor, so no whole big
+ * tensor is ever held in device memory (only a 1-D tensor or a single row larger than half the
+ * ring, which no language model has, gets a block of its own). The backend's
  * stream waits for that copy through an event, and the copy stream waits, through another
  * event recorded after the consumer returned, before it overwrites a tensor's place in the ring.
  * Only reusing a pinned slot waits on the host, once per slot of tens of MB, never per tensor.
@@ -26,7 +29,7 @@ import {
   type PinnedBuffer,
 } from "../backend/cuda.ts";
 import { BackendError, CheckpointError } from "../errors.ts";
-import { type Storage, Tensor } from "../tensor/tensor.ts";
+import { rowWindow, type Storage, Tensor } from "../tensor/tensor.ts";
 import { openCheckpoint } from "./sharded.ts";
 import type { WeightSource } from "./source.ts";
 
@@ -42,6 +45,11 @@ export interface StagingOptions {
   readers?: number;
   /** Bytes of the device ring tensors land in (default 256 MiB). */
   deviceRingBytes?: number;
+  /**
+   * Largest row chunk a tensor is cut into (default 128 MiB; half the device ring bounds it
+   * too): a larger tensor is handed out as consecutive row chunks.
+   */
+  maxChunkBytes?: number;
   /**
    * Keep device blocks freed during the stream for exact-size reuse (default true): avoids a
    * cudaFree, which synchronizes the device, for every scratch tensor of every layer.
@@ -61,6 +69,7 @@ export const STAGING_DEFAULTS: Readonly<Required<StagingOptions>> = Object.freez
   chunkBytes: 2 * MiB,
   readers: 32,
   deviceRingBytes: 256 * MiB,
+  maxChunkBytes: 128 * MiB,
   reuseAllocations: true,
 });
 const ALIGN = 256;
@@ -75,6 +84,45 @@ export interface StagedTensor {
   readonly offset: number;
   /** Byte length. */
   readonly bytes: number;
+  /** For a row chunk: the rows `[start, end)` of the tensor it holds. */
+  readonly rows?: { readonly start: number; readonly end: number };
+}
+
+/**
+ * Cuts each tensor larger than `maxBytes` into consecutive row chunks of at most `maxBytes`
+ * (rows along dimension 0; `shapeOf` gives a tensor's shape). A 1-D (or 0-D) tensor, and one
+ * whose single row is larger than `maxBytes`, stays whole. Exported for tests.
+ */
+export function splitRows(
+  tensors: readonly StagedTensor[],
+  shapeOf: (name: string) => readonly number[],
+  maxBytes: number,
+): StagedTensor[] {
+  if (!(maxBytes > 0)) {
+    throw new BackendError("BAD_OPTION", `staging: maxChunkBytes must be positive`);
+  }
+  const out: StagedTensor[] = [];
+  for (const t of tensors) {
+    const shape = shapeOf(t.name);
+    const rows = shape.length >= 2 ? shape[0] : 0;
+    const rowBytes = rows > 0 ? t.bytes / rows : 0;
+    const per = rowBytes > 0 ? Math.floor(maxBytes / rowBytes) : 0;
+    if (t.bytes <= maxBytes || per < 1 || t.rows) {
+      out.push(t);
+      continue;
+    }
+    for (let start = 0; start < rows; start += per) {
+      const end = Math.min(rows, start + per);
+      out.push({
+        name: t.name,
+        file: t.file,
+        offset: t.offset + start * rowBytes,
+        bytes: (end - start) * rowBytes,
+        rows: { start, end },
+      });
+    }
+  }
+  return out;
 }
 
 /** A contiguous part of one tensor inside a pinned slot. */
@@ -381,8 +429,10 @@ export interface StagingStats {
   pinnedBytes: number;
   /** Device bytes of the ring. */
   deviceRingBytes: number;
-  /** Tensors that got device blocks of their own. */
+  /** Tensors that got device blocks of their own (only a 1-D tensor larger than half the ring). */
   dedicated: number;
+  /** Row chunks handed out for tensors larger than half the ring or `maxChunkBytes`. */
+  chunks?: number;
   /** Seconds the consumer waited for reads (host). */
   readWaitSeconds: number;
 }
@@ -390,8 +440,10 @@ export interface StagingStats {
 /**
  * Reads `names` of a file-backed `source` (in that order) through the pinned ring and yields
  * each as a contiguous tensor in `backend` memory, borrowed: it is valid until the consumer
- * asks for the next one. Yields nothing and returns false when the source is not file-backed
- * (call {@link canStage} for the backend first); returns true after the last tensor.
+ * asks for the next one. A tensor larger than half the device ring (or `maxChunkBytes`) comes
+ * as consecutive row chunks under its name, each a `rowWindow` of it. Yields nothing and
+ * returns false when the source is not file-backed (call {@link canStage} for the backend
+ * first); returns true after the last tensor.
  * Errors: CheckpointError `TRUNCATED` when a file came short, `MISSING_SHARD` when one
  * vanished; BackendError from the device.
  */
@@ -422,7 +474,12 @@ export async function* stageTensors(
   if (o.reuseAllocations) h.pool.hold();
   try {
     for (const f of where.files) fds.push(openFd(f));
-    const tensors = where.tensors;
+    // Chunks of at most half the ring always fit in it (see the ring size below).
+    const tensors = splitRows(
+      where.tensors,
+      (n) => source.tensors.get(n)!.shape,
+      Math.max(1, Math.min(o.maxChunkBytes, Math.floor(o.deviceRingBytes / 2))),
+    );
     const blocks = planBlocks(tensors, o.slotBytes, o.chunkBytes);
     const largest = tensors.reduce((m, t) => Math.max(m, t.bytes), 0);
     const ringBytes = Math.min(o.deviceRingBytes, Math.ceil(2 * largest / ALIGN) * ALIGN + ALIGN);
@@ -500,7 +557,13 @@ export async function* stageTensors(
         d.record(fence, ring.ctx);
         d.wait(h.ctx, fence);
         const info = source.tensors.get(t.name)!;
-        const tensor = new Tensor(info.shape, info.dtype, storage, off / info.dtype.size);
+        let tensor: Tensor;
+        if (t.rows) {
+          const shape = [t.rows.end - t.rows.start, ...info.shape.slice(1)];
+          const chunk = new Tensor(shape, info.dtype, storage, off / info.dtype.size);
+          tensor = rowWindow(chunk, t.rows.start, info.shape[0]);
+          if (stats) stats.chunks = (stats.chunks ?? 0) + 1;
+        } else tensor = new Tensor(info.shape, info.dtype, storage, off / info.dtype.size);
         base.delete(p.tensor);
         if (stats) stats.bytes += t.bytes;
         yield [t.name, tensor];

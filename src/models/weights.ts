@@ -86,8 +86,9 @@ export type ProgressCallback = (layersDone: number, layersTotal: number, bytes: 
  * Reads the validated names in order into backend tensors and yields them; each tensor is
  * borrowed: freed or overwritten when the consumer asks for the next one (the engine copies
  * what it keeps). On CUDA with a file-backed source, reads go through the pinned staging ring
- * of `checkpoint/staging.ts` (unless `staging` is false); on the WebAssembly backend the bytes
- * are read straight into its memory.
+ * of `checkpoint/staging.ts` (unless `staging` is false), which yields tensors larger than
+ * half its device ring as consecutive row chunks (`rowWindow`s under the tensor's name); on the
+ * WebAssembly backend the bytes are read straight into its memory.
  */
 export async function* streamWeights(
   backend: Backend,
@@ -99,8 +100,13 @@ export async function* streamWeights(
 ): AsyncGenerator<[string, Tensor]> {
   const left = new Map(plan.layers);
   let done = 0, bytes = 0;
-  const progress = (name: string, n: number) => {
-    bytes += n;
+  const progress = (name: string, t: Tensor) => {
+    bytes += t.windowRows().nbytes;
+    // A tensor staged as row chunks is read when its last chunk is.
+    if (t.window && t.window.end < t.shape[0]) {
+      onProgress?.(done, plan.layers.size, bytes);
+      return;
+    }
     const k = readOrder(name);
     const m = left.get(k)! - 1;
     left.set(k, m);
@@ -114,7 +120,7 @@ export async function* streamWeights(
     if (!(r.done && r.value === false)) {
       try {
         while (!r.done) {
-          progress(r.value[0], r.value[1].nbytes);
+          progress(r.value[0], r.value[1]);
           yield r.value;
           r = await staged.next();
         }
@@ -137,7 +143,7 @@ export async function* streamWeights(
         await source.readInto(name, dst);
         backend.upload(t, dst);
       }
-      progress(name, info.bytes);
+      progress(name, t);
       yield [name, t];
     } finally {
       backend.free(t.storage!);

@@ -94,6 +94,11 @@ const CASTABLE = new Set(["f32", "f16", "bf16"]);
  * The only way loaders write: `dst = src` (casting between f32/f16/bf16). Shapes must match;
  * quantized dtypes (fp8, int8) must match exactly. When `dst` is a meta tensor, its element
  * count is added to the active {@link countWrites} counter and nothing is copied.
+ *
+ * When `src` is a row window (a chunk of a checkpoint tensor, see `rowWindow`, narrowed by the
+ * loader), only the rows of dimension 0 it holds are written (or counted), into the same rows
+ * of `dst`; a window that misses the loader's rows writes nothing. The backend only ever sees
+ * plain views.
  */
 export function copyInto(backend: Backend, dst: Tensor, src: Tensor): void {
   if (dst.shape.length !== src.shape.length || dst.shape.some((d, i) => d !== src.shape[i])) {
@@ -108,11 +113,20 @@ export function copyInto(backend: Backend, dst: Tensor, src: Tensor): void {
       `expected ${dst.dtype.name}, got ${src.dtype.name}`,
     );
   }
+  if (dst.window) {
+    throw new ReloadError("WINDOWED", `a load into ${dst}: a destination holds every row`);
+  }
+  if (dst.isMeta && !activeCounter) {
+    throw new ReloadError("META_WRITE", `a load into meta tensor ${dst} outside of counting`);
+  }
+  if (src.window) {
+    const { start, end } = src.window;
+    if (end === start) return;
+    dst = dst.narrow(0, start, end - start);
+    src = src.windowRows();
+  }
   if (dst.isMeta) {
-    if (!activeCounter) {
-      throw new ReloadError("META_WRITE", `a load into meta tensor ${dst} outside of counting`);
-    }
-    activeCounter.elements += dst.numel;
+    activeCounter!.elements += dst.numel;
     return;
   }
   backend.copy(dst, src);
@@ -137,9 +151,15 @@ export function defaultWeightLoader(backend: Backend): WeightLoader {
   };
 }
 
-/** The sub-tensor at index `i` of dimension 0 (the dimension is dropped). */
+/**
+ * The sub-tensor at index `i` of dimension 0 (the dimension is dropped). Of a row window, only
+ * a row it holds can be selected.
+ */
 export function select0(t: Tensor, i: number): Tensor {
   const v = t.narrow(0, i, 1);
+  if (v.window) {
+    throw new ReloadError("WINDOWED", `select0: row ${i} of ${t} is not held`);
+  }
   if (!v.storage) return Tensor.meta(t.shape.slice(1), t.dtype);
   return new Tensor(t.shape.slice(1), t.dtype, v.storage, v.offset, v.strides.slice(1));
 }

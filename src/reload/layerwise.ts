@@ -11,7 +11,9 @@
  * tensors. So a reload in layer order holds about one layer of extra memory.
  *
  * Beyond the reference: attention scales reload; loads that write nothing (experts of another
- * rank) start nothing; a duplicate load of the same shard is ignored; the scratch held by
+ * rank) start nothing; a load may carry only some rows of a checkpoint tensor (a row chunk, see
+ * `rowWindow`: it counts and writes only its rows, and a layer is complete when every chunk came);
+ * a duplicate load of the same shard (or the same rows) is ignored; the scratch held by
  * layers waiting for more tensors is bounded by `maxBufferedBytes` (a layer whose scratch would
  * go past it throws ReloadError `BUFFER_LIMIT`); a partially loaded layer is processed at
  * finalize only when what is missing is padding, otherwise the missing tensors are reported by
@@ -42,6 +44,7 @@ import {
   materializeLayer,
   restoreLayerOnMeta,
 } from "./meta.ts";
+import { loadLabel, RowLedger } from "./rows.ts";
 
 /** Options of a layerwise reload. */
 export interface ReloadOptions {
@@ -125,7 +128,7 @@ class LayerInfo {
   loadNumel = 0;
   loadNumelTotal: number | null = null;
   progress = new Map<string, { elements: number; shards: string[] }>();
-  seen = new Set<string>();
+  seen = new RowLedger();
 
   canProcess(): boolean {
     return this.loadNumelTotal !== null;
@@ -141,7 +144,7 @@ class LayerInfo {
     this.loadNumel = 0;
     this.loadNumelTotal = null;
     this.progress = new Map();
-    this.seen = new Set();
+    this.seen = new RowLedger();
   }
 }
 
@@ -410,12 +413,12 @@ function makeOnlineProcessLoader(
       state.log(`${where}: layer already processed, load ignored`);
       return;
     }
+    // A row chunk has the rows it holds as its own part of the key (see RowLedger).
     const key = `${param}|${shardId ?? ""}|${expertId ?? ""}`;
-    if (info.seen.has(key)) {
+    if (info.seen.seen(key, loaded, where)) {
       state.ignoredLoads++;
-      state.log(
-        `${where}${shardId === undefined ? "" : ` shard ${shardId}`}: loaded twice, ignored`,
-      );
+      const label = loadLabel(loaded, shardId, expertId);
+      state.log(`${where}${label === null ? "" : ` (${label})`}: loaded twice, ignored`);
       return;
     }
     // Count (and check shapes) against the meta tensor first: nothing is written or
@@ -429,7 +432,7 @@ function makeOnlineProcessLoader(
       slot.tensor = real;
     }
     if (n === 0) {
-      info.seen.add(key);
+      info.seen.add(key, loaded);
       state.log(`${where}: load writes nothing on this rank`);
       return;
     }
@@ -437,13 +440,12 @@ function makeOnlineProcessLoader(
     if (!info.started) startLayer(layer, info, where);
     // `loaded` is borrowed: it is written now and not referenced after this call.
     original(slot, loaded, shardId, expertId);
-    info.seen.add(key);
+    info.seen.add(key, loaded);
     info.loadNumel += n;
     const p = info.progress.get(param) ?? { elements: 0, shards: [] };
     p.elements += n;
-    if (shardId !== undefined) {
-      p.shards.push(expertId === undefined ? `${shardId}` : `${shardId}@${expertId}`);
-    }
+    const label = loadLabel(loaded, shardId, expertId);
+    if (label !== null) p.shards.push(label);
     info.progress.set(param, p);
     state.log(`${info.path}: ${info.loadNumel} / ${info.loadNumelTotal}`);
     if (info.loadNumel >= info.loadNumelTotal! && !layer.processLast) processLayer(layer, info);
@@ -514,6 +516,8 @@ function startLayer(layer: Module, info: LayerInfo, where: string): void {
  * backend; a non-contiguous view is compacted into a temporary first). `where` names it.
  */
 export function rejectNonFinite(b: Backend, t: Tensor, where: string): void {
+  // A row chunk is scanned on the rows it holds.
+  t = t.windowRows();
   if (!t.dtype.floating || t.numel === 0) return;
   let n: number;
   if (t.isContiguous) n = b.countNonFinite(t);
@@ -647,9 +651,9 @@ export function describeGaps(
     if (got.elements >= expected) continue;
     const shards = got.shards.length === 0
       ? ""
-      : ` (received shards ${got.shards.slice(0, 8).join(", ")}${
-        got.shards.length > 8 ? ", ..." : ""
-      })`;
+      : ` (received ${got.shards.some((l) => l.includes("rows")) ? "" : "shards "}${
+        got.shards.slice(0, 8).join(", ")
+      }${got.shards.length > 8 ? ", ..." : ""})`;
     gaps.push(`${qualify(path, name)}: ${got.elements} of ${expected} elements loaded${shards}`);
   }
   return gaps;

@@ -24,16 +24,20 @@ import {
   setLoading,
 } from "./layerwise.ts";
 import { materializeLayer, restoreLayerOnMeta } from "./meta.ts";
+import { loadLabel, RowLedger } from "./rows.ts";
 import { type TensorDescriptor, validateWeights, type ValidationReport } from "./validate.ts";
 
-/** Checkpoint tensors by name, in any order: an array, a generator, an async stream. */
+/**
+ * Checkpoint tensors by name, in any order: an array, a generator, an async stream. A tensor
+ * may come as row chunks (each a `rowWindow` under the tensor's name), in any order.
+ */
 export type WeightSource =
   | Iterable<readonly [string, Tensor]>
   | AsyncIterable<readonly [string, Tensor]>;
 
 /** What {@link loadWeights} did. */
 export interface LoadReport {
-  /** Tensors loaded. */
+  /** Checkpoint tensors loaded (a tensor sent as row chunks counts once). */
   readonly tensorsLoaded: number;
   /** Names the model skips on purpose (mapCheckpointName returned null). */
   readonly tensorsSkipped: number;
@@ -110,8 +114,9 @@ export async function loadWeights(
     ? new Set(validateWeights(model, options.expected, { strict: options.strict }).unknown)
     : new Set<string>();
   const counts = new Map<TensorSlot, { elements: number; shards: string[] }>();
-  const seen = new Map<TensorSlot, Set<string>>();
-  let tensors = 0, skipped = 0, ignored = 0, bytes = 0;
+  const seen = new Map<TensorSlot, RowLedger>();
+  let skipped = 0, ignored = 0, bytes = 0;
+  const tensors = new Set<string>();
   // Set synchronously, before the first await: a reload or load started meanwhile is refused.
   setLoading(model, true);
   try {
@@ -126,11 +131,11 @@ export async function loadWeights(
         skipped++;
         continue;
       }
+      const keys = seen.get(r.slot) ?? new RowLedger();
       const key = `${r.shardId ?? ""}|${r.expertId ?? ""}`;
-      const keys = seen.get(r.slot) ?? new Set();
-      if (keys.has(key)) {
+      if (keys.seen(key, loaded, name)) {
         ignored++;
-        log(`${name}: its tensor was loaded already, ignored`);
+        log(`${name}: its tensor (these rows) was loaded already, ignored`);
         continue;
       }
       const real = r.slot.tensor;
@@ -147,16 +152,15 @@ export async function loadWeights(
       } catch (e) {
         throw prefixError(e, name);
       }
-      keys.add(key);
+      keys.add(key, loaded);
       seen.set(r.slot, keys);
       const c = counts.get(r.slot) ?? { elements: 0, shards: [] };
       c.elements += n;
-      if (r.shardId !== undefined) {
-        c.shards.push(r.expertId === undefined ? `${r.shardId}` : `${r.shardId}@${r.expertId}`);
-      }
+      const label = loadLabel(loaded, r.shardId, r.expertId);
+      if (label !== null) c.shards.push(label);
       counts.set(r.slot, c);
-      tensors++;
-      bytes += loaded.nbytes;
+      tensors.add(name);
+      bytes += loaded.windowRows().nbytes;
     }
     const missing: string[] = [];
     for (const [path, m] of layers) {
@@ -198,7 +202,7 @@ export async function loadWeights(
     setLoading(model, false);
   }
   return {
-    tensorsLoaded: tensors,
+    tensorsLoaded: tensors.size,
     tensorsSkipped: skipped,
     ignoredLoads: ignored,
     bytesLoaded: bytes,
@@ -217,7 +221,7 @@ export interface ReloadReport {
   readonly delayed: readonly string[];
   /** Layers that received nothing: their kernel tensors are unchanged. */
   readonly untouched: readonly string[];
-  /** Tensors loaded. */
+  /** Checkpoint tensors loaded (a tensor sent as row chunks counts once). */
   readonly tensorsLoaded: number;
   /** Names the model skips on purpose. */
   readonly tensorsSkipped: number;
@@ -276,13 +280,14 @@ export async function reloadWeights(
     : null;
   const skip = new Set(validation?.unknown ?? []);
   initializeLayerwiseReload(model, options);
-  let tensors = 0, skipped = 0, bytes = 0;
+  let skipped = 0, bytes = 0;
+  const tensors = new Set<string>();
   try {
     for await (const [name, loaded] of weights) {
       if (skip.has(name)) skipped++;
       else if (model.loadWeight(name, loaded)) {
-        tensors++;
-        bytes += loaded.nbytes;
+        tensors.add(name);
+        bytes += loaded.windowRows().nbytes;
       } else skipped++;
     }
   } catch (e) {
@@ -294,7 +299,7 @@ export async function reloadWeights(
     processed: s.processed,
     delayed: s.delayed,
     untouched: s.untouched,
-    tensorsLoaded: tensors,
+    tensorsLoaded: tensors.size,
     tensorsSkipped: skipped,
     ignoredLoads: s.ignoredLoads,
     bytesLoaded: bytes,

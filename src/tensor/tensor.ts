@@ -30,6 +30,17 @@ export interface Layout2D {
   readonly pitch: number;
 }
 
+/**
+ * Rows `[start, end)` of dimension 0 that a windowed tensor holds (see {@link rowWindow}); the
+ * other rows of its shape are not there.
+ */
+export interface RowWindow {
+  /** First row held. */
+  readonly start: number;
+  /** One past the last row held. */
+  readonly end: number;
+}
+
 /** Row-major strides (in elements) of a contiguous tensor of this shape. */
 export function contiguousStrides(shape: readonly number[]): number[] {
   const strides = new Array<number>(shape.length);
@@ -64,7 +75,13 @@ function checkShape(shape: readonly number[]): void {
   }
 }
 
-/** A view of backend memory (or, without storage, a meta tensor). */
+/**
+ * A view of backend memory (or, without storage, a meta tensor). A *windowed* tensor (see
+ * {@link rowWindow}) has the full shape of a checkpoint tensor but holds only the rows of its
+ * {@link Tensor.window}: `narrow` carries the window along, `copyInto` writes only those rows,
+ * and it is never given to a backend (its `ptr` throws); {@link Tensor.windowRows} is the
+ * plain view of the rows it holds.
+ */
 export class Tensor {
   /** Sizes of each dimension. */
   readonly shape: readonly number[];
@@ -76,14 +93,24 @@ export class Tensor {
   readonly offset: number;
   /** Distance between neighbours along each dimension, in elements. */
   readonly strides: readonly number[];
+  /**
+   * The rows of dimension 0 this tensor holds, or null when it holds all of them. `offset`
+   * and `strides` address the full shape, so for a window not starting at row 0 `offset` may
+   * point before the storage; only the window's rows must lie inside it.
+   */
+  readonly window: RowWindow | null;
 
-  /** Creates a view; without `strides` the view is contiguous. */
+  /**
+   * Creates a view; without `strides` the view is contiguous. With `window`, only those rows of
+   * dimension 0 must lie inside the storage (a window of every row is no window).
+   */
   constructor(
     shape: readonly number[],
     dtype: DType,
     storage: Storage | null,
     offset = 0,
     strides?: readonly number[],
+    window?: RowWindow | null,
   ) {
     checkShape(shape);
     this.shape = Object.freeze([...shape]);
@@ -93,14 +120,32 @@ export class Tensor {
     this.strides = Object.freeze(
       strides ? [...strides] : contiguousStrides(shape),
     );
-    if (storage) {
-      const end = this.#lastByte();
-      if (offset < 0 || end > storage.bytes) {
+    let rows = shape[0];
+    if (window) {
+      const { start, end } = window;
+      if (
+        shape.length === 0 || !Number.isSafeInteger(start) || !Number.isSafeInteger(end) ||
+        start < 0 || end < start || end > shape[0]
+      ) {
         throw new BackendError(
           "OUT_OF_RANGE",
-          `view ${
-            shapeString(shape)
-          } ${dtype.name} at element ${offset} ends at byte ${end}, past its storage of ${storage.bytes} bytes`,
+          `row window [${start}, ${end}) does not fit shape ${shapeString(shape)}`,
+        );
+      }
+      rows = end - start;
+      this.window = start === 0 && end === shape[0] ? null : Object.freeze({ start, end });
+    } else this.window = null;
+    if (storage && window && rows === 0) {
+      // An empty window holds no bytes: nothing to check.
+    } else if (storage) {
+      const first = window ? offset + window.start * this.strides[0] : offset;
+      const end = this.#lastByte(first, rows);
+      if (first < 0 || end > storage.bytes) {
+        throw new BackendError(
+          "OUT_OF_RANGE",
+          `view ${shapeString(shape)} ${dtype.name}${
+            window ? ` rows [${window.start}, ${window.end})` : ""
+          } at element ${first} ends at byte ${end}, past its storage of ${storage.bytes} bytes`,
         );
       }
     }
@@ -140,19 +185,50 @@ export class Tensor {
     if (!this.storage) {
       throw new BackendError("META_TENSOR", "a meta tensor has no storage");
     }
+    if (this.window) {
+      throw new BackendError(
+        "WINDOWED",
+        `${this} holds only some rows: give a backend its windowRows()`,
+      );
+    }
     if (this.storage.freed) {
       throw new BackendError("FREED", "the tensor's storage has been freed");
     }
     return this.storage.ptr + this.offset * this.dtype.size;
   }
 
-  #lastByte(): number {
-    if (this.numel === 0) return this.offset * this.dtype.size;
-    let last = this.offset;
+  /** End byte of the view starting at element `first` with `rows` entries of dimension 0. */
+  #lastByte(first: number, rows: number): number {
+    if (this.numel === 0 || rows === 0) return first * this.dtype.size;
+    let last = first;
     for (let i = 0; i < this.shape.length; i++) {
-      last += (this.shape[i] - 1) * this.strides[i];
+      last += ((i === 0 ? rows : this.shape[i]) - 1) * this.strides[i];
     }
     return (last + 1) * this.dtype.size;
+  }
+
+  /** Rows of dimension 0 this tensor holds: its window, or every row. */
+  get rowRange(): RowWindow {
+    return this.window ?? { start: 0, end: this.shape.length === 0 ? 1 : this.shape[0] };
+  }
+
+  /**
+   * The rows this tensor holds as a plain view (the tensor itself when it is not windowed):
+   * what a backend may be given.
+   */
+  windowRows(): Tensor {
+    const w = this.window;
+    if (!w) return this;
+    const shape = [...this.shape];
+    shape[0] = w.end - w.start;
+    const offset = this.storage ? this.offset + w.start * this.strides[0] : 0;
+    return new Tensor(
+      shape,
+      this.dtype,
+      this.storage,
+      offset,
+      this.storage ? this.strides : undefined,
+    );
   }
 
   /** A view of `length` entries of dimension `dim` starting at `start` (shares storage). */
@@ -179,17 +255,27 @@ export class Tensor {
     const shape = [...this.shape];
     shape[dim] = length;
     const offset = this.storage ? this.offset + start * this.strides[dim] : 0;
+    // Along dimension 0 the window moves with the view and is cut to it; other narrows keep it.
+    let window = this.window;
+    if (window && dim === 0) {
+      const s = Math.min(Math.max(window.start - start, 0), length);
+      window = { start: s, end: Math.min(Math.max(window.end - start, s), length) };
+    }
     return new Tensor(
       shape,
       this.dtype,
       this.storage,
       offset,
       this.storage ? this.strides : undefined,
+      window,
     );
   }
 
-  /** The same elements with another shape; the tensor must be contiguous. */
+  /** The same elements with another shape; the tensor must be contiguous and not windowed. */
   reshape(shape: readonly number[]): Tensor {
+    if (this.window) {
+      throw new BackendError("WINDOWED", `reshape: ${this} holds only some rows`);
+    }
     if (numelOf(shape) !== this.numel) {
       throw new BackendError(
         "BAD_SHAPE",
@@ -217,12 +303,15 @@ export class Tensor {
       }
     }
     if (dims.length === 0) return { rows: 1, cols: 1, pitch: 1 };
-    // Merge the innermost dimensions that are contiguous into one run.
+    // Merge the innermost dimensions that are contiguous into one run (a run of one element
+    // when the innermost is strided: a one-column view of a matrix).
     let k = dims.length - 1;
-    if (dims[k].stride !== 1) return null;
-    let cols = dims[k].size;
-    while (k > 0 && dims[k - 1].stride === cols) cols *= dims[--k].size;
-    if (k === 0) return { rows: 1, cols, pitch: cols };
+    let cols = 1;
+    if (dims[k].stride === 1) {
+      cols = dims[k].size;
+      while (k > 0 && dims[k - 1].stride === cols) cols *= dims[--k].size;
+      if (k === 0) return { rows: 1, cols, pitch: cols };
+    } else k = dims.length;
     // What remains outside must be one evenly strided dimension (or mergeable into one).
     let rows = dims[k - 1].size;
     const pitch = dims[k - 1].stride;
@@ -235,6 +324,44 @@ export class Tensor {
 
   /** A short description for messages: `bf16[4096, 4096]`. */
   toString(): string {
-    return `${this.dtype.name}${shapeString(this.shape)}${this.isMeta ? " (meta)" : ""}`;
+    const w = this.window ? ` rows [${this.window.start}, ${this.window.end})` : "";
+    return `${this.dtype.name}${shapeString(this.shape)}${w}${this.isMeta ? " (meta)" : ""}`;
   }
+}
+
+/**
+ * A row chunk of a larger checkpoint tensor, as a load: `chunk` holds rows
+ * `[rowStart, rowStart + chunk.shape[0])` of a tensor of `totalRows` rows (its other dimensions
+ * are the chunk's). The result has the full shape and the chunk's rows as its window; loaders
+ * take it like the whole tensor and write only those rows (see `copyInto`), and the reload
+ * counts only them, so a big tensor can arrive as consecutive (or shuffled) chunks without
+ * ever being whole in memory. A chunk of every row is the chunk itself.
+ */
+export function rowWindow(chunk: Tensor, rowStart: number, totalRows: number): Tensor {
+  if (chunk.window) {
+    throw new BackendError("WINDOWED", `rowWindow: ${chunk} is already a row window`);
+  }
+  if (chunk.shape.length === 0) {
+    throw new BackendError("BAD_SHAPE", "rowWindow: a scalar has no rows");
+  }
+  const rows = chunk.shape[0];
+  if (
+    !Number.isSafeInteger(rowStart) || !Number.isSafeInteger(totalRows) || rowStart < 0 ||
+    rowStart + rows > totalRows
+  ) {
+    throw new BackendError(
+      "OUT_OF_RANGE",
+      `rowWindow: rows [${rowStart}, ${rowStart + rows}) do not fit ${totalRows} rows`,
+    );
+  }
+  const shape = [totalRows, ...chunk.shape.slice(1)];
+  const offset = chunk.storage ? chunk.offset - rowStart * chunk.strides[0] : 0;
+  return new Tensor(
+    shape,
+    chunk.dtype,
+    chunk.storage,
+    offset,
+    chunk.storage ? chunk.strides : undefined,
+    { start: rowStart, end: rowStart + rows },
+  );
 }
