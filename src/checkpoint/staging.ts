@@ -41,7 +41,7 @@ export interface StagingOptions {
   slots?: number;
   /** Largest single pread (default 2 MiB): larger reads are split and run in parallel. */
   chunkBytes?: number;
-  /** Most preads in flight at once (default 32). */
+  /** Most preads in flight at once (default 48). */
   readers?: number;
   /** Bytes of the device ring tensors land in (default 256 MiB). */
   deviceRingBytes?: number;
@@ -59,15 +59,15 @@ export interface StagingOptions {
 
 const MiB = 1 << 20;
 // Measured on the H200 host (BENCHMARKS.md, sweeps of 2026-11-26): a small pinned ring (16 x
-// 4 MiB, 2 MiB preads, 32 readers) reloaded the 8B shape at 40-43 GB/s where 8 x 64 MiB gave
-// 30-36 GB/s, probably because a small ring stays in the host caches between read and DMA.
-// Run-to-run spread on that shared host is about +-10%.
+// 4 MiB, 2 MiB preads) reloaded the 8B shape at 38-43 GB/s where 8 x 64 MiB gave 30-36 GB/s,
+// probably because a small ring stays in the host caches between read and DMA; 48 readers did
+// better than 24 or 32 on it. Run-to-run spread on that shared host is about +-10%.
 /** The sizes used when a StagingOptions field is not given. */
 export const STAGING_DEFAULTS: Readonly<Required<StagingOptions>> = Object.freeze({
   slotBytes: 4 * MiB,
   slots: 16,
   chunkBytes: 2 * MiB,
-  readers: 32,
+  readers: 48,
   deviceRingBytes: 256 * MiB,
   maxChunkBytes: 128 * MiB,
   reuseAllocations: true,
