@@ -12,7 +12,7 @@
 import { parseArgs } from "node:util";
 import { openBackend } from "../src/backend/select.ts";
 import { benchKernels, kernelTable } from "./bench_kernels.ts";
-import { benchReload, reloadOptions } from "./bench_reload.ts";
+import { benchReload, RELOAD_BENCH_ARGS, reloadOptions } from "./bench_reload.ts";
 
 const { values } = parseArgs({
   args: Deno.args,
@@ -23,17 +23,7 @@ const { values } = parseArgs({
     json: { type: "string" },
     help: { type: "boolean", short: "h" },
     only: { type: "string" },
-    shape: { type: "string" },
-    runs: { type: "string", default: "3" },
-    dir: { type: "string" },
-    keep: { type: "boolean" },
-    simple: { type: "boolean" },
-    "slot-mb": { type: "string" },
-    slots: { type: "string" },
-    "chunk-mb": { type: "string" },
-    readers: { type: "string" },
-    "ring-mb": { type: "string" },
-    sweep: { type: "string" },
+    ...RELOAD_BENCH_ARGS,
   },
 });
 

@@ -538,25 +538,39 @@ export async function benchReload(
   return result;
 }
 
+/** Command-line options of the reload bench (parseArgs form; scripts/bench.ts takes them too). */
+export const RELOAD_BENCH_ARGS = {
+  shape: { type: "string" },
+  runs: { type: "string", default: "3" },
+  dir: { type: "string" },
+  keep: { type: "boolean" },
+  simple: { type: "boolean" },
+  "slot-mb": { type: "string" },
+  slots: { type: "string" },
+  "chunk-mb": { type: "string" },
+  readers: { type: "string" },
+  "ring-mb": { type: "string" },
+  sweep: { type: "string" },
+} as const;
+
 if (import.meta.main) {
   const { values } = parseArgs({
     args: Deno.args,
     options: {
       backend: { type: "string", default: "auto" },
-      shape: { type: "string" },
-      runs: { type: "string", default: "3" },
-      dir: { type: "string" },
-      keep: { type: "boolean" },
-      simple: { type: "boolean" },
       json: { type: "string" },
-      "slot-mb": { type: "string" },
-      slots: { type: "string" },
-      "chunk-mb": { type: "string" },
-      readers: { type: "string" },
-      "ring-mb": { type: "string" },
-      sweep: { type: "string" },
+      help: { type: "boolean", short: "h" },
+      ...RELOAD_BENCH_ARGS,
     },
   });
+  if (values.help) {
+    console.log(
+      "usage: deno run -A scripts/bench_reload.ts [--backend auto|cuda|wasm] [--json FILE] " +
+        "[--shape 8b|small] [--runs N] [--dir DIR] [--keep] [--simple] [--slot-mb N] [--slots N] " +
+        "[--chunk-mb N] [--readers N] [--ring-mb N] [--sweep RxSxC[xSlotMiB],...]",
+    );
+    Deno.exit(0);
+  }
   const backend = await openBackend({ backend: values.backend as "auto" | "cuda" | "wasm" });
   try {
     const r = await benchReload(backend, reloadOptions(values));
