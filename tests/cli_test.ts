@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { HELP, parseCliArgs, UsageError } from "../src/cli/args.ts";
-import { createProgressBar, NO_PROGRESS } from "../src/cli/progress.ts";
+import { createProgressBar, formatBytes, formatRate, NO_PROGRESS } from "../src/cli/progress.ts";
 import {
   bf16Bits,
   bf16Value,
@@ -136,4 +136,14 @@ Deno.test("synth: the demo shape is a valid Llama config of about 100 MB, seeds 
     assert.deepEqual(t.data, b.get(name)!.data);
     assert.notDeepEqual(t.data, c.get(name)!.data);
   }
+});
+
+Deno.test("progress: byte counts and rates in the largest fitting unit", () => {
+  assert.equal(formatBytes(0), "0 B");
+  assert.equal(formatBytes(999), "999 B");
+  assert.equal(formatBytes(267_000), "267 kB");
+  assert.equal(formatBytes(7_470_000), "7.47 MB");
+  assert.equal(formatBytes(16_060_522_496), "16.06 GB");
+  assert.equal(formatRate(16_060_522_496, 0.4), "40.15 GB/s");
+  assert.equal(formatRate(1, 0), "0 B/s");
 });

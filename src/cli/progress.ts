@@ -42,9 +42,18 @@ function stderrIsTerminal(): boolean {
   }
 }
 
-/** Formats bytes per second as GB/s with two decimals. */
+/** Formats a byte count in the largest decimal unit that keeps it at 1 or more (kB, MB, GB). */
+export function formatBytes(bytes: number): string {
+  const units: [number, string][] = [[1e9, "GB"], [1e6, "MB"], [1e3, "kB"]];
+  for (const [size, unit] of units) {
+    if (bytes >= size) return `${(bytes / size).toFixed(bytes >= 100 * size ? 0 : 2)} ${unit}`;
+  }
+  return `${bytes} B`;
+}
+
+/** Formats bytes per second like {@link formatBytes}, per second. */
 export function formatRate(bytes: number, seconds: number): string {
-  return `${seconds > 0 ? (bytes / seconds / 1e9).toFixed(2) : "0.00"} GB/s`;
+  return `${formatBytes(seconds > 0 ? bytes / seconds : 0)}/s`;
 }
 
 /**

@@ -14,7 +14,7 @@ import {
 } from "../models/load.ts";
 import type { CausalLM } from "../models/causal_lm.ts";
 import type { CliOptions } from "./args.ts";
-import { createProgressBar, formatRate } from "./progress.ts";
+import { createProgressBar, formatBytes, formatRate } from "./progress.ts";
 
 /** The JSON report of a run (`--json`). */
 export interface RunReport {
@@ -41,11 +41,11 @@ function print(line: string, quiet: boolean): void {
 /** One line describing a reload. */
 export function describeReload(r: ModelReloadReport): string {
   // "Layers" in the engine's sense (every module holding weights), not decoder layers.
-  return `${r.layersProcessed} weight modules, ${(r.bytesLoaded / 1e9).toFixed(3)} GB in ${
+  return `${r.layersProcessed} weight modules, ${formatBytes(r.bytesLoaded)} in ${
     r.seconds.toFixed(3)
   } s (${formatRate(r.bytesLoaded, r.seconds)}), peak scratch ${
-    (r.peakBufferedBytes / 1e6).toFixed(1)
-  } MB, storage kept: ${r.storageKept ? "yes" : "NO"}` +
+    formatBytes(r.peakBufferedBytes)
+  }, storage kept: ${r.storageKept ? "yes" : "NO"}` +
     (r.unexpected.length > 0 ? `, ${r.unexpected.length} unexpected tensors ignored` : "");
 }
 
