@@ -22,6 +22,7 @@ import { cudaHandle } from "../src/backend/cuda.ts";
 import { openBackend } from "../src/backend/select.ts";
 import { fileSource } from "../src/checkpoint/source.ts";
 import {
+  emptyStagingStats,
   releaseStaging,
   stageTensors,
   STAGING_DEFAULTS,
@@ -297,14 +298,7 @@ async function streamOnlySeconds(
   o: StagingOptions,
 ): Promise<[number, StagingStats]> {
   const source = await fileSource(dir);
-  const stats: StagingStats = {
-    bytes: 0,
-    pinnedBytes: 0,
-    deviceRingBytes: 0,
-    dedicated: 0,
-    chunks: 0,
-    readWaitSeconds: 0,
-  };
+  const stats = emptyStagingStats();
   try {
     const t0 = performance.now();
     for await (const _ of stageTensors(b, source, source.plan(), o, stats)) { /* nothing */ }

@@ -8,11 +8,8 @@
 
 import type { Backend } from "../src/backend/backend.ts";
 import { BackendError } from "../src/errors.ts";
-import type { Module } from "../src/nn/module.ts";
-import { reloadWeights, type ReloadWeightsOptions } from "../src/reload/load.ts";
-import type { ReloadReport } from "../src/reload/load.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
-import { freeWeights, type HostWeight, uploadWeights } from "./nn_testmodel.ts";
+import { equalBytes, type HostWeight } from "./nn_testmodel.ts";
 
 /** A Backend that delegates to another and fails on demand. */
 export interface FaultyBackend extends Backend {
@@ -86,28 +83,6 @@ export function faultyBackend(inner: Backend): FaultyBackend {
       };
     },
   }) as FaultyBackend;
-}
-
-/** Reloads `model` from host weights (uploaded for the call, freed after). */
-export async function reloadHost(
-  b: Backend,
-  model: Module,
-  host: HostWeight[],
-  options: ReloadWeightsOptions = {},
-): Promise<ReloadReport> {
-  const ws = uploadWeights(b, host);
-  try {
-    return await reloadWeights(model, ws, options);
-  } finally {
-    freeWeights(b, ws);
-  }
-}
-
-/** Whether two byte arrays are equal. */
-export function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
-  if (a.length !== b.length) return false;
-  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
-  return true;
 }
 
 /** Names of the tensors whose bytes differ between two downloads of the same model. */

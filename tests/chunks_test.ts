@@ -21,6 +21,7 @@ import { rowWindow, Tensor } from "../src/tensor/tensor.ts";
 import { freeChunks, type HostChunk, randomChunks, streamChunks, uploadChunks } from "./_chunks.ts";
 import {
   checkpointFor,
+  equalBytes,
   freeModel,
   freshModel,
   kernelBytes,
@@ -35,10 +36,6 @@ import {
 } from "./nn_testmodel.ts";
 
 const BACKENDS = await testBackends();
-
-function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
-  return a.length === b.length && a.every((x, i) => x === b[i]);
-}
 
 function assertSameBytes(
   got: Map<string, Uint8Array>,

@@ -8,6 +8,7 @@ import {
   type HostTensor,
   loadSafetensors,
 } from "../src/checkpoint/safetensors.ts";
+import { equalBytes } from "./nn_testmodel.ts";
 
 const FIXTURES = new URL("../../shared/fixtures/", import.meta.url);
 const CKPT = new URL("ckpt/", FIXTURES).pathname;
@@ -52,15 +53,9 @@ async function assertContains(gotFile: string, expectFile: string, label: string
     assert.ok(g !== undefined, `${label}: export lacks ${name}`);
     assert.equal(g.dtype.name, w.dtype.name, `${label}: ${name} dtype`);
     assert.deepEqual(g.shape, w.shape, `${label}: ${name} shape`);
-    assert.ok(bytesEqual(g.data, w.data), `${label}: ${name} bytes differ`);
+    assert.ok(equalBytes(g.data, w.data), `${label}: ${name} bytes differ`);
   }
   return want.size;
-}
-
-function bytesEqual(a: Uint8Array, b: Uint8Array): boolean {
-  if (a.byteLength !== b.byteLength) return false;
-  for (let i = 0; i < a.byteLength; i++) if (a[i] !== b[i]) return false;
-  return true;
 }
 
 async function withTemp<T>(f: (dir: string) => Promise<T>): Promise<T> {
@@ -131,7 +126,7 @@ Deno.test("e2e: a reload from another checkpoint equals a first load of it, both
     ok(await cli("--model", copy, "--repeat", "0", ...flags, "--export", `${tmp}/f.st`), "first");
     const r = await Deno.readFile(`${tmp}/r.st`);
     const f = await Deno.readFile(`${tmp}/f.st`);
-    assert.ok(bytesEqual(r, f), "reloaded export equals the first-load export of the copy");
+    assert.ok(equalBytes(r, f), "reloaded export equals the first-load export of the copy");
     const base = await Deno.readFile(`${tmp}/r.st`);
     const before = await cli(
       "--model",
@@ -143,7 +138,7 @@ Deno.test("e2e: a reload from another checkpoint equals a first load of it, both
       `${tmp}/b.st`,
     );
     ok(before, "first load of llama-tiny");
-    assert.ok(!bytesEqual(base, await Deno.readFile(`${tmp}/b.st`)), "the copy really differs");
+    assert.ok(!equalBytes(base, await Deno.readFile(`${tmp}/b.st`)), "the copy really differs");
     // The other way, against the PyTorch expectation: --model copy, --weights llama-tiny.
     const back = `${tmp}/back.st`;
     ok(
@@ -333,7 +328,7 @@ Deno.test("e2e: bad checkpoints exit 1 with one line naming file and tensor; sta
           assert.ok(lines[0].includes(m), `${what}: names ${m}: ${lines[0]}`);
         }
         assert.ok(!/\n\s+at /.test(r.stderr), `${what}: no stack trace`);
-        assert.ok(bytesEqual(await Deno.readFile(after), before), `${what}: export unchanged`);
+        assert.ok(equalBytes(await Deno.readFile(after), before), `${what}: export unchanged`);
       }
     }
   });
@@ -429,7 +424,7 @@ Deno.test("e2e: every quantization reloads to the bytes of a first load", async 
         q,
       );
       const r = await Deno.readFile(`${tmp}/${q}-r.st`);
-      assert.ok(bytesEqual(r, await Deno.readFile(`${tmp}/${q}-f.st`)), q);
+      assert.ok(equalBytes(r, await Deno.readFile(`${tmp}/${q}-f.st`)), q);
       const rl = await cli(
         "--model",
         `${CKPT}llama-tiny`,
@@ -444,7 +439,7 @@ Deno.test("e2e: every quantization reloads to the bytes of a first load", async 
       ok(rl, `${q} reload twice into copy`);
       ok(await cli("--model", copy, "--repeat", "0", ...flags, "--export", `${tmp}/${q}-cf.st`), q);
       assert.ok(
-        bytesEqual(
+        equalBytes(
           await Deno.readFile(`${tmp}/${q}-c.st`),
           await Deno.readFile(`${tmp}/${q}-cf.st`),
         ),

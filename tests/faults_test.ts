@@ -18,22 +18,17 @@ import { inconsistentLayers, isInconsistent, isReloading } from "../src/reload/l
 import { reloadWeights } from "../src/reload/load.ts";
 import { validateWeights } from "../src/reload/validate.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
-import {
-  differing,
-  equalBytes,
-  failingSource,
-  faultyBackend,
-  layerOf,
-  reloadHost,
-} from "./_faulty_backend.ts";
+import { differing, failingSource, faultyBackend, layerOf } from "./_faulty_backend.ts";
 import {
   checkpointFor,
+  equalBytes,
   freeModel,
   freeWeights,
   freshModel,
   type HostWeight,
   kernelBytes,
   kernelLayout,
+  reloadHost,
   testBackends,
   TINY,
   uploadWeights,

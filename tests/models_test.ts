@@ -18,6 +18,7 @@ import { memorySource } from "../src/checkpoint/source.ts";
 import { downloadKernelTensors, kernelTensors } from "../src/models/export.ts";
 import { loadModel, reloadWeights } from "../src/models/load.ts";
 import { openCheckpoint } from "../src/checkpoint/sharded.ts";
+import { equalBytes } from "./nn_testmodel.ts";
 
 const FIXTURES = new URL("../../shared/fixtures/", import.meta.url);
 const CKPT = new URL("ckpt/", FIXTURES).pathname;
@@ -233,7 +234,7 @@ Deno.test("api: reload from shuffled in-memory pairs equals a first load of them
       let changed = 0;
       for (const [n, t] of want) {
         assert.deepEqual(reloaded.get(n)!.data, t.data, `${name} ${n}`);
-        if (!bytesEqual(first.get(n)!.data, t.data)) changed++;
+        if (!equalBytes(first.get(n)!.data, t.data)) changed++;
       }
       assert.ok(changed > want.size / 2, `${name}: only ${changed} tensors changed`);
     }
@@ -241,10 +242,6 @@ Deno.test("api: reload from shuffled in-memory pairs equals a first load of them
     backend.close();
   }
 });
-
-function bytesEqual(a: Uint8Array, b: Uint8Array): boolean {
-  return a.byteLength === b.byteLength && a.every((x, i) => x === b[i]);
-}
 
 Deno.test("api: unexpected tensors are reported, or errors with strict; nothing written", async () => {
   const backend = await openWasmBackend();
@@ -292,7 +289,7 @@ Deno.test("api: a partial reload keeps untouched modules; without `partial` it i
     const after = downloadKernelTensors(model);
     let changed = 0;
     for (const [n, t] of before) {
-      const same = bytesEqual(after.get(n)!.data, t.data);
+      const same = equalBytes(after.get(n)!.data, t.data);
       if (n.startsWith("model.layers.0.") && n.endsWith(".weight") && !n.includes("norm")) {
         assert.ok(!same, `${n} follows the new weights`);
         changed++;

@@ -22,7 +22,12 @@ import {
 import { Module, type WeightTarget } from "../src/nn/module.ts";
 import { rng as prng } from "../src/cli/synth.ts";
 import type { QuantScheme } from "../src/quant/method.ts";
-import { loadWeights } from "../src/reload/load.ts";
+import {
+  loadWeights,
+  type ReloadReport,
+  reloadWeights,
+  type ReloadWeightsOptions,
+} from "../src/reload/load.ts";
 import { type DType, DTYPES } from "../src/tensor/dtype.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
 
@@ -337,4 +342,26 @@ export async function freshModel(
     freeWeights(b, ws);
   }
   return model;
+}
+
+/** Reloads `model` from host weights (uploaded for the call, freed after). */
+export async function reloadHost(
+  b: Backend,
+  model: Module,
+  host: HostWeight[],
+  options: ReloadWeightsOptions = {},
+): Promise<ReloadReport> {
+  const ws = uploadWeights(b, host);
+  try {
+    return await reloadWeights(model, ws, options);
+  } finally {
+    freeWeights(b, ws);
+  }
+}
+
+/** Whether two byte arrays are equal. */
+export function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
 }

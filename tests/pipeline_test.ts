@@ -16,13 +16,13 @@ import { fileSource } from "../src/checkpoint/source.ts";
 import {
   canStage,
   DeviceRing,
+  emptyStagingStats,
   planBlocks,
   releaseStaging,
   splitRows,
   type StagedTensor,
   stageTensors,
   type StagingOptions,
-  type StagingStats,
 } from "../src/checkpoint/staging.ts";
 import { type SynthShape, synthTensors, writeSynthCheckpoint } from "../src/cli/synth.ts";
 import { downloadKernelTensors } from "../src/models/export.ts";
@@ -340,14 +340,7 @@ gpuTest(
       await synth(`${tmp}/b`, 2, 3, true);
       const source = await fileSource(`${tmp}/b`);
       try {
-        const stats: StagingStats = {
-          bytes: 0,
-          pinnedBytes: 0,
-          deviceRingBytes: 0,
-          dedicated: 0,
-          chunks: 0,
-          readWaitSeconds: 0,
-        };
+        const stats = emptyStagingStats();
         const names = source.plan();
         const before = c.allocatedBytes();
         const rowsSeen = new Map<string, number>();

@@ -17,7 +17,7 @@ import { loadWeights, reloadWeights } from "../src/reload/load.ts";
 import { validateWeights } from "../src/reload/validate.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
-import { describe, differing, faultyBackend, layerOf, reloadHost } from "./_faulty_backend.ts";
+import { describe, differing, faultyBackend, layerOf } from "./_faulty_backend.ts";
 import {
   checkpointFor,
   freeModel,
@@ -26,6 +26,7 @@ import {
   type HostWeight,
   kernelBytes,
   kernelLayout,
+  reloadHost,
   testBackends,
   TINY,
   type TinyConfig,

@@ -8,17 +8,19 @@ import assert from "node:assert/strict";
 import type { Backend } from "../src/backend/backend.ts";
 import { ReloadError } from "../src/errors.ts";
 import { QUANT_SCHEMES, type QuantScheme } from "../src/quant/method.ts";
-import { type ReloadReport, reloadWeights } from "../src/reload/load.ts";
+import { reloadWeights } from "../src/reload/load.ts";
 import { isReloading } from "../src/reload/layerwise.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
 import {
   checkpointFor,
+  equalBytes,
   freeModel,
   freeWeights,
   freshModel,
   type HostWeight,
   kernelBytes,
   kernelLayout,
+  reloadHost,
   shuffle,
   testBackends,
   TINY,
@@ -29,29 +31,9 @@ import {
 
 const BACKENDS = await testBackends();
 
-async function reload(
-  b: Backend,
-  model: TinyModel,
-  host: HostWeight[],
-  options: Parameters<typeof reloadWeights>[2] = {},
-): Promise<ReloadReport> {
-  const ws = uploadWeights(b, host);
-  try {
-    return await reloadWeights(model, ws, options);
-  } finally {
-    freeWeights(b, ws);
-  }
-}
-
 function assertSameBytes(a: Map<string, Uint8Array>, b: Map<string, Uint8Array>, what: string) {
   assert.deepEqual([...a.keys()], [...b.keys()], `${what}: tensor names`);
   for (const [n, x] of a) assert.ok(equalBytes(x, b.get(n)!), `${what}: ${n} differs`);
-}
-
-function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
-  if (a.length !== b.length) return false;
-  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
-  return true;
 }
 
 /** Runs: model loaded from A, reloaded from B (ordered by `order`), compared with fresh B. */
@@ -69,7 +51,7 @@ async function reloadMatchesFresh(
   const layout = kernelLayout(model);
   const allocated = b.allocatedBytes();
   try {
-    const report = await reload(b, model, order([...B]), options);
+    const report = await reloadHost(b, model, order([...B]), options);
     assert.equal(report.storageKept, true);
     assert.deepEqual(
       kernelLayout(model),
@@ -119,7 +101,7 @@ for (const [bn, b] of BACKENDS) {
     const B = checkpointFor(b, TINY, 2, "none");
     const model = await freshModel(b, TINY, "none", checkpointFor(b, TINY, 1, "none"));
     try {
-      await reload(b, model, B);
+      await reloadHost(b, model, B);
       const by = new Map(B.map((w) => [w.name, w.bytes]));
       const qkv = b.download(
         model.resolveWeight("model.layers.1.self_attn.q_proj.weight")!.slot.tensor,
@@ -141,7 +123,7 @@ for (const [bn, b] of BACKENDS) {
     const A = checkpointFor(b, TINY, 1, "none"), B = checkpointFor(b, TINY, 2, "none");
     const model = await freshModel(b, TINY, "fp8-tensor", A);
     try {
-      await reload(b, model, B);
+      await reloadHost(b, model, B);
       const layer = model.getModule("model.layers.0.mlp.down_proj")!;
       const q = layer.slot("weight").tensor, s = layer.slot("weight_scale").tensor;
       const dq = b.empty(q.shape, DTYPES.f32);
@@ -171,7 +153,7 @@ for (const [bn, b] of BACKENDS) {
       const before = kernelBytes(b, model), layout = kernelLayout(model);
       const allocated = b.allocatedBytes();
       const partial = B.filter((w) => w.name !== "model.layers.1.mlp.up_proj.weight");
-      await assert.rejects(reload(b, model, partial, { atomic: true }), (e: unknown) => {
+      await assert.rejects(reloadHost(b, model, partial, { atomic: true }), (e: unknown) => {
         assert.ok(e instanceof ReloadError && e.code === "MISSING_WEIGHTS", String(e));
         assert.match(
           e.message,
@@ -186,7 +168,7 @@ for (const [bn, b] of BACKENDS) {
       assert.equal(b.allocatedBytes(), allocated);
       // Without atomic the error says which layers already hold new weights.
       await assert.rejects(
-        reload(b, model, partial),
+        reloadHost(b, model, partial),
         /MISSING|not fully loaded.*model inconsistent: \d+ layer/,
       );
       // The model is still reloadable afterwards.
@@ -220,7 +202,7 @@ for (const [bn, b] of BACKENDS) {
     try {
       const before = kernelBytes(b, model), allocated = b.allocatedBytes();
       await assert.rejects(
-        reload(b, model, [...B], { maxBufferedBytes: Math.floor(budget / 4), atomic: true }),
+        reloadHost(b, model, [...B], { maxBufferedBytes: Math.floor(budget / 4), atomic: true }),
         (e: unknown) => {
           assert.ok(e instanceof ReloadError && e.code === "BUFFER_LIMIT", String(e));
           assert.match(
@@ -250,7 +232,7 @@ for (const [bn, b] of BACKENDS) {
       const renamed = B.map((w) =>
         w.name === "model.embed_tokens.weight" ? { ...w, name: "lm_head.weight" } : w
       );
-      const r = await reload(b, model, [
+      const r = await reloadHost(b, model, [
         ...renamed,
         B.find((w) => w.name === "model.embed_tokens.weight")!,
       ], {
@@ -277,7 +259,7 @@ for (const [bn, b] of BACKENDS) {
     try {
       const logs: string[] = [];
       const o = A.find((w) => w.name === "model.layers.0.self_attn.o_proj.weight")!;
-      const r = await reload(b, model, [...B, o], { log: (m) => logs.push(m) });
+      const r = await reloadHost(b, model, [...B, o], { log: (m) => logs.push(m) });
       assert.equal(r.ignoredLoads, 1);
       assert.ok(
         logs.includes(
@@ -300,7 +282,7 @@ for (const [bn, b] of BACKENDS) {
     const B = checkpointFor(b, c, 2, "none");
     const model = await freshModel(b, c, "none", checkpointFor(b, c, 1, "none"));
     try {
-      await reload(b, model, B.filter((w) => !w.name.endsWith("v_scale")));
+      await reloadHost(b, model, B.filter((w) => !w.name.endsWith("v_scale")));
       const attn = model.getModule("model.layers.1.self_attn.attn")!;
       const k = new Float32Array(b.download(attn.slot("k_scale").tensor).buffer)[0];
       const v = new Float32Array(b.download(attn.slot("v_scale").tensor).buffer)[0];
@@ -374,7 +356,7 @@ if (BACKENDS.length > 1) {
       for (const [, b] of BACKENDS) {
         const model = await freshModel(b, TINY, quant, checkpointFor(b, TINY, 1, quant));
         try {
-          await reload(b, model, shuffle(checkpointFor(b, TINY, 2, quant), 13));
+          await reloadHost(b, model, shuffle(checkpointFor(b, TINY, 2, quant), 13));
           results.push(kernelBytes(b, model));
         } finally {
           freeModel(b, model);

@@ -437,6 +437,18 @@ export interface StagingStats {
   readWaitSeconds: number;
 }
 
+/** Stats at zero, to pass to {@link stageTensors} and read afterwards. */
+export function emptyStagingStats(): StagingStats {
+  return {
+    bytes: 0,
+    pinnedBytes: 0,
+    deviceRingBytes: 0,
+    dedicated: 0,
+    chunks: 0,
+    readWaitSeconds: 0,
+  };
+}
+
 /**
  * Reads `names` of a file-backed `source` (in that order) through the pinned ring and yields
  * each as a contiguous tensor in `backend` memory, borrowed: it is valid until the consumer

@@ -16,6 +16,7 @@ import {
   describeGaps,
   failReload,
   finalizeLayerwiseReload,
+  type FinalizeSummary,
   getLayerwiseInfo,
   initializeLayerwiseReload,
   recordMetadataForReloading,
@@ -211,43 +212,23 @@ export async function loadWeights(
   };
 }
 
-/** What {@link reloadWeights} did. */
-export interface ReloadReport {
-  /** Layers written with new weights. */
+/** What {@link reloadWeights} did: the finalize summary plus what was loaded and checked. */
+export interface ReloadReport extends FinalizeSummary {
+  /** Layers written with new weights (the length of `processed`). */
   readonly layersProcessed: number;
-  /** Their paths, in processing order. */
-  readonly processed: readonly string[];
-  /** Layers processed at the end because only padding was missing (e.g. a padded vocabulary). */
-  readonly delayed: readonly string[];
-  /** Layers that received nothing: their kernel tensors are unchanged. */
-  readonly untouched: readonly string[];
   /** Checkpoint tensors loaded (a tensor sent as row chunks counts once). */
   readonly tensorsLoaded: number;
   /** Names the model skips on purpose. */
   readonly tensorsSkipped: number;
-  /** Loads ignored: to an already-processed layer, or the same shard twice. */
-  readonly ignoredLoads: number;
   /** Bytes of the checkpoint tensors loaded. */
   readonly bytesLoaded: number;
   /** Wall time in seconds. */
   readonly seconds: number;
   /**
-   * Most model-format scratch bytes held at once by layers waiting for the rest of their tensors
-   * (the largest quantized layer in layer order; 0 when every layer loads straight into its
-   * kernel tensors).
-   */
-  readonly peakBufferedBytes: number;
-  /** The same figure as {@link ReloadReport.peakBufferedBytes} (kept for compatibility). */
-  readonly peakScratchBytes: number;
-  /** Every kernel tensor kept its storage (same address) through the reload. */
-  readonly storageKept: boolean;
-  /**
    * True while layers still hold weights of an earlier failed, non-atomic reload that this
-   * reload did not write again (see isInconsistent); they are in {@link inconsistentLayers}.
+   * reload did not write again (see isInconsistent); they are in `inconsistentLayers`.
    */
   readonly inconsistent: boolean;
-  /** The layers that make the model inconsistent; empty when it is consistent. */
-  readonly inconsistentLayers: readonly string[];
   /** The validation done before writing, when `expected` was given. */
   readonly validation: ValidationReport | null;
 }
@@ -295,20 +276,13 @@ export async function reloadWeights(
   }
   const s = finalizeLayerwiseReload(model);
   return {
+    ...s,
     layersProcessed: s.processed.length,
-    processed: s.processed,
-    delayed: s.delayed,
-    untouched: s.untouched,
     tensorsLoaded: tensors.size,
     tensorsSkipped: skipped,
-    ignoredLoads: s.ignoredLoads,
     bytesLoaded: bytes,
     seconds: (performance.now() - t0) / 1000,
-    peakBufferedBytes: s.peakBufferedBytes,
-    peakScratchBytes: s.peakScratchBytes,
-    storageKept: s.storageKept,
     inconsistent: s.inconsistentLayers.length > 0,
-    inconsistentLayers: s.inconsistentLayers,
     validation,
   };
 }

@@ -218,17 +218,8 @@ export class Tensor {
    */
   windowRows(): Tensor {
     const w = this.window;
-    if (!w) return this;
-    const shape = [...this.shape];
-    shape[0] = w.end - w.start;
-    const offset = this.storage ? this.offset + w.start * this.strides[0] : 0;
-    return new Tensor(
-      shape,
-      this.dtype,
-      this.storage,
-      offset,
-      this.storage ? this.strides : undefined,
-    );
+    // A dim-0 narrow to exactly the window's rows leaves a window covering every row: plain.
+    return w ? this.narrow(0, w.start, w.end - w.start) : this;
   }
 
   /** A view of `length` entries of dimension `dim` starting at `start` (shares storage). */
