@@ -1215,3 +1215,6 @@ LW_API lw_status lw_event_create_blocking(int32_t device, uint64_t *out_event) {
 
 // ================================================================== graphs (cuda/graph.cu)
 #include "graph.cu"
+
+// ================================================================== staging (cuda/stager.cu)
+#include "stager.cu"

@@ -155,6 +155,32 @@ LW_API lw_status lw_graph_destroy(void *exec);
  * so it can be captured in a graph. */
 LW_API lw_status lw_fp8_tensor_sums(void *ctx, const uint64_t *table, size_t n, size_t max_numel,
                                     int64_t *sums, double *dequant);
+
+/* ---------------------------------------------------------------- native staging (issue 5)
+ * (CUDA only; cuda/stager.cu). Threads of the library pread file ranges into a pinned ring of
+ * `slots` x `slot_bytes` at `pinned` and copy them to device addresses on copy_ctx's stream.
+ * The plan, all uint64: reads[nreads][5] = {file, offset, slot_at, bytes, block}, ordered by
+ * block; pieces[npieces][6] = {item, slot_at, bytes, device dst, block, flags (1: the item's
+ * first piece, 2: its last)}, ordered by block and item; wait_for[nitems]: item i's first copy
+ * waits until items [0, wait_for[i]) are done (their device bytes are overwritten).
+ * The consumer takes items in order: lw_stager_next(i) waits until item i is copied-to-be and
+ * makes consumer_ctx's stream wait for it; lw_stager_done(i) says the stream is done with it.
+ * lw_stager_ready says whether next would return at once. On a failed read, next returns
+ * LW_EIO; lw_stager_error gives {file, offset, bytes} of the read and the text.
+ * lw_stager_finish stops the threads, waits for queued copies and frees the stager. */
+LW_API lw_status lw_stager_start(void *copy_ctx, void *consumer_ctx, const int32_t *fds,
+                                 uint32_t nfiles, const uint64_t *reads, size_t nreads,
+                                 const uint64_t *pieces, size_t npieces,
+                                 const uint64_t *wait_for, size_t nitems, uint64_t pinned,
+                                 uint64_t slot_bytes, uint32_t slots, uint32_t readers,
+                                 uint64_t *out_handle);
+LW_API int32_t lw_stager_ready(void *stager, uint64_t item);
+LW_API lw_status lw_stager_next(void *stager, uint64_t item);
+LW_API lw_status lw_stager_done(void *stager, uint64_t item);
+LW_API lw_status lw_stager_error(void *stager, uint64_t *out_where, char *text, size_t len);
+/* out[0]: seconds the copy thread waited for reads; out[1]: for the consumer */
+LW_API lw_status lw_stager_stats(void *stager, double *out);
+LW_API lw_status lw_stager_finish(void *stager);
 #endif
 
 #ifdef __cplusplus

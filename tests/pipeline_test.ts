@@ -24,7 +24,7 @@ import {
   stageTensors,
   type StagingOptions,
 } from "../src/checkpoint/staging.ts";
-import { type SynthShape, synthTensors, writeSynthCheckpoint } from "../src/cli/synth.ts";
+import { rng, type SynthShape, synthTensors, writeSynthCheckpoint } from "../src/cli/synth.ts";
 import { downloadKernelTensors } from "../src/models/export.ts";
 import { loadModel, reloadWeights } from "../src/models/load.ts";
 
@@ -417,6 +417,111 @@ gpuTest(
     });
   },
 );
+
+/** Streams `dir` with `opts` and checks each tensor (or row chunk) against the file's bytes. */
+async function streamMatchesFiles(c: Backend, dir: string, opts: StagingOptions, label: string) {
+  const source = await fileSource(dir);
+  try {
+    const stats = emptyStagingStats();
+    const names = source.plan();
+    let total = 0, seen = 0;
+    for await (const [name, t] of stageTensors(c, source, names, opts, stats)) {
+      const info = source.tensors.get(name)!;
+      const want = new Uint8Array(info.bytes);
+      await source.readInto(name, want);
+      const { start, end } = t.rowRange;
+      const rb = info.shape.length === 0 ? info.bytes : info.bytes / info.shape[0];
+      const got = c.download(t.windowRows());
+      assert.ok(
+        Buffer.from(got).equals(Buffer.from(want.subarray(start * rb, end * rb))),
+        `${label}: ${name} rows [${start}, ${end})`,
+      );
+      if (end === (info.shape.length === 0 ? 1 : info.shape[0])) seen++;
+      total += got.length;
+    }
+    assert.equal(seen, names.length, `${label}: every tensor`);
+    assert.equal(stats.bytes, total, `${label}: stats.bytes counts what was handed out`);
+    assert.ok(stats.copyWaitReadsSeconds! >= 0 && stats.copyWaitConsumerSeconds! >= 0);
+  } finally {
+    source.close();
+  }
+}
+
+gpuTest(
+  "the library's threads on odd ring shapes (1-4 slots, slots not a multiple of the pread size, 1-9 readers): every byte as in the files",
+  async (c) => {
+    await withTemp(async (tmp) => {
+      await synth(`${tmp}/b`, 5, 3, true);
+      const next = rng(7);
+      const pick = (lo: number, hi: number) => lo + Math.floor(next() * (hi - lo + 1));
+      for (let k = 0; k < 8; k++) {
+        const opts: StagingOptions = {
+          slots: pick(1, 4),
+          slotBytes: pick(1000, 200_000),
+          chunkBytes: pick(512, 70_000),
+          readers: pick(1, 9),
+          deviceRingBytes: pick(300, 2000) * 1024,
+          maxChunkBytes: pick(8, 200) * 1024,
+        };
+        const before = c.allocatedBytes();
+        await streamMatchesFiles(c, `${tmp}/b`, opts, JSON.stringify(opts));
+        assert.equal(c.allocatedBytes(), before, "device memory given back");
+      }
+    });
+  },
+);
+
+gpuTest(
+  "a consumer that stops early: the threads stop, memory is given back, the next stream is whole",
+  async (c) => {
+    await withTemp(async (tmp) => {
+      await synth(`${tmp}/b`, 6, 2, false);
+      const source = await fileSource(`${tmp}/b`);
+      try {
+        const before = c.allocatedBytes();
+        for (const stopAt of [0, 1, 7]) {
+          let n = 0;
+          for await (const _ of stageTensors(c, source, source.plan(), TINY)) {
+            if (n++ === stopAt) break;
+          }
+          assert.equal(c.allocatedBytes(), before, `stopped after ${stopAt + 1}: memory back`);
+        }
+        // A consumer that throws mid-stream, too.
+        await assert.rejects(async () => {
+          let n = 0;
+          for await (const _ of stageTensors(c, source, source.plan(), TINY)) {
+            if (n++ === 3) throw new Error("consumer failed");
+          }
+        }, /consumer failed/);
+        assert.equal(c.allocatedBytes(), before, "after a throwing consumer: memory back");
+      } finally {
+        source.close();
+      }
+      await streamMatchesFiles(c, `${tmp}/b`, TINY, "after early stops");
+    });
+  },
+);
+
+gpuTest("staging sizes that are not positive integers are refused as BAD_OPTION", async (c) => {
+  await withTemp(async (tmp) => {
+    await synth(`${tmp}/b`, 6, 1, false);
+    const source = await fileSource(`${tmp}/b`);
+    try {
+      for (const bad of [{ readers: 0 }, { slots: 1.5 }, { slotBytes: -1 }, { chunkBytes: NaN }]) {
+        await assert.rejects(
+          async () => {
+            for await (const _ of stageTensors(c, source, source.plan(), bad)) { /* none */ }
+          },
+          (e: Error & { code?: string }) =>
+            e.code === "BAD_OPTION" && e.message.includes(Object.keys(bad)[0]),
+          JSON.stringify(bad),
+        );
+      }
+    } finally {
+      source.close();
+    }
+  });
+});
 
 if (cuda) {
   Deno.test({

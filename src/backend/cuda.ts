@@ -71,6 +71,44 @@ export interface PinnedBuffer {
   readonly view: Uint8Array;
 }
 
+/**
+ * A plan for the library's staging threads (cuda/layerwise.h, `lw_stager_start`): file
+ * descriptors, reads `{file, offset, slotAt, bytes, block}` and pieces `{item, slotAt, bytes,
+ * device dst, block, flags}` flattened, and per item how many items must be done first.
+ */
+export interface StagerPlan {
+  /** Open file descriptors, indexed by the reads' `file`. */
+  readonly fds: Int32Array;
+  /** Five numbers per read. */
+  readonly reads: BigUint64Array;
+  /** Six numbers per piece (flags: 1 first piece of its item, 2 last). */
+  readonly pieces: BigUint64Array;
+  /** Per item: items `[0, n)` must be done before its first copy. */
+  readonly waitFor: BigUint64Array;
+  /** Host address of the pinned ring (`slots` x `slotBytes`). */
+  readonly pinned: number;
+  /** Bytes per slot. */
+  readonly slotBytes: number;
+  /** Slots in the ring. */
+  readonly slots: number;
+  /** Reader threads. */
+  readonly readers: number;
+}
+
+/** Why a stager stopped (see {@link CudaDevice.stagerError}). */
+export interface StagerFailure {
+  /** BackendError code of the status: `IO` for a failed or short read. */
+  readonly code: string;
+  /** File index of the failed read. */
+  readonly file: number;
+  /** Its file offset. */
+  readonly offset: number;
+  /** Its length. */
+  readonly bytes: number;
+  /** The library's text. */
+  readonly text: string;
+}
+
 /** One GPU through liblayerwise_cuda.so. Contexts (`ctx`) are streams; 0 is device 0's default. */
 export class CudaDevice {
   /** Device ordinal. */
@@ -269,6 +307,88 @@ export class CudaDevice {
   async preadAsync(fd: number, dst: number, n: number, offset: number): Promise<void> {
     const st = await this.#s.lw_pread_nb(fd, dst, n, BigInt(offset));
     if (st !== 0) this.#asyncFail(`pread(${n} bytes at ${offset})`, st);
+  }
+
+  // ------------------------------------------------ native staging (cuda/stager.cu)
+
+  /**
+   * Starts the library's staging threads on a plan (cuda/layerwise.h, `lw_stager_start`);
+   * returns the stager handle. Copies go on `copyCtx`; the consumer is `consumerCtx`.
+   */
+  stagerStart(copyCtx: number, consumerCtx: number, plan: StagerPlan): number {
+    const st = this.#s.lw_stager_start(
+      copyCtx,
+      consumerCtx,
+      plan.fds,
+      plan.fds.length,
+      plan.reads,
+      plan.reads.length / 5,
+      plan.pieces,
+      plan.pieces.length / 6,
+      plan.waitFor,
+      plan.waitFor.length,
+      BigInt(plan.pinned),
+      BigInt(plan.slotBytes),
+      plan.slots,
+      plan.readers,
+      this.#u64,
+    );
+    return this.#out("stagerStart", st);
+  }
+
+  /** Whether {@link stagerNext} for `item` would return at once. */
+  stagerReady(stager: number, item: number): boolean {
+    return this.#s.lw_stager_ready(stager, BigInt(item)) !== 0;
+  }
+
+  /**
+   * Waits until `item` is queued and makes the consumer stream wait for its copy. Returns the
+   * status (LW_EIO after a failed read: see {@link stagerError}).
+   */
+  stagerNext(stager: number, item: number): number {
+    return this.#s.lw_stager_next(stager, BigInt(item));
+  }
+
+  /** Like {@link stagerNext}, without blocking the JS thread. */
+  stagerNextAsync(stager: number, item: number): Promise<number> {
+    return this.#s.lw_stager_next_nb(stager, BigInt(item));
+  }
+
+  /** The consumer stream is done with `item` (its device bytes may be overwritten). */
+  stagerDone(stager: number, item: number): void {
+    this.check("stagerDone", this.#s.lw_stager_done(stager, BigInt(item)));
+  }
+
+  /**
+   * The stager's first failure: its BackendError code (`IO` for a failed read), the failed
+   * read's file index, offset and length, and the library's text; null when nothing failed.
+   */
+  stagerError(stager: number): StagerFailure | null {
+    const where = new BigUint64Array(3);
+    const buf = new Uint8Array(1024);
+    const status = this.#s.lw_stager_error(stager, where, buf, buf.length);
+    if (status === 0) return null;
+    const text = new TextDecoder().decode(buf.subarray(0, buf.indexOf(0)));
+    const [code, what] = STATUS_NAMES[status] ?? ["DEVICE", `status ${status}`];
+    return {
+      code,
+      file: Number(where[0]),
+      offset: Number(where[1]),
+      bytes: Number(where[2]),
+      text: text || what,
+    };
+  }
+
+  /** Seconds the stager's copy thread waited for reads and for the consumer. */
+  stagerStats(stager: number): { readWaitSeconds: number; consumerWaitSeconds: number } {
+    const out = new Float64Array(2);
+    this.check("stagerStats", this.#s.lw_stager_stats(stager, out));
+    return { readWaitSeconds: out[0], consumerWaitSeconds: out[1] };
+  }
+
+  /** Stops the stager's threads, waits for its queued copies and frees it. */
+  stagerFinish(stager: number): void {
+    this.check("stagerFinish", this.#s.lw_stager_finish(stager));
   }
 
   // ------------------------------------------------ graphs, streams, fp8 probe (cuda/graph.cu)

@@ -95,6 +95,40 @@ export const CUDA_SYMBOLS = {
 
   // staged reads (issue 5)
   lw_event_create_blocking: { parameters: ["i32", "buffer"], result: STATUS },
+
+  // -------------------------------------------------- native staging (cuda/stager.cu)
+  lw_stager_start: {
+    parameters: [
+      PTR,
+      PTR,
+      "buffer",
+      "u32",
+      "buffer",
+      "usize",
+      "buffer",
+      "usize",
+      "buffer",
+      "usize",
+      "u64",
+      "u64",
+      "u32",
+      "u32",
+      "buffer",
+    ],
+    result: STATUS,
+  },
+  lw_stager_ready: { parameters: [PTR, "u64"], result: "i32" },
+  lw_stager_next: { parameters: [PTR, "u64"], result: STATUS },
+  lw_stager_next_nb: {
+    name: "lw_stager_next",
+    parameters: [PTR, "u64"],
+    result: STATUS,
+    nonblocking: true,
+  },
+  lw_stager_done: { parameters: [PTR, "u64"], result: STATUS },
+  lw_stager_error: { parameters: [PTR, "buffer", "buffer", "usize"], result: STATUS },
+  lw_stager_stats: { parameters: [PTR, "buffer"], result: STATUS },
+  lw_stager_finish: { parameters: [PTR], result: STATUS },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 /** The loaded library's functions; pointers, handles and sizes may be passed as JS numbers. */
@@ -114,6 +148,7 @@ const SOURCES = [
   "cuda/layerwise.h",
   "cuda/lw_numeric.h",
   "cuda/graph.cu",
+  "cuda/stager.cu",
 ] as const;
 const BUILD_SCRIPT = "scripts/build-cuda.sh";
 const ROOT = new URL("../../", import.meta.url);

@@ -1,20 +1,21 @@
 /**
- * Staged reads for the CUDA backend: checkpoint tensors read from files by several native
- * threads into a ring of pinned host buffers, copied to the device asynchronously on a stream
- * of their own, and handed out as backend tensors in read order, so that reading the next
- * tensors overlaps copying and processing the current ones.
+ * Staged reads for the CUDA backend: checkpoint tensors read from files by threads of the CUDA
+ * library into a ring of pinned host memory, copied to the device asynchronously on a stream of
+ * their own, and handed out as backend tensors in read order, so that reading the next tensors
+ * overlaps copying and processing the current ones.
  *
- * The read order is cut into blocks of at most one pinned slot; each block is read with
- * parallel `pread`s (nonblocking FFI calls run on Deno's blocking thread pool; reads of
- * neighbouring tensors of one file are merged, then split into chunks), then copied to the
- * device piece by piece. Tensors land in a device ring and are handed out as soon as their last
- * piece is queued; a tensor larger than half of the ring (or than `maxChunkBytes`) travels as
- * consecutive row chunks, each handed out as a `rowWindow` of the tensor, so no whole big
- * tensor is ever held in device memory (only a 1-D tensor or a single row larger than half the
- * ring, which no language model has, gets a block of its own). The backend's
- * stream waits for that copy through an event, and the copy stream waits, through another
- * event recorded after the consumer returned, before it overwrites a tensor's place in the ring.
- * Only reusing a pinned slot waits on the host, once per slot of tens of MB, never per tensor.
+ * This module plans; the library moves the bytes (cuda/stager.cu). The read order is cut into
+ * blocks of one pinned slot; each block is read with parallel `pread`s (reads of neighbouring
+ * tensors of one file are merged, then split into chunks), then copied to the device piece by
+ * piece by one thread of the library, so no copy ever waits for the JavaScript thread. Tensors
+ * land in a device ring and are handed out as soon as their last piece is queued; a tensor
+ * larger than half of the ring (or than `maxChunkBytes`) travels as consecutive row chunks,
+ * each handed out as a `rowWindow` of the tensor, so no whole big tensor is ever held in device
+ * memory (only a 1-D tensor or a single row larger than half the ring, which no language model
+ * has, gets a block of its own, allocated before the stream starts). The backend's stream waits
+ * for each copy through an event, and the copy stream waits, through another event recorded
+ * after the consumer is done, before it overwrites a tensor's place in the ring. Every place is
+ * planned up front, so the library needs from JavaScript only "tensor i is done".
  *
  * {@link canStage} says whether a backend and a source can take this path (a CUDA backend and a
  * file-backed source on Linux); otherwise callers read through the source as before.
@@ -35,13 +36,13 @@ import type { WeightSource } from "./source.ts";
 
 /** Sizes of the staging pipeline. */
 export interface StagingOptions {
-  /** Bytes per pinned slot (default 4 MiB). */
+  /** Bytes per pinned slot (default 8 MiB). */
   slotBytes?: number;
-  /** Pinned slots in the ring (default 16). */
+  /** Pinned slots in the ring (default 8). */
   slots?: number;
   /** Largest single pread (default 2 MiB): larger reads are split and run in parallel. */
   chunkBytes?: number;
-  /** Most preads in flight at once (default 48). */
+  /** Reader threads (default: three per four CPU cores, from 2 to 16). */
   readers?: number;
   /** Bytes of the device ring tensors land in (default 256 MiB). */
   deviceRingBytes?: number;
@@ -58,16 +59,17 @@ export interface StagingOptions {
 }
 
 const MiB = 1 << 20;
-// Measured on the H200 host (BENCHMARKS.md, sweeps of 2026-11-26): a small pinned ring (16 x
-// 4 MiB, 2 MiB preads) reloaded the 8B shape at 38-43 GB/s where 8 x 64 MiB gave 30-36 GB/s,
-// probably because a small ring stays in the host caches between read and DMA; 48 readers did
-// better than 24 or 32 on it. Run-to-run spread on that shared host is about +-10%.
+// Measured on the H200 host (16 cores; BENCHMARKS.md, 2026-11-30): 8 x 8 MiB slots and 2 MiB
+// preads; 12 reader threads reloaded the 8B shape at 47-48 GB/s where 16 gave 42-45 and 8 gave
+// 36-38. Readers need cores, and so do the copy thread and the JavaScript thread: more readers
+// than cores fell to 20-27 GB/s. So three readers per four cores, at most 16 (nothing larger
+// was measured). Small rings stay in the host caches between read and DMA.
 /** The sizes used when a StagingOptions field is not given. */
 export const STAGING_DEFAULTS: Readonly<Required<StagingOptions>> = Object.freeze({
-  slotBytes: 4 * MiB,
-  slots: 16,
+  slotBytes: 8 * MiB,
+  slots: 8,
   chunkBytes: 2 * MiB,
-  readers: 48,
+  readers: Math.max(2, Math.min(16, Math.round((navigator.hardwareConcurrency || 2) * 3 / 4))),
   deviceRingBytes: 256 * MiB,
   maxChunkBytes: 128 * MiB,
   reuseAllocations: true,
@@ -332,53 +334,35 @@ export function canStage(backend: Backend): boolean {
 
 interface HostRing {
   readonly slotBytes: number;
-  readonly slots: PinnedBuffer[];
-  /** Recorded on the copy stream after a slot's last copy. */
-  readonly slotEvents: number[];
+  readonly slots: number;
+  /** `slots` x `slotBytes` of pinned memory. */
+  readonly pinned: PinnedBuffer;
   /** The copy stream. */
   readonly ctx: number;
-  /** Spare events (ready, fences, ring releases). */
-  readonly events: number[];
   busy: boolean;
 }
 
 const RINGS = new WeakMap<Backend, HostRing>();
 
 function makeRing(d: CudaDevice, slotBytes: number, slots: number): HostRing {
-  const ring: HostRing = {
-    slotBytes,
-    slots: [],
-    slotEvents: [],
-    ctx: d.createContext(),
-    events: [],
-    busy: false,
-  };
+  const pinned = d.hostAlloc(slotBytes * slots);
   try {
-    for (let i = 0; i < slots; i++) {
-      ring.slots.push(d.hostAlloc(slotBytes));
-      ring.slotEvents.push(d.createSyncEvent());
-    }
+    return { slotBytes, slots, pinned, ctx: d.createContext(), busy: false };
   } catch (e) {
-    freeRing(d, ring);
+    d.hostFree(pinned);
     throw e;
   }
-  return ring;
 }
 
 function freeRing(d: CudaDevice, ring: HostRing): void {
-  d.sync(ring.ctx);
-  for (const b of ring.slots) d.hostFree(b);
-  for (const e of [...ring.slotEvents, ...ring.events]) d.destroyEvent(e);
-  d.destroyContext(ring.ctx);
-  ring.slots.length = 0;
-  ring.slotEvents.length = 0;
-  ring.events.length = 0;
+  d.destroyContext(ring.ctx); // waits for its copies first
+  d.hostFree(ring.pinned);
 }
 
 /** The pinned ring kept for a backend (allocating pinned memory takes tens of ms). */
 function ringFor(backend: Backend, h: CudaHandle, o: Required<StagingOptions>): HostRing {
   const kept = RINGS.get(backend);
-  if (kept && !kept.busy && kept.slotBytes === o.slotBytes && kept.slots.length === o.slots) {
+  if (kept && !kept.busy && kept.slotBytes === o.slotBytes && kept.slots === o.slots) {
     return kept;
   }
   const ring = makeRing(h.device, o.slotBytes, o.slots);
@@ -401,26 +385,6 @@ export function releaseStaging(backend: Backend): void {
   freeRing(h.device, ring);
 }
 
-/** Bounds how many promises run at once. */
-class Gate {
-  #free: number;
-  readonly #waiting: (() => void)[] = [];
-  constructor(n: number) {
-    this.#free = Math.max(1, n);
-  }
-  async run<T>(f: () => Promise<T>): Promise<T> {
-    if (this.#free > 0) this.#free--;
-    else await new Promise<void>((r) => this.#waiting.push(r));
-    try {
-      return await f();
-    } finally {
-      const next = this.#waiting.shift();
-      if (next) next();
-      else this.#free++;
-    }
-  }
-}
-
 /** Numbers a run of {@link stageTensors} reports. */
 export interface StagingStats {
   /** Bytes read from files. */
@@ -433,8 +397,15 @@ export interface StagingStats {
   dedicated: number;
   /** Row chunks handed out for tensors larger than half the ring or `maxChunkBytes`. */
   chunks?: number;
-  /** Seconds the consumer waited for reads (host). */
+  /** Seconds the consumer waited for tensors (host). */
   readWaitSeconds: number;
+  /** Seconds the copy thread waited for file reads to land (reads are the limit when high). */
+  copyWaitReadsSeconds?: number;
+  /**
+   * Seconds the copy thread waited for the consumer to finish with device ring places (the
+   * consumer, or a small device ring, is the limit when high).
+   */
+  copyWaitConsumerSeconds?: number;
 }
 
 /** Stats at zero, to pass to {@link stageTensors} and read afterwards. */
@@ -446,7 +417,67 @@ export function emptyStagingStats(): StagingStats {
     dedicated: 0,
     chunks: 0,
     readWaitSeconds: 0,
+    copyWaitReadsSeconds: 0,
+    copyWaitConsumerSeconds: 0,
   };
+}
+
+const POSITIVE: readonly (keyof StagingOptions)[] = [
+  "slotBytes",
+  "slots",
+  "chunkBytes",
+  "readers",
+  "deviceRingBytes",
+  "maxChunkBytes",
+];
+
+function checkOptions(o: Required<StagingOptions>): void {
+  for (const k of POSITIVE) {
+    const v = o[k] as number;
+    if (!Number.isSafeInteger(v) || v <= 0) {
+      throw new BackendError("BAD_OPTION", `staging: ${k} must be a positive integer, not ${v}`);
+    }
+  }
+}
+
+/**
+ * The library's plan for `tensors`: reads and pieces of `blocks` flattened, each piece with
+ * the device address it lands at (`dst[i]` + its offset in the tensor) and flags (1: the
+ * tensor's first piece, 2: its last).
+ */
+function flatten(
+  tensors: readonly StagedTensor[],
+  blocks: readonly Block[],
+  dst: readonly number[],
+): { reads: BigUint64Array; pieces: BigUint64Array } {
+  let nr = 0, np = 0;
+  for (const b of blocks) {
+    nr += b.reads.length;
+    np += b.pieces.length;
+  }
+  const reads = new BigUint64Array(5 * nr), pieces = new BigUint64Array(6 * np);
+  let r = 0, p = 0;
+  blocks.forEach((b, k) => {
+    const block = BigInt(k);
+    for (const x of b.reads) {
+      reads.set([BigInt(x.file), BigInt(x.offset), BigInt(x.slotAt), BigInt(x.bytes), block], r);
+      r += 5;
+    }
+    for (const x of b.pieces) {
+      const t = tensors[x.tensor];
+      const flags = (x.at === 0 ? 1 : 0) | (x.at + x.bytes === t.bytes ? 2 : 0);
+      pieces.set([
+        BigInt(x.tensor),
+        BigInt(x.slotAt),
+        BigInt(x.bytes),
+        BigInt(dst[x.tensor] + x.at),
+        block,
+        BigInt(flags),
+      ], p);
+      p += 6;
+    }
+  });
+  return { reads, pieces };
 }
 
 /**
@@ -457,7 +488,8 @@ export function emptyStagingStats(): StagingStats {
  * returns false when the source is not file-backed (call {@link canStage} for the backend
  * first); returns true after the last tensor.
  * Errors: CheckpointError `TRUNCATED` when a file came short, `MISSING_SHARD` when one
- * vanished; BackendError from the device.
+ * vanished; BackendError from the device, `BAD_OPTION` for sizes that are not positive
+ * integers.
  */
 export async function* stageTensors(
   backend: Backend,
@@ -468,21 +500,19 @@ export async function* stageTensors(
 ): AsyncGenerator<[string, Tensor], boolean> {
   const h = cudaHandle(backend);
   if (!h || posix() === null) return false;
+  const o = { ...STAGING_DEFAULTS, ...options };
+  checkOptions(o);
   const where = await locate(source, names);
   if (where === null) return false;
-  const o = { ...STAGING_DEFAULTS, ...options };
   const d = h.device;
   const ring = ringFor(backend, h, o);
   const kept = RINGS.get(backend) === ring;
   ring.busy = true;
   const fds: number[] = [];
-  const reads: Promise<void>[] = [];
   const dedicated = new Map<number, Storage>();
   let devRing: Storage | null = null;
+  let stager = 0;
   let ok = false;
-  // Release events of ring places, by tensor index; spare events go back to the ring.
-  const released = new Map<number, number>();
-  let fence = 0;
   if (o.reuseAllocations) h.pool.hold();
   try {
     for (const f of where.files) fds.push(openFd(f));
@@ -496,107 +526,68 @@ export async function* stageTensors(
     const largest = tensors.reduce((m, t) => Math.max(m, t.bytes), 0);
     const ringBytes = Math.min(o.deviceRingBytes, Math.ceil(2 * largest / ALIGN) * ALIGN + ALIGN);
     devRing = backend.alloc(ringBytes);
-    const places = new DeviceRing(ringBytes);
     if (stats) {
       stats.pinnedBytes = o.slotBytes * o.slots;
       stats.deviceRingBytes = ringBytes;
     }
-    const gate = new Gate(o.readers);
-    const event = () => ring.events.pop() ?? d.createSyncEvent();
-    const base = new Map<number, [Storage, number]>();
-    fence = event();
-
-    const startRead = (i: number) => {
-      if (i >= blocks.length) return;
-      const s = i % o.slots;
-      const slot = ring.slots[s];
-      const p = (async () => {
-        if (i >= o.slots) await d.eventSyncAsync(ring.slotEvents[s]);
-        await Promise.all(blocks[i].reads.map((r) =>
-          gate.run(async () => {
-            try {
-              await d.preadAsync(fds[r.file], slot.ptr + r.slotAt, r.bytes, r.offset);
-            } catch (e) {
-              if (!(e instanceof BackendError) || e.code !== "IO") throw e;
-              throw new CheckpointError(
-                "TRUNCATED",
-                `${
-                  where.files[r.file]
-                }: reading ${r.bytes} bytes at ${r.offset} failed or came short (${e.message})`,
-              );
-            }
-          })
-        ));
-      })();
-      p.catch(() => {}); // awaited in order below; this only keeps an early failure handled
-      reads[i] = p;
-    };
-    for (let i = 0; i < Math.min(o.slots, blocks.length); i++) startRead(i);
-
-    for (let i = 0; i < blocks.length; i++) {
-      const t0 = performance.now();
-      await reads[i];
-      if (stats) stats.readWaitSeconds += (performance.now() - t0) / 1000;
-      const slot = ring.slots[i % o.slots];
-      for (const p of blocks[i].pieces) {
-        const t = tensors[p.tensor];
-        if (p.at === 0) {
-          // First piece: give the tensor its place; the copy stream must not write there
-          // before the backend's stream is done with what was there.
-          if (places.fits(t.bytes)) {
-            const { offset, overwrites } = places.place(t.bytes, p.tensor);
-            for (const w of overwrites) {
-              const ev = released.get(w);
-              if (ev === undefined) continue;
-              d.wait(ring.ctx, ev);
-              released.delete(w);
-              ring.events.push(ev);
-            }
-            base.set(p.tensor, [devRing, offset]);
-          } else {
-            const s = backend.alloc(t.bytes);
-            dedicated.set(p.tensor, s);
-            base.set(p.tensor, [s, 0]);
-            if (stats) stats.dedicated++;
-            d.record(fence, h.ctx);
-            d.wait(ring.ctx, fence);
-          }
-        }
-        const [storage, off] = base.get(p.tensor)!;
-        if (p.bytes > 0) d.h2d(ring.ctx, storage.ptr + off + p.at, slot.ptr + p.slotAt, p.bytes);
-        if (p.at + p.bytes < t.bytes) continue;
-        // Last piece: the backend's stream waits for the copy, then the consumer gets it.
-        d.record(fence, ring.ctx);
-        d.wait(h.ctx, fence);
-        const info = source.tensors.get(t.name)!;
-        let tensor: Tensor;
-        if (t.rows) {
-          const shape = [t.rows.end - t.rows.start, ...info.shape.slice(1)];
-          const chunk = new Tensor(shape, info.dtype, storage, off / info.dtype.size);
-          tensor = rowWindow(chunk, t.rows.start, info.shape[0]);
-          if (stats) stats.chunks = (stats.chunks ?? 0) + 1;
-        } else tensor = new Tensor(info.shape, info.dtype, storage, off / info.dtype.size);
-        base.delete(p.tensor);
-        if (stats) stats.bytes += t.bytes;
-        yield [t.name, tensor];
-        const own = dedicated.get(p.tensor);
-        if (own) {
-          dedicated.delete(p.tensor);
-          backend.free(own);
-        } else {
-          const ev = event();
-          d.record(ev, h.ctx);
-          released.set(p.tensor, ev);
-        }
+    // Every place is known before the first read: the library's copy thread then needs only
+    // "how many tensors must the consumer have finished" to know when a place is free.
+    const places = new DeviceRing(ringBytes);
+    const base: [Storage, number][] = [];
+    const waitFor = new BigUint64Array(tensors.length);
+    tensors.forEach((t, i) => {
+      if (places.fits(t.bytes)) {
+        const { offset, overwrites } = places.place(t.bytes, i);
+        base.push([devRing!, offset]);
+        waitFor[i] = BigInt(overwrites.reduce((m, w) => Math.max(m, w + 1), 0));
+      } else {
+        const s = backend.alloc(t.bytes);
+        dedicated.set(i, s);
+        base.push([s, 0]);
+        if (stats) stats.dedicated++;
       }
-      d.record(ring.slotEvents[i % o.slots], ring.ctx);
-      startRead(i + o.slots);
+    });
+    const plan = flatten(tensors, blocks, base.map(([s, off]) => s.ptr + off));
+    stager = d.stagerStart(ring.ctx, h.ctx, {
+      fds: Int32Array.from(fds),
+      reads: plan.reads,
+      pieces: plan.pieces,
+      waitFor,
+      pinned: ring.pinned.ptr,
+      slotBytes: o.slotBytes,
+      slots: o.slots,
+      readers: o.readers,
+    });
+
+    for (let i = 0; i < tensors.length; i++) {
+      const t = tensors[i];
+      const t0 = performance.now();
+      const st = d.stagerReady(stager, i)
+        ? d.stagerNext(stager, i)
+        : await d.stagerNextAsync(stager, i);
+      if (stats) stats.readWaitSeconds += (performance.now() - t0) / 1000;
+      if (st !== 0) throw stagingFailure(d, stager, where.files);
+      const [storage, off] = base[i];
+      const info = source.tensors.get(t.name)!;
+      let tensor: Tensor;
+      if (t.rows) {
+        const shape = [t.rows.end - t.rows.start, ...info.shape.slice(1)];
+        const chunk = new Tensor(shape, info.dtype, storage, off / info.dtype.size);
+        tensor = rowWindow(chunk, t.rows.start, info.shape[0]);
+        if (stats) stats.chunks = (stats.chunks ?? 0) + 1;
+      } else tensor = new Tensor(info.shape, info.dtype, storage, off / info.dtype.size);
+      if (stats) stats.bytes += t.bytes;
+      yield [t.name, tensor];
+      d.stagerDone(stager, i);
+      const own = dedicated.get(i);
+      if (own) {
+        dedicated.delete(i);
+        backend.free(own);
+      }
     }
     ok = true;
     return true;
   } finally {
-    // Reads still in flight write into pinned memory: let them finish before anything goes.
-    await Promise.allSettled(reads);
     let err: unknown = null;
     const attempt = (f: () => void) => {
       try {
@@ -605,9 +596,17 @@ export async function* stageTensors(
         err ??= e;
       }
     };
-    attempt(() => d.sync(ring.ctx));
-    ring.events.push(...released.values());
-    if (fence !== 0) ring.events.push(fence);
+    if (stager !== 0) {
+      if (stats) {
+        attempt(() => {
+          const w = d.stagerStats(stager);
+          stats.copyWaitReadsSeconds = w.readWaitSeconds;
+          stats.copyWaitConsumerSeconds = w.consumerWaitSeconds;
+        });
+      }
+      // Stops the threads and waits for copies out of the pinned ring before anything goes.
+      attempt(() => d.stagerFinish(stager));
+    }
     attempt(() => backend.synchronize());
     for (const s of dedicated.values()) attempt(() => backend.free(s));
     if (devRing) attempt(() => backend.free(devRing!));
@@ -619,4 +618,17 @@ export async function* stageTensors(
     // deno-lint-ignore no-unsafe-finally -- only after success, where nothing else is thrown
     if (ok && err !== null) throw err;
   }
+}
+
+/** The error for a stager that stopped: a failed read names its file, offset and length. */
+function stagingFailure(d: CudaDevice, stager: number, files: readonly string[]): Error {
+  const f = d.stagerError(stager);
+  if (f === null) return new BackendError("DEVICE", `staging on cuda:${d.device}: stopped`);
+  if (f.code !== "IO") {
+    return new BackendError(f.code, `staging on cuda:${d.device}: ${f.text}`);
+  }
+  return new CheckpointError(
+    "TRUNCATED",
+    `${files[f.file]}: reading ${f.bytes} bytes at ${f.offset} failed or came short (${f.text})`,
+  );
 }
