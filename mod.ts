@@ -69,6 +69,8 @@ export {
   CudaDevice,
   openCudaBackend,
   type PinnedBuffer,
+  type StagerFailure,
+  type StagerPlan,
 } from "./src/backend/cuda.ts";
 
 // Checkpoints
@@ -108,7 +110,7 @@ export {
   reloadWeights,
   type WeightsInput,
 } from "./src/models/load.ts";
-export { type ProgressCallback } from "./src/models/weights.ts";
+export { type ProgressCallback, READ_CHUNK_BYTES } from "./src/models/weights.ts";
 export {
   type Architecture,
   type ModelConfig,

@@ -55,6 +55,13 @@ export interface WeightSource extends AsyncIterable<NamedTensor> {
    * Concurrent calls are allowed.
    */
   readInto(name: string, dst: Uint8Array): Promise<void>;
+  /**
+   * Reads rows `[start, end)` (along dimension 0) of tensor `name` into `dst`, whose byte
+   * length must be those rows'. Lets a reader hold a big tensor a part at a time. Throws as
+   * {@link readInto}, and `BAD_ROWS` for a range outside the tensor or a tensor without rows.
+   * Optional: readers fall back to {@link readInto} without it.
+   */
+  readRowsInto?(name: string, start: number, end: number, dst: Uint8Array): Promise<void>;
   /** Releases open files. The source must not be used afterwards. */
   close(): void;
 }
@@ -91,6 +98,38 @@ function checkDestination(info: TensorInfo, dst: Uint8Array): void {
       } has ${info.bytes} bytes, destination holds ${dst.byteLength}`,
     );
   }
+}
+
+/** Checks a row range of `info` and `dst`'s length for it; returns the byte range. */
+function checkRows(
+  info: TensorInfo,
+  start: number,
+  end: number,
+  dst: Uint8Array,
+): [number, number] {
+  const rows = info.shape.length >= 1 ? info.shape[0] : 0;
+  if (
+    info.shape.length === 0 || !Number.isSafeInteger(start) || !Number.isSafeInteger(end) ||
+    start < 0 || end < start || end > rows
+  ) {
+    fail(
+      "BAD_ROWS",
+      `${info.origin}: tensor ${
+        quote(info.name)
+      } of shape [${info.shape}] has no rows [${start}, ${end})`,
+    );
+  }
+  const rowBytes = rows === 0 ? 0 : info.bytes / rows;
+  const range: [number, number] = [start * rowBytes, end * rowBytes];
+  if (dst.byteLength !== range[1] - range[0]) {
+    fail(
+      "BAD_DESTINATION",
+      `${info.origin}: rows [${start}, ${end}) of tensor ${quote(info.name)} have ${
+        range[1] - range[0]
+      } bytes, destination holds ${dst.byteLength}`,
+    );
+  }
+  return range;
 }
 
 function unknown(description: string, name: string): never {
@@ -162,6 +201,14 @@ export async function fileSource(path: string): Promise<WeightSource> {
       if (entry === undefined) unknown(path, name);
       checkDestination(infos.get(name)!, dst);
       await lanes.get(entry.file)!.read(entry, dst);
+    },
+    readRowsInto: async (name, start, end, dst) => {
+      const entry = ckpt.tensors.get(name);
+      if (entry === undefined) unknown(path, name);
+      const [a, b] = checkRows(infos.get(name)!, start, end, dst);
+      // A part of the entry: a short file is then reported with that part's byte range.
+      const part = { ...entry, begin: entry.begin + a, end: entry.begin + b };
+      await lanes.get(entry.file)!.read(part, dst);
     },
     close: () => lanes.forEach((l) => l.close()),
     [Symbol.asyncIterator]: () => iterate(source),
@@ -266,6 +313,14 @@ export function memorySource(pairs: TensorPairs, description = "in-memory tensor
         if (host === undefined) unknown(description, name);
         checkDestination(infos.get(name)!, dst);
         dst.set(host.data);
+        resolve();
+      }),
+    readRowsInto: (name, start, end, dst) =>
+      new Promise<void>((resolve) => {
+        const host = held.get(name);
+        if (host === undefined) unknown(description, name);
+        const [a, b] = checkRows(infos.get(name)!, start, end, dst);
+        dst.set(host.data.subarray(a, b));
         resolve();
       }),
     close: () => held.clear(),

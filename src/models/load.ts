@@ -81,6 +81,12 @@ export interface LoadModelOptions {
    * the simple path (one tensor at a time through the source).
    */
   staging?: StagingOptions | false;
+  /**
+   * Outside the staged path, the largest piece a tensor with rows is read in (default
+   * `READ_CHUNK_BYTES`, 16 MiB): bigger tensors (the embedding, the LM head) are read and
+   * loaded as row chunks, so extra memory stays about one layer. `Infinity` reads whole tensors.
+   */
+  readChunkBytes?: number;
 }
 
 /** Any weight source `reloadWeights` takes: a path, a source, or in-memory pairs. */
@@ -113,14 +119,7 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
   const [source, own] = await open(options.weights ?? dir);
   try {
     const plan = validateWeights(model, source, options);
-    const stream = streamWeights(
-      backend,
-      source,
-      plan,
-      model.readOrder,
-      undefined,
-      options.staging,
-    );
+    const stream = streamWeights(backend, source, plan, model.readOrder, options);
     await namingFile(
       source,
       stream,
@@ -174,6 +173,8 @@ export interface ModelReloadOptions extends ReloadOptions {
   onProgress?: ProgressCallback;
   /** As in {@link LoadModelOptions.staging}. */
   staging?: StagingOptions | false;
+  /** As in {@link LoadModelOptions.readChunkBytes}. */
+  readChunkBytes?: number;
 }
 
 /** The engine's report plus what validation found. */
@@ -205,14 +206,7 @@ export async function reloadWeights(
   const [source, own] = await open(weights);
   try {
     const plan = validateWeights(model, source, options);
-    const stream = streamWeights(
-      model.device,
-      source,
-      plan,
-      model.readOrder,
-      options.onProgress,
-      options.staging,
-    );
+    const stream = streamWeights(model.device, source, plan, model.readOrder, options);
     const r = await namingFile(source, stream, (s) => engineReload(model, s, options));
     return {
       ...r,

@@ -11,7 +11,7 @@ import type { WeightSource } from "../checkpoint/source.ts";
 import { canStage, stageTensors, type StagingOptions } from "../checkpoint/staging.ts";
 import { CheckpointError } from "../errors.ts";
 import { validateWeights as checkAgainstModel } from "../reload/validate.ts";
-import type { Tensor } from "../tensor/tensor.ts";
+import { rowWindow, type Tensor } from "../tensor/tensor.ts";
 import type { CausalLM } from "./causal_lm.ts";
 import { expectedCheckpointNames } from "./names.ts";
 
@@ -79,6 +79,22 @@ export function validateWeights(
   };
 }
 
+/**
+ * Outside the staged path, a tensor larger than this (and with rows) is read and handed on as
+ * row chunks of at most this many bytes, so no whole embedding is ever held beside the model.
+ */
+export const READ_CHUNK_BYTES: number = 16 * 1024 * 1024;
+
+/** How {@link streamWeights} reads. */
+export interface StreamOptions {
+  /** Called after each tensor is read: layer groups done, their number, bytes read. */
+  onProgress?: ProgressCallback;
+  /** Staging sizes on CUDA with files, or false for one tensor at a time. */
+  staging?: StagingOptions | false;
+  /** Largest row chunk outside the staged path (default {@link READ_CHUNK_BYTES}). */
+  readChunkBytes?: number;
+}
+
 /** Progress of a stream: layer-order groups fully read, of all, and bytes read. */
 export type ProgressCallback = (layersDone: number, layersTotal: number, bytes: number) => void;
 
@@ -87,16 +103,35 @@ export type ProgressCallback = (layersDone: number, layersTotal: number, bytes: 
  * borrowed: freed or overwritten when the consumer asks for the next one (the engine copies
  * what it keeps). On CUDA with a file-backed source, reads go through the pinned staging ring
  * of `checkpoint/staging.ts` (unless `staging` is false), which yields tensors larger than
- * half its device ring as consecutive row chunks (`rowWindow`s under the tensor's name); on the
- * WebAssembly backend the bytes are read straight into its memory.
+ * half its device ring as consecutive row chunks (`rowWindow`s under the tensor's name).
+ * Otherwise tensors are read one at a time, those over {@link READ_CHUNK_BYTES} as row chunks
+ * when the source can read rows; on the WebAssembly backend straight into its memory.
  */
-export async function* streamWeights(
+export function streamWeights(
   backend: Backend,
   source: WeightSource,
   plan: ValidatedWeights,
   readOrder: (name: string) => number,
-  onProgress?: ProgressCallback,
-  staging?: StagingOptions | false,
+  options: StreamOptions = {},
+): AsyncGenerator<[string, Tensor]> {
+  // Checked here, not when the stream starts: a bad option must fail before the engine begins.
+  const chunkBytes = options.readChunkBytes ?? READ_CHUNK_BYTES;
+  if (!(chunkBytes >= 1)) {
+    throw new CheckpointError(
+      "BAD_OPTION",
+      `readChunkBytes must be a positive number of bytes, not ${chunkBytes}`,
+    );
+  }
+  return stream(backend, source, plan, readOrder, options, chunkBytes);
+}
+
+async function* stream(
+  backend: Backend,
+  source: WeightSource,
+  plan: ValidatedWeights,
+  readOrder: (name: string) => number,
+  { onProgress, staging }: StreamOptions,
+  chunkBytes: number,
 ): AsyncGenerator<[string, Tensor]> {
   const left = new Map(plan.layers);
   let done = 0, bytes = 0;
@@ -131,18 +166,49 @@ export async function* streamWeights(
     }
   }
   let buffer = new Uint8Array(0);
+  // Reads `rows` of `name` (null: all) into a backend tensor of `shape`.
+  const read = async (name: string, shape: number[], rows: [number, number] | null) => {
+    const info = source.tensors.get(name)!;
+    const t = backend.empty(shape, info.dtype);
+    try {
+      const into = async (dst: Uint8Array) => {
+        if (rows) await source.readRowsInto!(name, rows[0], rows[1], dst);
+        else await source.readInto(name, dst);
+      };
+      if (backend.kind === "wasm") await into(wasmView(backend, t));
+      else {
+        const n = t.nbytes;
+        if (buffer.byteLength < n) buffer = new Uint8Array(n);
+        await into(buffer.subarray(0, n));
+        backend.upload(t, buffer.subarray(0, n));
+      }
+    } catch (e) {
+      backend.free(t.storage!);
+      throw e;
+    }
+    return t;
+  };
   for (const name of plan.names) {
     const info = source.tensors.get(name)!;
-    const t = backend.empty(info.shape, info.dtype);
-    try {
-      if (backend.kind === "wasm") {
-        await source.readInto(name, wasmView(backend, t));
-      } else {
-        if (buffer.byteLength < info.bytes) buffer = new Uint8Array(info.bytes);
-        const dst = buffer.subarray(0, info.bytes);
-        await source.readInto(name, dst);
-        backend.upload(t, dst);
+    const rows = info.shape.length >= 2 ? info.shape[0] : 0;
+    const per = rows > 0 ? Math.max(1, Math.floor(chunkBytes / (info.bytes / rows))) : 0;
+    if (source.readRowsInto && info.bytes > chunkBytes && per < rows) {
+      // A big tensor (the embedding, the LM head) a row chunk at a time, as the staged path does.
+      for (let start = 0; start < rows; start += per) {
+        const end = Math.min(rows, start + per);
+        const t = await read(name, [end - start, ...info.shape.slice(1)], [start, end]);
+        try {
+          const w = rowWindow(t, start, rows);
+          progress(name, w);
+          yield [name, w];
+        } finally {
+          backend.free(t.storage!);
+        }
       }
+      continue;
+    }
+    const t = await read(name, [...info.shape], null);
+    try {
       progress(name, t);
       yield [name, t];
     } finally {
