@@ -8,14 +8,16 @@
  * stream of its own per rank), every rank's reload consumes bucket i-1 (its kernels on the
  * model backend's stream). A bucket is reused once every rank's reload has taken its tensors
  * and its backend has finished the work that reads them. The reload engine borrows tensors
- * only for the step that receives them, so nothing of a bucket is kept.
+ * only for the step that receives them, so nothing of a bucket is kept. The streams wait for
+ * each other through events; the host only orders what it queues, so one JavaScript thread
+ * keeps every GPU busy.
  *
  * Validation first: every rank checks the whole checkpoint description against its model
  * before anything is read or written (as reloadWeights does).
  * @module
  */
 
-import { CudaDevice } from "../backend/cuda.ts";
+import { CudaDevice, cudaHandle } from "../backend/cuda.ts";
 import type { NcclComms } from "../backend/nccl.ts";
 import type { TensorInfo, WeightSource } from "../checkpoint/source.ts";
 import { LayerwiseError } from "../errors.ts";
@@ -241,13 +243,28 @@ export async function broadcastReload(
   }
   if (cur.names.length > 0) buckets.push(cur);
 
+  const handles = models.map((m, r) => {
+    const h = cudaHandle(m.device);
+    if (!h) throw new LayerwiseError("BAD_CONFIG", `rank ${r}: not a backend of openCudaBackend`);
+    return h;
+  });
   const devs = comms.devices.map((d) => CudaDevice.open(d));
   const ctxs: number[] = [];
   const storages: Storage[][] = [];
+  // Per rank and bucket slot: "the broadcast into it arrived" (recorded on the rank's broadcast
+  // stream) and "the model is done reading it" (recorded on the model's stream). The streams
+  // wait for each other through these; the host never waits for a device mid-way.
+  const arrived: number[][] = [], freed: number[][] = [];
+  // Scratch blocks freed by one layer are taken by the next (exact sizes repeat): without the
+  // reuse cache every scratch free is a cudaFree, which waits for the whole device.
+  for (const h of handles) h.pool.hold();
   try {
     for (let r = 0; r < n; r++) {
       ctxs.push(devs[r].createContext());
       storages.push([models[r].device.alloc(cap), models[r].device.alloc(cap)]);
+      arrived.push([devs[r].createSyncEvent(), devs[r].createSyncEvent()]);
+      freed.push([devs[r].createSyncEvent(), devs[r].createSyncEvent()]);
+      for (const e of freed[r]) devs[r].record(e, handles[r].ctx);
     }
     const streams = ctxs.map((c, r) => devs[r].stream(c));
     const ready = models.map(() => buckets.map(() => deferred()));
@@ -260,7 +277,9 @@ export async function broadcastReload(
 
     const rankStream = async function* (r: number): AsyncGenerator<[string, Tensor]> {
       for (let i = 0; i < buckets.length; i++) {
+        // The broadcast of bucket i is queued; the model's stream waits for it to arrive.
         await ready[r][i].promise;
+        devs[r].wait(handles[r].ctx, arrived[r][i % 2]);
         const b = buckets[i], storage = storages[r][i % 2];
         for (let k = 0; k < b.names.length; k++) {
           const info = source.tensors.get(b.names[k])!;
@@ -270,7 +289,7 @@ export async function broadcastReload(
           ];
         }
         // Every tensor of the bucket was taken; its reads are queued on the model's stream.
-        models[r].device.synchronize();
+        devs[r].record(freed[r][i % 2], handles[r].ctx);
         consumed[r][i].resolve();
       }
     };
@@ -280,6 +299,9 @@ export async function broadcastReload(
         const slot = i % 2;
         if (i >= 2) await Promise.all(consumed.map((c) => c[i - 2].promise));
         if (failed) return;
+        // The slot is overwritten only after each model has read bucket i - 2 out of it (for
+        // the first two buckets: after the model's work before the slot was allocated).
+        for (let r = 0; r < n; r++) devs[r].wait(ctxs[r], freed[r][slot]);
         const b = buckets[i];
         const rootBase = storages[root][slot].ptr;
         for (let k = 0; k < b.names.length; k++) {
@@ -290,9 +312,10 @@ export async function broadcastReload(
           b.bytes,
           root,
         );
-        // Each rank may start on bucket i as soon as its own copy has arrived.
+        // Each rank's model may start on bucket i once its own copy has arrived.
         for (let r = 0; r < n; r++) {
-          devs[r].syncAsync(ctxs[r]).then(() => ready[r][i].resolve(), failAll);
+          devs[r].record(arrived[r][slot], ctxs[r]);
+          ready[r][i].resolve();
         }
       }
     })().catch(failAll);
@@ -327,7 +350,12 @@ export async function broadcastReload(
   } finally {
     for (let r = 0; r < ctxs.length; r++) devs[r].destroyContext(ctxs[r]);
     for (let r = 0; r < storages.length; r++) {
+      models[r].device.synchronize();
       for (const s of storages[r]) models[r].device.free(s);
     }
+    for (let r = 0; r < arrived.length; r++) {
+      for (const e of [...arrived[r], ...freed[r]]) devs[r].destroyEvent(e);
+    }
+    for (const h of handles) h.pool.release((p) => h.device.free(p));
   }
 }
