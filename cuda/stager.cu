@@ -117,22 +117,10 @@ struct Stager {
                                       cudaGetErrorString(e), nullptr);
         }
       }
-      uint8_t *dst = pinned + (size_t)s * slot_bytes + r.slot_at;
-      size_t done = 0;
-      while (done < r.bytes) {
-        size_t want = r.bytes - done;
-        if (want > ((size_t)1 << 30)) want = (size_t)1 << 30;
-        ssize_t n = pread(fds[r.file], dst + done, want, (off_t)(r.offset + done));
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0) return failed(LW_EIO, std::string("pread: ") + strerror(errno), &r);
-        if (n == 0) {
-          return failed(LW_EIO,
-                        "the file ends at byte " + std::to_string(r.offset + done) + ", " +
-                            std::to_string(r.bytes - done) + " bytes short",
-                        &r);
-        }
-        done += (size_t)n;
-      }
+      // lw_pread keeps its error text in this thread's t_error.
+      lw_status st = lw_pread(fds[r.file], pinned + (size_t)s * slot_bytes + r.slot_at, r.bytes,
+                              r.offset);
+      if (st != LW_OK) return failed(st, t_error, &r);
       if (left[r.block].fetch_sub(1) == 1) {
         std::lock_guard<std::mutex> lk(mu);
         cv_submit.notify_one();

@@ -23,7 +23,10 @@ import { openBackend } from "../src/backend/select.ts";
 import { fileSource } from "../src/checkpoint/source.ts";
 import {
   emptyStagingStats,
+  flattenReads,
+  planBlocks,
   releaseStaging,
+  type StagedTensor,
   stageTensors,
   STAGING_DEFAULTS,
   type StagingOptions,
@@ -261,27 +264,21 @@ async function readOnlySeconds(
   const fds: number[] = [];
   try {
     const paths = [...new Set([...source.tensors.values()].map((i) => i.origin))];
-    // Whole files in chunks: the same bytes as the tensors, and the small headers.
-    const reads: bigint[] = [];
-    let block = 0, used = 0;
-    for (const path of paths) {
+    // Whole files as "tensors": the same bytes as the tensors, and the small headers.
+    const files: StagedTensor[] = [];
+    for (const [k, path] of paths.entries()) {
       fds.push(lib.symbols.open(new TextEncoder().encode(`${path}\0`), 0));
-      const size = (await Deno.stat(path)).size;
-      for (let off = 0; off < size;) {
-        const n = Math.min(o.chunkBytes, size - off, o.slotBytes - used);
-        reads.push(BigInt(fds.length - 1), BigInt(off), BigInt(used), BigInt(n), BigInt(block));
-        off += n;
-        used += n;
-        if (used === o.slotBytes) [block, used] = [block + 1, 0];
-      }
+      files.push({ name: path, file: k, offset: 0, bytes: (await Deno.stat(path)).size });
     }
-    const blocks = used > 0 ? block + 1 : block;
+    const plan = planBlocks(files, o.slotBytes, o.chunkBytes);
+    const blocks = plan.length;
+    // One empty piece per block: each block is handed out (and its slot recycled) with no copy.
     const pieces = new BigUint64Array(6 * blocks);
     for (let k = 0; k < blocks; k++) pieces.set([BigInt(k), 0n, 0n, 0n, BigInt(k), 3n], 6 * k);
     const t0 = performance.now();
     const sg = d.stagerStart(ctx, h.ctx, {
       fds: Int32Array.from(fds),
-      reads: BigUint64Array.from(reads),
+      reads: flattenReads(plan),
       pieces,
       waitFor: new BigUint64Array(blocks),
       pinned: ring.ptr,

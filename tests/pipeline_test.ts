@@ -23,9 +23,11 @@ import {
   type StagedTensor,
   stageTensors,
   type StagingOptions,
+  type StagingStats,
 } from "../src/checkpoint/staging.ts";
 import { rng, type SynthShape, synthTensors, writeSynthCheckpoint } from "../src/cli/synth.ts";
 import { downloadKernelTensors } from "../src/models/export.ts";
+import type { Tensor } from "../src/tensor/tensor.ts";
 import { loadModel, reloadWeights } from "../src/models/load.ts";
 
 const FIXTURES = new URL("../../shared/fixtures/ckpt/", import.meta.url);
@@ -329,6 +331,56 @@ gpuTest(
   },
 );
 
+/**
+ * Streams `dir` with `opts` and checks each tensor (or row chunk) against the file's bytes:
+ * the whole shape, chunks in row order, every row of every tensor; `each` sees every handout
+ * with its downloaded bytes. Returns the stats and the names streamed.
+ */
+async function streamMatchesFiles(
+  c: Backend,
+  dir: string,
+  opts: StagingOptions,
+  label: string,
+  each?: (name: string, t: Tensor, got: Uint8Array) => void,
+): Promise<{ stats: StagingStats; names: string[] }> {
+  const source = await fileSource(dir);
+  try {
+    const stats = emptyStagingStats();
+    const names = source.plan();
+    const rowsSeen = new Map<string, number>();
+    let total = 0, seen = 0;
+    for await (const [name, t] of stageTensors(c, source, names, opts, stats)) {
+      const info = source.tensors.get(name)!;
+      assert.deepEqual(t.shape, info.shape, `${label}: ${name}: the whole shape`);
+      const want = new Uint8Array(info.bytes);
+      await source.readInto(name, want);
+      const { start, end } = t.rowRange;
+      const rows = info.shape.length === 0 ? 1 : info.shape[0];
+      const rb = info.bytes / rows;
+      assert.equal(start, rowsSeen.get(name) ?? 0, `${label}: ${name}: chunks in row order`);
+      rowsSeen.set(name, end);
+      const got = c.download(t.windowRows());
+      assert.ok(
+        Buffer.from(got).equals(Buffer.from(want.subarray(start * rb, end * rb))),
+        `${label}: ${name} rows [${start}, ${end})`,
+      );
+      each?.(name, t, got);
+      if (end === rows) seen++;
+      total += got.length;
+    }
+    for (const n of names) {
+      const shape = source.tensors.get(n)!.shape;
+      assert.equal(rowsSeen.get(n), shape.length === 0 ? 1 : shape[0], `${label}: ${n}: every row`);
+    }
+    assert.equal(seen, names.length, `${label}: every tensor`);
+    assert.equal(stats.bytes, total, `${label}: stats.bytes counts what was handed out`);
+    assert.ok(stats.copyWaitReadsSeconds! >= 0 && stats.copyWaitConsumerSeconds! >= 0);
+    return { stats, names };
+  } finally {
+    source.close();
+  }
+}
+
 /** A ring so small that the embedding, lm_head and MLP weights travel as row chunks. */
 const CHUNKED: StagingOptions = { ...TINY, deviceRingBytes: 256 * 1024, maxChunkBytes: 40 * 1024 };
 
@@ -338,39 +390,20 @@ gpuTest(
     await withTemp(async (tmp) => {
       await synth(`${tmp}/a`, 1, 1, false);
       await synth(`${tmp}/b`, 2, 3, true);
-      const source = await fileSource(`${tmp}/b`);
-      try {
-        const stats = emptyStagingStats();
-        const names = source.plan();
-        const before = c.allocatedBytes();
-        const rowsSeen = new Map<string, number>();
-        for await (const [name, t] of stageTensors(c, source, names, CHUNKED, stats)) {
-          const info = source.tensors.get(name)!;
-          assert.deepEqual(t.shape, info.shape, `${name}: the whole shape`);
-          const want = new Uint8Array(info.bytes);
-          await source.readInto(name, want);
-          const { start, end } = t.rowRange;
-          const rb = info.shape.length === 0 ? info.bytes : info.bytes / info.shape[0];
-          assert.equal(start, rowsSeen.get(name) ?? 0, `${name}: chunks in row order`);
-          rowsSeen.set(name, end);
-          const got = c.download(t.windowRows());
-          assert.ok(
-            Buffer.from(got).equals(Buffer.from(want.subarray(start * rb, end * rb))),
-            `${name} rows [${start}, ${end}) bytes`,
-          );
+      const before = c.allocatedBytes();
+      const { stats, names } = await streamMatchesFiles(
+        c,
+        `${tmp}/b`,
+        CHUNKED,
+        "chunked",
+        (name, t, got) => {
           if (t.window) assert.ok(got.length <= 40 * 1024, `${name}: chunk within maxChunkBytes`);
-        }
-        for (const n of names) {
-          const shape = source.tensors.get(n)!.shape;
-          assert.equal(rowsSeen.get(n), shape.length === 0 ? 1 : shape[0], `${n}: every row`);
-        }
-        assert.equal(stats.dedicated, 0, "no tensor got a device block of its own");
-        assert.ok((stats.chunks ?? 0) > names.length, `${stats.chunks} chunks`);
-        assert.ok(stats.deviceRingBytes <= 256 * 1024);
-        assert.equal(c.allocatedBytes(), before, "device memory given back");
-      } finally {
-        source.close();
-      }
+        },
+      );
+      assert.equal(stats.dedicated, 0, "no tensor got a device block of its own");
+      assert.ok((stats.chunks ?? 0) > names.length, `${stats.chunks} chunks`);
+      assert.ok(stats.deviceRingBytes <= 256 * 1024);
+      assert.equal(c.allocatedBytes(), before, "device memory given back");
       for (const quant of ["fp8", "fp8-block", "int8"] as const) {
         const simple = await loadModel(`${tmp}/a`, { backend: c, quant, staging: false });
         const staged = await loadModel(`${tmp}/a`, { backend: c, quant, staging: CHUNKED });
@@ -417,35 +450,6 @@ gpuTest(
     });
   },
 );
-
-/** Streams `dir` with `opts` and checks each tensor (or row chunk) against the file's bytes. */
-async function streamMatchesFiles(c: Backend, dir: string, opts: StagingOptions, label: string) {
-  const source = await fileSource(dir);
-  try {
-    const stats = emptyStagingStats();
-    const names = source.plan();
-    let total = 0, seen = 0;
-    for await (const [name, t] of stageTensors(c, source, names, opts, stats)) {
-      const info = source.tensors.get(name)!;
-      const want = new Uint8Array(info.bytes);
-      await source.readInto(name, want);
-      const { start, end } = t.rowRange;
-      const rb = info.shape.length === 0 ? info.bytes : info.bytes / info.shape[0];
-      const got = c.download(t.windowRows());
-      assert.ok(
-        Buffer.from(got).equals(Buffer.from(want.subarray(start * rb, end * rb))),
-        `${label}: ${name} rows [${start}, ${end})`,
-      );
-      if (end === (info.shape.length === 0 ? 1 : info.shape[0])) seen++;
-      total += got.length;
-    }
-    assert.equal(seen, names.length, `${label}: every tensor`);
-    assert.equal(stats.bytes, total, `${label}: stats.bytes counts what was handed out`);
-    assert.ok(stats.copyWaitReadsSeconds! >= 0 && stats.copyWaitConsumerSeconds! >= 0);
-  } finally {
-    source.close();
-  }
-}
 
 gpuTest(
   "the library's threads on odd ring shapes (1-4 slots, slots not a multiple of the pread size, 1-9 readers): every byte as in the files",

@@ -18,6 +18,11 @@ const STATUS_NAMES: Readonly<Record<number, [string, string]>> = {
   4: ["IO", "file read failed or came short"],
 };
 
+/** BackendError code and text of a library status. */
+function statusName(status: number): [string, string] {
+  return STATUS_NAMES[status] ?? ["DEVICE", `status ${status}`];
+}
+
 function unavailable(message: string): BackendError {
   return new BackendError("CUDA_UNAVAILABLE", `CUDA backend unavailable: ${message}`);
 }
@@ -166,7 +171,7 @@ export class CudaDevice {
   /** Throws a BackendError for a non-zero status. */
   check(op: string, status: number): void {
     if (status === 0) return;
-    const [code, what] = STATUS_NAMES[status] ?? ["DEVICE", `status ${status}`];
+    const [code, what] = statusName(status);
     const text = this.lastError() || what;
     throw new BackendError(code, `${op} on cuda:${this.device}: ${text}`);
   }
@@ -303,12 +308,6 @@ export class CudaDevice {
     this.check("pread", this.#s.lw_pread(fd, dst, n, BigInt(offset)));
   }
 
-  /** Like pread, on Deno's FFI thread; `dst` must stay allocated until the promise settles. */
-  async preadAsync(fd: number, dst: number, n: number, offset: number): Promise<void> {
-    const st = await this.#s.lw_pread_nb(fd, dst, n, BigInt(offset));
-    if (st !== 0) this.#asyncFail(`pread(${n} bytes at ${offset})`, st);
-  }
-
   // ------------------------------------------------ native staging (cuda/stager.cu)
 
   /**
@@ -369,7 +368,7 @@ export class CudaDevice {
     const status = this.#s.lw_stager_error(stager, where, buf, buf.length);
     if (status === 0) return null;
     const text = new TextDecoder().decode(buf.subarray(0, buf.indexOf(0)));
-    const [code, what] = STATUS_NAMES[status] ?? ["DEVICE", `status ${status}`];
+    const [code, what] = statusName(status);
     return {
       code,
       file: Number(where[0]),
@@ -439,7 +438,7 @@ export class CudaDevice {
 
   // The library keeps error text per thread and nonblocking calls ran on another one.
   #asyncFail(op: string, status: number): never {
-    const [code, what] = STATUS_NAMES[status] ?? ["DEVICE", `status ${status}`];
+    const [code, what] = statusName(status);
     throw new BackendError(code, `${op} on cuda:${this.device}: ${what}`);
   }
 }
@@ -508,7 +507,7 @@ class CudaRaw implements RawDevice {
   }
 
   errorText(status: number): string {
-    return this.#d.lastError() || (STATUS_NAMES[status]?.[1] ?? `status ${status}`);
+    return this.#d.lastError() || statusName(status)[1];
   }
 
   close(): void {

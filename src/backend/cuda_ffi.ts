@@ -3,7 +3,7 @@
  *
  * Device pointers, contexts and events are `usize` JS numbers (device addresses fit in 53 bits);
  * host memory is a `buffer` (a typed array, valid for the call) or, when pinned, a `usize`.
- * Calls that wait (stream/event sync, pread) also have `nonblocking` variants, which run on
+ * Calls that wait (stream/event sync, the stager's next) also have `nonblocking` variants, which run on
  * Deno's FFI thread and return promises, so that waiting overlaps other work. The library sets
  * the device on every entry point, so any thread may call it.
  *
@@ -75,12 +75,6 @@ export const CUDA_SYMBOLS = {
   lw_event_sync_nb: { name: "lw_event_sync", parameters: [PTR], result: STATUS, nonblocking: true },
   lw_event_elapsed: { parameters: ["buffer", PTR, PTR], result: STATUS },
   lw_pread: { parameters: ["i32", PTR, "usize", "u64"], result: STATUS },
-  lw_pread_nb: {
-    name: "lw_pread",
-    parameters: ["i32", PTR, "usize", "u64"],
-    result: STATUS,
-    nonblocking: true,
-  },
 
   // -------------------------------------------------- graphs, streams, fp8 probe (cuda/graph.cu)
   lw_ctx_stream: { parameters: [PTR, "buffer"], result: STATUS },

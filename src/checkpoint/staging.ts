@@ -440,29 +440,34 @@ function checkOptions(o: Required<StagingOptions>): void {
   }
 }
 
+/** The reads of `blocks` flattened for the library: `{file, offset, slotAt, bytes, block}`. */
+export function flattenReads(blocks: readonly Block[]): BigUint64Array {
+  const reads = new BigUint64Array(5 * blocks.reduce((n, b) => n + b.reads.length, 0));
+  let r = 0;
+  blocks.forEach((b, k) => {
+    for (const x of b.reads) {
+      reads.set(
+        [BigInt(x.file), BigInt(x.offset), BigInt(x.slotAt), BigInt(x.bytes), BigInt(k)],
+        r,
+      );
+      r += 5;
+    }
+  });
+  return reads;
+}
+
 /**
- * The library's plan for `tensors`: reads and pieces of `blocks` flattened, each piece with
- * the device address it lands at (`dst[i]` + its offset in the tensor) and flags (1: the
- * tensor's first piece, 2: its last).
+ * The pieces of `blocks` flattened for the library, each with the device address it lands at
+ * (`dst[i]` + its offset in the tensor) and flags (1: the tensor's first piece, 2: its last).
  */
-function flatten(
+function flattenPieces(
   tensors: readonly StagedTensor[],
   blocks: readonly Block[],
   dst: readonly number[],
-): { reads: BigUint64Array; pieces: BigUint64Array } {
-  let nr = 0, np = 0;
-  for (const b of blocks) {
-    nr += b.reads.length;
-    np += b.pieces.length;
-  }
-  const reads = new BigUint64Array(5 * nr), pieces = new BigUint64Array(6 * np);
-  let r = 0, p = 0;
+): BigUint64Array {
+  const pieces = new BigUint64Array(6 * blocks.reduce((n, b) => n + b.pieces.length, 0));
+  let p = 0;
   blocks.forEach((b, k) => {
-    const block = BigInt(k);
-    for (const x of b.reads) {
-      reads.set([BigInt(x.file), BigInt(x.offset), BigInt(x.slotAt), BigInt(x.bytes), block], r);
-      r += 5;
-    }
     for (const x of b.pieces) {
       const t = tensors[x.tensor];
       const flags = (x.at === 0 ? 1 : 0) | (x.at + x.bytes === t.bytes ? 2 : 0);
@@ -471,13 +476,13 @@ function flatten(
         BigInt(x.slotAt),
         BigInt(x.bytes),
         BigInt(dst[x.tensor] + x.at),
-        block,
+        BigInt(k),
         BigInt(flags),
       ], p);
       p += 6;
     }
   });
-  return { reads, pieces };
+  return pieces;
 }
 
 /**
@@ -547,11 +552,10 @@ export async function* stageTensors(
         if (stats) stats.dedicated++;
       }
     });
-    const plan = flatten(tensors, blocks, base.map(([s, off]) => s.ptr + off));
     stager = d.stagerStart(ring.ctx, h.ctx, {
       fds: Int32Array.from(fds),
-      reads: plan.reads,
-      pieces: plan.pieces,
+      reads: flattenReads(blocks),
+      pieces: flattenPieces(tensors, blocks, base.map(([s, off]) => s.ptr + off)),
       waitFor,
       pinned: ring.pinned.ptr,
       slotBytes: o.slotBytes,

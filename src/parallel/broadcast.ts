@@ -349,8 +349,9 @@ export async function broadcastReload(
     };
   } finally {
     for (let r = 0; r < ctxs.length; r++) devs[r].destroyContext(ctxs[r]);
+    // After a failure a model's stream may still read a bucket: its blocks go to the pool, where
+    // only work on that same stream reuses them, and the release's cudaFree waits for the device.
     for (let r = 0; r < storages.length; r++) {
-      models[r].device.synchronize();
       for (const s of storages[r]) models[r].device.free(s);
     }
     for (let r = 0; r < arrived.length; r++) {
