@@ -32,7 +32,7 @@ trap 'rm -rf "$tmp"' EXIT
 cd "$root"
 
 exports=(malloc free lw_cast lw_copy lw_copy2d lw_fill lw_absmax lw_count_nonfinite lw_quant_fp8
-  lw_quant_int8_row lw_dequant_fp8 lw_wasm_last_error)
+  lw_quant_int8_row lw_dequant_fp8 lw_wasm_last_error lw_mt_absmax lw_mt_quant lw_mt_copy)
 exported="$(printf '_%s,' "${exports[@]}")"
 
 emcc -O3 -msimd128 -mbulk-memory -g0 \

@@ -9,7 +9,7 @@
 import { BackendError } from "../errors.ts";
 import type { Backend } from "./backend.ts";
 import { type CudaLibrary, type CudaSymbols, loadCudaLibrary } from "./cuda_ffi.ts";
-import { type KernelAbi, KernelBackend, type RawDevice } from "./kernels.ts";
+import { type KernelAbi, KernelBackend, type MultiTensorAbi, type RawDevice } from "./kernels.ts";
 
 const STATUS_NAMES: Readonly<Record<number, [string, string]>> = {
   1: ["INVALID", "invalid argument"],
@@ -498,9 +498,12 @@ class CudaRaw implements RawDevice {
   }
 
   /** The library's kernel entry points, called with {@link CudaRaw.ctx}. */
-  get kernels(): KernelAbi {
+  get kernels(): KernelAbi & MultiTensorAbi {
     return this.#s;
   }
+
+  /** A device pointer cannot be checked from the host: any range is accepted. */
+  checkRange(_op: string, _ptr: number, _n: number): void {}
 
   sync(): void {
     this.#d.sync(this.#ctx);

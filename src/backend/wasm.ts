@@ -11,7 +11,7 @@ import { BackendError } from "../errors.ts";
 import type { Tensor } from "../tensor/tensor.ts";
 import { kernelsWasmBytes } from "../../wasm/kernels_wasm.ts";
 import type { Backend } from "./backend.ts";
-import { type KernelAbi, KernelBackend, type RawDevice } from "./kernels.ts";
+import { type KernelAbi, KernelBackend, type MultiTensorAbi, type RawDevice } from "./kernels.ts";
 
 /** The most memory a wasm32 instance can address (the module is built with this maximum). */
 export const WASM_MAX_MEMORY_BYTES: number = 4 * 1024 ** 3;
@@ -20,7 +20,7 @@ export const WASM_MAX_MEMORY_BYTES: number = 4 * 1024 ** 3;
 export const WASM_MAX_ALLOCATION_BYTES: number = 2 * 1024 ** 3;
 
 /** What the kernels module exports (see scripts/build-wasm.sh); pointers and sizes are i32. */
-interface KernelExports extends KernelAbi {
+interface KernelExports extends KernelAbi, MultiTensorAbi {
   memory: WebAssembly.Memory;
   _initialize?: () => void;
   malloc(bytes: number): number;
@@ -117,6 +117,10 @@ class WasmDevice implements RawDevice {
     this.exports.free(ptr);
   }
 
+  checkRange(op: string, ptr: number, n: number): void {
+    this.#span(op, ptr, n);
+  }
+
   #span(op: string, ptr: number, n: number): void {
     const size = this.buffer.byteLength;
     if (!Number.isSafeInteger(ptr) || ptr < 0 || n < 0 || ptr + n > size) {
@@ -138,7 +142,7 @@ class WasmDevice implements RawDevice {
   }
 
   /** The module's kernel exports; the context argument is ignored (always 0). */
-  get kernels(): KernelAbi {
+  get kernels(): KernelAbi & MultiTensorAbi {
     return this.exports;
   }
 
