@@ -61,7 +61,13 @@ export {
 } from "./src/tensor/tensor.ts";
 
 // Backends
-export type { Backend, BackendKind, Granularity } from "./src/backend/backend.ts";
+export type {
+  Backend,
+  BackendKind,
+  Granularity,
+  MultiTensorKind,
+  MultiTensorLaunch,
+} from "./src/backend/backend.ts";
 export { type BackendChoice, openBackend, type OpenBackendOptions } from "./src/backend/select.ts";
 export { openWasmBackend, WASM_MAX_MEMORY_BYTES, wasmView } from "./src/backend/wasm.ts";
 export {
@@ -186,6 +192,16 @@ export {
   type WeightSpec,
   type WeightTarget,
 } from "./src/reload/mod.ts";
+
+// Reloads from tensors already in backend memory (IPC or NCCL buckets, staged checkpoints)
+export {
+  type DevicePlanReport,
+  type DeviceReloadOptions,
+  type DeviceReloadReport,
+  type DeviceTensorView,
+  releaseDevicePlan,
+  reloadFromDevice,
+} from "./src/reload/device.ts";
 
 // Several GPUs of one host: tensor-parallel ranks and the NCCL broadcast reload
 export {

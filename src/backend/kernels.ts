@@ -547,8 +547,13 @@ export class KernelBackend implements Backend {
         );
       }
     };
-    if (!Number.isSafeInteger(l.first) || !Number.isSafeInteger(l.count) || l.first < 0 || l.count < 0) {
-      throw new BackendError("BAD_SIZE", `launchMultiTensor: invalid items [${l.first}, +${l.count})`);
+    if (
+      !Number.isSafeInteger(l.first) || !Number.isSafeInteger(l.count) || l.first < 0 || l.count < 0
+    ) {
+      throw new BackendError(
+        "BAD_SIZE",
+        `launchMultiTensor: invalid items [${l.first}, +${l.count})`,
+      );
     }
     inside("items", l.items, (l.first + l.count) * f.item * 8);
     inside("targets", l.targets, 0);

@@ -1,0 +1,373 @@
+/**
+ * Reloads from tensors already in backend memory (a trainer's parameters shared by CUDA IPC,
+ * NCCL buckets, a checkpoint staged on the device; on WebAssembly, offsets in the module's
+ * memory): {@link reloadFromDevice}. The tensors are read in place: no host copy, no staging,
+ * no model-format scratch. A plan (device_plan.ts), made once per model and source layout and
+ * kept for later reloads of the same layout, drives a few multi-tensor launches over the whole
+ * model: the absmax of every per-tensor fp8 weight over all its shards, then one quantize per
+ * scheme writing each shard into its rows of the kept kernel tensor, then the copies. The host
+ * waits once, at the end. Validation, the atomic contract, the numerics and the report are those
+ * of reloadWeights; layers the plan does not cover go through the same lifecycle as any load.
+ *
+ * @example Reload a model from tensors in its backend's memory
+ * ```ts
+ * import {
+ *   DTYPES,
+ *   loadModel,
+ *   reloadFromDevice,
+ *   synthTensors,
+ *   writeSynthCheckpoint,
+ * } from "@layerwise/reload";
+ *
+ * const shape = { hiddenSize: 128, intermediateSize: 256, numLayers: 1, numHeads: 2,
+ *   numKvHeads: 1, vocabSize: 256, tieWordEmbeddings: true };
+ * const dir = await Deno.makeTempDir();
+ * await writeSynthCheckpoint(dir, shape, synthTensors(shape, 1));
+ * const model = await loadModel(dir, { quant: "fp8", backend: "wasm" });
+ * const b = model.device;
+ * // New weights, already on the device (here: uploaded; a trainer would hand pointers).
+ * const views = [...synthTensors(shape, 2)].map(([name, host]) => {
+ *   const t = b.empty(host.shape, DTYPES.bf16);
+ *   b.upload(t, host.data);
+ *   return { name, tensor: t };
+ * });
+ * const report = await reloadFromDevice(model, views, { atomic: true });
+ * console.log(report.layersProcessed, report.storageKept, report.plan.reused);
+ * b.close();
+ * ```
+ * @module
+ */
+
+import type { Backend } from "../backend/backend.ts";
+import { CheckpointError, LayerwiseError } from "../errors.ts";
+import type { Module } from "../nn/module.ts";
+import { type DType, dtypeOf } from "../tensor/dtype.ts";
+import { type Storage, Tensor } from "../tensor/tensor.ts";
+import { type DevicePlan, layoutKey, planDeviceReload } from "./device_plan.ts";
+import {
+  assertIdle,
+  failReload,
+  finalizeLayerwiseReload,
+  initializeLayerwiseReload,
+  rejectNonFinite,
+  type ReloadOptions,
+  writeLayersInPlace,
+} from "./layerwise.ts";
+import type { ReloadReport } from "./load.ts";
+import { type TensorDescriptor, validateWeights, type ValidationReport } from "./validate.ts";
+
+/**
+ * A checkpoint-format tensor in backend memory: a backend tensor (contiguous, on the model's
+ * backend), or a raw address with dtype and shape (a CUDA device pointer, e.g. inside an IPC or
+ * NCCL bucket; a WebAssembly memory offset). The memory stays the caller's: it is only read,
+ * and only during the call.
+ */
+export type DeviceTensorView =
+  | { readonly name: string; readonly tensor: Tensor }
+  | {
+    readonly name: string;
+    readonly dtype: DType | string;
+    readonly shape: readonly number[];
+    readonly ptr: number;
+  };
+
+/** Options of {@link reloadFromDevice}: those of reloadWeights. */
+export interface DeviceReloadOptions extends ReloadOptions {
+  /** Names the model does not have are errors (default false: skipped and reported). */
+  strict?: boolean;
+  /**
+   * Accept views that cover only some layers (default false: a model tensor no view covers is
+   * a CheckpointError before anything is written). Layers covered in part are errors either way.
+   */
+  partial?: boolean;
+}
+
+/** What the plan did in a device reload. */
+export interface DevicePlanReport {
+  /** True when the plan of an earlier reload with the same layout was used. */
+  readonly reused: boolean;
+  /** Layers written by the multi-tensor launches. */
+  readonly layers: number;
+  /** Source tensors loaded through the host lifecycle instead (layers the plan leaves). */
+  readonly hostLoads: number;
+  /** Kernel launches queued by the plan. */
+  readonly launches: number;
+  /** Bytes of the plan's tables in backend memory. */
+  readonly tableBytes: number;
+}
+
+/** The report of {@link reloadFromDevice}: reloadWeights' report plus the plan's. */
+export interface DeviceReloadReport extends ReloadReport {
+  /** The plan's part. */
+  readonly plan: DevicePlanReport;
+  /** Model tensors no view covered (with `partial`): they kept their weights. */
+  readonly missing: readonly string[];
+  /** Names the model does not have (skipped). */
+  readonly unexpected: readonly string[];
+}
+
+interface CachedPlan {
+  readonly plan: DevicePlan;
+  readonly backend: Backend;
+  readonly table: Tensor;
+}
+
+const PLANS = new WeakMap<Module, CachedPlan>();
+
+/** Frees the cached device plan of `model` (its tables in backend memory), if any. */
+export function releaseDevicePlan(model: Module): void {
+  const c = PLANS.get(model);
+  if (!c) return;
+  PLANS.delete(model);
+  if (!c.table.storage!.freed) c.backend.free(c.table.storage!);
+}
+
+function cut(s: string): string {
+  const j = JSON.stringify(s);
+  return j.length > 80 ? `${j.slice(0, 77)}..."` : j;
+}
+
+/** Checks the views and makes backend tensors of them (borrowed storage for raw addresses). */
+function viewTensors(backend: Backend, views: readonly DeviceTensorView[]): {
+  tensors: Tensor[];
+  descs: TensorDescriptor[];
+  borrowed: Storage[];
+} {
+  const tensors: Tensor[] = [], descs: TensorDescriptor[] = [], borrowed: Storage[] = [];
+  const names = new Set<string>();
+  try {
+    for (const v of views) {
+      if (typeof v?.name !== "string") {
+        throw new CheckpointError("BAD_VIEW", "device view: every view needs a string name");
+      }
+      const where = `device view ${cut(v.name)}`;
+      if (names.has(v.name)) {
+        throw new CheckpointError("DUPLICATE_TENSOR", `${where}: the name is given twice`);
+      }
+      names.add(v.name);
+      let t: Tensor;
+      if ("tensor" in v) {
+        t = v.tensor;
+        if (!(t instanceof Tensor) || t.isMeta || t.window || t.storage!.backend !== backend) {
+          throw new CheckpointError(
+            "BAD_VIEW",
+            `${where}: the tensor must be a whole tensor in the model's backend memory`,
+          );
+        }
+        if (!t.isContiguous) {
+          throw new CheckpointError("BAD_VIEW", `${where}: ${t} must be contiguous`);
+        }
+      } else {
+        const dtype = typeof v.dtype === "string" ? dtypeOf(v.dtype) : v.dtype;
+        if (!dtype) {
+          throw new CheckpointError("BAD_DTYPE", `${where}: unknown dtype ${cut(String(v.dtype))}`);
+        }
+        if (
+          !Array.isArray(v.shape) ||
+          v.shape.some((d) => !Number.isSafeInteger(d) || d < 0)
+        ) {
+          throw new CheckpointError(
+            "BAD_SHAPE",
+            `${where}: the shape must be non-negative integers`,
+          );
+        }
+        const meta = Tensor.meta(v.shape, dtype);
+        if (!Number.isSafeInteger(v.ptr) || v.ptr <= 0) {
+          throw new CheckpointError("BAD_VIEW", `${where}: the address must be a positive integer`);
+        }
+        let s: Storage;
+        try {
+          s = backend.borrow(v.ptr, meta.nbytes);
+        } catch (e) {
+          const m = e instanceof Error ? e.message : String(e);
+          throw new CheckpointError("BAD_VIEW", `${where}: ${m}`);
+        }
+        borrowed.push(s);
+        t = new Tensor(v.shape, dtype, s);
+      }
+      tensors.push(t);
+      descs.push({ name: v.name, dtype: t.dtype, shape: t.shape, origin: "device" });
+    }
+  } catch (e) {
+    for (const s of borrowed) backend.free(s);
+    throw e;
+  }
+  return { tensors, descs, borrowed };
+}
+
+/** The cached plan for this layout (and kernel addresses), or a new one. */
+function planFor(
+  model: Module,
+  backend: Backend,
+  descs: TensorDescriptor[],
+): [CachedPlan, boolean] {
+  const key = layoutKey(descs);
+  const c = PLANS.get(model);
+  if (
+    c && c.backend === backend && c.plan.layoutKey === key && !c.table.storage!.freed &&
+    c.plan.kept.every((k) => !k.tensor.storage!.freed && k.tensor.ptr === k.ptr)
+  ) {
+    return [c, true];
+  }
+  releaseDevicePlan(model);
+  const plan = planDeviceReload(model, descs);
+  const table = backend.empty([plan.table.byteLength], dtypeOf("u8")!);
+  try {
+    backend.upload(table, plan.table);
+  } catch (e) {
+    backend.free(table.storage!);
+    throw e;
+  }
+  const fresh = { plan, backend, table };
+  PLANS.set(model, fresh);
+  return [fresh, false];
+}
+
+/**
+ * Reloads `model` in place from checkpoint-format tensors in its backend's memory (see the
+ * module doc). Everything is checked before anything is written: the views (names, dtypes,
+ * shapes, addresses), the whole set against the model (as reloadWeights with `expected`), and,
+ * with `rejectNonFinite`, every value. With `atomic`, a failure restores every kernel tensor
+ * bit-exactly. The kernel bytes are those a reload of the same tensors from files gives, and no
+ * kernel tensor moves.
+ */
+export function reloadFromDevice(
+  model: Module,
+  views: readonly DeviceTensorView[],
+  options: DeviceReloadOptions = {},
+): Promise<DeviceReloadReport> {
+  // Synchronous inside (the host waits once, at the end); a promise for callers and for a
+  // future that overlaps the wait.
+  try {
+    return Promise.resolve(reloadNow(model, views, options));
+  } catch (e) {
+    return Promise.reject(e);
+  }
+}
+
+function reloadNow(
+  model: Module,
+  views: readonly DeviceTensorView[],
+  options: DeviceReloadOptions,
+): DeviceReloadReport {
+  const t0 = performance.now();
+  assertIdle(model, "reloadFromDevice");
+  const backend = firstBackend(model);
+  if (!Array.isArray(views)) {
+    throw new CheckpointError("BAD_VIEW", "reloadFromDevice: views must be an array");
+  }
+  const { tensors, descs, borrowed } = viewTensors(backend, views);
+  try {
+    const validation = validate(model, descs, options);
+    if (options.rejectNonFinite) {
+      descs.forEach((d, i) => rejectNonFinite(backend, tensors[i], `device view ${cut(d.name)}`));
+    }
+    const [cached, reused] = planFor(model, backend, descs);
+    const { plan, table } = cached;
+    const skip = new Set(validation.unknown);
+    // Bases are the one per-reload input of the plan.
+    const bases = new Uint8Array(plan.sources * 8);
+    const dv = new DataView(bases.buffer);
+    tensors.forEach((t, i) => dv.setBigUint64(i * 8, BigInt(t.numel === 0 ? 0 : t.ptr), true));
+    initializeLayerwiseReload(model, options);
+    let bytes = 0, skipped = 0;
+    const loaded = new Set<string>();
+    try {
+      const o = plan.offsets;
+      if (plan.layers.length > 0) {
+        backend.upload(new Tensor([bases.byteLength], table.dtype, table.storage, o.bases), bases);
+        writeLayersInPlace(model, plan.layers, () => {
+          for (const f of plan.fills) backend.fill(f.slot.tensor, f.value);
+          for (const l of plan.launches) {
+            backend.launchMultiTensor({
+              ...l,
+              table: table.storage!,
+              targets: o.targets,
+              pieces: o.pieces,
+              items: o.items,
+              bases: o.bases,
+              partials: o.partials,
+              counters: o.counters,
+            });
+          }
+          // The host waits here, once: a failed launch must fail this reload.
+          backend.synchronize();
+        });
+      }
+      const host = new Set(plan.hostLoads);
+      for (let i = 0; i < descs.length; i++) {
+        const name = descs[i].name;
+        if (skip.has(name)) {
+          skipped++;
+          continue;
+        }
+        if (host.has(i)) {
+          if (!model.loadWeight(name, tensors[i])) {
+            skipped++;
+            continue;
+          }
+        } else if (model.resolveWeight(name) === null) {
+          skipped++;
+          continue;
+        }
+        loaded.add(name);
+        bytes += tensors[i].nbytes;
+      }
+    } catch (e) {
+      failReload(model, e);
+    }
+    const s = finalizeLayerwiseReload(model);
+    return {
+      ...s,
+      layersProcessed: s.processed.length,
+      tensorsLoaded: loaded.size,
+      tensorsSkipped: skipped,
+      bytesLoaded: bytes,
+      seconds: (performance.now() - t0) / 1000,
+      inconsistent: s.inconsistentLayers.length > 0,
+      validation,
+      missing: validation.missing,
+      unexpected: validation.unknown,
+      plan: {
+        reused,
+        layers: plan.layers.length,
+        hostLoads: plan.hostLoads.length,
+        launches: plan.launches.length,
+        tableBytes: plan.table.byteLength,
+      },
+    };
+  } finally {
+    for (const s of borrowed) backend.free(s);
+  }
+}
+
+function firstBackend(model: Module): Backend {
+  for (const [, m] of model.namedModules()) if (m.backend) return m.backend;
+  throw new LayerwiseError("NO_BACKEND", "reloadFromDevice: the model has no backend");
+}
+
+/** validateWeights with the strict/partial split of reloadWeights. */
+function validate(
+  model: Module,
+  descs: TensorDescriptor[],
+  options: DeviceReloadOptions,
+): ValidationReport {
+  const report = validateWeights(model, descs, { strict: false });
+  if (options.strict && report.unknown.length > 0) {
+    throw new CheckpointError(
+      "UNKNOWN_TENSOR",
+      `device views: ${report.unknown.length} name(s) the model does not have: ${
+        report.unknown.slice(0, 5).map(cut).join(", ")
+      }${report.unknown.length > 5 ? ", ..." : ""}`,
+    );
+  }
+  if (!options.partial && report.missing.length > 0) {
+    throw new CheckpointError(
+      "MISSING_TENSOR",
+      `device views: ${report.missing.length} model tensor(s) not covered: ${
+        report.missing.slice(0, 5).join(", ")
+      }${report.missing.length > 5 ? ", ..." : ""} (set partial to keep them)`,
+    );
+  }
+  return report;
+}
