@@ -3,7 +3,9 @@
  * (scripts/bench_reload.ts: a synthetic Llama-shaped checkpoint reloaded into fp8), each
  * figure printed beside the limit it is measured against, as a ratio from the same run.
  *
- *   deno task bench [--backend auto|cuda|wasm] [--only kernels|reload] [--elements N]
+ * `--only device` runs the device-source reload bench instead (scripts/bench_device.ts).
+ *
+ *   deno task bench [--backend auto|cuda|wasm] [--only kernels|reload|device] [--elements N]
  *       [--reps N] [--json FILE] [--shape 8b|small] [--runs N] [--dir DIR] [--keep] [--simple]
  *       [--slot-mb N] [--slots N] [--chunk-mb N] [--readers N] [--ring-mb N] [--sweep RxSxC,...]
  * @module
@@ -11,6 +13,7 @@
 
 import { parseArgs } from "node:util";
 import { openBackend } from "../src/backend/select.ts";
+import { benchDevice } from "./bench_device.ts";
 import { benchKernels, kernelTable } from "./bench_kernels.ts";
 import { benchReload, RELOAD_BENCH_ARGS, reloadOptions } from "./bench_reload.ts";
 
@@ -29,7 +32,7 @@ const { values } = parseArgs({
 
 if (values.help) {
   console.log(
-    "usage: deno task bench [--backend auto|cuda|wasm] [--only kernels|reload] [--elements N] " +
+    "usage: deno task bench [--backend auto|cuda|wasm] [--only kernels|reload|device] [--elements N] " +
       "[--reps N] [--json FILE] [--shape 8b|small] [--runs N] [--dir DIR] [--keep] [--simple] " +
       "[--slot-mb N] [--slots N] [--chunk-mb N] [--readers N] [--ring-mb N] [--sweep RxSxC,...]",
   );
@@ -37,21 +40,28 @@ if (values.help) {
 }
 
 const only = values.only;
-if (only !== undefined && only !== "kernels" && only !== "reload") {
-  console.error(`bench: --only takes kernels or reload, not ${only}`);
+if (only !== undefined && only !== "kernels" && only !== "reload" && only !== "device") {
+  console.error(`bench: --only takes kernels, reload or device, not ${only}`);
   Deno.exit(2);
 }
 
 const backend = await openBackend({ backend: values.backend as "auto" | "cuda" | "wasm" });
 try {
   const out: Record<string, unknown> = { backend: backend.description };
-  if (only !== "reload") {
+  if (only === "device") {
+    out.device = await benchDevice(backend, {
+      shape: values.shape as "8b" | "small" | undefined,
+      runs: values.runs === undefined ? undefined : Number(values.runs),
+    });
+  } else if (only !== "reload") {
     const elements = Number(values.elements ?? (backend.kind === "cuda" ? 2 ** 28 : 2 ** 24));
     const results = await benchKernels(backend, elements, Number(values.reps));
     console.log(kernelTable(backend, results));
     out.kernels = results;
   }
-  if (only !== "kernels") out.reload = await benchReload(backend, reloadOptions(values));
+  if (only !== "kernels" && only !== "device") {
+    out.reload = await benchReload(backend, reloadOptions(values));
+  }
   if (values.json) await Deno.writeTextFile(values.json, JSON.stringify(out, null, 2));
 } finally {
   backend.close();
