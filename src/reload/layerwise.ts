@@ -666,13 +666,12 @@ export function writeLayersInPlace(
     placeKernelTensors(layer, info);
   });
   write();
-  layers.forEach((layer, i) => {
-    const info = infos[i];
+  for (const info of infos) {
     state.partial.delete(info.path);
     state.processed.push(info.path);
     info.reset();
     state.log(`${info.path}: written in place from the device source`);
-  });
+  }
 }
 
 function unwrapAll(model: Module): void {
