@@ -1361,18 +1361,21 @@ __global__ void __launch_bounds__(kThreads)
         if (x != nullptr) quant(x, q + (r0 + r) * cols + c0, w, lane, kGroup, s);
       }
     } else {
-      for (size_t r = it[1]; r < it[1] + it[2]; r++) {
+      // Per row (fp8 or int8): one warp per row, so rows need no block-wide barrier and eight
+      // rows of a block are in flight at once; the second read of a row comes from L1/L2.
+      int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+      for (size_t r = it[1] + warp; r < it[1] + it[2]; r += nw) {
         size_t left, pitch;
         const T *x = reinterpret_cast<const T *>(
             mt_src(t, pieces, bases, r, c0, sizeof(T), &left, &pitch));
         if (x == nullptr) continue;
-        uint32_t m = fold_span(x, w, threadIdx.x, blockDim.x, 0u,
+        uint32_t m = fold_span(x, w, lane, 32, 0u,
                                [](uint32_t a, T v) { return max(a, Ty<DT>::abits(v)); });
-        m = block_max(m);
+        m = warp_max(m);
         float amax = absmax_value<DT>(m);
         float s = KIND == LW_MT_INT8_ROW ? lw_int8_scale(amax) : lw_fp8_scale(amax);
-        if (threadIdx.x == 0) scale[r] = s;
-        quant(x, q + r * cols + c0, w, threadIdx.x, blockDim.x, s);
+        if (lane == 0) scale[r] = s;
+        quant(x, q + r * cols + c0, w, lane, 32, s);
       }
     }
   }

@@ -43,8 +43,11 @@ const probe = await backendOrNull();
 probe?.close();
 const ignore = probe === null;
 
-/** Deterministic bf16 bytes: mixed magnitudes, zeros, negative zero, values near fp8 limits. */
-function randomBf16(n: number, seed: number): Uint8Array {
+/**
+ * Deterministic bf16 bytes: mixed magnitudes, zeros, negative zero, values beyond the fp8 range;
+ * with `special`, also a few NaN and infinities (the kernels' NaN conventions must agree too).
+ */
+function randomBf16(n: number, seed: number, special = false): Uint8Array {
   const out = new Uint8Array(n * 2);
   const f = new Float32Array(1), u = new Uint32Array(f.buffer);
   let s = (seed * 2654435761) >>> 0 || 1;
@@ -54,7 +57,10 @@ function randomBf16(n: number, seed: number): Uint8Array {
     const r = next();
     const k = r % 97;
     f[0] = k === 0 ? 0 : k === 1 ? -0 : ((next() / 2 ** 32) * 2 - 1) * scale * (k < 5 ? 300 : 1);
-    const bits = (u[0] + 0x7fff + ((u[0] >> 16) & 1)) >>> 16;
+    let bits = (u[0] + 0x7fff + ((u[0] >> 16) & 1)) >>> 16;
+    if (special && k === 2 && next() % 50 === 0) {
+      bits = [0x7f80, 0xff80, 0x7fc0, 0xffc1][next() % 4];
+    }
     out[2 * i] = bits & 0xff;
     out[2 * i + 1] = bits >> 8;
   }
@@ -67,7 +73,7 @@ interface Weights {
 }
 
 /** New weights with the names, dtypes and shapes of the checkpoint in `dir` (bf16 random). */
-async function newWeights(dir: string, seed: number): Promise<Weights> {
+async function newWeights(dir: string, seed: number, special = false): Promise<Weights> {
   const src = await openWeightSource(dir);
   try {
     const tensors: [string, HostTensor][] = src.plan().map((name, i) => {
@@ -76,7 +82,7 @@ async function newWeights(dir: string, seed: number): Promise<Weights> {
       return [name, {
         dtype: DTYPES.bf16,
         shape: [...info.shape],
-        data: randomBf16(n, seed * 1000 + i),
+        data: randomBf16(n, seed * 1000 + i, special),
       }];
     });
     return { config: `${dir}/config.json`, tensors };
@@ -228,7 +234,12 @@ for (const name of FIXTURES) {
       ignore,
       async fn() {
         const dir = `${CKPT}${name}`;
-        const w = await newWeights(dir, QUANTS.indexOf(quant) + 1);
+        // Every other fixture with NaN and infinities among the values.
+        const w = await newWeights(
+          dir,
+          QUANTS.indexOf(quant) + 1,
+          FIXTURES.indexOf(name) % 2 === 1,
+        );
         await compareWithFiles(dir, quant, w, `${name} ${quant}`);
       },
     });
@@ -264,6 +275,7 @@ Deno.test({
           rank: fc.constantFrom(0, 1),
           gaps: fc.array(fc.integer({ min: 0, max: 7 }), { minLength: 1, maxLength: 5 }),
           packed: fc.boolean(),
+          special: fc.boolean(),
           seed: fc.integer({ min: 1, max: 1000 }),
         }),
         async (p) => {
@@ -280,7 +292,7 @@ Deno.test({
           const dir = await Deno.makeTempDir({ prefix: "lw-device-prop-" });
           try {
             await writeSynthCheckpoint(dir, shape, synthTensors(shape, p.seed));
-            const w = await newWeights(dir, p.seed);
+            const w = await newWeights(dir, p.seed, p.special);
             await compareWithFiles(dir, p.quant, w, JSON.stringify(p), {
               packed: p.packed ? p.gaps : null,
               tpRank: tp === 2 ? p.rank : 0,

@@ -41,7 +41,7 @@
 import type { Backend } from "../backend/backend.ts";
 import { CheckpointError, LayerwiseError } from "../errors.ts";
 import type { Module } from "../nn/module.ts";
-import { type DType, dtypeOf } from "../tensor/dtype.ts";
+import { type DType, dtypeOf, DTYPES } from "../tensor/dtype.ts";
 import { type Storage, Tensor } from "../tensor/tensor.ts";
 import { type DevicePlan, layoutKey, planDeviceReload } from "./device_plan.ts";
 import {
@@ -110,6 +110,10 @@ interface CachedPlan {
   readonly plan: DevicePlan;
   readonly backend: Backend;
   readonly table: Tensor;
+  /** Validation of this layout against the model (a pure function of both: kept with the plan). */
+  readonly validation: ValidationReport;
+  /** Per source tensor: skipped (unknown or skipped by the model), or loaded. */
+  readonly skipped: readonly boolean[];
 }
 
 const PLANS = new WeakMap<Module, CachedPlan>();
@@ -195,7 +199,10 @@ function viewTensors(backend: Backend, views: readonly DeviceTensorView[]): {
   return { tensors, descs, borrowed };
 }
 
-/** The cached plan for this layout (and kernel addresses), or a new one. */
+/**
+ * The cached plan for this layout (and kernel addresses), or a new one; validation of the
+ * layout against the model comes with it (done again only for a new layout).
+ */
 function planFor(
   model: Module,
   backend: Backend,
@@ -209,16 +216,19 @@ function planFor(
   ) {
     return [c, true];
   }
+  const validation = validateWeights(model, descs, { strict: false });
+  const unknown = new Set(validation.unknown);
+  const skipped = descs.map((d) => unknown.has(d.name) || model.resolveWeight(d.name) === null);
   releaseDevicePlan(model);
-  const plan = planDeviceReload(model, descs);
-  const table = backend.empty([plan.table.byteLength], dtypeOf("u8")!);
+  const plan = planDeviceReload(model, descs, skipped);
+  const table = backend.empty([plan.table.byteLength], DTYPES.u8);
   try {
     backend.upload(table, plan.table);
   } catch (e) {
     backend.free(table.storage!);
     throw e;
   }
-  const fresh = { plan, backend, table };
+  const fresh = { plan, backend, table, validation, skipped };
   PLANS.set(model, fresh);
   return [fresh, false];
 }
@@ -258,13 +268,12 @@ function reloadNow(
   }
   const { tensors, descs, borrowed } = viewTensors(backend, views);
   try {
-    const validation = validate(model, descs, options);
+    const [cached, reused] = planFor(model, backend, descs);
+    const { plan, table, validation, skipped: skips } = cached;
+    checkCoverage(validation, options);
     if (options.rejectNonFinite) {
       descs.forEach((d, i) => rejectNonFinite(backend, tensors[i], `device view ${cut(d.name)}`));
     }
-    const [cached, reused] = planFor(model, backend, descs);
-    const { plan, table } = cached;
-    const skip = new Set(validation.unknown);
     // Bases are the one per-reload input of the plan.
     const bases = new Uint8Array(plan.sources * 8);
     const dv = new DataView(bases.buffer);
@@ -294,24 +303,13 @@ function reloadNow(
           backend.synchronize();
         });
       }
-      const host = new Set(plan.hostLoads);
+      for (const i of plan.hostLoads) model.loadWeight(descs[i].name, tensors[i]);
       for (let i = 0; i < descs.length; i++) {
-        const name = descs[i].name;
-        if (skip.has(name)) {
-          skipped++;
-          continue;
+        if (skips[i]) skipped++;
+        else {
+          loaded.add(descs[i].name);
+          bytes += tensors[i].nbytes;
         }
-        if (host.has(i)) {
-          if (!model.loadWeight(name, tensors[i])) {
-            skipped++;
-            continue;
-          }
-        } else if (model.resolveWeight(name) === null) {
-          skipped++;
-          continue;
-        }
-        loaded.add(name);
-        bytes += tensors[i].nbytes;
       }
     } catch (e) {
       failReload(model, e);
@@ -346,13 +344,8 @@ function firstBackend(model: Module): Backend {
   throw new LayerwiseError("NO_BACKEND", "reloadFromDevice: the model has no backend");
 }
 
-/** validateWeights with the strict/partial split of reloadWeights. */
-function validate(
-  model: Module,
-  descs: TensorDescriptor[],
-  options: DeviceReloadOptions,
-): ValidationReport {
-  const report = validateWeights(model, descs, { strict: false });
+/** The strict/partial split of reloadWeights over a validation report. */
+function checkCoverage(report: ValidationReport, options: DeviceReloadOptions): void {
   if (options.strict && report.unknown.length > 0) {
     throw new CheckpointError(
       "UNKNOWN_TENSOR",
@@ -369,5 +362,4 @@ function validate(
       }${report.missing.length > 5 ? ", ..." : ""} (set partial to keep them)`,
     );
   }
-  return report;
 }

@@ -152,9 +152,14 @@ function ownerOf(model: Module): Map<TensorSlot, [Module, string]> {
 
 /**
  * Plans a device reload of `model` (loaded, recorded, not reloading) from tensors described by
- * `descs` (in source order; index i is `bases[i]`). Descriptors must have passed validation.
+ * `descs` (in source order; index i is `bases[i]`). Descriptors must have passed validation;
+ * those with `skip[i]` set (names the model skips or does not have) are left out.
  */
-export function planDeviceReload(model: Module, descs: readonly TensorDescriptor[]): DevicePlan {
+export function planDeviceReload(
+  model: Module,
+  descs: readonly TensorDescriptor[],
+  skip: readonly boolean[] = [],
+): DevicePlan {
   const owners = ownerOf(model);
   const byLayer = new Map<
     Module,
@@ -168,6 +173,7 @@ export function planDeviceReload(model: Module, descs: readonly TensorDescriptor
   >();
   const hostLoads: number[] = [];
   descs.forEach((d, index) => {
+    if (skip[index]) return;
     const r = model.resolveWeight(d.name);
     if (!r) return;
     const own = owners.get(r.slot);
@@ -428,7 +434,9 @@ function buildTables(
           }
         }
       } else {
-        const per = Math.max(1, Math.floor(ITEM_ELEMENTS / Math.max(1, t.cols)));
+        let per = Math.max(1, Math.floor(ITEM_ELEMENTS / Math.max(1, t.cols)));
+        // Per-row kinds work a row per warp: at least a row for each of a block's 8 warps.
+        if (t.kind === "fp8-row" || t.kind === "int8-row") per = Math.ceil(per / 8) * 8;
         for (let r = 0; r < t.rows; r += per) {
           iRows.push([ti, r, Math.min(per, t.rows - r), 0, t.cols]);
         }
