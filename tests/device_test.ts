@@ -461,3 +461,80 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "device: a partial reload writes only the layers given, as a partial file reload does",
+  ignore,
+  async fn() {
+    const { dir, model, w, before } = await fixture("fp8-channel");
+    const b = model.device;
+    const some = {
+      ...w,
+      tensors: w.tensors.filter(([n]) => n.startsWith("model.layers.0.")),
+    };
+    assert.ok(some.tensors.length > 3);
+    const files = await writeDir(some);
+    const host = await loadModel(dir, { quant: "fp8-channel", backend: b });
+    const { views, free } = upload(b, some, null);
+    try {
+      await assert.rejects(() => reloadFromDevice(model, views), /not covered/);
+      assertSameKernels(snapshot(model), before, "refused without partial");
+      await reloadWeights(host, files, { partial: true });
+      const r = await reloadFromDevice(model, views, { partial: true });
+      assert.ok(r.missing.length > 0);
+      assert.ok(r.untouched.length > 0);
+      const got = snapshot(model), want = snapshot(host);
+      assertSameKernels(got, want, "partial");
+      let changed = 0;
+      for (const [n, x] of got) {
+        const same = equalBytes(x.bytes, before.get(n)!.bytes);
+        if (n.startsWith("model.layers.0.")) changed += same ? 0 : 1;
+        else assert.ok(same, `${n} was not given and must keep its bytes`);
+      }
+      assert.ok(changed > 0);
+    } finally {
+      free();
+      b.close();
+      await Deno.remove(files, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "device: layers the plan leaves (f32 sources of bf16 weights) go through the lifecycle",
+  ignore,
+  async fn() {
+    const dir = `${CKPT}qwen2-tiny`;
+    const w = await newWeights(dir, 5);
+    // Every attention projection as f32 (the same values): the engine casts to bf16 first.
+    w.tensors = w.tensors.map(([n, t]) => {
+      if (!/self_attn\.[qkv]_proj\.weight$/.test(n)) return [n, t];
+      const src = new Uint16Array(t.data.slice().buffer), out = new Uint32Array(src.length);
+      for (let i = 0; i < src.length; i++) out[i] = src[i] << 16;
+      return [n, { dtype: DTYPES.f32, shape: t.shape, data: new Uint8Array(out.buffer) }];
+    });
+    const files = await writeDir(w);
+    const host = await loadModel(dir, { quant: "fp8", backend: KIND });
+    const dev = await loadModel(dir, { quant: "fp8", backend: host.device });
+    try {
+      await reloadWeights(host, files);
+      const before = snapshot(dev);
+      const views = w.tensors.map(([name, t]) => {
+        const d = dev.device.empty(t.shape, t.dtype);
+        dev.device.upload(d, t.data);
+        return { name, tensor: d };
+      });
+      const r = await reloadFromDevice(dev, views, { atomic: true });
+      views.forEach((v) => dev.device.free(v.tensor.storage!));
+      assert.ok(r.plan.hostLoads >= 3, `host loads: ${r.plan.hostLoads}`);
+      assert.ok(r.plan.layers > 0);
+      assert.ok(r.storageKept);
+      const after = snapshot(dev);
+      assertPointersKept(before, after, "mixed");
+      assertSameKernels(after, snapshot(host), "mixed");
+    } finally {
+      host.device.close();
+      await Deno.remove(files, { recursive: true });
+    }
+  },
+});

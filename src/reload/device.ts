@@ -60,7 +60,9 @@ import { type TensorDescriptor, validateWeights, type ValidationReport } from ".
  * A checkpoint-format tensor in backend memory: a backend tensor (contiguous, on the model's
  * backend), or a raw address with dtype and shape (a CUDA device pointer, e.g. inside an IPC or
  * NCCL bucket; a WebAssembly memory offset). The memory stays the caller's: it is only read,
- * and only during the call.
+ * and only during the call. On CUDA it must hold its final bytes when the call begins (work that
+ * writes it on other streams or processes is complete); the reload's kernels run on the model
+ * backend's stream.
  */
 export type DeviceTensorView =
   | { readonly name: string; readonly tensor: Tensor }
