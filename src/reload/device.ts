@@ -39,7 +39,7 @@
  */
 
 import type { Backend } from "../backend/backend.ts";
-import { CheckpointError, LayerwiseError } from "../errors.ts";
+import { CheckpointError, LayerwiseError, ReloadError } from "../errors.ts";
 import type { Module } from "../nn/module.ts";
 import { type DType, dtypeOf, DTYPES } from "../tensor/dtype.ts";
 import { type Storage, Tensor } from "../tensor/tensor.ts";
@@ -116,6 +116,12 @@ interface CachedPlan {
   readonly validation: ValidationReport;
   /** Per source tensor: skipped (unknown or skipped by the model), or loaded. */
   readonly skipped: readonly boolean[];
+  /** The layout (names, dtypes, shapes) and the arrival it was made for. */
+  readonly layout: string;
+  /** See {@link CachedPlan.layout}. */
+  readonly arrival: string;
+  /** The phase of each source tensor (empty: all in phase 0). */
+  readonly phaseOf: readonly number[];
 }
 
 const PLANS = new WeakMap<Module, CachedPlan>();
@@ -208,12 +214,13 @@ function viewTensors(backend: Backend, views: readonly DeviceTensorView[]): {
 function planFor(
   model: Module,
   backend: Backend,
-  descs: TensorDescriptor[],
+  descs: readonly TensorDescriptor[],
+  arrival: { phaseOf?: readonly number[]; window?: number },
 ): [CachedPlan, boolean] {
-  const key = layoutKey(descs);
   const c = PLANS.get(model);
   if (
-    c && c.backend === backend && c.plan.layoutKey === key && !c.table.storage!.freed &&
+    c && c.backend === backend && c.layout === layoutKey(descs) &&
+    c.arrival === arrivalKey(arrival) && !c.table.storage!.freed &&
     c.plan.kept.every((k) => !k.tensor.storage!.freed && k.tensor.ptr === k.ptr)
   ) {
     return [c, true];
@@ -222,7 +229,7 @@ function planFor(
   const unknown = new Set(validation.unknown);
   const skipped = descs.map((d) => unknown.has(d.name) || model.resolveWeight(d.name) === null);
   releaseDevicePlan(model);
-  const plan = planDeviceReload(model, descs, skipped);
+  const plan = planDeviceReload(model, descs, { ...arrival, skip: skipped });
   const table = backend.empty([plan.table.byteLength], DTYPES.u8);
   try {
     backend.upload(table, plan.table);
@@ -230,9 +237,202 @@ function planFor(
     backend.free(table.storage!);
     throw e;
   }
-  const fresh = { plan, backend, table, validation, skipped };
+  const fresh: CachedPlan = {
+    plan,
+    backend,
+    table,
+    validation,
+    skipped,
+    layout: layoutKey(descs),
+    arrival: arrivalKey(arrival),
+    phaseOf: arrival.phaseOf ?? [],
+  };
   PLANS.set(model, fresh);
   return [fresh, false];
+}
+
+function arrivalKey(a: { phaseOf?: readonly number[]; window?: number }): string {
+  return `${a.phaseOf?.join(",") ?? ""}|${a.window ?? ""}`;
+}
+
+/** How the sources of a {@link DeviceReload} arrive (see PlanArrival). */
+export interface DeviceArrival {
+  /** The phase in which each source tensor arrives (default: all in phase 0). */
+  readonly phaseOf?: readonly number[];
+  /** How many consecutive phases stay resident (default: all). */
+  readonly window?: number;
+}
+
+/**
+ * One device reload in progress. {@link DeviceReload.begin} validates the layout against the
+ * model (kept with the cached plan), plans (or reuses the plan), writes the source addresses and
+ * starts the lifecycle; {@link DeviceReload.runPhase} writes the layers whose sources have all
+ * arrived once a phase's sources are resident (reloadFromDevice has one phase; a broadcast one
+ * per bucket); {@link DeviceReload.finish} waits for the device and ends the reload. Any error
+ * aborts it as reloadWeights does (restored with `atomic`, else marked inconsistent).
+ */
+export class DeviceReload {
+  readonly #model: Module;
+  readonly #backend: Backend;
+  readonly #descs: readonly TensorDescriptor[];
+  readonly #cached: CachedPlan;
+  readonly #reused: boolean;
+  readonly #options: DeviceReloadOptions;
+  readonly #t0 = performance.now();
+  #next = 0;
+
+  private constructor(
+    model: Module,
+    backend: Backend,
+    descs: readonly TensorDescriptor[],
+    cached: CachedPlan,
+    reused: boolean,
+    options: DeviceReloadOptions,
+  ) {
+    this.#model = model;
+    this.#backend = backend;
+    this.#descs = descs;
+    this.#cached = cached;
+    this.#reused = reused;
+    this.#options = options;
+  }
+
+  /**
+   * Starts a reload of `model` from sources `descs` at device addresses `bases` (0 for an empty
+   * tensor), arriving as `arrival` says. Throws before anything is written when the layout does
+   * not fit the model.
+   */
+  static begin(
+    model: Module,
+    descs: readonly TensorDescriptor[],
+    bases: readonly number[],
+    options: DeviceReloadOptions = {},
+    arrival: DeviceArrival = {},
+  ): DeviceReload {
+    assertIdle(model, "reloadFromDevice");
+    const backend = firstBackend(model);
+    const [cached, reused] = planFor(model, backend, descs, arrival);
+    checkCoverage(cached.validation, options);
+    const { plan, table } = cached;
+    // Bases are the one per-reload input of the plan.
+    const bytes = new Uint8Array(plan.sources * 8);
+    const dv = new DataView(bytes.buffer);
+    bases.forEach((p, i) => dv.setBigUint64(i * 8, BigInt(p), true));
+    if (bytes.byteLength > 0) {
+      backend.upload(
+        new Tensor([bytes.byteLength], table.dtype, table.storage, plan.offsets.bases),
+        bytes,
+      );
+    }
+    initializeLayerwiseReload(model, options);
+    return new DeviceReload(model, backend, descs, cached, reused, options);
+  }
+
+  /** Phases of the plan. */
+  get phases(): number {
+    return this.#cached.plan.phases.length;
+  }
+
+  /**
+   * Phase `p`'s sources are resident (and those of the `window - 1` phases before it): scans
+   * them with `rejectNonFinite`, queues the launches of the layers it completes, and loads the
+   * tensors the plan leaves through the lifecycle. `tensorAt(i)` is source i as a backend
+   * tensor (asked only for this phase's sources). Phases run in order.
+   */
+  runPhase(p: number, tensorAt: (i: number) => Tensor): void {
+    const model = this.#model, b = this.#backend;
+    try {
+      if (p !== this.#next) {
+        throw new ReloadError(
+          "BAD_PHASE",
+          `device reload: phase ${p} given, ${this.#next} expected`,
+        );
+      }
+      this.#next++;
+      const { plan, table, skipped } = this.#cached;
+      const phase = plan.phases[p];
+      if (this.#options.rejectNonFinite) {
+        this.#descs.forEach((d, i) => {
+          if (!skipped[i] && (this.#cached.phaseOf[i] ?? 0) === p) {
+            rejectNonFinite(b, tensorAt(i), `device view ${cut(d.name)}`);
+          }
+        });
+      }
+      const o = plan.offsets;
+      if (phase.layers.length > 0) {
+        writeLayersInPlace(model, phase.layers, () => {
+          for (const f of phase.fills) b.fill(f.slot.tensor, f.value);
+          for (const l of phase.launches) {
+            b.launchMultiTensor({
+              ...l,
+              table: table.storage!,
+              targets: o.targets,
+              pieces: o.pieces,
+              items: o.items,
+              bases: o.bases,
+              partials: o.partials,
+              counters: o.counters,
+            });
+          }
+        });
+      }
+      for (const i of phase.hostLoads) model.loadWeight(this.#descs[i].name, tensorAt(i));
+    } catch (e) {
+      failReload(model, e);
+    }
+  }
+
+  /** Waits for the device (a failed launch fails the reload here) and ends the reload. */
+  finish(): DeviceReloadReport {
+    const model = this.#model;
+    const { plan, validation, skipped: skips } = this.#cached;
+    try {
+      if (this.#next !== plan.phases.length) {
+        throw new ReloadError(
+          "BAD_PHASE",
+          `device reload: finished after ${this.#next} of ${plan.phases.length} phases`,
+        );
+      }
+      // The host waits here, once.
+      this.#backend.synchronize();
+    } catch (e) {
+      failReload(model, e);
+    }
+    const s = finalizeLayerwiseReload(model);
+    let bytes = 0, skipped = 0;
+    const loaded = new Set<string>();
+    this.#descs.forEach((d, i) => {
+      if (skips[i]) skipped++;
+      else {
+        loaded.add(d.name);
+        bytes += d.shape.reduce((a, x) => a * x, 1) * d.dtype.size;
+      }
+    });
+    return {
+      ...s,
+      layersProcessed: s.processed.length,
+      tensorsLoaded: loaded.size,
+      tensorsSkipped: skipped,
+      bytesLoaded: bytes,
+      seconds: (performance.now() - this.#t0) / 1000,
+      inconsistent: s.inconsistentLayers.length > 0,
+      validation,
+      missing: validation.missing,
+      unexpected: validation.unknown,
+      plan: {
+        reused: this.#reused,
+        layers: plan.stats.layers,
+        hostLoads: plan.stats.hostLoads,
+        launches: plan.stats.launches,
+        tableBytes: plan.table.byteLength,
+      },
+    };
+  }
+
+  /** Aborts the reload (after an error outside it) and rethrows `e` as failReload does. */
+  abort(e: unknown): never {
+    failReload(this.#model, e);
+  }
 }
 
 /**
@@ -262,7 +462,6 @@ function reloadNow(
   views: readonly DeviceTensorView[],
   options: DeviceReloadOptions,
 ): DeviceReloadReport {
-  const t0 = performance.now();
   assertIdle(model, "reloadFromDevice");
   const backend = firstBackend(model);
   if (!Array.isArray(views)) {
@@ -270,72 +469,14 @@ function reloadNow(
   }
   const { tensors, descs, borrowed } = viewTensors(backend, views);
   try {
-    const [cached, reused] = planFor(model, backend, descs);
-    const { plan, table, validation, skipped: skips } = cached;
-    checkCoverage(validation, options);
-    if (options.rejectNonFinite) {
-      descs.forEach((d, i) => rejectNonFinite(backend, tensors[i], `device view ${cut(d.name)}`));
-    }
-    // Bases are the one per-reload input of the plan.
-    const bases = new Uint8Array(plan.sources * 8);
-    const dv = new DataView(bases.buffer);
-    tensors.forEach((t, i) => dv.setBigUint64(i * 8, BigInt(t.numel === 0 ? 0 : t.ptr), true));
-    initializeLayerwiseReload(model, options);
-    let bytes = 0, skipped = 0;
-    const loaded = new Set<string>();
-    try {
-      const o = plan.offsets;
-      if (plan.layers.length > 0) {
-        backend.upload(new Tensor([bases.byteLength], table.dtype, table.storage, o.bases), bases);
-        writeLayersInPlace(model, plan.layers, () => {
-          for (const f of plan.fills) backend.fill(f.slot.tensor, f.value);
-          for (const l of plan.launches) {
-            backend.launchMultiTensor({
-              ...l,
-              table: table.storage!,
-              targets: o.targets,
-              pieces: o.pieces,
-              items: o.items,
-              bases: o.bases,
-              partials: o.partials,
-              counters: o.counters,
-            });
-          }
-          // The host waits here, once: a failed launch must fail this reload.
-          backend.synchronize();
-        });
-      }
-      for (const i of plan.hostLoads) model.loadWeight(descs[i].name, tensors[i]);
-      for (let i = 0; i < descs.length; i++) {
-        if (skips[i]) skipped++;
-        else {
-          loaded.add(descs[i].name);
-          bytes += tensors[i].nbytes;
-        }
-      }
-    } catch (e) {
-      failReload(model, e);
-    }
-    const s = finalizeLayerwiseReload(model);
-    return {
-      ...s,
-      layersProcessed: s.processed.length,
-      tensorsLoaded: loaded.size,
-      tensorsSkipped: skipped,
-      bytesLoaded: bytes,
-      seconds: (performance.now() - t0) / 1000,
-      inconsistent: s.inconsistentLayers.length > 0,
-      validation,
-      missing: validation.missing,
-      unexpected: validation.unknown,
-      plan: {
-        reused,
-        layers: plan.layers.length,
-        hostLoads: plan.hostLoads.length,
-        launches: plan.launches.length,
-        tableBytes: plan.table.byteLength,
-      },
-    };
+    const r = DeviceReload.begin(
+      model,
+      descs,
+      tensors.map((t) => t.numel === 0 ? 0 : t.ptr),
+      options,
+    );
+    r.runPhase(0, (i) => tensors[i]);
+    return r.finish();
   } finally {
     for (const s of borrowed) backend.free(s);
   }

@@ -19,7 +19,7 @@
 
 import type { Granularity, MultiTensorKind } from "../backend/backend.ts";
 import { MULTI_TENSOR_FIELDS } from "../backend/kernels.ts";
-import { type Module, recordWrites, TensorSlot } from "../nn/module.ts";
+import { type Module, recordWrites, type ResolvedWeight, TensorSlot } from "../nn/module.ts";
 import { OnlineQuantMethod } from "../quant/online.ts";
 import { type DType, DTYPES } from "../tensor/dtype.ts";
 import { type Storage, Tensor } from "../tensor/tensor.ts";
@@ -45,16 +45,43 @@ export interface PlannedLaunch {
   readonly dstDtype?: DType;
 }
 
+/**
+ * What to do once the sources of one phase have arrived (all of them, for a reload from tensors
+ * that are all resident; bucket by bucket, for a broadcast).
+ */
+export interface DevicePhase {
+  /** Layers written by this phase's launches (all their tensors come from the source). */
+  readonly layers: readonly Module[];
+  /** Slots of those layers filled with their initValue before the launches. */
+  readonly fills: readonly { readonly slot: TensorSlot; readonly value: number }[];
+  /** The launches, in order. */
+  readonly launches: readonly PlannedLaunch[];
+  /**
+   * Indices of this phase's source tensors that the launches do not cover: they go through the
+   * host lifecycle (which copies what it keeps), in index order.
+   */
+  readonly hostLoads: readonly number[];
+}
+
+/** How sources arrive: all at once (default), or in phases with a bounded residency. */
+export interface PlanArrival {
+  /** Source tensors to leave out (names the model skips or does not have). */
+  readonly skip?: readonly boolean[];
+  /** The phase in which each source tensor arrives (default 0 for all). */
+  readonly phaseOf?: readonly number[];
+  /**
+   * How many consecutive phases stay resident (default: all): a layer is planned only when its
+   * sources arrive within this many phases, and is written in the phase its last one arrives.
+   */
+  readonly window?: number;
+}
+
 /** A plan for one (model, source layout); see the module doc. */
 export interface DevicePlan {
-  /** The layout it was made for: names, dtypes and shapes in order. */
+  /** The layout it was made for: names, dtypes and shapes in order, and their phases. */
   readonly layoutKey: string;
-  /** Layers written by the plan's launches (all their tensors come from the source). */
-  readonly layers: readonly Module[];
-  /** Indices of source tensors the plan does not cover: they go through the host lifecycle. */
-  readonly hostLoads: readonly number[];
-  /** Slots of planned layers filled with their initValue before the launches. */
-  readonly fills: readonly { readonly slot: TensorSlot; readonly value: number }[];
+  /** The phases, in arrival order. */
+  readonly phases: readonly DevicePhase[];
   /** The tables, as they go to backend memory; `bases` is rewritten by every reload. */
   readonly table: Uint8Array;
   /** Byte offsets of the tables inside {@link DevicePlan.table}. */
@@ -68,12 +95,17 @@ export interface DevicePlan {
   };
   /** Number of source tensors (entries of `bases`). */
   readonly sources: number;
-  /** The launches, in order. */
-  readonly launches: readonly PlannedLaunch[];
   /** Kernel tensors the tables point into, with their addresses when planned. */
   readonly kept: readonly { readonly tensor: Tensor; readonly ptr: number }[];
   /** Counts, for reports and benchmarks. */
-  readonly stats: { readonly targets: number; readonly pieces: number; readonly items: number };
+  readonly stats: {
+    readonly targets: number;
+    readonly pieces: number;
+    readonly items: number;
+    readonly layers: number;
+    readonly launches: number;
+    readonly hostLoads: number;
+  };
 }
 
 /** The layout key of a list of descriptors (pointer-free). */
@@ -92,7 +124,7 @@ interface Piece {
 }
 
 interface Target {
-  group: string;
+  phase: number;
   op: "absmax+quant" | "quant" | "copy";
   kind?: MultiTensorKind;
   srcDtype: DType;
@@ -152,25 +184,19 @@ function ownerOf(model: Module): Map<TensorSlot, [Module, string]> {
 
 /**
  * Plans a device reload of `model` (loaded, recorded, not reloading) from tensors described by
- * `descs` (in source order; index i is `bases[i]`). Descriptors must have passed validation;
- * those with `skip[i]` set (names the model skips or does not have) are left out.
+ * `descs` (in source order; index i is `bases[i]`), arriving as `arrival` says. Descriptors
+ * must have passed validation.
  */
 export function planDeviceReload(
   model: Module,
   descs: readonly TensorDescriptor[],
-  skip: readonly boolean[] = [],
+  arrival: PlanArrival = {},
 ): DevicePlan {
+  const skip = arrival.skip ?? [];
+  const phaseOf = (i: number) => arrival.phaseOf?.[i] ?? 0;
+  const window = arrival.window ?? Infinity;
   const owners = ownerOf(model);
-  const byLayer = new Map<
-    Module,
-    {
-      index: number;
-      slot: string;
-      shard?: unknown;
-      expert?: number;
-      r: NonNullable<ReturnType<Module["resolveWeight"]>>;
-    }[]
-  >();
+  const byLayer = new Map<Module, Omit<Load, "desc">[]>();
   const hostLoads: number[] = [];
   descs.forEach((d, index) => {
     if (skip[index]) return;
@@ -185,38 +211,42 @@ export function planDeviceReload(
     list.push({ index, slot: own[1], r });
     byLayer.set(own[0], list);
   });
+  const nPhases = Math.max(1, ...descs.map((_, i) => phaseOf(i) + 1));
+  const phases = Array.from({ length: nPhases }, () => ({
+    layers: [] as Module[],
+    fills: [] as { slot: TensorSlot; value: number }[],
+    hostLoads: [] as number[],
+  }));
   const targets: Target[] = [];
-  const layers: Module[] = [];
-  const fills: { slot: TensorSlot; value: number }[] = [];
   const kept: { tensor: Tensor; ptr: number }[] = [];
   for (const [layer, loads] of byLayer) {
-    const planned = planLayer(layer, loads.map((l) => ({ ...l, desc: descs[l.index] })));
+    const ph = loads.map((l) => phaseOf(l.index));
+    const last = Math.max(...ph), first = Math.min(...ph);
+    const planned = last - first < window
+      ? planLayer(layer, loads.map((l) => ({ ...l, desc: descs[l.index] })))
+      : null;
     if (!planned) {
       hostLoads.push(...loads.map((l) => l.index));
       continue;
     }
-    layers.push(layer);
+    phases[last].layers.push(layer);
+    phases[last].fills.push(...planned.fills);
+    for (const t of planned.targets) t.phase = last;
     targets.push(...planned.targets);
-    fills.push(...planned.fills);
     kept.push(...planned.kept);
   }
-  hostLoads.sort((a, b) => a - b);
-  return buildTables(
-    layoutKey(descs),
-    layers,
-    hostLoads,
-    fills,
-    kept,
-    targets,
-    descs.length,
-  );
+  for (const i of hostLoads.sort((a, b) => a - b)) phases[phaseOf(i)].hostLoads.push(i);
+  const key = `${layoutKey(descs)}\u0002${
+    descs.map((_, i) => phaseOf(i)).join(",")
+  }\u0002${window}`;
+  return buildTables(key, phases, kept, targets, descs.length);
 }
 
 interface Load {
   index: number;
   slot: string;
   desc: TensorDescriptor;
-  r: NonNullable<ReturnType<Module["resolveWeight"]>>;
+  r: ResolvedWeight;
 }
 
 /** The targets of one layer, or null when the host lifecycle must take it. */
@@ -334,7 +364,7 @@ function planLayer(
       if (!t) {
         const kind: MultiTensorKind = online!.target === DTYPES.i8 ? "int8-row" : KIND[g];
         t = {
-          group: "",
+          phase: 0,
           op: kind === "fp8-tensor" ? "absmax+quant" : "quant",
           kind,
           srcDtype,
@@ -368,7 +398,7 @@ function planLayer(
     const p = pairRegions(w.dst, w.src);
     if (!p) return null;
     targets.push({
-      group: "",
+      phase: 0,
       op: "copy",
       srcDtype,
       dstDtype: kernel.dtype,
@@ -401,72 +431,78 @@ function planLayer(
 
 function buildTables(
   key: string,
-  layers: Module[],
-  hostLoads: number[],
-  fills: { slot: TensorSlot; value: number }[],
+  phases: { layers: Module[]; fills: { slot: TensorSlot; value: number }[]; hostLoads: number[] }[],
   kept: { tensor: Tensor; ptr: number }[],
   targets: Target[],
   sources: number,
 ): DevicePlan {
-  // Launch groups: one per (op, kind, dtypes); items of a group are contiguous.
+  // Launch groups: per phase, one per (op, kind, dtypes); items of a group are contiguous.
   const groupKey = (t: Target) => `${t.op}|${t.kind ?? ""}|${t.srcDtype.name}|${t.dstDtype.name}`;
-  const groups = new Map<string, Target[]>();
-  for (const t of targets) {
-    const k = groupKey(t);
-    const g = groups.get(k) ?? [];
-    g.push(t);
-    groups.set(k, g);
-  }
-  const order = [...groups.keys()].sort((a, b) => rank(a) - rank(b));
   const tRows: number[][] = [], pRows: number[][] = [], iRows: number[][] = [];
-  const launches: PlannedLaunch[] = [];
-  const absmax: PlannedLaunch[] = [];
-  for (const k of order) {
-    const group = groups.get(k)!;
-    const first = iRows.length;
-    for (const t of group) {
-      const ti = tRows.length;
-      const item0 = iRows.length;
-      if (t.kind === "fp8-block128") {
-        for (let r = 0; r < t.rows; r += 128) {
-          for (let c = 0; c < t.cols; c += 128) {
-            iRows.push([ti, r, Math.min(128, t.rows - r), c, Math.min(128, t.cols - c)]);
+  const out: DevicePhase[] = [];
+  let launchCount = 0;
+  for (let phase = 0; phase < phases.length; phase++) {
+    const groups = new Map<string, Target[]>();
+    for (const t of targets) {
+      if (t.phase !== phase) continue;
+      const k = groupKey(t);
+      const g = groups.get(k) ?? [];
+      g.push(t);
+      groups.set(k, g);
+    }
+    const order = [...groups.keys()].sort((a, b) => rank(a) - rank(b));
+    const launches: PlannedLaunch[] = [];
+    const absmax: PlannedLaunch[] = [];
+    for (const k of order) {
+      const group = groups.get(k)!;
+      const first = iRows.length;
+      for (const t of group) {
+        const ti = tRows.length;
+        const item0 = iRows.length;
+        if (t.kind === "fp8-block128") {
+          for (let r = 0; r < t.rows; r += 128) {
+            for (let c = 0; c < t.cols; c += 128) {
+              iRows.push([ti, r, Math.min(128, t.rows - r), c, Math.min(128, t.cols - c)]);
+            }
+          }
+        } else {
+          let per = Math.max(1, Math.floor(ITEM_ELEMENTS / Math.max(1, t.cols)));
+          // Per-row kinds work a row per warp: at least a row for each of a block's 8 warps.
+          if (t.kind === "fp8-row" || t.kind === "int8-row") per = Math.ceil(per / 8) * 8;
+          for (let r = 0; r < t.rows; r += per) {
+            iRows.push([ti, r, Math.min(per, t.rows - r), 0, t.cols]);
           }
         }
-      } else {
-        let per = Math.max(1, Math.floor(ITEM_ELEMENTS / Math.max(1, t.cols)));
-        // Per-row kinds work a row per warp: at least a row for each of a block's 8 warps.
-        if (t.kind === "fp8-row" || t.kind === "int8-row") per = Math.ceil(per / 8) * 8;
-        for (let r = 0; r < t.rows; r += per) {
-          iRows.push([ti, r, Math.min(per, t.rows - r), 0, t.cols]);
-        }
+        const piece0 = pRows.length;
+        for (const p of t.pieces) pRows.push([p.source, p.offset, p.pitch, p.row0, p.rows]);
+        tRows.push([
+          t.dst,
+          t.scale,
+          t.dstPitch,
+          t.rows,
+          t.cols,
+          piece0,
+          t.pieces.length,
+          item0,
+          iRows.length - item0,
+          0,
+        ]);
       }
-      const piece0 = pRows.length;
-      for (const p of t.pieces) pRows.push([p.source, p.offset, p.pitch, p.row0, p.rows]);
-      tRows.push([
-        t.dst,
-        t.scale,
-        t.dstPitch,
-        t.rows,
-        t.cols,
-        piece0,
-        t.pieces.length,
-        item0,
-        iRows.length - item0,
-        0,
-      ]);
+      const t0 = group[0];
+      const count = iRows.length - first;
+      if (count === 0) continue;
+      if (t0.op === "absmax+quant") {
+        absmax.push({ op: "absmax", first, count, srcDtype: t0.srcDtype });
+        launches.push({ op: "quant", kind: "fp8-tensor", first, count, srcDtype: t0.srcDtype });
+      } else if (t0.op === "quant") {
+        launches.push({ op: "quant", kind: t0.kind, first, count, srcDtype: t0.srcDtype });
+      } else {
+        launches.push({ op: "copy", first, count, srcDtype: t0.srcDtype, dstDtype: t0.dstDtype });
+      }
     }
-    const t0 = group[0];
-    const count = iRows.length - first;
-    if (count === 0) continue;
-    if (t0.op === "absmax+quant") {
-      absmax.push({ op: "absmax", first, count, srcDtype: t0.srcDtype });
-      launches.push({ op: "quant", kind: "fp8-tensor", first, count, srcDtype: t0.srcDtype });
-    } else if (t0.op === "quant") {
-      launches.push({ op: "quant", kind: t0.kind, first, count, srcDtype: t0.srcDtype });
-    } else {
-      launches.push({ op: "copy", first, count, srcDtype: t0.srcDtype, dstDtype: t0.dstDtype });
-    }
+    const all = [...absmax, ...launches];
+    launchCount += all.length;
+    out.push({ ...phases[phase], launches: all });
   }
   const f = MULTI_TENSOR_FIELDS;
   const targetsAt = 0;
@@ -491,9 +527,7 @@ function buildTables(
   put(itemsAt, iRows);
   return {
     layoutKey: key,
-    layers,
-    hostLoads,
-    fills,
+    phases: out,
     table,
     offsets: {
       targets: targetsAt,
@@ -504,9 +538,15 @@ function buildTables(
       bases: basesAt,
     },
     sources,
-    launches: [...absmax, ...launches],
     kept,
-    stats: { targets: tRows.length, pieces: pRows.length, items: iRows.length },
+    stats: {
+      targets: tRows.length,
+      pieces: pRows.length,
+      items: iRows.length,
+      layers: out.reduce((a, p) => a + p.layers.length, 0),
+      launches: launchCount,
+      hostLoads: out.reduce((a, p) => a + p.hostLoads.length, 0),
+    },
   };
 }
 
