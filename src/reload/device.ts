@@ -280,6 +280,7 @@ export class DeviceReload {
   readonly #options: DeviceReloadOptions;
   readonly #t0 = performance.now();
   #next = 0;
+  #aborted = false;
 
   private constructor(
     model: Module,
@@ -342,6 +343,9 @@ export class DeviceReload {
   runPhase(p: number, tensorAt: (i: number) => Tensor): void {
     const model = this.#model, b = this.#backend;
     try {
+      if (this.#aborted) {
+        throw new ReloadError("NOT_RELOADING", "device reload: it was aborted");
+      }
       if (p !== this.#next) {
         throw new ReloadError(
           "BAD_PHASE",
@@ -378,7 +382,7 @@ export class DeviceReload {
       }
       for (const i of phase.hostLoads) model.loadWeight(this.#descs[i].name, tensorAt(i));
     } catch (e) {
-      failReload(model, e);
+      this.abort(e);
     }
   }
 
@@ -387,6 +391,9 @@ export class DeviceReload {
     const model = this.#model;
     const { plan, validation, skipped: skips } = this.#cached;
     try {
+      if (this.#aborted) {
+        throw new ReloadError("NOT_RELOADING", "device reload: it was aborted");
+      }
       if (this.#next !== plan.phases.length) {
         throw new ReloadError(
           "BAD_PHASE",
@@ -396,7 +403,7 @@ export class DeviceReload {
       // The host waits here, once.
       this.#backend.synchronize();
     } catch (e) {
-      failReload(model, e);
+      this.abort(e);
     }
     const s = finalizeLayerwiseReload(model);
     let bytes = 0, skipped = 0;
@@ -429,8 +436,13 @@ export class DeviceReload {
     };
   }
 
-  /** Aborts the reload (after an error outside it) and rethrows `e` as failReload does. */
+  /**
+   * Aborts the reload (after an error outside it) and rethrows `e` as failReload does; once
+   * aborted, rethrows `e` unchanged.
+   */
   abort(e: unknown): never {
+    if (this.#aborted) throw e;
+    this.#aborted = true;
     failReload(this.#model, e);
   }
 }
