@@ -314,7 +314,12 @@ export async function broadcastReload(
       return { name, dtype: info.dtype, shape: info.shape };
     });
     const phaseOf: number[] = [], offsetOf: number[] = [];
-    buckets.forEach((b, i) => b.offsets.forEach((o) => (phaseOf.push(i), offsetOf.push(o))));
+    for (const [i, b] of buckets.entries()) {
+      for (const o of b.offsets) {
+        phaseOf.push(i);
+        offsetOf.push(o);
+      }
+    }
     const rankDevice = async (r: number): Promise<ReloadReport> => {
       const bases = descs.map((_, k) => storages[r][phaseOf[k] % nslots].ptr + offsetOf[k]);
       const reload = DeviceReload.begin(models[r], descs, bases, options, { phaseOf, window: 2 });
