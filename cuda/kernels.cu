@@ -1337,28 +1337,103 @@ __global__ void __launch_bounds__(kThreads)
         quant(x, q + r * cols + c0, len, threadIdx.x, blockDim.x, s);
       });
     } else if constexpr (KIND == LW_MT_FP8_BLOCK128) {
-      // Groups of 16 threads take one tile row each (as k_quant_fp8_block).
-      constexpr int kGroup = 16;
+      // Groups of 16 threads take one tile row each (as k_quant_fp8_block); with the block's 16
+      // groups, each group has 8 of the tile's 128 rows. A full-width row whose source is
+      // 16-byte aligned is read once, into registers (all 8 rows' loads in flight together),
+      // and quantized from them; other rows are read twice, element-exact at any alignment.
+      constexpr int kGroup = 16, kRows = 128 / (kThreads / kGroup);
+      constexpr int E = 16 / sizeof(T);                      // elements per 16-byte vector
+      constexpr int V = 128 * (int)sizeof(T) / (16 * kGroup);  // vectors per lane per row
       int g = threadIdx.x / kGroup, lane = threadIdx.x % kGroup, ng = blockDim.x / kGroup;
       size_t r0 = it[1], h = it[2];
+      const T *xs[kRows];
+      bool held[kRows];
+      uint4 raw[kRows][V];  // the held rows as loaded: 16 bytes per vector
       uint32_t m = 0;
-      for (size_t r = g; r < h; r += ng) {
+#pragma unroll
+      for (int j = 0; j < kRows; j++) {
+        size_t r = g + (size_t)j * ng;
+        xs[j] = nullptr;
+        held[j] = false;
+        if (ng * kRows != 128 || r >= h) continue;
         size_t left, pitch;
-        const T *x = reinterpret_cast<const T *>(
+        xs[j] = reinterpret_cast<const T *>(
             mt_src(t, pieces, bases, r0 + r, c0, sizeof(T), &left, &pitch));
-        if (x != nullptr) {
-          m = fold_span(x, w, lane, kGroup, m,
+        held[j] = xs[j] != nullptr && w == 128 && aligned_for<E>(xs[j]);
+        if (held[j]) {
+#pragma unroll
+          for (int v = 0; v < V; v++) {
+            raw[j][v] = __ldg(reinterpret_cast<const uint4 *>(xs[j] + (v * kGroup + lane) * E));
+          }
+        }
+      }
+      if (ng * kRows != 128) {
+        // Another block size: the generic loop over the tile's rows.
+        for (size_t r = g; r < h; r += ng) {
+          size_t left, pitch;
+          const T *x = reinterpret_cast<const T *>(
+              mt_src(t, pieces, bases, r0 + r, c0, sizeof(T), &left, &pitch));
+          if (x != nullptr) {
+            m = fold_span(x, w, lane, kGroup, m,
+                          [](uint32_t a, T v) { return max(a, Ty<DT>::abits(v)); });
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kRows; j++) {
+        if (held[j]) {
+#pragma unroll
+          for (int v = 0; v < V; v++) {
+            T in[E];
+            memcpy(in, &raw[j][v], 16);
+#pragma unroll
+            for (int k = 0; k < E; k++) m = max(m, Ty<DT>::abits(in[k]));
+          }
+        } else if (xs[j] != nullptr) {
+          m = fold_span(xs[j], w, lane, kGroup, m,
                         [](uint32_t a, T v) { return max(a, Ty<DT>::abits(v)); });
         }
       }
       m = block_max(m);
       float s = lw_fp8_scale(absmax_value<DT>(m));
       if (threadIdx.x == 0) scale[(r0 / 128) * ((cols + 127) / 128) + c0 / 128] = s;
-      for (size_t r = g; r < h; r += ng) {
-        size_t left, pitch;
-        const T *x = reinterpret_cast<const T *>(
-            mt_src(t, pieces, bases, r0 + r, c0, sizeof(T), &left, &pitch));
-        if (x != nullptr) quant(x, q + (r0 + r) * cols + c0, w, lane, kGroup, s);
+      if (ng * kRows != 128) {
+        for (size_t r = g; r < h; r += ng) {
+          size_t left, pitch;
+          const T *x = reinterpret_cast<const T *>(
+              mt_src(t, pieces, bases, r0 + r, c0, sizeof(T), &left, &pitch));
+          if (x != nullptr) quant(x, q + (r0 + r) * cols + c0, w, lane, kGroup, s);
+        }
+      } else {
+        Divisor d = divisor_of(s);
+#pragma unroll
+        for (int j = 0; j < kRows; j++) {
+          uint8_t *dst = q + (r0 + g + (size_t)j * ng) * cols + c0;
+          if (held[j]) {
+#pragma unroll
+            for (int v = 0; v < V; v++) {
+              T in[E];
+              memcpy(in, &raw[j][v], 16);
+              uint8_t out[E];
+#pragma unroll
+              for (int k = 0; k < E; k++) {
+                float x = Ty<DT>::to(in[k]);
+                bool slow = false;
+                uint8_t f = quant_e4m3<HW>(x, d, slow);
+                out[k] = slow ? exact_e4m3(x, d.s) : f;
+              }
+              uint8_t *o = dst + (v * kGroup + lane) * E;
+              if (aligned_for<E>(o)) {
+                storev<E>(o, out);
+              } else {
+#pragma unroll
+                for (int k = 0; k < E; k++) o[k] = out[k];
+              }
+            }
+          } else if (xs[j] != nullptr) {
+            quant(xs[j], dst, w, lane, kGroup, s);
+          }
+        }
       }
     } else {
       // Per row (fp8 or int8): one warp per row, so rows need no block-wide barrier and eight
