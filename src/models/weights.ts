@@ -8,9 +8,10 @@
 import type { Backend } from "../backend/backend.ts";
 import { wasmView } from "../backend/wasm.ts";
 import type { WeightSource } from "../checkpoint/source.ts";
-import { canStage, stageTensors, type StagingOptions } from "../checkpoint/staging.ts";
+import type { StagingOptions } from "../backend/cuda/staging_plan.ts";
+import { canStage, stageTensors } from "../checkpoint/staging.ts";
 import { CheckpointError } from "../errors.ts";
-import { validateWeights as checkAgainstModel } from "../reload/validate.ts";
+import { validateTensors as checkAgainstModel } from "../reload/validate.ts";
 import { rowWindow, type Tensor } from "../tensor/tensor.ts";
 import type { CausalLM } from "./causal_lm.ts";
 import { expectedCheckpointNames } from "./names.ts";

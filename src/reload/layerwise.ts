@@ -31,9 +31,10 @@
 
 import type { Backend } from "../backend/backend.ts";
 import { LayerwiseError, ReloadError } from "../errors.ts";
-import type { Module, TensorSlot, WeightLoader } from "../nn/module.ts";
-import type { KernelDestination } from "../quant/method.ts";
-import { countWrites } from "../nn/module.ts";
+import type { Module } from "../nn/module.ts";
+import type { TensorSlot, WeightLoader } from "../nn/slots.ts";
+import type { KernelDestination } from "../nn/quant_method.ts";
+import { countWrites } from "../nn/slots.ts";
 import type { Storage, Tensor } from "../tensor/tensor.ts";
 import {
   captureLayerToMeta,
@@ -659,7 +660,7 @@ export function describeGaps(
   return gaps;
 }
 
-/** What a finished reload did (see reloadWeights for the full report). */
+/** What a finished reload did (see reloadLayerwise for the full report). */
 export interface FinalizeSummary {
   /** Paths of the layers written, in processing order. */
   readonly processed: readonly string[];

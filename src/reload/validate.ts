@@ -9,14 +9,8 @@
  */
 
 import { CheckpointError, LayerwiseError } from "../errors.ts";
-import {
-  countWrites,
-  type Module,
-  prefixError,
-  type ShardId,
-  TensorSlot,
-  type WeightLoader,
-} from "../nn/module.ts";
+import { type Module, prefixError } from "../nn/module.ts";
+import { countWrites, type ShardId, TensorSlot, type WeightLoader } from "../nn/slots.ts";
 import type { DType } from "../tensor/dtype.ts";
 import { Tensor } from "../tensor/tensor.ts";
 import { describeGaps, getLayerwiseInfo } from "./layerwise.ts";
@@ -34,7 +28,7 @@ export interface TensorDescriptor {
   readonly origin?: string;
 }
 
-/** Options of {@link validateWeights}. */
+/** Options of {@link validateTensors}. */
 export interface ValidateOptions {
   /**
    * When true (default), unknown tensors and model tensors the checkpoint does not cover are a
@@ -45,7 +39,7 @@ export interface ValidateOptions {
   strict?: boolean;
 }
 
-/** The outcome of {@link validateWeights}. */
+/** The outcome of {@link validateTensors}. */
 export interface ValidationReport {
   /** Descriptors that go into model tensors. */
   readonly tensors: number;
@@ -140,7 +134,7 @@ function plural(n: number, one: string, many = `${one}s`): string {
  * `UNKNOWN_TENSOR` for unknown names and `MISSING_WEIGHTS` for uncovered tensors. The most
  * severe kind gives the code; the message lists every kind found.
  */
-export function validateWeights(
+export function validateTensors(
   model: Module,
   entries: Iterable<TensorDescriptor>,
   options: ValidateOptions = {},
