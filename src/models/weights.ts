@@ -15,6 +15,7 @@ import { validateTensors as checkAgainstModel } from "../reload/validate.ts";
 import { rowWindow, type Tensor } from "../tensor/tensor.ts";
 import type { CausalLM } from "./causal_lm.ts";
 import { expectedCheckpointNames } from "./names.ts";
+import { firstOf, plural } from "../messages.ts";
 
 /** What validation found: the names to load, and what it leaves out. */
 export interface ValidatedWeights {
@@ -52,9 +53,7 @@ export function validateWeights(
   if (absent.length > 0 && !options.partial) {
     throw new CheckpointError(
       "MISSING_TENSOR",
-      `${source.description}: ${absent.length} tensor${absent.length > 1 ? "s" : ""} missing: ${
-        absent.slice(0, 8).join(", ")
-      }${absent.length > 8 ? ", ..." : ""}`,
+      `${source.description}: ${plural(absent.length, "tensor")} missing: ${firstOf(absent, 8)}`,
     );
   }
   const order = source.plan(model.readOrder);

@@ -10,6 +10,7 @@ import { CheckpointError, LayerwiseError } from "../errors.ts";
 import type { Tensor } from "../tensor/tensor.ts";
 import type { QuantMethod } from "./quant_method.ts";
 import type { ShardId, TensorSlot } from "./slots.ts";
+import { qualifiedName } from "../messages.ts";
 
 /** Where a checkpoint tensor goes: a module path, a slot name, and its shard and expert. */
 export interface WeightTarget {
@@ -126,7 +127,7 @@ export class Module {
   *namedModules(prefix = ""): Generator<[string, Module]> {
     yield [prefix, this];
     for (const [name, child] of this.#children) {
-      yield* child.namedModules(prefix === "" ? name : `${prefix}.${name}`);
+      yield* child.namedModules(qualifiedName(prefix, name));
     }
   }
 
@@ -134,7 +135,7 @@ export class Module {
   namedTensors(): [string, TensorSlot][] {
     const out: [string, TensorSlot][] = [];
     for (const [path, m] of this.namedModules()) {
-      for (const [name, slot] of m.#slots) out.push([path === "" ? name : `${path}.${name}`, slot]);
+      for (const [name, slot] of m.#slots) out.push([qualifiedName(path, name), slot]);
     }
     return out;
   }

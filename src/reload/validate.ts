@@ -15,6 +15,7 @@ import type { DType } from "../tensor/dtype.ts";
 import { Tensor } from "../tensor/tensor.ts";
 import { describeGaps, getLayerwiseInfo } from "./layerwise.ts";
 import type { LayerMeta } from "./meta.ts";
+import { firstOf, plural, qualifiedName } from "../messages.ts";
 
 /** What a checkpoint header says about a tensor (a `TensorInfo` of a weight source fits). */
 export interface TensorDescriptor {
@@ -67,10 +68,6 @@ interface Target {
   readonly loader: WeightLoader;
 }
 
-function qualify(path: string, name: string): string {
-  return path === "" ? name : `${path}.${name}`;
-}
-
 /** The model-format tensors of every layer: recorded metadata, or the meta slots of a new model. */
 function modelFormat(model: Module): {
   layers: [Module, string, LayerMeta][];
@@ -94,7 +91,7 @@ function modelFormat(model: Module): {
           throw new LayerwiseError(
             "NOT_RECORDED",
             `${
-              qualify(path, name)
+              qualifiedName(path, name)
             }: the model is loaded but its metadata was not recorded; validate needs the model format`,
           );
         }
@@ -111,14 +108,6 @@ function modelFormat(model: Module): {
     byModule.set(m, targets);
   }
   return { layers, byModule, bySlot };
-}
-
-function some(items: readonly string[], n = 3): string {
-  return `${items.slice(0, n).join(", ")}${items.length > n ? ", ..." : ""}`;
-}
-
-function plural(n: number, one: string, many = `${one}s`): string {
-  return `${n} ${n === 1 ? one : many}`;
 }
 
 /**
@@ -219,7 +208,7 @@ export function validateTensors(
     if (gaps.length === 0) covered++;
     else if (total === 0) {
       untouched.push(path);
-      missing.push(...[...meta.keys()].map((n) => qualify(path, n)));
+      missing.push(...[...meta.keys()].map((n) => qualifiedName(path, n)));
     } else partial.push(...gaps);
   }
   const report: ValidationReport = {
@@ -244,15 +233,17 @@ export function validateTensors(
   }
   if (partial.length > 0) {
     code ||= "MISSING_WEIGHTS";
-    parts.push(`${plural(partial.length, "tensor")} covered in part: ${some(partial)}`);
+    parts.push(`${plural(partial.length, "tensor")} covered in part: ${firstOf(partial, 3)}`);
   }
   if (strict && unknown.length > 0) {
     code ||= "UNKNOWN_TENSOR";
-    parts.push(`${plural(unknown.length, "unknown tensor")}: ${some(unknownWhere)}`);
+    parts.push(`${plural(unknown.length, "unknown tensor")}: ${firstOf(unknownWhere, 3)}`);
   }
   if (strict && missing.length > 0) {
     code ||= "MISSING_WEIGHTS";
-    parts.push(`${plural(missing.length, "model tensor")} not in the checkpoint: ${some(missing)}`);
+    parts.push(
+      `${plural(missing.length, "model tensor")} not in the checkpoint: ${firstOf(missing, 3)}`,
+    );
   }
   if (code !== "") {
     throw new CheckpointError(code, `checkpoint does not fit the model: ${parts.join("; ")}`);
