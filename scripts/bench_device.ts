@@ -10,9 +10,10 @@
  */
 
 import type { Backend } from "../src/backend/backend.ts";
-import { synthConfig, type SynthShape, synthTensorShapes } from "../src/cli/synth.ts";
+import { synthConfig, type SynthShape, synthTensorShapes } from "../testing.ts";
 import { parseModelConfig } from "../src/models/config.ts";
-import { buildModel, type QuantName, quantScheme } from "../src/models/load.ts";
+import { buildModel } from "../src/models/load.ts";
+import { type QuantName, quantScheme } from "../src/models/quant_names.ts";
 import { loadWeights } from "../src/reload/load.ts";
 import { recordMetadataForReloading } from "../src/reload/layerwise.ts";
 import {

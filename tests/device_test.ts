@@ -7,17 +7,9 @@
  */
 import assert from "node:assert/strict";
 import fc from "fast-check";
-import {
-  type Backend,
-  DTYPES,
-  kernelTensors,
-  loadModel,
-  type QuantName,
-  reloadWeights,
-  synthTensors,
-  writeSafetensors,
-  writeSynthCheckpoint,
-} from "../mod.ts";
+import { type Backend, kernelTensors, loadModel, type QuantName, reloadWeights } from "../mod.ts";
+import { DTYPES, writeSafetensors } from "../engine.ts";
+import { synthTensors, writeSynthCheckpoint } from "../testing.ts";
 import { openBackend } from "../src/backend/select.ts";
 import type { CausalLM } from "../src/models/causal_lm.ts";
 import { DeviceReload, type DeviceTensorView, reloadFromDevice } from "../src/reload/device.ts";
@@ -26,7 +18,7 @@ import type { HostTensor } from "../src/checkpoint/safetensors.ts";
 import { BackendError, CheckpointError, LayerwiseError, ReloadError } from "../src/errors.ts";
 import { isInconsistent } from "../src/reload/layerwise.ts";
 import { Tensor } from "../src/tensor/tensor.ts";
-import { equalBytes } from "./nn_testmodel.ts";
+import { equalBytes } from "../testing.ts";
 
 const CKPT = new URL("../../shared/fixtures/ckpt/", import.meta.url).pathname;
 const KIND = (Deno.env.get("LAYERWISE_E2E_BACKEND") ?? "wasm") as "wasm" | "cuda";

@@ -11,13 +11,9 @@
  *
  * @example Reload a model from tensors in its backend's memory
  * ```ts
- * import {
- *   DTYPES,
- *   loadModel,
- *   reloadFromDevice,
- *   synthTensors,
- *   writeSynthCheckpoint,
- * } from "@layerwise/reload";
+ * import { loadModel, reloadFromDevice } from "@layerwise/reload";
+ * import { DTYPES } from "@layerwise/reload/engine";
+ * import { synthTensors, writeSynthCheckpoint } from "@layerwise/reload/testing";
  *
  * const shape = { hiddenSize: 128, intermediateSize: 256, numLayers: 1, numHeads: 2,
  *   numKvHeads: 1, vocabSize: 256, tieWordEmbeddings: true };
@@ -40,6 +36,7 @@
 
 import type { Backend } from "../backend/backend.ts";
 import { CheckpointError, LayerwiseError, ReloadError } from "../errors.ts";
+import { firstOf, quoteName } from "../messages.ts";
 import type { Module } from "../nn/module.ts";
 import { type DType, dtypeOf, DTYPES } from "../tensor/dtype.ts";
 import { type Storage, Tensor } from "../tensor/tensor.ts";
@@ -54,7 +51,7 @@ import {
   writeLayersInPlace,
 } from "./layerwise.ts";
 import type { ReloadReport } from "./load.ts";
-import { type TensorDescriptor, validateWeights, type ValidationReport } from "./validate.ts";
+import { type TensorDescriptor, validateTensors, type ValidationReport } from "./validate.ts";
 
 /**
  * A checkpoint-format tensor in backend memory: a backend tensor (contiguous, on the model's
@@ -134,11 +131,6 @@ export function releaseDevicePlan(model: Module): void {
   if (!c.table.storage!.freed) c.backend.free(c.table.storage!);
 }
 
-function cut(s: string): string {
-  const j = JSON.stringify(s);
-  return j.length > 80 ? `${j.slice(0, 77)}..."` : j;
-}
-
 /** Checks the views and makes backend tensors of them (borrowed storage for raw addresses). */
 function viewTensors(backend: Backend, views: readonly DeviceTensorView[]): {
   tensors: Tensor[];
@@ -152,7 +144,7 @@ function viewTensors(backend: Backend, views: readonly DeviceTensorView[]): {
       if (typeof v?.name !== "string") {
         throw new CheckpointError("BAD_VIEW", "device view: every view needs a string name");
       }
-      const where = `device view ${cut(v.name)}`;
+      const where = `device view ${quoteName(v.name)}`;
       if (names.has(v.name)) {
         throw new CheckpointError("DUPLICATE_TENSOR", `${where}: the name is given twice`);
       }
@@ -172,7 +164,10 @@ function viewTensors(backend: Backend, views: readonly DeviceTensorView[]): {
       } else {
         const dtype = typeof v.dtype === "string" ? dtypeOf(v.dtype) : v.dtype;
         if (!dtype) {
-          throw new CheckpointError("BAD_DTYPE", `${where}: unknown dtype ${cut(String(v.dtype))}`);
+          throw new CheckpointError(
+            "BAD_DTYPE",
+            `${where}: unknown dtype ${quoteName(String(v.dtype))}`,
+          );
         }
         if (
           !Array.isArray(v.shape) ||
@@ -225,7 +220,7 @@ function planFor(
   ) {
     return [c, true];
   }
-  const validation = validateWeights(model, descs, { strict: false });
+  const validation = validateTensors(model, descs, { strict: false });
   const unknown = new Set(validation.unknown);
   const skipped = descs.map((d) => unknown.has(d.name) || model.resolveWeight(d.name) === null);
   releaseDevicePlan(model);
@@ -358,7 +353,7 @@ export class DeviceReload {
       if (this.#options.rejectNonFinite) {
         this.#descs.forEach((d, i) => {
           if (!skipped[i] && (this.#cached.phaseOf[i] ?? 0) === p) {
-            rejectNonFinite(b, tensorAt(i), `device view ${cut(d.name)}`);
+            rejectNonFinite(b, tensorAt(i), `device view ${quoteName(d.name)}`);
           }
         });
       }
@@ -505,16 +500,16 @@ function checkCoverage(report: ValidationReport, options: DeviceReloadOptions): 
     throw new CheckpointError(
       "UNKNOWN_TENSOR",
       `device views: ${report.unknown.length} name(s) the model does not have: ${
-        report.unknown.slice(0, 5).map(cut).join(", ")
-      }${report.unknown.length > 5 ? ", ..." : ""}`,
+        firstOf(report.unknown.map((n) => quoteName(n)), 5)
+      }`,
     );
   }
   if (!options.partial && report.missing.length > 0) {
     throw new CheckpointError(
       "MISSING_TENSOR",
       `device views: ${report.missing.length} model tensor(s) not covered: ${
-        report.missing.slice(0, 5).join(", ")
-      }${report.missing.length > 5 ? ", ..." : ""} (set partial to keep them)`,
+        firstOf(report.missing, 5)
+      } (set partial to keep them)`,
     );
   }
 }

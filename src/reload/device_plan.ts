@@ -1,5 +1,5 @@
 /**
- * The reload plan of the device path (see ARCHITECTURE.md, "device source"): for a model and a
+ * The reload plan of the device path (ARCHITECTURE.md, Read paths: "Device source"): for a model and a
  * source layout (the names, dtypes and shapes of the device tensors, in order), where every
  * source tensor goes: which rows of which kept kernel tensor, with which scale, through which
  * multi-tensor kernel. Planning is pure: it runs each layer's own loader under `recordWrites`
@@ -19,7 +19,8 @@
 
 import type { Granularity, MultiTensorKind } from "../backend/backend.ts";
 import { MULTI_TENSOR_FIELDS } from "../backend/kernels.ts";
-import { type Module, recordWrites, type ResolvedWeight, TensorSlot } from "../nn/module.ts";
+import type { Module, ResolvedWeight } from "../nn/module.ts";
+import { recordWrites, TensorSlot } from "../nn/slots.ts";
 import { OnlineQuantMethod } from "../quant/online.ts";
 import { type DType, DTYPES } from "../tensor/dtype.ts";
 import { type Storage, Tensor } from "../tensor/tensor.ts";
