@@ -7,16 +7,10 @@
  */
 
 import { BackendError } from "../errors.ts";
-import { type DType, DTYPES } from "../tensor/dtype.ts";
+import { type DType, DTYPES, isModelFloat } from "../tensor/dtype.ts";
 import { type Layout2D, shapeString, type Storage, Tensor } from "../tensor/tensor.ts";
+import { GRANULARITY_CODE, scaleCount, statusError } from "./abi.ts";
 import type { Backend, BackendKind, Granularity } from "./backend.ts";
-
-/** Granularity codes of the ABI. */
-export const GRANULARITY_CODE: Readonly<Record<Granularity, number>> = {
-  tensor: 0,
-  row: 1,
-  block128: 2,
-};
 
 /**
  * The kernel section of the C ABI (cuda/layerwise.h) as JS sees it: the context first, pointers
@@ -124,14 +118,6 @@ const INT_RANGE: Readonly<Record<string, [number, number]>> = {
   i32: [-(2 ** 31), 2 ** 31 - 1],
   i64: [Number.MIN_SAFE_INTEGER, Number.MAX_SAFE_INTEGER],
 };
-const QUANT_INPUTS = new Set(["f32", "f16", "bf16"]);
-
-/** Scale count for a rows x cols matrix at a granularity. */
-export function scaleCount(rows: number, cols: number, g: Granularity): number {
-  if (g === "tensor") return 1;
-  if (g === "row") return rows;
-  return Math.ceil(rows / 128) * Math.ceil(cols / 128);
-}
 
 /** A tensor seen as a matrix: all dimensions but the last are rows. */
 function matrixDims(t: Tensor): [number, number] {
@@ -542,7 +528,7 @@ export class KernelBackend implements Backend {
     g: Granularity,
   ): [number, number] {
     for (const t of [q, scale, x]) this.#contiguous(op, t);
-    if (!QUANT_INPUTS.has(x.dtype.name)) {
+    if (!isModelFloat(x.dtype)) {
       throw new BackendError(
         "BAD_DTYPE",
         `${op}: ${x} must be f32, f16 or bf16`,
@@ -589,7 +575,7 @@ export class KernelBackend implements Backend {
   #check(op: string, status: number): void {
     if (status !== 0) {
       throw new BackendError(
-        status === 1 ? "INVALID" : status === 3 ? "OUT_OF_MEMORY" : "DEVICE",
+        statusError(status)[0],
         `${op} on ${this.description}: ${this.#dev.errorText(status)}`,
       );
     }

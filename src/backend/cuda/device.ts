@@ -6,23 +6,12 @@
  * @module
  */
 
-import { BackendError } from "../../errors.ts";
+import { BackendError, type BackendErrorCode } from "../../errors.ts";
 import type { Backend } from "../backend.ts";
+import { statusError } from "../abi.ts";
 import { type KernelAbi, KernelBackend, type RawDevice } from "../kernels.ts";
 import { type CudaLibrary, type CudaSymbols, loadCudaLibrary } from "./cuda_ffi.ts";
 import { DevicePool } from "./pool.ts";
-
-const STATUS_NAMES: Readonly<Record<number, [string, string]>> = {
-  1: ["INVALID", "invalid argument"],
-  2: ["DEVICE", "CUDA error"],
-  3: ["OUT_OF_MEMORY", "out of memory"],
-  4: ["IO", "file read failed or came short"],
-};
-
-/** BackendError code and text of a library status. */
-function statusName(status: number): [string, string] {
-  return STATUS_NAMES[status] ?? ["DEVICE", `status ${status}`];
-}
 
 function unavailable(message: string): BackendError {
   return new BackendError("CUDA_UNAVAILABLE", `CUDA backend unavailable: ${message}`);
@@ -104,7 +93,7 @@ export interface StagerPlan {
 /** Why a stager stopped (see {@link CudaDevice.stagerError}). */
 export interface StagerFailure {
   /** BackendError code of the status: `IO` for a failed or short read. */
-  readonly code: string;
+  readonly code: BackendErrorCode;
   /** File index of the failed read. */
   readonly file: number;
   /** Its file offset. */
@@ -172,7 +161,7 @@ export class CudaDevice {
   /** Throws a BackendError for a non-zero status. */
   check(op: string, status: number): void {
     if (status === 0) return;
-    const [code, what] = statusName(status);
+    const [code, what] = statusError(status);
     const text = this.lastError() || what;
     throw new BackendError(code, `${op} on cuda:${this.device}: ${text}`);
   }
@@ -369,7 +358,7 @@ export class CudaDevice {
     const status = this.#s.lw_stager_error(stager, where, buf, buf.length);
     if (status === 0) return null;
     const text = new TextDecoder().decode(buf.subarray(0, buf.indexOf(0)));
-    const [code, what] = statusName(status);
+    const [code, what] = statusError(status);
     return {
       code,
       file: Number(where[0]),
@@ -439,7 +428,7 @@ export class CudaDevice {
 
   // The library keeps error text per thread and nonblocking calls ran on another one.
   #asyncFail(op: string, status: number): never {
-    const [code, what] = statusName(status);
+    const [code, what] = statusError(status);
     throw new BackendError(code, `${op} on cuda:${this.device}: ${what}`);
   }
 }
@@ -508,7 +497,7 @@ class CudaRaw implements RawDevice {
   }
 
   errorText(status: number): string {
-    return this.#d.lastError() || statusName(status)[1];
+    return this.#d.lastError() || statusError(status)[1];
   }
 
   close(): void {
