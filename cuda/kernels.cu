@@ -1175,7 +1175,7 @@ LW_API lw_status lw_pread(int32_t fd, void *dst, size_t n, uint64_t offset) {
   return LW_OK;
 }
 
-/* ---------------------------------------------------------------- staged reads (issue 5) */
+/* ---------------------------------------------------------------- staged reads */
 
 // Waiting on a default event spins a CPU core; the staging pipeline waits on several at once
 // while file reads need every core, so its events sleep instead (and skip timing).

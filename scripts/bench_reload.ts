@@ -1,5 +1,5 @@
 /**
- * The reload bench (issue 5): writes a synthetic Llama-shaped bf16 checkpoint, first-loads it
+ * The reload bench: writes a synthetic Llama-shaped bf16 checkpoint, first-loads it
  * into an fp8 model, reloads it N times, then N times from a copy with the tensors shuffled
  * across shards; prints per run seconds, GB/s of checkpoint bytes and the ratio to a pinned
  * host-to-device copy of the same bytes measured in the same run (on WebAssembly: to a plain

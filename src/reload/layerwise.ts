@@ -1,5 +1,5 @@
 /**
- * The layerwise reload lifecycle (see DESIGN.md, "Lifecycle"):
+ * The layerwise reload lifecycle (ARCHITECTURE.md, "Lifecycle"):
  * {@link recordMetadataForReloading} after building, {@link initializeLayerwiseReload} before
  * new weights arrive, loads in any order through the wrapped loaders, then
  * {@link finalizeLayerwiseReload}. At a layer's first load the layer gets its model-format

@@ -87,7 +87,7 @@ export const CUDA_SYMBOLS = {
     result: STATUS,
   },
 
-  // staged reads (issue 5)
+  // staged reads (ARCHITECTURE.md, "Read paths")
   lw_event_create_blocking: { parameters: ["i32", "buffer"], result: STATUS },
 
   // -------------------------------------------------- native staging (cuda/stager.cu)
