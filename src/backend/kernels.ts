@@ -10,7 +10,13 @@ import { BackendError } from "../errors.ts";
 import { type DType, DTYPES, isModelFloat } from "../tensor/dtype.ts";
 import { type Layout2D, shapeString, type Storage, Tensor } from "../tensor/tensor.ts";
 import { GRANULARITY_CODE, scaleCount, statusError } from "./abi.ts";
-import type { Backend, BackendKind, Granularity } from "./backend.ts";
+import type {
+  Backend,
+  BackendCapabilities,
+  BackendKind,
+  Granularity,
+  StagedReader,
+} from "./backend.ts";
 
 /**
  * The kernel section of the C ABI (cuda/layerwise.h) as JS sees it: the context first, pointers
@@ -109,7 +115,6 @@ export interface RawDevice {
   close(): void;
 }
 
-const FLOATS = new Set(["f32", "f16", "bf16", "f8_e4m3fn", "f8_e5m2"]);
 // Integer fills must fit the dtype: silently wrapping 300 into a u8 would hide a caller's bug.
 const INT_RANGE: Readonly<Record<string, [number, number]>> = {
   i8: [-128, 127],
@@ -136,12 +141,20 @@ export class KernelBackend implements Backend {
   #scratch: Storage;
   #closed = false;
 
-  /** Wraps a raw device. */
-  constructor(dev: RawDevice) {
+  /** See {@link Backend.hostView}. */
+  readonly hostView?: (tensor: Tensor) => Uint8Array;
+  /** See {@link Backend.fileReader}. */
+  readonly fileReader?: StagedReader;
+
+  /** Wraps a raw device; `capabilities` gives the optional parts, made for this backend. */
+  constructor(dev: RawDevice, capabilities?: (self: Backend) => BackendCapabilities) {
     this.#dev = dev;
     this.#k = dev.kernels;
     this.#ctx = dev.ctx;
     this.#scratch = this.alloc(64);
+    const caps = capabilities?.(this) ?? {};
+    if (caps.hostView) this.hostView = caps.hostView;
+    if (caps.fileReader) this.fileReader = caps.fileReader;
   }
 
   /** `cuda` or `wasm`. */
@@ -243,7 +256,7 @@ export class KernelBackend implements Backend {
       );
     }
     const same = dst.dtype === src.dtype;
-    if (!same && !(FLOATS.has(dst.dtype.name) && FLOATS.has(src.dtype.name))) {
+    if (!same && !(dst.dtype.floating && src.dtype.floating)) {
       throw new BackendError(
         "BAD_DTYPE",
         `copy: no conversion from ${src.dtype.name} to ${dst.dtype.name} (floating dtypes only)`,

@@ -11,7 +11,9 @@ import type { Backend } from "../backend.ts";
 import { statusError } from "../abi.ts";
 import { type KernelAbi, KernelBackend, type RawDevice } from "../kernels.ts";
 import { type CudaLibrary, type CudaSymbols, loadCudaLibrary } from "./cuda_ffi.ts";
+import { haveLibc } from "./libc.ts";
 import { DevicePool } from "./pool.ts";
+import { stagedFileReader } from "./staging.ts";
 
 function unavailable(message: string): BackendError {
   return new BackendError("CUDA_UNAVAILABLE", `CUDA backend unavailable: ${message}`);
@@ -525,8 +527,12 @@ export interface CudaBackendOptions {
 export function openCudaBackend(options: CudaBackendOptions = {}): Backend {
   const dev = CudaDevice.open(options.device ?? 0);
   const raw = new CudaRaw(dev);
-  const backend = new KernelBackend(raw);
-  HANDLES.set(backend, { device: dev, ctx: raw.ctx, pool: raw.pool });
+  const handle: CudaHandle = { device: dev, ctx: raw.ctx, pool: raw.pool };
+  const backend = new KernelBackend(
+    raw,
+    (self) => (haveLibc() ? { fileReader: stagedFileReader(self, handle) } : {}),
+  );
+  HANDLES.set(backend, handle);
   return backend;
 }
 

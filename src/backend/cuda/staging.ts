@@ -20,12 +20,12 @@
  * @module
  */
 
-import type { Backend } from "../backend.ts";
+import type { Backend, StagedReader } from "../backend.ts";
 import { BackendError, CheckpointError } from "../../errors.ts";
 import type { DType } from "../../tensor/dtype.ts";
 import { rowWindow, type Storage, Tensor } from "../../tensor/tensor.ts";
-import { type CudaDevice, type CudaHandle, cudaHandle, type PinnedBuffer } from "./device.ts";
-import { closeFd, haveLibc, openFd } from "./libc.ts";
+import type { CudaDevice, CudaHandle, PinnedBuffer } from "./device.ts";
+import { closeFd, openFd } from "./libc.ts";
 import {
   ALIGN,
   checkOptions,
@@ -39,11 +39,6 @@ import {
   type StagingOptions,
   type StagingStats,
 } from "./staging_plan.ts";
-
-/** Whether {@link stageFiles} can run for this backend (CUDA, Linux, libc loadable). */
-export function canStageFiles(backend: Backend): boolean {
-  return backend.kind === "cuda" && cudaHandle(backend) !== undefined && haveLibc();
-}
 
 interface HostRing {
   readonly slotBytes: number;
@@ -87,13 +82,21 @@ function ringFor(backend: Backend, h: CudaHandle, o: Required<StagingOptions>): 
 }
 
 /**
- * Frees the pinned staging ring kept for `backend` (kept between reloads because pinning
- * memory is slow). Call before closing the backend; a later staged read makes a new one.
+ * The staged reads of a CUDA backend (its {@link Backend.fileReader}): `h` is the backend's
+ * device, stream and memory pool.
  */
-export function releaseStaging(backend: Backend): void {
+export function stagedFileReader(backend: Backend, h: CudaHandle): StagedReader {
+  return {
+    read: (files, located, infoOf, options, stats) =>
+      stageFiles(backend, h, files, located, infoOf, options, stats),
+    release: () => releaseRing(backend, h),
+  };
+}
+
+/** Frees the pinned ring kept for `backend`, unless a read is using it. */
+function releaseRing(backend: Backend, h: CudaHandle): void {
   const ring = RINGS.get(backend);
-  const h = cudaHandle(backend);
-  if (!ring || !h || ring.busy) return;
+  if (!ring || ring.busy) return;
   RINGS.delete(backend);
   freeRing(h.device, ring);
 }
@@ -102,23 +105,21 @@ export function releaseStaging(backend: Backend): void {
  * Reads the `located` tensors of `files` (in that order) through the pinned ring and yields
  * each as a contiguous tensor in `backend` memory, borrowed: it is valid until the consumer
  * asks for the next one. A tensor larger than half the device ring (or `maxChunkBytes`) comes
- * as consecutive row chunks under its name, each a `rowWindow` of it. Yields nothing and
- * returns false when the backend cannot stage (see {@link canStageFiles}); returns true after
- * the last tensor.
+ * as consecutive row chunks under its name, each a `rowWindow` of it. Returns true after the
+ * last tensor.
  * Errors: CheckpointError `TRUNCATED` when a file came short, `MISSING_SHARD` when one
  * vanished; BackendError from the device, `BAD_OPTION` for sizes that are not positive
  * integers.
  */
-export async function* stageFiles(
+async function* stageFiles(
   backend: Backend,
+  h: CudaHandle,
   files: readonly string[],
   located: readonly StagedTensor[],
   infoOf: (name: string) => { readonly shape: readonly number[]; readonly dtype: DType },
   options: StagingOptions = {},
   stats?: StagingStats,
 ): AsyncGenerator<[string, Tensor], boolean> {
-  const h = cudaHandle(backend);
-  if (!h || !haveLibc()) return false;
   const o = { ...STAGING_DEFAULTS, ...options };
   checkOptions(o);
   const where = { files, tensors: located };
