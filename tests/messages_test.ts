@@ -46,6 +46,7 @@ Deno.test("messages: quoteName keeps both ends of a long name", () => {
   assert.equal(e, `"${"\u{1f600}".repeat(9)}...${"\u{1f600}".repeat(9)}"`);
 });
 
+// deno-lint-ignore no-control-regex -- control characters are what it looks for
 const CONTROLS = new RegExp(
   "[\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069]",
   "u",

@@ -27,13 +27,10 @@ import { rowWindow, type Storage, Tensor } from "../../tensor/tensor.ts";
 import type { CudaDevice, CudaHandle, PinnedBuffer } from "./device.ts";
 import { closeFd, openFd } from "./libc.ts";
 import {
-  ALIGN,
   checkOptions,
-  DeviceRing,
   flattenPieces,
   flattenReads,
-  planBlocks,
-  splitRows,
+  planStaging,
   type StagedTensor,
   STAGING_DEFAULTS,
   type StagingOptions,
@@ -122,7 +119,6 @@ async function* stageFiles(
 ): AsyncGenerator<[string, Tensor], boolean> {
   const o = { ...STAGING_DEFAULTS, ...options };
   checkOptions(o);
-  const where = { files, tensors: located };
   const d = h.device;
   const ring = ringFor(backend, h, o);
   const kept = RINGS.get(backend) === ring;
@@ -134,32 +130,21 @@ async function* stageFiles(
   let ok = false;
   if (o.reuseAllocations) h.pool.hold();
   try {
-    for (const f of where.files) fds.push(openFd(f));
-    // Chunks of at most half the ring always fit in it (see the ring size below).
-    const tensors = splitRows(
-      where.tensors,
+    for (const f of files) fds.push(openFd(f));
+    const { tensors, blocks, ringBytes, ringOffsets, waitFor } = planStaging(
+      located,
       (n) => infoOf(n).shape,
-      Math.max(1, Math.min(o.maxChunkBytes, Math.floor(o.deviceRingBytes / 2))),
+      o,
     );
-    const blocks = planBlocks(tensors, o.slotBytes, o.chunkBytes);
-    const largest = tensors.reduce((m, t) => Math.max(m, t.bytes), 0);
-    const ringBytes = Math.min(o.deviceRingBytes, Math.ceil(2 * largest / ALIGN) * ALIGN + ALIGN);
     devRing = backend.alloc(ringBytes);
     if (stats) {
       stats.pinnedBytes = o.slotBytes * o.slots;
       stats.deviceRingBytes = ringBytes;
     }
-    // Every place is known before the first read: the library's copy thread then needs only
-    // "how many tensors must the consumer have finished" to know when a place is free.
-    const places = new DeviceRing(ringBytes);
     const base: [Storage, number][] = [];
-    const waitFor = new BigUint64Array(tensors.length);
     tensors.forEach((t, i) => {
-      if (places.fits(t.bytes)) {
-        const { offset, overwrites } = places.place(t.bytes, i);
-        base.push([devRing!, offset]);
-        waitFor[i] = BigInt(overwrites.reduce((m, w) => Math.max(m, w + 1), 0));
-      } else {
+      if (ringOffsets[i] >= 0) base.push([devRing!, ringOffsets[i]]);
+      else {
         const s = backend.alloc(t.bytes);
         dedicated.set(i, s);
         base.push([s, 0]);
@@ -184,7 +169,7 @@ async function* stageFiles(
         ? d.stagerNext(stager, i)
         : await d.stagerNextAsync(stager, i);
       if (stats) stats.readWaitSeconds += (performance.now() - t0) / 1000;
-      if (st !== 0) throw stagingFailure(d, stager, where.files);
+      if (st !== 0) throw stagingFailure(d, stager, files);
       const [storage, off] = base[i];
       const info = infoOf(t.name);
       let tensor: Tensor;
