@@ -1,5 +1,5 @@
 /**
- * The staged read path (src/checkpoint/staging.ts): the block plan, the device ring and the cut
+ * The staged read path (ARCHITECTURE.md, "Read paths"): the block plan, the device ring and the cut
  * of big tensors into row chunks on any machine; on a GPU, kernel bytes identical to the simple
  * path for every fixture checkpoint and for synthetic ones (sharded, shuffled across shards,
  * tiny slots so tensors span several slots and the device ring wraps, a ring so small that big

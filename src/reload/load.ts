@@ -279,6 +279,7 @@ export async function reloadLayerwise(
   options: ReloadLayerwiseOptions = {},
 ): Promise<ReloadReport> {
   const t0 = performance.now();
+  // Named as the package root's reloadWeights, which is what almost every caller called.
   assertIdle(model, "reloadWeights");
   const validation = options.expected
     ? validateTensors(model, options.expected, { strict: options.strict })
