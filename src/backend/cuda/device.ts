@@ -10,7 +10,7 @@ import { BackendError, type BackendErrorCode } from "../../errors.ts";
 import type { Backend } from "../backend.ts";
 import { statusError } from "../abi.ts";
 import { type KernelAbi, KernelBackend, type RawDevice } from "../kernels.ts";
-import { type CudaLibrary, type CudaSymbols, loadCudaLibrary } from "./cuda_ffi.ts";
+import { type CudaLibrary, type CudaSymbols, DRIVER_SYMBOLS, loadCudaLibrary } from "./cuda_ffi.ts";
 import { haveLibc } from "./libc.ts";
 import { DevicePool } from "./pool.ts";
 import { stagedFileReader } from "./staging.ts";
@@ -24,15 +24,9 @@ function unavailable(message: string): BackendError {
  * message can say which of the two is missing.
  */
 function probeDriver(device: number): void {
-  let lib: Deno.DynamicLibrary<{
-    cuInit: { parameters: ["u32"]; result: "i32" };
-    cuDeviceGetCount: { parameters: ["buffer"]; result: "i32" };
-  }>;
+  let lib: Deno.DynamicLibrary<typeof DRIVER_SYMBOLS>;
   try {
-    lib = Deno.dlopen("libcuda.so.1", {
-      cuInit: { parameters: ["u32"], result: "i32" },
-      cuDeviceGetCount: { parameters: ["buffer"], result: "i32" },
-    });
+    lib = Deno.dlopen("libcuda.so.1", DRIVER_SYMBOLS);
   } catch (e) {
     if (e instanceof Deno.errors.NotCapable || e instanceof Deno.errors.PermissionDenied) {
       throw unavailable("it needs --allow-ffi");
