@@ -52,7 +52,13 @@ export {
 } from "./src/tensor/tensor.ts";
 
 // Backends
-export type { Granularity, MultiTensorKind, MultiTensorLaunch } from "./src/backend/backend.ts";
+export type {
+  Granularity,
+  MultiTensorKind,
+  MultiTensorLaunch,
+  StagedReader,
+} from "./src/backend/backend.ts";
+export type { StagedTensor, StagingStats } from "./src/backend/cuda/staging_plan.ts";
 export { openWasmBackend, WASM_MAX_MEMORY_BYTES, wasmView } from "./src/backend/wasm.ts";
 export { type CudaBackendOptions, openCudaBackend } from "./src/backend/cuda/device.ts";
 
@@ -145,6 +151,20 @@ export {
   type ReloadReport,
   type TensorStream,
 } from "./src/reload/load.ts";
+export {
+  type DeviceArrival,
+  type DevicePlanReport,
+  DeviceReload,
+  releaseDevicePlan,
+} from "./src/reload/device.ts";
+export {
+  type DevicePhase,
+  type DevicePlan,
+  layoutKey,
+  type PlanArrival,
+  planDeviceReload,
+  type PlannedLaunch,
+} from "./src/reload/device_plan.ts";
 export {
   type TensorDescriptor,
   type ValidateOptions,

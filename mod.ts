@@ -43,7 +43,17 @@
  */
 
 // Errors
-export { BackendError, CheckpointError, LayerwiseError, ReloadError } from "./src/errors.ts";
+export {
+  type ArgumentErrorCode,
+  BackendError,
+  type BackendErrorCode,
+  CheckpointError,
+  type CheckpointErrorCode,
+  type ErrorCode,
+  LayerwiseError,
+  ReloadError,
+  type ReloadErrorCode,
+} from "./src/errors.ts";
 
 // Load, reload, export
 export {
@@ -63,11 +73,9 @@ export { isInconsistent } from "./src/reload/layerwise.ts";
 
 // Reload from tensors already in backend memory (IPC or NCCL buckets, a staged checkpoint)
 export {
-  type DevicePlanReport,
   type DeviceReloadOptions,
   type DeviceReloadReport,
   type DeviceTensorView,
-  releaseDevicePlan,
   reloadFromDevice,
 } from "./src/reload/device.ts";
 

@@ -15,7 +15,13 @@ import type { CausalLM } from "../src/models/causal_lm.ts";
 import { DeviceReload, type DeviceTensorView, reloadFromDevice } from "../src/reload/device.ts";
 import { openWeightSource } from "../src/checkpoint/source.ts";
 import type { HostTensor } from "../src/checkpoint/safetensors.ts";
-import { BackendError, CheckpointError, LayerwiseError, ReloadError } from "../src/errors.ts";
+import {
+  BackendError,
+  type BackendErrorCode,
+  CheckpointError,
+  LayerwiseError,
+  ReloadError,
+} from "../src/errors.ts";
 import { isInconsistent } from "../src/reload/layerwise.ts";
 import { Tensor } from "../src/tensor/tensor.ts";
 import { equalBytes } from "../testing.ts";
@@ -383,7 +389,8 @@ function failLaunch(b: Backend, n: number): () => boolean {
     if (!fired && --left === 0) {
       fired = true;
       b.launchMultiTensor = real;
-      throw new BackendError("INJECTED", `injected failure of launch ${n}`);
+      // A code no real backend throws: the failure is told apart from a real one.
+      throw new BackendError("INJECTED" as BackendErrorCode, `injected failure of launch ${n}`);
     }
     real(l);
   };

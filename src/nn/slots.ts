@@ -11,6 +11,7 @@
 
 import type { Backend } from "../backend/backend.ts";
 import { CheckpointError, ReloadError } from "../errors.ts";
+import { isModelFloat } from "../tensor/dtype.ts";
 import { shapeString, Tensor } from "../tensor/tensor.ts";
 
 /** Identifies a shard of a fused tensor: `"q"`, `"k"`, `"v"`, `0..n-1`, `"w1"`, `"w2"`, `"w3"`. */
@@ -114,8 +115,6 @@ export function recordWrites(fn: () => void): RecordedWrite[] {
   return writes;
 }
 
-const CASTABLE = new Set(["f32", "f16", "bf16"]);
-
 /**
  * The only way loaders write: `dst = src` (casting between f32/f16/bf16). Shapes must match;
  * quantized dtypes (fp8, int8) must match exactly. When `dst` is a meta tensor, its element
@@ -133,7 +132,7 @@ export function copyInto(backend: Backend, dst: Tensor, src: Tensor): void {
       `expected ${shapeString(dst.shape)}, got ${shapeString(src.shape)}`,
     );
   }
-  if (dst.dtype !== src.dtype && !(CASTABLE.has(dst.dtype.name) && CASTABLE.has(src.dtype.name))) {
+  if (dst.dtype !== src.dtype && !(isModelFloat(dst.dtype) && isModelFloat(src.dtype))) {
     throw new CheckpointError(
       "DTYPE_MISMATCH",
       `expected ${dst.dtype.name}, got ${src.dtype.name}`,

@@ -146,7 +146,7 @@ function viewTensors(backend: Backend, views: readonly DeviceTensorView[]): {
       }
       const where = `device view ${quoteName(v.name)}`;
       if (names.has(v.name)) {
-        throw new CheckpointError("DUPLICATE_TENSOR", `${where}: the name is given twice`);
+        throw new CheckpointError("DUPLICATE", `${where}: the name is given twice`);
       }
       names.add(v.name);
       let t: Tensor;

@@ -18,7 +18,7 @@
  */
 
 import type { Granularity, MultiTensorKind } from "../backend/backend.ts";
-import { MULTI_TENSOR_FIELDS } from "../backend/kernels.ts";
+import { MULTI_TENSOR_FIELDS, QUANT_BLOCK, scaleCount } from "../backend/abi.ts";
 import type { Module, ResolvedWeight } from "../nn/module.ts";
 import { recordWrites, TensorSlot } from "../nn/slots.ts";
 import { OnlineQuantMethod } from "../quant/online.ts";
@@ -355,11 +355,7 @@ function planLayer(
       }
       const g = online!.granularity;
       const scale = layer.getSlot(spec.scaleName)!.tensor;
-      const perScale = g === "tensor"
-        ? 1
-        : g === "row"
-        ? rows
-        : Math.ceil(rows / 128) * Math.ceil(cols / 128);
+      const perScale = scaleCount(rows, cols, g);
       const key = `${w.slot}|${e}`;
       let t = quantTargets.get(key);
       if (!t) {
@@ -461,9 +457,10 @@ function buildTables(
         const ti = tRows.length;
         const item0 = iRows.length;
         if (t.kind === "fp8-block128") {
-          for (let r = 0; r < t.rows; r += 128) {
-            for (let c = 0; c < t.cols; c += 128) {
-              iRows.push([ti, r, Math.min(128, t.rows - r), c, Math.min(128, t.cols - c)]);
+          const B = QUANT_BLOCK;
+          for (let r = 0; r < t.rows; r += B) {
+            for (let c = 0; c < t.cols; c += B) {
+              iRows.push([ti, r, Math.min(B, t.rows - r), c, Math.min(B, t.cols - c)]);
             }
           }
         } else {
