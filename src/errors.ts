@@ -25,3 +25,9 @@ export class CheckpointError extends LayerwiseError {}
 
 /** A reload could not complete; see the message for what was and was not written. */
 export class ReloadError extends LayerwiseError {}
+
+/**
+ * `config.json` is missing, malformed, or does not fit the checkpoint beside it (a
+ * CheckpointError: a config is part of a checkpoint).
+ */
+export class ConfigError extends CheckpointError {}
