@@ -10,6 +10,7 @@
  */
 
 import type { Backend } from "../backend/backend.ts";
+import { pathText } from "../messages.ts";
 import { CheckpointError, LayerwiseError, ReloadError } from "../errors.ts";
 import { shapeString, Tensor } from "../tensor/tensor.ts";
 import type { QuantMethod } from "../quant/method.ts";
@@ -349,7 +350,9 @@ export class Module {
 
 /** Rethrows a LayerwiseError with `name: ` in front of its message; other errors unchanged. */
 export function prefixError(e: unknown, name: string): unknown {
-  if (!(e instanceof LayerwiseError) || e.message.startsWith(`${name}:`)) return e;
+  // The name comes from a checkpoint: escaped and cut like any name from input.
+  const shown = pathText(name);
+  if (!(e instanceof LayerwiseError) || e.message.startsWith(`${shown}:`)) return e;
   const Ctor = e.constructor as new (code: string, message: string) => LayerwiseError;
-  return new Ctor(e.code, `${name}: ${e.message}`);
+  return new Ctor(e.code, `${shown}: ${e.message}`);
 }

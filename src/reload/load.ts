@@ -21,6 +21,7 @@ import {
   initializeLayerwiseReload,
   recordMetadataForReloading,
   rejectNonFinite,
+  rejectNonFiniteKernel,
   type ReloadOptions,
   setLoading,
 } from "./layerwise.ts";
@@ -142,7 +143,7 @@ export async function loadWeights(
       const real = r.slot.tensor;
       let n: number;
       try {
-        if (options.rejectNonFinite) rejectNonFinite(r.module.backend!, loaded, name);
+        if (options.rejectNonFinite) rejectNonFinite(r.module.backend!, loaded, name, real.dtype);
         r.slot.tensor = Tensor.meta(real.shape, real.dtype);
         try {
           n = countWrites(() => r.slot.weightLoader(r.slot, loaded, r.shardId, r.expertId));
@@ -182,8 +183,10 @@ export async function loadWeights(
       );
     }
     for (const last of [false, true]) {
-      for (const [, m] of layers) {
-        if (m.processLast === last) m.quantMethod?.processWeightsAfterLoading(m);
+      for (const [path, m] of layers) {
+        if (m.processLast !== last || m.quantMethod === undefined) continue;
+        m.quantMethod.processWeightsAfterLoading(m);
+        if (options.rejectNonFinite) rejectNonFiniteKernel(m, path);
       }
     }
   } catch (e) {

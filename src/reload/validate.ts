@@ -9,6 +9,7 @@
  */
 
 import { CheckpointError, LayerwiseError } from "../errors.ts";
+import { pathText } from "../messages.ts";
 import {
   countWrites,
   type Module,
@@ -170,7 +171,7 @@ export function validateWeights(
     }
     if (!target) {
       unknown.push(name);
-      unknownWhere.push(e.origin === undefined ? name : `${e.origin}: ${name}`);
+      unknownWhere.push(e.origin === undefined ? pathText(name) : `${e.origin}: ${pathText(name)}`);
       continue;
     }
     const shardId: ShardId | undefined = mapped.shardId;
