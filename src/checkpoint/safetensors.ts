@@ -14,6 +14,7 @@ import { CheckpointError } from "../errors.ts";
 import { quoteName } from "../messages.ts";
 import { type DType, dtypeFromSafetensors } from "../tensor/dtype.ts";
 import { openRegularFile } from "./files.ts";
+import { writeFileAtomic } from "./atomic_write.ts";
 import { JsonNumber, JsonObject, type JsonValue, parseStrictJson } from "./json.ts";
 
 /** A tensor held in host memory: its bytes are little-endian, row-major and contiguous. */
@@ -598,11 +599,15 @@ export function encodeSafetensors(
   return out;
 }
 
-/** Encodes tensors with {@link encodeSafetensors} and writes them to `path`. */
+/**
+ * Encodes tensors with {@link encodeSafetensors} and writes them to `path` atomically (a
+ * temporary file beside it, then a rename: see `writeFileAtomic`), so an interrupted write
+ * never leaves a truncated file where the previous one was.
+ */
 export async function writeSafetensors(
   path: string,
   tensors: Iterable<[string, HostTensor]>,
   metadata?: Record<string, string>,
 ): Promise<void> {
-  await Deno.writeFile(path, encodeSafetensors(tensors, metadata));
+  await writeFileAtomic(path, encodeSafetensors(tensors, metadata));
 }
