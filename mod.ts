@@ -42,7 +42,13 @@
  */
 
 // Errors
-export { BackendError, CheckpointError, LayerwiseError, ReloadError } from "./src/errors.ts";
+export {
+  BackendError,
+  CheckpointError,
+  ConfigError,
+  LayerwiseError,
+  ReloadError,
+} from "./src/errors.ts";
 
 // Tensors and dtypes
 export {
@@ -113,10 +119,15 @@ export {
 export { type ProgressCallback, READ_CHUNK_BYTES } from "./src/models/weights.ts";
 export {
   type Architecture,
+  checkConfigAgainstCheckpoint,
+  DIM_PRODUCTS,
   type ModelConfig,
   type ParseConfigOptions,
   parseModelConfig,
   readModelConfig,
+  SIZE_FIELDS,
+  type SizeField,
+  type TensorShapeInfo,
 } from "./src/models/config.ts";
 export { type SynthShape, synthTensors, writeSynthCheckpoint } from "./src/cli/synth.ts";
 
