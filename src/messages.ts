@@ -45,25 +45,30 @@ export function escapeText(s: string): string {
   );
 }
 
+function cutParts(s: string, max: number): [string, string] {
+  if (s.length <= max) return [s, ""];
+  const half = Math.max(1, Math.floor((max - 1) / 2));
+  let a = half, b = s.length - half;
+  if (/[\ud800-\udbff]/.test(s[a - 1] ?? "")) a--;
+  if (/[\udc00-\udfff]/.test(s[b] ?? "")) b++;
+  return [`${s.slice(0, a)}…${s.slice(b)}`, ` (${s.length} characters)`];
+}
+
 /**
  * `s` cut to about `max` characters: its start, `…`, its end, and how long it was. Cuts never
  * split a surrogate pair.
  */
 export function cutText(s: string, max: number = MAX_NAME_CHARS): string {
-  if (s.length <= max) return s;
-  const half = Math.max(1, Math.floor((max - 1) / 2));
-  let a = half, b = s.length - half;
-  if (/[\ud800-\udbff]/.test(s[a - 1] ?? "")) a--;
-  if (/[\udc00-\udfff]/.test(s[b] ?? "")) b++;
-  return `${s.slice(0, a)}…${s.slice(b)} (${s.length} characters)`;
+  return cutParts(s, max).join("");
 }
 
 /**
- * A name from input (tensor, field, shard, key) for a message: cut to {@link MAX_NAME_CHARS},
- * escaped, in double quotes (a `"` or `\` inside is escaped too).
+ * A name from input (tensor, field, shard, key) for a message: cut to {@link MAX_NAME_CHARS}
+ * (then followed by its length), escaped, in double quotes (a `"` or `\` inside is escaped too).
  */
 export function quoteName(name: string, max: number = MAX_NAME_CHARS): string {
-  return `"${escapeText(cutText(name, max).replace(/[\\"]/g, (c) => `\\${c}`))}"`;
+  const [shown, note] = cutParts(name, max);
+  return `"${escapeText(shown.replace(/[\\"]/g, (c) => `\\${c}`))}"${note}`;
 }
 
 /**

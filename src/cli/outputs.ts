@@ -42,9 +42,19 @@ export async function checkOutputs(o: CliOptions, dir: string, weights: string):
   const inputs = [`${dir.replace(/\/+$/, "")}/config.json`, ...model.files];
   if (model.index !== null) inputs.push(model.index);
   if (weights !== dir) {
-    const w = await openCheckpoint(weights);
-    inputs.push(...w.files);
-    if (w.index !== null) inputs.push(w.index);
+    try {
+      const w = await openCheckpoint(weights);
+      inputs.push(...w.files);
+      if (w.index !== null) inputs.push(w.index);
+    } catch (e) {
+      if (!(e instanceof CheckpointError)) throw e;
+      // Its error belongs to the reload (after the first load, so --export shows the model
+      // then); meanwhile every file it could name counts as read.
+      inputs.push(weights);
+      if ((await statOrNull(weights))?.isDirectory) {
+        for (const entry of Deno.readDirSync(weights)) inputs.push(`${weights}/${entry.name}`);
+      }
+    }
   }
   const outputs: [string, string][] = [];
   if (o.export !== undefined) outputs.push(["--export", o.export]);
