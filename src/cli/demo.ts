@@ -16,7 +16,7 @@ import { describeReload } from "./run.ts";
 import { writeJsonReport } from "./outputs.ts";
 import { checkWritable } from "../checkpoint/atomic_write.ts";
 import { createProgressBar } from "./progress.ts";
-import { DEMO_SHAPE, synthTensors, writeSynthCheckpoint } from "./synth.ts";
+import { DEMO_SHAPE, synthTensors, writeSynthCheckpoint } from "../testing/synth.ts";
 import { compareKernelTensor, type Comparison, stackRows } from "./verify.ts";
 
 const SEED_A = 0x5eed_a;

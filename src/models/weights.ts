@@ -8,13 +8,14 @@
 import type { Backend } from "../backend/backend.ts";
 import { wasmView } from "../backend/wasm.ts";
 import type { WeightSource } from "../checkpoint/source.ts";
-import { canStage, stageTensors, type StagingOptions } from "../checkpoint/staging.ts";
+import type { StagingOptions } from "../backend/cuda/staging_plan.ts";
+import { canStage, stageTensors } from "../checkpoint/staging.ts";
 import { CheckpointError } from "../errors.ts";
-import { validateWeights as checkAgainstModel } from "../reload/validate.ts";
+import { validateTensors as checkAgainstModel } from "../reload/validate.ts";
 import { rowWindow, type Tensor } from "../tensor/tensor.ts";
 import type { CausalLM } from "./causal_lm.ts";
 import { canonicalName, expectedCheckpointNames } from "./names.ts";
-import { listNames, quoteName } from "../messages.ts";
+import { listNames, plural, quoteName } from "../messages.ts";
 
 function refuseDuplicate(
   model: CausalLM,
@@ -99,9 +100,7 @@ export function validateWeights(
   if (absent.length > 0 && !options.partial) {
     throw new CheckpointError(
       "MISSING_TENSOR",
-      `${source.description}: ${absent.length} tensor${absent.length > 1 ? "s" : ""} missing: ${
-        listNames(absent)
-      }`,
+      `${source.description}: ${plural(absent.length, "tensor")} missing: ${listNames(absent)}`,
     );
   }
   const order = source.plan(model.readOrder);
