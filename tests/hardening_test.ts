@@ -10,6 +10,8 @@ import {
   loadSafetensors,
 } from "../src/checkpoint/safetensors.ts";
 import { dtypeOf } from "../src/tensor/dtype.ts";
+import { fileSource } from "../src/checkpoint/source.ts";
+import { CheckpointError } from "../src/errors.ts";
 
 const ROOT = new URL("../", import.meta.url).pathname;
 const MAIN = `${ROOT}src/cli/main.ts`;
@@ -689,4 +691,26 @@ Deno.test("a folder with model.safetensors and an index is read from model.safet
   assert.equal(r.code, 0, r.stderr);
   assert.match(r.stdout, /model\.safetensors \(model\.safetensors\.index\.json beside it not used/);
   sameBytes(await Deno.readFile(`${out}/got.safetensors`), want, "read from model.safetensors");
+});
+
+Deno.test("a file cut during a reload is reported with the size it now has", async () => {
+  const dir = await tmpDir();
+  const file = `${dir}/model.safetensors`;
+  await Deno.copyFile(`${LLAMA}/model.safetensors`, file);
+  const source = await fileSource(file);
+  try {
+    const last = source.plan().at(-1)!;
+    for (const size of [20_000, 100, 0]) {
+      await Deno.truncate(file, size);
+      const info = source.tensors.get(last)!;
+      await assert.rejects(source.readInto(last, new Uint8Array(info.bytes)), (e) => {
+        assert.ok(e instanceof CheckpointError && e.code === "TRUNCATED", String(e));
+        assert.ok(e.message.includes(file) && e.message.includes(last), e.message);
+        assert.match(e.message, new RegExp(`the file now ends at ${size}$`));
+        return true;
+      });
+    }
+  } finally {
+    source.close();
+  }
 });
