@@ -11,6 +11,7 @@ import {
 } from "../src/checkpoint/safetensors.ts";
 import { dtypeOf } from "../src/tensor/dtype.ts";
 import { fileSource } from "../src/checkpoint/source.ts";
+import { closeFd, haveLibc, openFd } from "../src/backend/cuda/libc.ts";
 import { CheckpointError } from "../src/errors.ts";
 
 const ROOT = new URL("../", import.meta.url).pathname;
@@ -713,4 +714,15 @@ Deno.test("a file cut during a reload is reported with the size it now has", asy
   } finally {
     source.close();
   }
+});
+
+Deno.test("the staged (CUDA) reader's open does not wait on a FIFO", async () => {
+  if (!haveLibc()) return;
+  const dir = await tmpDir();
+  new Deno.Command("mkfifo", { args: [`${dir}/pipe`] }).outputSync();
+  // Blocking, this open would wait for a writer forever (the test would hang here).
+  const fd = openFd(`${dir}/pipe`);
+  assert.ok(fd >= 0);
+  closeFd(fd);
+  await Deno.remove(dir, { recursive: true });
 });

@@ -8,7 +8,8 @@
  * @example
  * ```ts
  * import { writeFileAtomic } from "./atomic_write.ts";
- * await writeFileAtomic("report.json", new TextEncoder().encode("{}\n"));
+ * const dir = await Deno.makeTempDir();
+ * await writeFileAtomic(`${dir}/report.json`, new TextEncoder().encode("{}\n"));
  * ```
  * @module
  */

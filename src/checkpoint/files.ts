@@ -7,7 +7,8 @@
  * @example
  * ```ts
  * import { readBoundedText } from "./files.ts";
- * const text = await readBoundedText("config.json", 1 << 20, "BAD_CONFIG");
+ * // Refuses a FIFO, a device or a directory before reading, and anything over 1 MiB.
+ * const text = await readBoundedText("/etc/hostname", 1 << 20, "BAD_CONFIG");
  * ```
  * @module
  */
