@@ -67,6 +67,7 @@ Deno.test("messages: quoteName output is one line with no raw control character,
       (s, max) => {
         const q = quoteName(s, max);
         assert.ok(
+          // deno-lint-ignore no-control-regex -- no raw control character may remain
           !/[\u0000-\u001f\u007f-\u009f\u2028\u2029\u202a-\u202e\u2066-\u2069]/u.test(q),
           q,
         );
