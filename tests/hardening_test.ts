@@ -20,6 +20,8 @@ const CKPT = new URL("../../shared/fixtures/ckpt/", import.meta.url).pathname;
 const LLAMA = `${CKPT}llama-tiny`;
 const MIXTRAL = `${CKPT}mixtral-tiny`;
 const SHARDED = `${CKPT}llama-tiny-sharded`;
+// WebAssembly by default; LAYERWISE_E2E_BACKEND=cuda runs the same cases on a GPU.
+const BACKEND = Deno.env.get("LAYERWISE_E2E_BACKEND") ?? "wasm";
 // A hang guard: far above a normal run (under a second) even on a loaded machine.
 const LIMIT_MS = 90_000;
 
@@ -31,7 +33,7 @@ interface Run {
 
 async function cli(args: string[], cwd?: string): Promise<Run> {
   const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", MAIN, "--backend", "wasm", ...args],
+    args: ["run", "-A", MAIN, "--backend", BACKEND, ...args],
     cwd,
     stdout: "piped",
     stderr: "piped",
@@ -249,7 +251,7 @@ Deno.test("CLI interrupted at any time: the export is the old file or a whole ne
         "-A",
         MAIN,
         "--backend",
-        "wasm",
+        BACKEND,
         "--model",
         LLAMA,
         "--quiet",
