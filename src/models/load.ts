@@ -52,8 +52,9 @@ export interface LoadModelOptions {
   /** Tensors the model does not have are errors (default: ignored, see the report). */
   strict?: boolean;
   /**
-   * Refuse NaN or infinite values in the checkpoint (ReloadError `NON_FINITE`). Default off
-   * in the API (the CLI turns it on); it costs one extra device read of every tensor.
+   * Refuse NaN or infinite values in the checkpoint, also values that become infinite in the
+   * model's dtype or in a layer's kernel tensors (ReloadError `NON_FINITE`). Default off in the
+   * API (the CLI turns it on); it costs one extra device read of every tensor.
    */
   rejectNonFinite?: boolean;
   /** Tensor-parallel rank to build and load (default 0); see src/parallel/tp.ts. */

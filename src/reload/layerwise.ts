@@ -21,8 +21,9 @@
  * tensor bit-exactly from host copies taken before the first write into each layer; without
  * it, the model is marked inconsistent ({@link isInconsistent}) until the layers the failed
  * reload wrote (a layer loaded straight into its kernel tensors counts as written from its
- * first load) are written again; `rejectNonFinite` scans incoming tensors for NaN/Inf before
- * anything is written; a second reload (or a first load) of a model while one runs is refused
+ * first load) are written again; `rejectNonFinite` scans incoming tensors (as they come and as
+ * the model's dtype holds them) for NaN/Inf before anything is written, and kernel tensors after
+ * processing; a second reload (or a first load) of a model while one runs is refused
  * (`RELOAD_ACTIVE`, `LOAD_ACTIVE`).
  *
  * Bookkeeping lives in WeakMaps keyed by module: it goes away with the model.
@@ -71,9 +72,13 @@ export interface ReloadOptions {
   /**
    * Scan every incoming tensor on the backend (`countNonFinite`) before it is written, and
    * fail with ReloadError `NON_FINITE` naming the tensor and the count of NaN/Inf elements.
-   * Default false in the API (the CLI turns it on). Costs one extra read of every
-   * incoming tensor on the device (about the checkpoint's size in memory bandwidth) and, for a
-   * non-contiguous tensor, a temporary contiguous copy. Integer tensors are never scanned.
+   * The check holds for what the model ends up holding: an incoming tensor of another dtype
+   * than the model's is also counted after conversion to the model's dtype (finite f32 values
+   * can overflow bf16 or f16), and a layer's kernel tensors are counted after its quant method
+   * ran. Default false in the API (the CLI turns it on). Costs one extra read of every
+   * incoming tensor on the device (about the checkpoint's size in memory bandwidth), a
+   * converted temporary when the dtypes differ, one read of each quantized layer's kernel
+   * tensors, and, for a non-contiguous tensor, a temporary contiguous copy.
    */
   rejectNonFinite?: boolean;
   /** Receives debug messages (ignored loads, delayed processing). */

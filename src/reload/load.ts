@@ -74,7 +74,8 @@ export interface LoadOptions extends ExpectOptions {
   /** Receives debug messages. */
   log?: (message: string) => void;
   /**
-   * Scan every incoming tensor on the backend for NaN/Inf before loading it; a hit is
+   * Scan every incoming tensor on the backend for NaN/Inf before loading it, as it comes and
+   * converted to the model's dtype, and each layer's kernel tensors after processing; a hit is
    * ReloadError `NON_FINITE` naming the tensor and the count. Default false (the CLI turns it
    * on); costs one extra device read of every incoming tensor.
    */
