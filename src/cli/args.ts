@@ -68,7 +68,7 @@ Options:
   --strict           tensors the model does not have are errors (default: reported)
   --allow-non-finite accept NaN/Inf in incoming weights (default: refused; the check costs one
                      extra read of every incoming tensor on the device)
-  --repeat N         reload N times (default 1; 0 only loads)
+  --repeat N         reload N times (default 1; 0 only loads and checks --weights)
   --quiet            no progress bar, no report on stdout
   --help             show this help
 
