@@ -44,11 +44,17 @@
 
 // Errors
 export {
+  type ArgumentErrorCode,
   BackendError,
+  type BackendErrorCode,
   CheckpointError,
+  type CheckpointErrorCode,
   ConfigError,
+  type ConfigErrorCode,
+  type ErrorCode,
   LayerwiseError,
   ReloadError,
+  type ReloadErrorCode,
 } from "./src/errors.ts";
 
 // Load, reload, export

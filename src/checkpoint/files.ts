@@ -13,7 +13,7 @@
  * @module
  */
 
-import { CheckpointError } from "../errors.ts";
+import { CheckpointError, type CheckpointErrorCode } from "../errors.ts";
 import { pathText } from "../messages.ts";
 
 /** What a path is, in words, when it is not a regular file. */
@@ -43,7 +43,7 @@ export async function statOrNull(path: string): Promise<Deno.FileInfo | null> {
  */
 export async function statRegularFile(
   path: string,
-  code: string,
+  code: CheckpointErrorCode,
   what = "a file",
 ): Promise<Deno.FileInfo> {
   let info: Deno.FileInfo | null;
@@ -69,7 +69,7 @@ export async function statRegularFile(
  */
 export async function openRegularFile(
   path: string,
-  code: string,
+  code: CheckpointErrorCode,
   what = "a file",
 ): Promise<{ file: Deno.FsFile; size: number }> {
   const before = await statRegularFile(path, code, what);
@@ -95,7 +95,7 @@ export async function openRegularFile(
 export async function readBoundedText(
   path: string,
   maxBytes: number,
-  code: string,
+  code: CheckpointErrorCode,
   what = "a file",
 ): Promise<string> {
   const { file, size } = await openRegularFile(path, code, what);

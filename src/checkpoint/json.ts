@@ -17,7 +17,7 @@
  * @module
  */
 
-import { CheckpointError } from "../errors.ts";
+import { CheckpointError, type CheckpointErrorCode } from "../errors.ts";
 import { pathText, quoteName } from "../messages.ts";
 
 const JSON_DEPTH_LIMIT = 128;
@@ -40,7 +40,7 @@ export type JsonValue = string | JsonNumber | boolean | null | JsonValue[] | Jso
 /** How {@link parseStrictJson} reports what it refuses. */
 export interface StrictJsonOptions {
   /** Error code of a syntax error. */
-  syntaxCode: string;
+  syntaxCode: CheckpointErrorCode;
   /** What the text is, for messages (`header`, `index`). */
   what: string;
   /**

@@ -10,7 +10,7 @@
  * @module
  */
 
-import { CheckpointError } from "../errors.ts";
+import { CheckpointError, type CheckpointErrorCode } from "../errors.ts";
 import { quoteName } from "../messages.ts";
 import { type DType, dtypeFromSafetensors } from "../tensor/dtype.ts";
 import { openRegularFile } from "./files.ts";
@@ -74,7 +74,7 @@ const UNSUPPORTED_DTYPES: ReadonlySet<string> = new Set([
   "F4",
 ]);
 
-function fail(code: string, message: string): never {
+function fail(code: CheckpointErrorCode, message: string): never {
   throw new CheckpointError(code, message);
 }
 
@@ -282,7 +282,7 @@ function checkLayout(file: string, entries: TensorEntry[], dataLength: number): 
   entries.sort((a, b) => a.begin - b.begin || a.end - b.end);
   let expected = 0;
   let prev: TensorEntry | null = null;
-  let tilingError: [string, string] | null = null;
+  let tilingError: [CheckpointErrorCode, string] | null = null;
   for (const e of entries) {
     if (e.begin < expected) {
       tilingError = [

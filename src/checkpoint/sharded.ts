@@ -11,7 +11,7 @@
  * @module
  */
 
-import { CheckpointError } from "../errors.ts";
+import { CheckpointError, type CheckpointErrorCode } from "../errors.ts";
 import { escapeText, pathText, quoteName } from "../messages.ts";
 import { fileKind, readBoundedText, statOrNull } from "./files.ts";
 import { JsonObject, parseStrictJson } from "./json.ts";
@@ -54,7 +54,7 @@ export interface Checkpoint {
   readPlan(order?: (name: string) => number): TensorEntry[];
 }
 
-function fail(code: string, message: string): never {
+function fail(code: CheckpointErrorCode, message: string): never {
   throw new CheckpointError(code, message);
 }
 

@@ -7,7 +7,7 @@
 import { readBoundedText } from "../checkpoint/files.ts";
 import { CheckpointError, ConfigError } from "../errors.ts";
 import { describeValue, listNames, pathText } from "../messages.ts";
-import { type DType, dtypeOf } from "../tensor/dtype.ts";
+import { type DType, dtypeOf, isModelFloat } from "../tensor/dtype.ts";
 
 /** The architectures this package builds, as `config.json` names them. */
 export const ARCHITECTURES: readonly string[] = Object.freeze([
@@ -212,7 +212,7 @@ export function parseModelConfig(json: unknown, options: ParseConfigOptions = {}
     if (!present(cfg, field)) bad(file, "dtype", "is missing (nor is there a torch_dtype)");
     const name = cfg[field];
     const d = typeof name === "string" ? dtypeOf(name) : undefined;
-    if (d === undefined || !["f32", "f16", "bf16"].includes(d.name)) {
+    if (d === undefined || !isModelFloat(d)) {
       bad(file, field, `is ${describeValue(name)}, expected bfloat16, float16 or float32`);
     }
     dtype = d;
@@ -287,7 +287,8 @@ export async function readModelConfig(
   try {
     text = await readBoundedText(file, MAX_CONFIG_BYTES, "NO_CONFIG", "a JSON file");
   } catch (e) {
-    if (e instanceof CheckpointError) throw new ConfigError(e.code, e.message);
+    // Whatever the reader found (missing, a FIFO, too large, not UTF-8): no usable config.
+    if (e instanceof CheckpointError) throw new ConfigError("NO_CONFIG", e.message);
     throw e;
   }
   let json: unknown;

@@ -6,7 +6,7 @@
  */
 
 import type { Backend } from "../backend/backend.ts";
-import { CheckpointError, LayerwiseError } from "../errors.ts";
+import { CheckpointError, LayerwiseError, withMessage } from "../errors.ts";
 import type { Tensor } from "../tensor/tensor.ts";
 import type { QuantMethod } from "./quant_method.ts";
 import type { ShardId, TensorSlot } from "./slots.ts";
@@ -198,6 +198,5 @@ export function prefixError(e: unknown, name: string): unknown {
   // The name comes from a checkpoint: escaped and cut like any name from input.
   const shown = pathText(name);
   if (!(e instanceof LayerwiseError) || e.message.startsWith(`${shown}:`)) return e;
-  const Ctor = e.constructor as new (code: string, message: string) => LayerwiseError;
-  return new Ctor(e.code, `${shown}: ${e.message}`);
+  return withMessage(e, `${shown}: ${e.message}`);
 }
