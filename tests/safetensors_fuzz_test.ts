@@ -23,7 +23,6 @@ const PARAMS: fc.Parameters<unknown> = {
   numRuns: RUNS,
   ...(SEED !== undefined ? { seed: Number(SEED) } : {}),
 };
-const CASE_MS = 250;
 const FILE = "fuzz.safetensors";
 
 const SIZES: Record<string, number> = Object.fromEntries(
@@ -49,7 +48,6 @@ function concat(...parts: Uint8Array[]): Uint8Array {
 
 /** Runs the parser on a private copy of `prefix`; checks the invariants of any result. */
 function parse(prefix: Uint8Array, fileSize: number): SafetensorsHeader | CheckpointError {
-  const t0 = performance.now();
   let result: SafetensorsHeader | CheckpointError;
   try {
     result = parseSafetensorsHeader(prefix.slice(), fileSize, FILE);
@@ -58,8 +56,6 @@ function parse(prefix: Uint8Array, fileSize: number): SafetensorsHeader | Checkp
     assert.ok(e.message.startsWith(`${FILE}: `) && !e.message.includes("\n"), e.message);
     result = e;
   }
-  const ms = performance.now() - t0;
-  assert.ok(ms < CASE_MS, `one parse took ${ms.toFixed(1)} ms`);
   if (result instanceof CheckpointError) return result;
   const h = result;
   assert.ok(h.dataStart === 8 + h.headerLength && h.dataStart <= fileSize);
