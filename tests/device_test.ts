@@ -610,3 +610,40 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name:
+    "device: rejectNonFinite also checks the kernel tensors the launches wrote (atomic restores)",
+  ignore,
+  async fn() {
+    const { model, w, before } = await fixture("fp8");
+    const b = model.device;
+    const scale = kernelTensors(model).find(([n]) => n.endsWith("o_proj.weight_scale"))![1];
+    // After each quantize launch, the scale of one layer becomes +Inf: what a kernel overflow
+    // would leave from finite weights.
+    const real = b.launchMultiTensor.bind(b);
+    b.launchMultiTensor = (l) => {
+      real(l);
+      if (l.op === "quant") b.fill(scale, Infinity);
+    };
+    const { views, free } = upload(b, w, null);
+    try {
+      await assert.rejects(
+        () => reloadFromDevice(model, views, { atomic: true, rejectNonFinite: true }),
+        (e: unknown) =>
+          e instanceof ReloadError && e.code === "NON_FINITE" &&
+          /o_proj\.weight_scale: processing \(fp8-tensor\) left 1 of 1 elements .* infinite/.test(
+            e.message,
+          ),
+      );
+      assertSameKernels(snapshot(model), before, "restored");
+      // Without the check the same bytes go through: the check is what refused them.
+      await reloadFromDevice(model, views);
+      assert.equal(new Float32Array(b.download(scale).buffer)[0], Infinity);
+    } finally {
+      b.launchMultiTensor = real;
+      free();
+      b.close();
+    }
+  },
+});

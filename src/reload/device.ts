@@ -38,6 +38,7 @@ import type { Backend } from "../backend/backend.ts";
 import { CheckpointError, LayerwiseError, ReloadError } from "../errors.ts";
 import { firstOf, quoteName } from "../messages.ts";
 import type { Module } from "../nn/module.ts";
+import type { TensorSlot } from "../nn/slots.ts";
 import { type DType, dtypeOf, DTYPES } from "../tensor/dtype.ts";
 import { type Storage, Tensor } from "../tensor/tensor.ts";
 import { type DevicePlan, layoutKey, planDeviceReload } from "./device_plan.ts";
@@ -45,12 +46,15 @@ import {
   assertIdle,
   failReload,
   finalizeLayerwiseReload,
+  getLayerwiseInfo,
   initializeLayerwiseReload,
   rejectNonFinite,
+  rejectNonFiniteKernel,
   type ReloadOptions,
   writeLayersInPlace,
 } from "./layerwise.ts";
 import type { ReloadReport } from "./load.ts";
+import type { TensorMeta } from "./meta.ts";
 import { type TensorDescriptor, validateTensors, type ValidationReport } from "./validate.ts";
 
 /**
@@ -119,6 +123,8 @@ interface CachedPlan {
   readonly arrival: string;
   /** The phase of each source tensor (empty: all in phase 0). */
   readonly phaseOf: readonly number[];
+  /** The model-format dtype each source tensor is loaded as (for rejectNonFinite). */
+  readonly modelDtype: readonly (DType | undefined)[];
 }
 
 const PLANS = new WeakMap<Module, CachedPlan>();
@@ -225,6 +231,11 @@ function planFor(
   const skipped = descs.map((d) => unknown.has(d.name) || model.resolveWeight(d.name) === null);
   releaseDevicePlan(model);
   const plan = planDeviceReload(model, descs, { ...arrival, skip: skipped });
+  // The model-format tensor behind each slot (tied names resolve to their owner's).
+  const owners = new Map<TensorSlot, TensorMeta>();
+  for (const [, m] of model.namedModules()) {
+    for (const t of getLayerwiseInfo(m)?.restoreMetadata?.values() ?? []) owners.set(t.slot, t);
+  }
   const table = backend.empty([plan.table.byteLength], DTYPES.u8);
   try {
     backend.upload(table, plan.table);
@@ -241,6 +252,11 @@ function planFor(
     layout: layoutKey(descs),
     arrival: arrivalKey(arrival),
     phaseOf: arrival.phaseOf ?? [],
+    modelDtype: descs.map((d, i) => {
+      if (skipped[i]) return undefined;
+      const r = model.resolveWeight(d.name)!;
+      return owners.get(r.slot)?.meta.dtype;
+    }),
   };
   PLANS.set(model, fresh);
   return [fresh, false];
@@ -353,7 +369,8 @@ export class DeviceReload {
       if (this.#options.rejectNonFinite) {
         this.#descs.forEach((d, i) => {
           if (!skipped[i] && (this.#cached.phaseOf[i] ?? 0) === p) {
-            rejectNonFinite(b, tensorAt(i), `device view ${quoteName(d.name)}`);
+            const where = `device view ${quoteName(d.name)}`;
+            rejectNonFinite(b, tensorAt(i), where, this.#cached.modelDtype[i]);
           }
         });
       }
@@ -371,6 +388,14 @@ export class DeviceReload {
               bases: o.bases,
               partials: o.partials,
               counters: o.counters,
+            });
+          }
+          if (this.#options.rejectNonFinite) {
+            // What the check promises holds for what the model holds: a quantized layer is
+            // checked in its kernel tensors too (an infinite scale from finite weights).
+            phase.layers.forEach((layer, k) => {
+              const { path, quantized } = phase.processed[k];
+              if (quantized) rejectNonFiniteKernel(layer, path);
             });
           }
         });

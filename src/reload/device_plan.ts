@@ -53,6 +53,8 @@ export interface PlannedLaunch {
 export interface DevicePhase {
   /** Layers written by this phase's launches (all their tensors come from the source). */
   readonly layers: readonly Module[];
+  /** Each layer's path and whether a quant method turns its model format into kernel format. */
+  readonly processed: readonly { readonly path: string; readonly quantized: boolean }[];
   /** Slots of those layers filled with their initValue before the launches. */
   readonly fills: readonly { readonly slot: TensorSlot; readonly value: number }[];
   /** The launches, in order. */
@@ -197,6 +199,7 @@ export function planDeviceReload(
   const phaseOf = (i: number) => arrival.phaseOf?.[i] ?? 0;
   const window = arrival.window ?? Infinity;
   const owners = ownerOf(model);
+  const paths = new Map([...model.namedModules()].map(([p, m]) => [m, p]));
   const byLayer = new Map<Module, Omit<Load, "desc">[]>();
   const hostLoads: number[] = [];
   descs.forEach((d, index) => {
@@ -215,6 +218,7 @@ export function planDeviceReload(
   const nPhases = Math.max(1, ...descs.map((_, i) => phaseOf(i) + 1));
   const phases = Array.from({ length: nPhases }, () => ({
     layers: [] as Module[],
+    processed: [] as { path: string; quantized: boolean }[],
     fills: [] as { slot: TensorSlot; value: number }[],
     hostLoads: [] as number[],
   }));
@@ -231,6 +235,10 @@ export function planDeviceReload(
       continue;
     }
     phases[last].layers.push(layer);
+    phases[last].processed.push({
+      path: paths.get(layer) ?? "",
+      quantized: layer.quantMethod !== undefined && layer.quantMethod.keepsModelFormat !== true,
+    });
     phases[last].fills.push(...planned.fills);
     for (const t of planned.targets) t.phase = last;
     targets.push(...planned.targets);
@@ -428,7 +436,7 @@ function planLayer(
 
 function buildTables(
   key: string,
-  phases: { layers: Module[]; fills: { slot: TensorSlot; value: number }[]; hostLoads: number[] }[],
+  phases: Omit<DevicePhase, "launches">[],
   kept: { tensor: Tensor; ptr: number }[],
   targets: Target[],
   sources: number,
