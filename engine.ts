@@ -160,6 +160,7 @@ export {
   type DeviceArrival,
   type DevicePlanReport,
   DeviceReload,
+  type DeviceReloadReport,
   releaseDevicePlan,
 } from "./src/reload/device.ts";
 export {

@@ -76,7 +76,6 @@ export { isInconsistent } from "./src/reload/layerwise.ts";
 // Reload from tensors already in backend memory (IPC or NCCL buckets, a staged checkpoint)
 export {
   type DeviceReloadOptions,
-  type DeviceReloadReport,
   type DeviceTensorView,
   reloadFromDevice,
 } from "./src/reload/device.ts";
