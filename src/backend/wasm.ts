@@ -116,6 +116,8 @@ function hostMemoryBytes(): number {
 class WasmDevice implements RawDevice {
   readonly kind = "wasm" as const;
   readonly description: string;
+  /** Threads, the caller's included. */
+  readonly threads: number;
   readonly #memory: WebAssembly.Memory;
   readonly #heap: WasmHeap;
   readonly #local: Record<string, NumberFn>;
@@ -134,6 +136,7 @@ class WasmDevice implements RawDevice {
     this.#heap = heap;
     this.#local = local;
     this.#pool = pool;
+    this.threads = pool.threads;
     this.description = `wasm (simd128, memory64, ${pool.threads} thread${
       pool.threads > 1 ? "s" : ""
     })`;
@@ -277,6 +280,18 @@ export async function openWasmBackend(options: WasmBackendOptions = {}): Promise
   const backend = new KernelBackend(dev);
   devices.set(backend, dev);
   return backend;
+}
+
+/** Threads a WebAssembly backend runs kernels on (the caller's included). */
+export function wasmThreadCount(backend: Backend): number {
+  const dev = devices.get(backend);
+  if (!dev) {
+    throw new BackendError(
+      "NOT_WASM",
+      `wasmThreadCount: the ${backend.kind} backend is not a wasm one`,
+    );
+  }
+  return dev.threads;
 }
 
 /**

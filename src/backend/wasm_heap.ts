@@ -75,7 +75,8 @@ export class WasmHeap {
     const n = this.#sizes.get(ptr)!;
     this.#sizes.delete(ptr);
     this.#inUse -= n;
-    let s = ptr, e = ptr + n;
+    const s = ptr;
+    let e = ptr + n;
     // Binary search for the first free range after ptr, then merge with both neighbours.
     let lo = 0, hi = this.#free.length;
     while (lo < hi) {
