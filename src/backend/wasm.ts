@@ -39,7 +39,7 @@ import {
 } from "./wasm_abi.ts";
 import { WasmHeap } from "./wasm_heap.ts";
 import { WasmPool, WORKER_STACK_BYTES } from "./wasm_pool.ts";
-import { splitKernels } from "./wasm_split.ts";
+import { splitKernels, splitMultiTensor } from "./wasm_split.ts";
 
 /** The most memory V8 lets a memory64 hold (the module is built with this maximum). */
 export const WASM_MAX_MEMORY_BYTES: number = 16 * 1024 ** 3;
@@ -144,6 +144,7 @@ class WasmDevice implements RawDevice {
     this.#kernels = {
       ...local,
       ...splitKernels(pool, { minBytesPerThread }),
+      ...splitMultiTensor(pool, { minBytesPerThread }, new Set(Object.keys(local))),
     } as unknown as KernelAbi;
   }
 

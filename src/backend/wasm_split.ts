@@ -63,6 +63,80 @@ export function partCount(bytes: number, threads: number, minBytesPerThread: num
   return Math.max(1, Math.min(threads, Math.floor(bytes / Math.max(1, minBytesPerThread))));
 }
 
+// The multi-tensor kernels' item table: {target, row0, rows, col0, cols} per item, as uint64.
+const MT_ITEM_FIELDS = 5;
+
+/**
+ * The multi-tensor kernels (lw_mt_*: a table of items, launched as a range [first, first+n))
+ * on the threads, for those of `names` the module has: items are independent blocks, so the
+ * range is cut into one sub-range per thread; lw_mt_absmax only between targets, because the
+ * last item of a target combines that target's partials.
+ */
+export function splitMultiTensor(
+  runner: ThreadRunner,
+  options: SplitOptions,
+  names: ReadonlySet<string>,
+): Record<string, (...args: number[]) => number> {
+  // Item ranges for [first, first+n): by bytes of input, cut only where `cut(i)` allows.
+  const ranges = (items: number, first: number, n: number, dtype: number, atTargets: boolean) => {
+    const size = SIZE_BY_CODE.get(dtype);
+    if (size === undefined || n < 2) return [[first, first + n]];
+    const v = runner.view();
+    const field = (i: number, f: number) =>
+      Number(v.getBigUint64(items + 8 * (i * MT_ITEM_FIELDS + f), true));
+    let bytes = 0;
+    for (let i = first; i < first + n; i++) bytes += field(i, 2) * field(i, 4) * size;
+    const p = partCount(bytes, runner.threads, options.minBytesPerThread);
+    const out: number[][] = [];
+    let a = first;
+    for (const [, b0] of splitRange(n, p)) {
+      let b = first + b0;
+      while (atTargets && b < first + n && field(b, 0) === field(b - 1, 0)) b++;
+      if (b > a) out.push([a, b]);
+      a = b;
+    }
+    return out;
+  };
+  const out: Record<string, (...args: number[]) => number> = {};
+  if (names.has("lw_mt_absmax")) {
+    out.lw_mt_absmax = (ctx, targets, pieces, items, first, n, bases, sd, partials, counters) =>
+      runner.run(
+        "lw_mt_absmax",
+        ranges(items, first, n, sd, true).map(([a, b]) => [
+          ctx,
+          targets,
+          pieces,
+          items,
+          a,
+          b - a,
+          bases,
+          sd,
+          partials,
+          counters,
+        ]),
+      );
+  }
+  if (names.has("lw_mt_quant")) {
+    out.lw_mt_quant = (ctx, kind, targets, pieces, items, first, n, bases, sd) =>
+      runner.run(
+        "lw_mt_quant",
+        ranges(items, first, n, sd, false).map((
+          [a, b],
+        ) => [ctx, kind, targets, pieces, items, a, b - a, bases, sd]),
+      );
+  }
+  if (names.has("lw_mt_copy")) {
+    out.lw_mt_copy = (ctx, targets, pieces, items, first, n, bases, sd, dd) =>
+      runner.run(
+        "lw_mt_copy",
+        ranges(items, first, n, sd, false).map((
+          [a, b],
+        ) => [ctx, targets, pieces, items, a, b - a, bases, sd, dd]),
+      );
+  }
+  return out;
+}
+
 /**
  * The kernel ABI on `runner`'s threads: each method splits its call as the module doc says.
  * `ctx` is passed through (0 on WebAssembly).
