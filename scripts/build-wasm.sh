@@ -8,7 +8,7 @@
 #                                  committed one (CI runs this)
 #
 # The kernels are freestanding C (no libc): the module imports one shared 64-bit memory, which the
-# host allocates from and which every worker thread instantiates the module on (README.md,
+# host allocates from and which every worker thread instantiates the module on (ARCHITECTURE.md,
 # "The WebAssembly build"). wasm-ld is called directly, not through the clang driver, because the
 # driver runs any `wasm-opt` found on PATH, and an old one breaks the link.
 #

@@ -2,7 +2,7 @@
  * The threads of the WebAssembly backend: N - 1 workers, each with its own instance of the
  * kernels module on the one shared memory, plus the calling thread. A call hands each worker
  * its arguments through a slot of a small shared control block, wakes it, runs the caller's own
- * part, then waits for every worker: the Backend API stays synchronous (README.md,
+ * part, then waits for every worker: the Backend API stays synchronous (ARCHITECTURE.md,
  * "WebAssembly threads").
  *
  * Workers come from `node:worker_threads` because its workers can be unref'd: one parked in

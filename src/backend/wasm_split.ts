@@ -4,7 +4,7 @@
  * bands), so every element is computed by the same code as on one thread. Reductions are the
  * only cross-part step: each part writes a partial (an absmax, a count) and the caller combines
  * them with max or sum, which are exact, so the result is bit-identical to one thread's
- * (README.md, "WebAssembly threads").
+ * (ARCHITECTURE.md, "WebAssembly threads").
  *
  * Kernels this module does not know, and calls it cannot vouch for (an unknown dtype or
  * granularity code, left for the kernel to refuse), run whole on the calling thread.
