@@ -11,6 +11,8 @@ import { type DType, DTYPES } from "../src/tensor/dtype.ts";
 import { Tensor } from "../src/tensor/tensor.ts";
 import { loadSafetensors } from "../src/checkpoint/safetensors.ts";
 import { kernelsWasmBytes } from "../wasm/kernels_wasm.ts";
+import fc from "fast-check";
+import { HEAP_ALIGN, WasmHeap } from "../src/backend/wasm_heap.ts";
 import {
   instantiateKernels,
   numberExports,
@@ -541,4 +543,52 @@ wasmTest("countNonFinite and absmax on random bit patterns of every floating dty
       b.free(t.storage!);
     }
   }
+});
+
+Deno.test("wasm heap: live ranges never overlap, stay aligned and within the limit; freed space is reused", () => {
+  fc.assert(
+    fc.property(
+      fc.array(fc.tuple(fc.boolean(), fc.integer({ min: 1, max: 5000 }), fc.nat()), {
+        maxLength: 200,
+      }),
+      (ops) => {
+        let size = 4096;
+        const heap = new WasmHeap(1000, 200_000, size, (b) => {
+          assert.ok(b > size && b <= 200_000, `growth to ${b}`);
+          size = b;
+        });
+        const live = new Map<number, number>();
+        for (const [alloc, bytes, pick] of ops) {
+          if (alloc || live.size === 0) {
+            const p = heap.alloc(bytes);
+            if (p === 0) {
+              // Refused only when no gap between live ranges (or above them) fits.
+              const need = Math.ceil(bytes / HEAP_ALIGN) * HEAP_ALIGN;
+              const ends = [...live].sort(([a], [b]) => a - b);
+              let at = 1024;
+              for (const [q, n] of ends) {
+                assert.ok(q - at < need, `a gap of ${q - at} at ${at} fits ${bytes}`);
+                at = q + Math.ceil(n / HEAP_ALIGN) * HEAP_ALIGN;
+              }
+              assert.ok(200_000 - at < need, `the top fits ${bytes}`);
+              continue;
+            }
+            assert.equal(p % HEAP_ALIGN, 0);
+            assert.ok(p >= 1000 && p + bytes <= size);
+            for (const [q, n] of live) assert.ok(p + bytes <= q || q + n <= p, "overlap");
+            live.set(p, bytes);
+          } else {
+            const p = [...live.keys()][pick % live.size];
+            heap.free(p);
+            live.delete(p);
+          }
+        }
+        for (const p of [...live.keys()]) heap.free(p);
+        assert.equal(heap.inUse, 0);
+        // Everything merged back: one allocation of all the space used so far fits again.
+        const all = heap.alloc(size - 1024);
+        assert.equal(all, 1024);
+      },
+    ),
+  );
 });
