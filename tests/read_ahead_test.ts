@@ -8,7 +8,6 @@ import type { Backend } from "../src/backend/backend.ts";
 import { openWasmBackend } from "../src/backend/wasm.ts";
 import { memorySource, type WeightSource } from "../src/checkpoint/source.ts";
 import { streamWeights, type ValidatedWeights } from "../src/models/weights.ts";
-import { DTYPES } from "../src/tensor/dtype.ts";
 
 const CHUNK = 8192;
 // Four 4 KiB tensors, then one of 32 KiB that travels as 8 KiB row chunks, then one more.

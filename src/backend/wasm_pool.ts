@@ -105,15 +105,22 @@ export class WasmPool implements ThreadRunner {
     const control = new SharedArrayBuffer(threads * SLOT.INTS * 4);
     const workers: Worker[] = [];
     try {
+      // Started together: each compiles nothing (the module is shared) but loads its script.
+      const ready: Promise<void>[] = [];
       for (let i = 1; i < threads; i++) {
         const data: WorkerInit = { ...init, names, control, index: i, stackTop: stacks[i - 1] };
         const w = new Worker(new URL("./wasm_worker.ts", import.meta.url), { workerData: data });
         workers.push(w);
-        await new Promise<void>((resolve, reject) => {
-          w.once("message", () => resolve());
-          w.once("error", reject);
-          w.once("exit", (code) => reject(new Error(`exited with code ${code}`)));
-        });
+        ready.push(
+          new Promise<void>((resolve, reject) => {
+            w.once("message", () => resolve());
+            w.once("error", reject);
+            w.once("exit", (code) => reject(new Error(`exited with code ${code}`)));
+          }),
+        );
+      }
+      await Promise.all(ready);
+      for (const w of workers) {
         w.removeAllListeners();
         w.unref();
       }
@@ -121,7 +128,7 @@ export class WasmPool implements ThreadRunner {
       stop(new Int32Array(control), workers);
       throw new BackendError(
         "WASM_THREADS",
-        `wasm: could not start worker thread ${workers.length} of ${threads - 1}: ${
+        `wasm: could not start ${threads - 1} worker threads: ${
           e instanceof Error ? e.message : String(e)
         }`,
       );
