@@ -23,6 +23,7 @@
  */
 
 import { BackendError } from "../errors.ts";
+import { quoteName } from "../messages.ts";
 import type { Tensor } from "../tensor/tensor.ts";
 import { kernelsWasmBytes } from "../../wasm/kernels_wasm.ts";
 import type { Backend } from "./backend.ts";
@@ -95,9 +96,7 @@ export function wasmThreads(option?: number): number {
   if (!Number.isInteger(n) || n < 1 || n > 256) {
     throw new BackendError(
       "BAD_OPTION",
-      `${from} must be a whole number of threads from 1 to 256, not ${
-        JSON.stringify(String(v)).slice(0, 40)
-      }`,
+      `${from} must be a whole number of threads from 1 to 256, not ${quoteName(String(v), 40)}`,
     );
   }
   return n;
