@@ -277,7 +277,7 @@ export async function openWasmBackend(options: WasmBackendOptions = {}): Promise
     partials,
   );
   const dev = new WasmDevice(memory, heap, local, pool, minBytes);
-  const backend = new KernelBackend(dev);
+  const backend = new KernelBackend(dev, (self) => ({ hostView: (t) => wasmView(self, t) }));
   devices.set(backend, dev);
   return backend;
 }

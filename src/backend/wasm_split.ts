@@ -12,6 +12,7 @@
  */
 
 import { DTYPES } from "../tensor/dtype.ts";
+import { GRANULARITY_CODE, QUANT_BLOCK } from "./abi.ts";
 import type { KernelAbi } from "./kernels.ts";
 
 /** Runs thread i's call of `calls` on thread i (0: the caller); the first non-zero status. */
@@ -37,7 +38,8 @@ export interface SplitOptions {
 const SIZE_BY_CODE = new Map(Object.values(DTYPES).map((d) => [d.code, d.size]));
 const FLOAT_CODES = new Set(Object.values(DTYPES).filter((d) => d.floating).map((d) => d.code));
 const QUANT_INPUT_CODES = new Set([DTYPES.f32.code, DTYPES.f16.code, DTYPES.bf16.code]);
-const TENSOR = 0, ROW = 1, BLOCK128 = 2;
+const TENSOR = GRANULARITY_CODE.tensor, ROW = GRANULARITY_CODE.row;
+const BLOCK128 = GRANULARITY_CODE.block128;
 // Element ranges start on multiples of this, so each part's vector loop starts aligned.
 const ELEMENT_ALIGN = 64;
 
@@ -308,11 +310,11 @@ export function splitKernels(runner: ThreadRunner, options: SplitOptions): Kerne
         ]);
       }
       if (g === BLOCK128) {
-        const nb = Math.ceil(cols / 128);
-        return byRows("lw_quant_fp8", rows, cols * se, 128, (a, b) => [
+        const nb = Math.ceil(cols / QUANT_BLOCK);
+        return byRows("lw_quant_fp8", rows, cols * se, QUANT_BLOCK, (a, b) => [
           ctx,
           q + a * cols,
-          scale + 4 * (a / 128) * nb,
+          scale + 4 * (a / QUANT_BLOCK) * nb,
           src + a * cols * se,
           sd,
           b - a,
@@ -357,8 +359,8 @@ export function splitKernels(runner: ThreadRunner, options: SplitOptions): Kerne
         ]);
       }
       if (g === ROW || g === BLOCK128) {
-        const unit = g === ROW ? 1 : 128;
-        const perBand = g === ROW ? 1 : Math.ceil(cols / 128);
+        const unit = g === ROW ? 1 : QUANT_BLOCK;
+        const perBand = g === ROW ? 1 : Math.ceil(cols / QUANT_BLOCK);
         return byRows("lw_dequant_fp8", rows, cols * de, unit, (a, b) => [
           ctx,
           dst + a * cols * de,

@@ -6,7 +6,6 @@
  */
 
 import type { Backend } from "../backend/backend.ts";
-import { wasmView } from "../backend/wasm.ts";
 import type { WeightSource } from "../checkpoint/source.ts";
 import type { StagingOptions } from "../backend/cuda/staging_plan.ts";
 import { canStage, stageTensors } from "../checkpoint/staging.ts";
@@ -175,7 +174,7 @@ async function* stream(
         if (rows) await source.readRowsInto!(name, rows[0], rows[1], dst);
         else await source.readInto(name, dst);
       };
-      if (backend.kind === "wasm") await into(wasmView(backend, t));
+      if (backend.hostView) await into(backend.hostView(t));
       else {
         const n = t.nbytes;
         if (buffer.byteLength < n) buffer = new Uint8Array(n);
@@ -205,11 +204,11 @@ async function* stream(
       } else yield { name, shape: [...info.shape], rows: null, bytes: info.bytes };
     }
   }
-  // On WebAssembly the reads go straight into the backend's memory, so the next units are read
-  // while the consumer processes the current one (reads run on Deno's I/O threads while the
-  // kernels hold this one), at most one chunk of bytes ahead; elsewhere one unit at a time
-  // through the one host buffer.
-  const overlap = backend.kind === "wasm";
+  // With a host view (WebAssembly) the reads go straight into the backend's memory, so the next
+  // units are read while the consumer processes the current one (reads run on Deno's I/O
+  // threads while the kernels hold this one), at most one chunk of bytes ahead; elsewhere one
+  // unit at a time through the one host buffer.
+  const overlap = backend.hostView !== undefined;
   type Pending = { unit: Unit; tensor: Promise<Tensor> };
   const pending: Pending[] = [];
   let pendingBytes = 0;
