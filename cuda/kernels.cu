@@ -1088,6 +1088,25 @@ LW_API lw_status lw_free(int32_t device, uint64_t ptr) {
   return LW_OK;
 }
 
+/* CUDA IPC: maps another process's allocation (a 64-byte cudaIpcMemHandle_t) into this one. The
+ * mapping stays valid until lw_ipc_close; the other process must keep the allocation alive. */
+LW_API lw_status lw_ipc_open(int32_t device, const uint8_t *handle, uint64_t *out_ptr) {
+  CK(cudaSetDevice(device));
+  cudaIpcMemHandle_t h;
+  static_assert(sizeof(h) == 64, "cudaIpcMemHandle_t is 64 bytes");
+  memcpy(&h, handle, sizeof(h));
+  void *p = nullptr;
+  CK(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess));
+  *out_ptr = (uint64_t)(uintptr_t)p;
+  return LW_OK;
+}
+
+LW_API lw_status lw_ipc_close(int32_t device, uint64_t ptr) {
+  CK(cudaSetDevice(device));
+  CK(cudaIpcCloseMemHandle((void *)(uintptr_t)ptr));
+  return LW_OK;
+}
+
 LW_API lw_status lw_host_alloc(uint64_t *out_ptr, size_t bytes) {
   void *p = nullptr;
   // Portable: usable by every device and context; pinned for full-speed asynchronous copies.
