@@ -83,7 +83,7 @@ function checkWritable(ctx: RouteContext): void {
   if (ctx.stopping()) throw serverError("SHUTTING_DOWN", "the server is stopping");
 }
 
-async function health(_req: Request, _url: URL, ctx: RouteContext): Promise<Response> {
+function health(_req: Request, _url: URL, ctx: RouteContext): Response {
   const s = ctx.service;
   if (s.model === null) {
     return s.loadError === null
@@ -300,6 +300,7 @@ export async function route(req: Request, ctx: RouteContext): Promise<Response> 
       throw serverError("NOT_FOUND", `no endpoint ${quoteInput(url.pathname, 80)}`);
     }
     if (!OPEN.has(url.pathname)) ctx.auth?.check(req);
+    if (ctx.stopping()) throw serverError("SHUTTING_DOWN", "the server is stopping");
     const handler = Object.hasOwn(methods, req.method) ? methods[req.method] : undefined;
     if (handler === undefined) {
       throw serverError(

@@ -136,13 +136,22 @@ export async function startServer(options: ServeOptions): Promise<WeightServer> 
   let stopped: Promise<void> | null = null;
   const stop = (): Promise<void> => {
     stopped ??= (async () => {
+      // New requests are refused at once; the HTTP server itself is shut down only after the
+      // running update ended, because shutting it down ends the bodies still being read.
       stopping = true;
-      const drained = http.shutdown();
       const timer = setTimeout(() => service.abort.abort(), o.stopDeadlineMs);
       try {
         await ready.catch(() => {});
         await service.lock.idle();
-        await drained;
+        const drained = http.shutdown();
+        // A client that never finishes its request would hold the stop forever: past one more
+        // deadline, close anyway (the update it belonged to has already ended).
+        let grace: ReturnType<typeof setTimeout> | undefined;
+        await Promise.race([
+          drained,
+          new Promise((r) => grace = setTimeout(r, o.stopDeadlineMs)),
+        ]);
+        clearTimeout(grace);
       } finally {
         clearTimeout(timer);
         service.close();
