@@ -142,7 +142,7 @@ function pausedBody(bytes: Uint8Array, stopAt: number, then: "rest" | "end" | "h
   return { stream, release };
 }
 
-async function waitFor(f: () => Promise<boolean>, what: string): Promise<void> {
+async function waitFor(f: () => boolean | Promise<boolean>, what: string): Promise<void> {
   for (let i = 0; i < 200; i++) {
     if (await f()) return;
     await new Promise((r) => setTimeout(r, 25));
@@ -432,7 +432,7 @@ Deno.test("server: a second update while one runs gets 409 with the running id",
     const scaled = await scaledCheckpoint(2);
     const { stream, release } = pausedBody(scaled, 4096, "rest");
     const first = putStream(s, stream, "?atomic=1");
-    await waitFor(async () => s.service.lock.running !== null, "the first update");
+    await waitFor(() => s.service.lock.running !== null, "the first update");
     const running = s.service.lock.running!.id;
     const second = await call(s, "POST", "/v1/update/disk", { path: LLAMA });
     assert.equal(second.status, 409);
@@ -639,7 +639,7 @@ Deno.test("server: stop lets a stalled update go past the deadline, rolls it bac
   const before = pointers(s);
   const scaled = await scaledCheckpoint(2);
   const conn = await rawPut(s, "?atomic=1", scaled, Math.floor(scaled.byteLength / 2));
-  await waitFor(async () => s.service.lock.running !== null, "the update");
+  await waitFor(() => s.service.lock.running !== null, "the update");
   await new Promise((r) => setTimeout(r, 100));
   // The model is checked from inside: after stop the backend is closed.
   const model = s.service.model!;
@@ -669,7 +669,7 @@ Deno.test("server: stop lets a running update finish within the deadline", async
   const scaled = await scaledCheckpoint(2);
   const half = Math.floor(scaled.byteLength / 2);
   const conn = await rawPut(s, "", scaled, half);
-  await waitFor(async () => s.service.lock.running !== null, "the update");
+  await waitFor(() => s.service.lock.running !== null, "the update");
   const stopped = s.stop();
   const late = await fetch(`${s.url}/v1/model`).catch(() => null);
   if (late !== null) {
