@@ -7,7 +7,7 @@
  * @module
  */
 
-import { ServerError, serverError } from "./http_errors.ts";
+import { serverError } from "./http_errors.ts";
 
 /** Limits of one body. */
 export interface BodyLimits {
@@ -38,58 +38,93 @@ export class BodyReader {
     this.#limits = limits;
   }
 
+  // One watchdog timer per body rather than one per chunk (a body is tens of thousands of
+  // 64 KiB chunks): it fires at most every `idleMs` and fails the read pending that long.
+  #pendingSince: number | null = null;
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  #failure: Error | null = null;
+  #onAbort = (): void =>
+    this.#fail(serverError("SHUTTING_DOWN", "the server is stopping; the update was abandoned"));
+
+  #fail(e: Error): void {
+    this.#failure ??= e;
+    this.#reader?.cancel().catch(() => {});
+  }
+
+  #watch(): void {
+    if (this.#timer !== undefined || this.#ended) return;
+    const { idleMs } = this.#limits;
+    const check = () => {
+      this.#timer = undefined;
+      if (this.#ended) return;
+      const waited = this.#pendingSince === null ? 0 : performance.now() - this.#pendingSince;
+      if (waited >= idleMs) {
+        this.#fail(
+          serverError(
+            "IDLE_TIMEOUT",
+            `no body bytes for ${idleMs} ms after ${this.received} bytes; the update was abandoned`,
+          ),
+        );
+        return;
+      }
+      this.#timer = setTimeout(check, idleMs - waited);
+    };
+    this.#timer = setTimeout(check, idleMs);
+  }
+
+  #stopWatching(): void {
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
+    this.#limits.signal?.removeEventListener("abort", this.#onAbort);
+  }
+
   async #next(): Promise<boolean> {
     if (this.#ended || this.#reader === null) return false;
-    const { signal, idleMs, maxBytes } = this.#limits;
-    if (signal?.aborted) {
+    const { signal, maxBytes } = this.#limits;
+    if (this.#failure === null && signal?.aborted) this.#onAbort();
+    if (this.#failure !== null) {
       this.cancel();
-      throw serverError("SHUTTING_DOWN", "the server is stopping; the body was not read");
+      throw this.#failure;
     }
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    let onAbort: (() => void) | undefined;
-    const stop = new Promise<never>((_, reject) => {
-      timer = setTimeout(
-        () =>
-          reject(
-            serverError(
-              "IDLE_TIMEOUT",
-              `no body bytes for ${idleMs} ms after ${this.received} bytes; the update was abandoned`,
-            ),
-          ),
-        idleMs,
-      );
-      onAbort = () =>
-        reject(serverError("SHUTTING_DOWN", "the server is stopping; the update was abandoned"));
-      signal?.addEventListener("abort", onAbort, { once: true });
-    });
+    if (this.#timer === undefined) {
+      signal?.addEventListener("abort", this.#onAbort, { once: true });
+      this.#watch();
+    }
+    this.#pendingSince = performance.now();
+    let r: ReadableStreamReadResult<Uint8Array>;
     try {
-      const r = await Promise.race([this.#reader.read(), stop]);
-      if (r.done) {
-        this.#ended = true;
-        return false;
-      }
-      this.received += r.value.byteLength;
-      if (this.received > maxBytes) {
-        throw serverError(
-          "BODY_TOO_LARGE",
-          `the body passed the limit of ${maxBytes} bytes (--max-body-bytes)`,
-        );
-      }
-      this.#chunk = r.value;
-      return true;
+      r = await this.#reader.read();
     } catch (e) {
-      this.cancel();
-      if (e instanceof ServerError) throw e;
-      throw serverError(
+      const failure = this.#failure ?? serverError(
         "DISCONNECTED",
         `the body broke off after ${this.received} bytes (${
           e instanceof Error ? e.message.split("\n")[0] : e
         })`,
       );
+      this.cancel();
+      throw failure;
     } finally {
-      clearTimeout(timer);
-      if (onAbort) signal?.removeEventListener("abort", onAbort);
+      this.#pendingSince = null;
     }
+    if (this.#failure !== null) {
+      this.cancel();
+      throw this.#failure;
+    }
+    if (r.done) {
+      this.#ended = true;
+      this.#stopWatching();
+      return false;
+    }
+    this.received += r.value.byteLength;
+    if (this.received > maxBytes) {
+      this.cancel();
+      throw serverError(
+        "BODY_TOO_LARGE",
+        `the body passed the limit of ${maxBytes} bytes (--max-body-bytes)`,
+      );
+    }
+    this.#chunk = r.value;
+    return true;
   }
 
   /** Fills as much of `dst` as the body has; returns the bytes written. */
@@ -158,6 +193,7 @@ export class BodyReader {
 
   /** Stops reading; the rest of the body is dropped. */
   cancel(): void {
+    this.#stopWatching();
     if (this.#ended) return;
     this.#ended = true;
     this.#chunk = EMPTY;

@@ -70,6 +70,8 @@ export interface UpdateSummary {
   readonly layersProcessed: number;
   /** Every kernel tensor kept its storage and address. */
   readonly storageKept: boolean;
+  /** Most model-format scratch held at once by layers waiting for tensors. */
+  readonly peakScratchBytes: number;
   /** Tensors the model does not have (ignored unless strict). */
   readonly unexpected: readonly string[];
   /** Model tensors not covered (partial updates). */
@@ -234,6 +236,7 @@ export class WeightService {
         tensors: r.tensorsLoaded,
         layersProcessed: r.layersProcessed,
         storageKept: r.storageKept,
+        peakScratchBytes: r.peakBufferedBytes,
         unexpected: r.unexpected,
         missing: r.missing,
       };
