@@ -9,7 +9,7 @@
  */
 
 import type { BackendChoice } from "../src/backend/select.ts";
-import type { SynthShape } from "../src/cli/synth.ts";
+import type { SynthShape } from "../testing.ts";
 import { READ_CHUNK_BYTES } from "../src/models/weights.ts";
 import { startServer } from "../src/server/server.ts";
 import type { UpdateSummary } from "../src/server/service.ts";

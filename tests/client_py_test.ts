@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 import { loadSafetensors } from "../src/checkpoint/safetensors.ts";
 import { parseSafetensorsHeader } from "../src/checkpoint/safetensors.ts";
 import { startServer } from "../src/server/server.ts";
-import { equalBytes } from "./nn_testmodel.ts";
+import { equalBytes } from "../testing.ts";
 
 const FIXTURES = new URL("../../shared/fixtures/", import.meta.url).pathname;
 const LLAMA = `${FIXTURES}ckpt/llama-tiny`;

@@ -15,8 +15,7 @@ import {
   startServer,
   type WeightServer,
 } from "../src/server/server.ts";
-import { fakeIpc } from "./_ipc.ts";
-import { equalBytes } from "./nn_testmodel.ts";
+import { equalBytes, fakeIpc } from "../testing.ts";
 
 const FIXTURES = new URL("../../shared/fixtures/", import.meta.url).pathname;
 const LLAMA = `${FIXTURES}ckpt/llama-tiny`;

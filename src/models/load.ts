@@ -8,11 +8,11 @@
 import type { Backend } from "../backend/backend.ts";
 import { type BackendChoice, openBackend } from "../backend/select.ts";
 import { openWeightSource, type TensorPairs, type WeightSource } from "../checkpoint/source.ts";
-import type { StagingOptions } from "../checkpoint/staging.ts";
+import type { StagingOptions } from "../backend/cuda/staging_plan.ts";
 import { LayerwiseError } from "../errors.ts";
-import type { QuantScheme } from "../quant/method.ts";
+import type { QuantScheme } from "../nn/quant_method.ts";
 import { recordMetadataForReloading, type ReloadOptions } from "../reload/layerwise.ts";
-import { loadWeights, type ReloadReport, reloadWeights as engineReload } from "../reload/load.ts";
+import { loadWeights, reloadLayerwise as engineReload, type ReloadReport } from "../reload/load.ts";
 import { prefixError } from "../nn/module.ts";
 import type { DType } from "../tensor/dtype.ts";
 import type { Tensor } from "../tensor/tensor.ts";
@@ -20,27 +20,11 @@ import type { BuildOptions, CausalLM } from "./causal_lm.ts";
 import { type ModelConfig, readModelConfig } from "./config.ts";
 import { buildLlama } from "./llama.ts";
 import { buildMixtral } from "./mixtral.ts";
+import { type QuantName, quantScheme } from "./quant_names.ts";
 import { type ProgressCallback, streamWeights, validateWeights } from "./weights.ts";
 
 export { exportKernelTensors, kernelTensors } from "./export.ts";
 export type { CausalLM } from "./causal_lm.ts";
-
-/** Quantization as the CLI and `loadModel` name it. */
-export type QuantName = "none" | "fp8" | "fp8-channel" | "fp8-block" | "int8";
-
-const SCHEMES: Readonly<Record<QuantName, QuantScheme>> = {
-  none: "none",
-  fp8: "fp8-tensor",
-  "fp8-channel": "fp8-channel",
-  "fp8-block": "fp8-block",
-  int8: "int8-channel",
-};
-
-/** The engine's scheme for a quantization name (`fp8` is fp8 per tensor). */
-export function quantScheme(name: QuantName | QuantScheme): QuantScheme {
-  if (Object.hasOwn(SCHEMES, name)) return SCHEMES[name as QuantName];
-  return name as QuantScheme;
-}
 
 /** Builds the (meta, unloaded) model of a parsed config. */
 export function buildModel(config: ModelConfig, options: BuildOptions): CausalLM {

@@ -7,7 +7,7 @@
  */
 
 /** Where one checkpoint tensor goes in the model. */
-export interface WeightTarget {
+export interface ParamTarget {
   /** The model parameter's full name, e.g. `model.layers.0.self_attn.qkv_proj.weight`. */
   readonly param: string;
   /** The shard of a fused parameter: `q`/`k`/`v`, `0`/`1`, or `w1`/`w2`/`w3` for experts. */
@@ -17,7 +17,7 @@ export interface WeightTarget {
 }
 
 /** Maps a checkpoint name to its target, or to null for a tensor the model ignores on purpose. */
-export type NameMapper = (name: string) => WeightTarget | null;
+export type NameMapper = (name: string) => ParamTarget | null;
 
 // Rotary tables are recomputed by inference engines; old checkpoints still carry them.
 const IGNORED = /(^|\.)rotary_emb\.(inv_freq|cos_cached|sin_cached)$/;
@@ -38,7 +38,7 @@ export interface DenseMapperOptions {
 
 /** The mapping of the dense families (Llama, Mistral, Qwen2). */
 export function denseNameMapper(options: DenseMapperOptions): NameMapper {
-  return (name: string): WeightTarget | null => {
+  return (name: string): ParamTarget | null => {
     if (IGNORED.test(name)) return null;
     if (options.tieWordEmbeddings && name === "lm_head.weight") return null;
     for (const [from, to, shardId] of STACKED) {
@@ -61,7 +61,7 @@ export function expertParamName(prefix: string, shard: "w1" | "w2" | "w3", suffi
 /** The mapping of Mixtral: the dense one plus `experts.E.wN.*` -> stacked experts. */
 export function mixtralNameMapper(options: DenseMapperOptions): NameMapper {
   const dense = denseNameMapper(options);
-  return (name: string): WeightTarget | null => {
+  return (name: string): ParamTarget | null => {
     const m = EXPERT.exec(name);
     if (m === null) return dense(name);
     const shard = m[3] as "w1" | "w2" | "w3";

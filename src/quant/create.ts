@@ -7,7 +7,7 @@ import type { Backend } from "../backend/backend.ts";
 import { LayerwiseError } from "../errors.ts";
 import { type DType, DTYPES } from "../tensor/dtype.ts";
 import { Fp8SerializedMethod } from "./fp8_serialized.ts";
-import type { QuantMethod, QuantScheme } from "./method.ts";
+import type { QuantMethod, QuantScheme } from "../nn/quant_method.ts";
 import { OnlineQuantMethod } from "./online.ts";
 import { UnquantizedMethod } from "./unquantized.ts";
 

@@ -1,21 +1,31 @@
 /**
  * Command-line arguments of `deno task serve`, parsed like those of `deno task reload`
- * (node:util parseArgs, strict). Parsing never exits: a bad command line is a UsageError.
+ * (node:util parseArgs, strict). Parsing never exits: a bad command line is a ServerError
+ * `USAGE` ({@link usageError}), which `deno task serve` turns into exit status 2.
  * @module
  */
 
 import { parseArgs } from "node:util";
-import { BACKEND_CHOICES, QUANT_CHOICES, type QuantChoice, UsageError } from "../cli/args.ts";
+import type { BackendChoice } from "../backend/select.ts";
+import { QUANT_NAMES, type QuantName } from "../models/quant_names.ts";
+import { serverError } from "./http_errors.ts";
 import { SERVE_DEFAULTS } from "./server.ts";
+
+const BACKENDS: readonly BackendChoice[] = ["auto", "cuda", "wasm"];
+
+/** A bad command line: ServerError `USAGE`. */
+export function usageError(message: string): Error {
+  return serverError("USAGE", message);
+}
 
 /** What the command line asks for. */
 export interface ServeCliOptions {
   /** Hugging Face directory of the first load. */
   model?: string;
   /** Quantization (default fp8). */
-  quant: QuantChoice;
+  quant: QuantName;
   /** Backend (default auto). */
-  backend: "auto" | "cuda" | "wasm";
+  backend: BackendChoice;
   /** Address to bind. */
   host: string;
   /** Port. */
@@ -66,19 +76,19 @@ POST /update_weights_from_disk (SGLang). Stop with SIGINT or SIGTERM (exit 0).
 function whole(flag: string, v: string | undefined, fallback: number, min = 0): number {
   if (v === undefined) return fallback;
   if (!/^\d+$/.test(v) || !Number.isSafeInteger(Number(v)) || Number(v) < min) {
-    throw new UsageError(`--${flag} ${v}: expected a whole number${min > 0 ? ` >= ${min}` : ""}`);
+    throw usageError(`--${flag} ${v}: expected a whole number${min > 0 ? ` >= ${min}` : ""}`);
   }
   return Number(v);
 }
 
 function choice<T extends string>(flag: string, value: string, allowed: readonly string[]): T {
   if (!allowed.includes(value)) {
-    throw new UsageError(`--${flag} ${value}: expected one of ${allowed.join(", ")}`);
+    throw usageError(`--${flag} ${value}: expected one of ${allowed.join(", ")}`);
   }
   return value as T;
 }
 
-/** Parses the arguments (without the program name). Throws UsageError. */
+/** Parses the arguments (without the program name). Throws {@link usageError}s. */
 export function parseServeArgs(argv: readonly string[]): ServeCliOptions {
   let parsed;
   try {
@@ -102,19 +112,19 @@ export function parseServeArgs(argv: readonly string[]): ServeCliOptions {
       },
     });
   } catch (e) {
-    throw new UsageError(String((e as Error).message).split("\n")[0]);
+    throw usageError(String((e as Error).message).split("\n")[0]);
   }
   const v = parsed.values;
   const help = v.help ?? false;
   if (!help && (v.model === undefined || v.model === "")) {
-    throw new UsageError("--model DIR is required");
+    throw usageError("--model DIR is required");
   }
   const port = whole("port", v.port, SERVE_DEFAULTS.port);
-  if (port > 65535) throw new UsageError(`--port ${port}: expected 0-65535`);
+  if (port > 65535) throw usageError(`--port ${port}: expected 0-65535`);
   return {
     model: v.model,
-    quant: choice<QuantChoice>("quant", v.quant ?? "fp8", QUANT_CHOICES),
-    backend: choice<ServeCliOptions["backend"]>("backend", v.backend ?? "auto", BACKEND_CHOICES),
+    quant: choice<QuantName>("quant", v.quant ?? "fp8", QUANT_NAMES),
+    backend: choice<BackendChoice>("backend", v.backend ?? "auto", BACKENDS),
     host: v.host ?? SERVE_DEFAULTS.host,
     port,
     tokenFile: v["token-file"],

@@ -76,11 +76,6 @@ export function oneLine(e: unknown, max = 2000): string {
   return line.length > max ? `${line.slice(0, max)}...` : line;
 }
 
-/** A name taken from a request, quoted and cut for messages. */
-export function quoteInput(s: string, max = 120): string {
-  return JSON.stringify(s.length > max ? `${s.slice(0, max)}...` : s);
-}
-
 /** The error object of the JSON body. */
 export interface ErrorBody {
   /** `code`: stable, machine-readable; `message`: one line; more fields for some codes. */

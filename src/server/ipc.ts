@@ -14,6 +14,7 @@
  * @module
  */
 
+import { quoteName } from "../messages.ts";
 import { IPC_HANDLE_BYTES, type IpcMapper } from "../backend/ipc.ts";
 import type { Backend } from "../backend/backend.ts";
 import type { NamedTensor, TensorInfo, WeightSource } from "../checkpoint/source.ts";
@@ -21,7 +22,7 @@ import { CheckpointError } from "../errors.ts";
 import { type DType, dtypeFromSafetensors, dtypeOf } from "../tensor/dtype.ts";
 import { rowWindow, type Tensor } from "../tensor/tensor.ts";
 import { checkFields } from "./json_body.ts";
-import { quoteInput, serverError } from "./http_errors.ts";
+import { serverError } from "./http_errors.ts";
 
 /** One bucket of the table: a device allocation of the trainer. */
 export interface IpcBucket {
@@ -73,7 +74,7 @@ export function decodeHandle(handle: string, where: string): Uint8Array {
     throw serverError(
       "BAD_IPC_HANDLE",
       `${where}: a handle is the base64 of ${IPC_HANDLE_BYTES} bytes (88 characters), got ${
-        quoteInput(handle, 24)
+        quoteName(handle, 24)
       }`,
     );
   }
@@ -133,11 +134,11 @@ export function parseIpcUpdate(body: unknown): IpcUpdate {
       bucket: { type: "integer", required: true },
       offset: { type: "integer", required: true },
     }, at);
-    const label = `${at} (${quoteInput(x.name)})`;
+    const label = `${at} (${quoteName(x.name)})`;
     if (names.has(x.name)) bad(`${label}: the name appears twice`);
     names.add(x.name);
     const dtype = dtypeFromSafetensors(x.dtype) ?? dtypeOf(x.dtype);
-    if (dtype === undefined) bad(`${label}: unknown dtype ${quoteInput(x.dtype, 24)}`);
+    if (dtype === undefined) bad(`${label}: unknown dtype ${quoteName(x.dtype, 24)}`);
     if (!x.shape.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)) {
       bad(`${label}: shape must be an array of non-negative integers`);
     }

@@ -5,8 +5,9 @@
  * @module
  */
 
+import { quoteName } from "../messages.ts";
 import { type BodyLimits, BodyReader } from "./body.ts";
-import { quoteInput, serverError } from "./http_errors.ts";
+import { serverError } from "./http_errors.ts";
 
 /** The JSON types a field may have (`?` in {@link Field}: also null). */
 export type FieldType = "string" | "boolean" | "integer" | "array" | "object";
@@ -48,14 +49,14 @@ export function checkFields<T>(
     if (f === undefined) {
       throw serverError(
         "UNKNOWN_FIELD",
-        `${where}: unknown field ${quoteInput(k)} (known: ${Object.keys(fields).join(", ")})`,
+        `${where}: unknown field ${quoteName(k)} (known: ${Object.keys(fields).join(", ")})`,
       );
     }
     if (v === null && f.nullable) continue;
     if (typeOf(v) !== f.type) {
       throw serverError(
         "BAD_FIELD",
-        `${where}: field ${quoteInput(k)} must be ${f.type === "integer" ? "an" : "a"} ${f.type}${
+        `${where}: field ${quoteName(k)} must be ${f.type === "integer" ? "an" : "a"} ${f.type}${
           f.nullable ? " or null" : ""
         }, got ${typeOf(v)}`,
       );
@@ -64,7 +65,7 @@ export function checkFields<T>(
   }
   for (const [k, f] of Object.entries(fields)) {
     if (f.required && !(k in out)) {
-      throw serverError("MISSING_FIELD", `${where}: field ${quoteInput(k)} is required`);
+      throw serverError("MISSING_FIELD", `${where}: field ${quoteName(k)} is required`);
     }
   }
   return out as T;

@@ -11,10 +11,9 @@
  * @module
  */
 
-import { UsageError } from "../cli/args.ts";
 import { readTokenFile } from "./auth.ts";
 import { parseServeArgs, SERVE_HELP, type ServeCliOptions } from "./args.ts";
-import { oneLine } from "./http_errors.ts";
+import { oneLine, ServerError } from "./http_errors.ts";
 import { startServer } from "./server.ts";
 
 const ENCODER = new TextEncoder();
@@ -29,7 +28,7 @@ export async function serveMain(argv: readonly string[]): Promise<number> {
   try {
     o = parseServeArgs(argv);
   } catch (e) {
-    if (!(e instanceof UsageError)) throw e;
+    if (!(e instanceof ServerError && e.code === "USAGE")) throw e;
     say(`error: ${oneLine(e)} (see --help)`);
     return 2;
   }

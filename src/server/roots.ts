@@ -6,8 +6,9 @@
  * @module
  */
 
+import { quoteName } from "../messages.ts";
 import { isAbsolute, relative, resolve, sep } from "node:path";
-import { quoteInput, serverError } from "./http_errors.ts";
+import { serverError } from "./http_errors.ts";
 
 function inside(path: string, root: string): boolean {
   const rel = relative(root, path);
@@ -42,7 +43,7 @@ export class PathRoots {
     const forbidden = () =>
       serverError(
         "FORBIDDEN_PATH",
-        `${quoteInput(path)} is outside the allowed roots (--allow-path)`,
+        `${quoteName(path)} is outside the allowed roots (--allow-path)`,
       );
     if (path.includes("\0")) throw forbidden();
     const lexical = resolve(path);
@@ -54,7 +55,7 @@ export class PathRoots {
       real = await Deno.realPath(lexical);
     } catch (e) {
       if (e instanceof Deno.errors.NotFound) {
-        throw serverError("PATH_NOT_FOUND", `${quoteInput(path)} does not exist`);
+        throw serverError("PATH_NOT_FOUND", `${quoteName(path)} does not exist`);
       }
       throw forbidden();
     }

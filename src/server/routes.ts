@@ -5,19 +5,12 @@
  * @module
  */
 
+import { quoteName } from "../messages.ts";
 import { layoutSafetensors } from "../checkpoint/safetensors.ts";
 import { kernelTensors } from "../models/export.ts";
 import type { BearerAuth } from "./auth.ts";
 import { type BodyLimits, BodyReader } from "./body.ts";
-import {
-  errorBody,
-  errorResponse,
-  json,
-  oneLine,
-  quoteInput,
-  serverError,
-  statusOf,
-} from "./http_errors.ts";
+import { errorBody, errorResponse, json, oneLine, serverError, statusOf } from "./http_errors.ts";
 import { parseIpcUpdate } from "./ipc.ts";
 import { checkFields, readJson } from "./json_body.ts";
 import type { PathRoots } from "./roots.ts";
@@ -75,7 +68,7 @@ function queryFlag(url: URL, name: string): boolean {
   if (v === "0" || v === "false") return false;
   throw serverError(
     "BAD_QUERY",
-    `query ${name}=${quoteInput(v, 24)}: expected true, false, 1 or 0`,
+    `query ${name}=${quoteName(v, 24)}: expected true, false, 1 or 0`,
   );
 }
 
@@ -144,7 +137,7 @@ async function stream(req: Request, url: URL, ctx: RouteContext): Promise<Respon
     if (!STREAM_QUERY.has(k)) {
       throw serverError(
         "UNKNOWN_FIELD",
-        `stream update: unknown query parameter ${quoteInput(k)} (known: ${
+        `stream update: unknown query parameter ${quoteName(k)} (known: ${
           [...STREAM_QUERY].join(", ")
         })`,
       );
@@ -257,7 +250,7 @@ async function sglangDisk(req: Request, _url: URL, ctx: RouteContext): Promise<R
       throw serverError(
         "BAD_FIELD",
         `update_weights_from_disk: load_format ${
-          quoteInput(b.load_format, 24)
+          quoteName(b.load_format, 24)
         } is not supported (auto or safetensors)`,
       );
     }
@@ -297,7 +290,7 @@ export async function route(req: Request, ctx: RouteContext): Promise<Response> 
     const url = new URL(req.url);
     const methods = ROUTES[url.pathname];
     if (methods === undefined) {
-      throw serverError("NOT_FOUND", `no endpoint ${quoteInput(url.pathname, 80)}`);
+      throw serverError("NOT_FOUND", `no endpoint ${quoteName(url.pathname, 80)}`);
     }
     if (!OPEN.has(url.pathname)) ctx.auth?.check(req);
     if (ctx.stopping()) throw serverError("SHUTTING_DOWN", "the server is stopping");

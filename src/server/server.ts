@@ -8,11 +8,11 @@
 
 import type { Backend } from "../backend/backend.ts";
 import type { BackendChoice } from "../backend/select.ts";
-import { cudaIpcMapper } from "../backend/cuda_ipc.ts";
+import { cudaIpcMapper } from "../backend/cuda/ipc.ts";
 import type { IpcMapper } from "../backend/ipc.ts";
 import { LayerwiseError } from "../errors.ts";
 import type { CausalLM } from "../models/causal_lm.ts";
-import type { QuantName } from "../models/load.ts";
+import type { QuantName } from "../models/quant_names.ts";
 import { BearerAuth } from "./auth.ts";
 import { PathRoots } from "./roots.ts";
 import { route, type RouteContext } from "./routes.ts";

@@ -6,8 +6,8 @@
  */
 
 import type { IpcMapper } from "../backend/ipc.ts";
+import { quoteName } from "../messages.ts";
 import { fileSource } from "../checkpoint/source.ts";
-import { formatBytes, formatRate } from "../cli/progress.ts";
 import type { CausalLM } from "../models/causal_lm.ts";
 import {
   loadModel,
@@ -18,9 +18,9 @@ import {
 } from "../models/load.ts";
 import { READ_CHUNK_BYTES, validateWeights } from "../models/weights.ts";
 import { inconsistentLayers } from "../reload/layerwise.ts";
-import { reloadWeights as engineReload } from "../reload/load.ts";
+import { reloadLayerwise } from "../reload/load.ts";
 import type { BodyReader } from "./body.ts";
-import { oneLine, quoteInput, serverError } from "./http_errors.ts";
+import { oneLine, serverError } from "./http_errors.ts";
 import { describedSource, IpcHandleCache, type IpcUpdate, mappedTensors } from "./ipc.ts";
 import { type RunningUpdate, UpdateLock } from "./lock.ts";
 import { ServerMetrics } from "./metrics.ts";
@@ -250,9 +250,13 @@ export class WeightService {
         r.inconsistentLayers.length,
       );
       this.#options.log?.(
-        `update ${held.id} ${path}: ${formatBytes(r.bytesLoaded)} in ${seconds.toFixed(3)} s (${
-          formatRate(r.bytesLoaded, seconds)
-        }), version ${this.#version}${this.#tag === null ? "" : ` tag ${quoteInput(this.#tag)}`}`,
+        `update ${held.id} ${path}: ${(r.bytesLoaded / 1e9).toFixed(3)} GB in ${
+          seconds.toFixed(3)
+        } s (${
+          (seconds > 0 ? r.bytesLoaded / seconds / 1e9 : 0).toFixed(2)
+        } GB/s), version ${this.#version}${
+          this.#tag === null ? "" : ` tag ${quoteName(this.#tag)}`
+        }`,
       );
       return summary;
     } catch (e) {
@@ -332,7 +336,7 @@ export class WeightService {
       });
       const opts = this.#reloadOptions(update);
       try {
-        const r = await engineReload(
+        const r = await reloadLayerwise(
           model,
           mappedTensors(
             model.device,

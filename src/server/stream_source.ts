@@ -12,6 +12,7 @@
  * @module
  */
 
+import { quoteName } from "../messages.ts";
 import { CheckpointError } from "../errors.ts";
 import {
   parseSafetensorsHeader,
@@ -21,7 +22,7 @@ import {
 } from "../checkpoint/safetensors.ts";
 import type { NamedTensor, TensorInfo, WeightSource } from "../checkpoint/source.ts";
 import type { BodyReader } from "./body.ts";
-import { quoteInput, serverError } from "./http_errors.ts";
+import { serverError } from "./http_errors.ts";
 
 /** A weight source over a streamed body; see the module doc. */
 export interface StreamSource extends WeightSource {
@@ -143,7 +144,7 @@ function streamSource(
   const entryOf = (name: string): TensorEntry => {
     const e = header.tensors.get(name);
     if (e === undefined) {
-      throw new CheckpointError("UNKNOWN_TENSOR", `${where}: no tensor ${quoteInput(name)}`);
+      throw new CheckpointError("UNKNOWN_TENSOR", `${where}: no tensor ${quoteName(name)}`);
     }
     return e;
   };
@@ -165,7 +166,7 @@ function streamSource(
       throw new CheckpointError(
         "BAD_DESTINATION",
         `${where}: ${end - begin} bytes of tensor ${
-          quoteInput(e.name)
+          quoteName(e.name)
         } asked for, destination holds ${dst.byteLength}`,
       );
     }
@@ -173,11 +174,11 @@ function streamSource(
       throw new CheckpointError(
         "OUT_OF_ORDER",
         `${where}: tensor ${
-          quoteInput(e.name)
+          quoteName(e.name)
         } (bytes ${begin}-${end}) was asked for after the body passed byte ${body.position}; a streamed body is read in its own order`,
       );
     }
-    const what = `tensor ${quoteInput(e.name)}`;
+    const what = `tensor ${quoteName(e.name)}`;
     await body.skip(begin - body.position, `the bytes before ${what}`);
     await body.readExactly(dst, what);
     if (end >= lastEnd) await finish();
@@ -206,7 +207,7 @@ function streamSource(
         throw new CheckpointError(
           "BAD_ROWS",
           `${where}: tensor ${
-            quoteInput(name)
+            quoteName(name)
           } of shape [${e.shape}] has no rows [${start}, ${end})`,
         );
       }

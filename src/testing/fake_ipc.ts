@@ -6,11 +6,11 @@
  * @module
  */
 
-import type { Backend } from "../src/backend/backend.ts";
-import { IPC_HANDLE_BYTES, type IpcMapper } from "../src/backend/ipc.ts";
-import { wasmView } from "../src/backend/wasm.ts";
-import { DTYPES } from "../src/tensor/dtype.ts";
-import { type Storage, Tensor } from "../src/tensor/tensor.ts";
+import type { Backend } from "../backend/backend.ts";
+import { IPC_HANDLE_BYTES, type IpcMapper } from "../backend/ipc.ts";
+import { wasmView } from "../backend/wasm.ts";
+import { DTYPES } from "../tensor/dtype.ts";
+import { type Storage, Tensor } from "../tensor/tensor.ts";
 
 /** A test IPC mapper plus what it did. */
 export interface FakeIpc {

@@ -5,11 +5,11 @@
  * @module
  */
 
-import type { Backend } from "./backend.ts";
-import { cudaHandle } from "./cuda.ts";
-import { IPC_HANDLE_BYTES, type IpcMapper } from "./ipc.ts";
-import { BackendError } from "../errors.ts";
-import type { Tensor } from "../tensor/tensor.ts";
+import type { Backend } from "../backend.ts";
+import { cudaHandle } from "./device.ts";
+import { IPC_HANDLE_BYTES, type IpcMapper } from "../ipc.ts";
+import { BackendError } from "../../errors.ts";
+import type { Tensor } from "../../tensor/tensor.ts";
 
 /** The IPC mapper of a backend from `openCudaBackend`; undefined for any other backend. */
 export function cudaIpcMapper(backend: Backend): IpcMapper | undefined {
