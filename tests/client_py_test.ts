@@ -8,6 +8,8 @@
 import assert from "node:assert/strict";
 import { loadSafetensors } from "../src/checkpoint/safetensors.ts";
 import { parseSafetensorsHeader } from "../src/checkpoint/safetensors.ts";
+import { openCudaBackend } from "../src/backend/cuda/device.ts";
+import { kernelTensors } from "../src/models/export.ts";
 import { startServer } from "../src/server/server.ts";
 import { equalBytes } from "../testing.ts";
 
@@ -95,6 +97,67 @@ Deno.test({
       await s.stop();
       await Deno.remove(root, { recursive: true });
       await Deno.remove(out, { recursive: true });
+    }
+  },
+});
+
+/** Whether this machine has a usable CUDA backend and python3 with CUDA PyTorch and transformers. */
+function gpuTrainer(): boolean {
+  try {
+    openCudaBackend().close();
+  } catch {
+    return false;
+  }
+  try {
+    return new Deno.Command("python3", {
+      args: [
+        "-c",
+        "import torch, transformers, sys; sys.exit(0 if torch.cuda.is_available() else 1)",
+      ],
+      stdout: "null",
+      stderr: "null",
+    }).outputSync().success;
+  } catch {
+    return false;
+  }
+}
+
+Deno.test({
+  name:
+    "python client (GPU): a PyTorch training loop pushes over IPC and HTTP; export = PyTorch fp8",
+  ignore: !gpuTrainer(),
+  fn: async () => {
+    const script = new URL("./python/train_loop_gpu.py", import.meta.url).pathname;
+    const dir = await Deno.makeTempDir({ prefix: "layerwise-train-" });
+    try {
+      const prep = await new Deno.Command("python3", { args: [script, "prepare", dir] }).output();
+      assert.ok(prep.success, new TextDecoder().decode(prep.stderr));
+      const s = await startServer({ model: dir, backend: "cuda", port: 0 });
+      try {
+        const model = await s.ready;
+        const before = new Map(kernelTensors(model).map(([n, t]) => [n, t.ptr]));
+        const r = await new Deno.Command("python3", {
+          args: [script, "train", s.url, dir],
+          stdout: "piped",
+          stderr: "piped",
+        }).output();
+        const err = new TextDecoder().decode(r.stderr);
+        assert.equal(r.code, 0, err);
+        const out = JSON.parse(new TextDecoder().decode(r.stdout));
+        assert.deepEqual(out.steps.map((x: { transport: string }) => x.transport), [
+          "ipc",
+          "http",
+          "ipc",
+        ]);
+        assert.equal(s.service.version, 3);
+        const after = new Map(kernelTensors(model).map(([n, t]) => [n, t.ptr]));
+        assert.deepEqual(after, before, "no kernel pointer moved");
+        assert.equal(s.service.ipcHandlesOpen, 0, "the client released its buckets");
+      } finally {
+        await s.stop();
+      }
+    } finally {
+      await Deno.remove(dir, { recursive: true });
     }
   },
 });

@@ -683,3 +683,69 @@ Deno.test("server: stop lets a running update finish within the deadline", async
   assert.match(text, /^HTTP\/1\.1 200/);
   assert.match(text, /"version":1/);
 });
+
+const MAIN = new URL("../src/server/main.ts", import.meta.url).pathname;
+
+async function serveCli(...args: string[]): Promise<{ code: number; stderr: string }> {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", MAIN, ...args],
+    stdout: "piped",
+    stderr: "piped",
+    env: { NO_COLOR: "1" },
+  }).output();
+  return { code: out.code, stderr: new TextDecoder().decode(out.stderr) };
+}
+
+Deno.test("deno task serve: bad usage exits 2, an unsafe bind 1, both with one error line", async () => {
+  for (const args of [[], ["--model", LLAMA, "--port", "x"], ["--model", LLAMA, "--bogus"]]) {
+    const r = await serveCli(...args);
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(r.stderr, /^error: .*\(see --help\)\n$/);
+  }
+  const bind = await serveCli("--model", LLAMA, "--backend", "wasm", "--host", "0.0.0.0");
+  assert.equal(bind.code, 1);
+  assert.match(bind.stderr, /^error: refusing to listen on 0\.0\.0\.0 without a token/);
+  const short = await Deno.makeTempFile();
+  await Deno.writeTextFile(short, "short\n");
+  const tok = await serveCli("--model", LLAMA, "--backend", "wasm", "--token-file", short);
+  await Deno.remove(short);
+  assert.equal(tok.code, 1);
+  assert.match(tok.stderr, /^error: .*at least 16 characters/);
+});
+
+Deno.test("deno task serve: serves, prints a progress line per update, exits 0 on SIGTERM", async () => {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", MAIN, "--model", LLAMA, "--backend", "wasm", "--port", "0"],
+    stdout: "null",
+    stderr: "piped",
+    env: { NO_COLOR: "1" },
+  }).spawn();
+  const lines = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
+  let text = "";
+  const until = async (re: RegExp) => {
+    while (!re.test(text)) {
+      const r = await lines.read();
+      if (r.done) throw new Error(`serve ended before ${re}: ${text}`);
+      text += r.value;
+    }
+    return re.exec(text)!;
+  };
+  try {
+    const url = (await until(/listening on (http:\/\/\S+)/))[1];
+    await until(/ready: LlamaForCausalLM/);
+    const r = await fetch(`${url}/v1/update/stream?tag=cli`, {
+      method: "PUT",
+      body: await Deno.readFile(LLAMA_FILE),
+    });
+    assert.equal(r.status, 200, await r.text());
+    await until(/update u1 stream: [\d.]+ GB in [\d.]+ s \([\d.]+ GB\/s\), version 1 tag "cli"/);
+    child.kill("SIGTERM");
+    await until(/stopping/);
+    assert.equal((await child.status).code, 0);
+  } finally {
+    try {
+      child.kill("SIGKILL");
+    } catch { /* already gone */ }
+    await lines.cancel();
+  }
+});
