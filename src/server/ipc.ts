@@ -7,10 +7,10 @@
  * written. Handles stay open in a cache while the trainer keeps sending the same buckets and
  * are closed on request or when the server stops.
  *
- * The reload itself goes through {@link mappedTensors}, the one function that turns mapped
- * memory into tensors for the engine: today each tensor (big ones as row chunks) is copied
- * device to device into a scratch tensor of the backend and handed to the layerwise reload;
- * a device-resident weight source can replace it without touching the protocol.
+ * The reload itself is {@link reloadFromMapped}, the one function that reads mapped memory:
+ * today each tensor (big ones as row chunks) is copied device to device into a scratch tensor of
+ * the backend ({@link mappedTensors}) and handed to the layerwise reload; a device-resident
+ * reload that reads the buckets in place can replace it without touching the protocol.
  * @module
  */
 
@@ -21,6 +21,8 @@ import type { NamedTensor, TensorInfo, WeightSource } from "../checkpoint/source
 import { CheckpointError } from "../errors.ts";
 import { type DType, dtypeFromSafetensors, dtypeOf } from "../tensor/dtype.ts";
 import { rowWindow, type Tensor } from "../tensor/tensor.ts";
+import type { Module } from "../nn/module.ts";
+import { reloadLayerwise, type ReloadLayerwiseOptions, type ReloadReport } from "../reload/load.ts";
 import { checkFields } from "./json_body.ts";
 import { serverError } from "./http_errors.ts";
 
@@ -276,4 +278,25 @@ export async function* mappedTensors(
       }
     }
   }
+}
+
+/**
+ * Reloads `model` from the mapped buckets (`addresses[i]` is bucket i's address) for the
+ * validated `names`, in order; returns once the engine is done (the caller synchronizes the
+ * mapper before telling the trainer its buckets are free).
+ */
+export function reloadFromMapped(
+  model: Module,
+  backend: Backend,
+  mapper: IpcMapper,
+  update: IpcUpdate,
+  addresses: readonly number[],
+  names: readonly string[],
+  options: ReloadLayerwiseOptions & { readChunkBytes: number },
+): Promise<ReloadReport> {
+  return reloadLayerwise(
+    model,
+    mappedTensors(backend, mapper, update, addresses, names, options.readChunkBytes),
+    options,
+  );
 }

@@ -18,10 +18,9 @@ import {
 } from "../models/load.ts";
 import { READ_CHUNK_BYTES, validateWeights } from "../models/weights.ts";
 import { inconsistentLayers } from "../reload/layerwise.ts";
-import { reloadLayerwise } from "../reload/load.ts";
 import type { BodyReader } from "./body.ts";
 import { oneLine, serverError } from "./http_errors.ts";
-import { describedSource, IpcHandleCache, type IpcUpdate, mappedTensors } from "./ipc.ts";
+import { describedSource, IpcHandleCache, type IpcUpdate, reloadFromMapped } from "./ipc.ts";
 import { type RunningUpdate, UpdateLock } from "./lock.ts";
 import { ServerMetrics } from "./metrics.ts";
 import { openStreamSource } from "./stream_source.ts";
@@ -336,17 +335,17 @@ export class WeightService {
       });
       const opts = this.#reloadOptions(update);
       try {
-        const r = await reloadLayerwise(
+        const r = await reloadFromMapped(
           model,
-          mappedTensors(
-            model.device,
-            mapper,
-            update,
-            addresses,
-            plan.names,
-            this.#options.readChunkBytes ?? READ_CHUNK_BYTES,
-          ),
-          opts,
+          model.device,
+          mapper,
+          update,
+          addresses,
+          plan.names,
+          {
+            ...opts,
+            readChunkBytes: this.#options.readChunkBytes ?? READ_CHUNK_BYTES,
+          },
         );
         const seconds = (performance.now() - t0) / 1000;
         return {
