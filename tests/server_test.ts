@@ -222,6 +222,12 @@ Deno.test("server: a streamed fixture gives the PyTorch expectation byte for byt
     assert.equal(r.json.version, 2);
     assert.equal(r.json.tag, "step-1");
     assert.equal(r.json.storageKept, true);
+    // Never the whole body: the scratch held at once stays within the largest module (the
+    // fused gate_up_proj in bf16, [2 x 176, 64]).
+    assert.ok(
+      (r.json.peakScratchBytes as number) <= 2 * 176 * 64 * 2,
+      `${r.json.peakScratchBytes}`,
+    );
     const want = await loadSafetensors(EXPECT);
     const got = await exported(s);
     for (const [name, w] of want) {
@@ -421,8 +427,66 @@ Deno.test("server: garbage, wrong-model and oversize bodies are refused before a
     const wrong = await Deno.readFile(`${FIXTURES}ckpt/qwen2-tiny/model.safetensors`);
     const w = await putStream(s, wrong.byteLength <= 300_000 ? wrong : wrong.slice(0, 1000));
     assert.ok(w.status === 422 || w.status === 413, `got ${w.status}`);
+    // Bytes past the end the header describes: found inside the last read, so atomic restores.
+    const scaled = await scaledCheckpoint(2);
+    const longer = new Uint8Array(scaled.byteLength + 16);
+    longer.set(scaled);
+    const trailing = pausedBody(longer, longer.byteLength, "end");
+    trailing.release();
+    const t = await putStream(s, trailing.stream, "?atomic=1");
+    assert.equal(t.status, 400);
+    assert.equal(errorOf(t).code, "TRAILING_BYTES");
     assertSameTensors(await exported(s), base, "after refused bodies");
     assert.equal((await call(s, "GET", "/v1/health")).status, 200);
+  });
+});
+
+/** The tensors of a safetensors file laid out again in the order `names` gives. */
+function reordered(file: Uint8Array, names: string[]): Uint8Array<ArrayBuffer> {
+  const h = parseSafetensorsHeader(file, file.byteLength, "reorder");
+  const entries = names.map((n) => h.tensors.get(n)!);
+  let at = 0;
+  const header: Record<string, unknown> = {};
+  for (const e of entries) {
+    header[e.name] = {
+      dtype: e.dtype.safetensors,
+      shape: e.shape,
+      data_offsets: [at, at + e.end - e.begin],
+    };
+    at += e.end - e.begin;
+  }
+  let json = JSON.stringify(header);
+  json += " ".repeat((8 - json.length % 8) % 8);
+  const out = new Uint8Array(8 + json.length + at);
+  new DataView(out.buffer).setBigUint64(0, BigInt(json.length), true);
+  out.set(new TextEncoder().encode(json), 8);
+  let w = 8 + json.length;
+  for (const e of entries) {
+    out.set(file.subarray(e.begin, e.end), w);
+    w += e.end - e.begin;
+  }
+  return out;
+}
+
+Deno.test("server: a body out of layer order is taken within the scratch bound, refused past it", async () => {
+  // gate_up_proj of the tiny model is 45 KB of bf16 scratch; two of them waiting pass 60 KB.
+  await withServer({ maxBufferedBytes: 60_000 }, async (s) => {
+    const base = await exported(s);
+    const scaled = await scaledCheckpoint(2);
+    const names = [...parseSafetensorsHeader(scaled, scaled.byteLength, "x").tensors.keys()];
+    // Reversed: every module still completes before the next one starts.
+    const rev = await putStream(s, reordered(scaled, [...names].reverse()), "?atomic=1");
+    assert.equal(rev.status, 200, JSON.stringify(rev.json));
+    const changed = await exported(s);
+    assertDiffers(base, changed, "reversed body");
+    await call(s, "POST", "/v1/update/disk", { path: LLAMA });
+    // Every gate_proj first: both layers' gate_up scratch wait at once.
+    const gates = names.filter((n) => n.includes("gate_proj"));
+    const bad = reordered(scaled, [...gates, ...names.filter((n) => !gates.includes(n))]);
+    const r = await putStream(s, bad, "?atomic=1");
+    assert.equal(r.status, 422, JSON.stringify(r.json));
+    assert.equal(errorOf(r).code, "BUFFER_LIMIT");
+    assertSameTensors(await exported(s), base, "after a refused order");
   });
 });
 

@@ -36,6 +36,8 @@ export interface ServeCliOptions {
   allowPaths: string[];
   /** Largest streamed body in bytes. */
   maxBodyBytes: number;
+  /** Bound on model-format scratch of layers waiting for tensors (default: the server's). */
+  maxBufferedBytes?: number;
   /** Longest wait for the next body chunk, in seconds. */
   idleTimeoutSeconds: number;
   /** Accept NaN/Inf in incoming weights. */
@@ -61,6 +63,8 @@ Options:
   --token-file F        file holding the bearer token every request but /v1/health must carry
   --allow-path DIR      a root disk updates may read (repeatable; default: the --model directory)
   --max-body-bytes N    largest streamed body (default ${SERVE_DEFAULTS.maxBodyBytes})
+  --max-buffered-bytes N  most model-format scratch a body out of layer order may hold (default
+                        two decoder layers' checkpoint bytes, at least 64 MiB; past it: 422)
   --idle-timeout S      seconds a body may stall before the update is abandoned (default ${
   SERVE_DEFAULTS.idleTimeoutMs / 1000
 })
@@ -105,6 +109,7 @@ export function parseServeArgs(argv: readonly string[]): ServeCliOptions {
         "token-file": { type: "string" },
         "allow-path": { type: "string", multiple: true },
         "max-body-bytes": { type: "string" },
+        "max-buffered-bytes": { type: "string" },
         "idle-timeout": { type: "string" },
         "allow-non-finite": { type: "boolean" },
         quiet: { type: "boolean" },
@@ -130,6 +135,9 @@ export function parseServeArgs(argv: readonly string[]): ServeCliOptions {
     tokenFile: v["token-file"],
     allowPaths: v["allow-path"] ?? [],
     maxBodyBytes: whole("max-body-bytes", v["max-body-bytes"], SERVE_DEFAULTS.maxBodyBytes, 1),
+    maxBufferedBytes: v["max-buffered-bytes"] === undefined
+      ? undefined
+      : whole("max-buffered-bytes", v["max-buffered-bytes"], 0, 1),
     idleTimeoutSeconds: whole(
       "idle-timeout",
       v["idle-timeout"],

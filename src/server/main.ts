@@ -47,6 +47,7 @@ export async function serveMain(argv: readonly string[]): Promise<number> {
       token: o.tokenFile === undefined ? undefined : await readTokenFile(o.tokenFile),
       allowPaths: o.allowPaths.length > 0 ? o.allowPaths : undefined,
       maxBodyBytes: o.maxBodyBytes,
+      maxBufferedBytes: o.maxBufferedBytes,
       idleTimeoutMs: o.idleTimeoutSeconds * 1000,
       rejectNonFinite: !o.allowNonFinite,
       log: o.quiet ? undefined : say,

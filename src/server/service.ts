@@ -25,6 +25,14 @@ import { type RunningUpdate, UpdateLock } from "./lock.ts";
 import { ServerMetrics } from "./metrics.ts";
 import { openStreamSource } from "./stream_source.ts";
 
+const DTYPE_BYTES: Readonly<Record<string, number>> = {
+  F32: 4,
+  F16: 2,
+  BF16: 2,
+  F8_E4M3: 1,
+  I8: 1,
+};
+
 /** A checkpoint-format tensor the model expects: what a client needs to build an update. */
 export interface ExpectedTensor {
   /** Checkpoint name. */
@@ -81,7 +89,11 @@ export interface UpdateSummary {
 export interface ServiceOptions {
   /** Scan incoming weights for NaN/Inf (default true). */
   rejectNonFinite?: boolean;
-  /** Bound on model-format scratch held by layers waiting for tensors (see ReloadOptions). */
+  /**
+   * Bound on model-format scratch held by layers waiting for tensors (see ReloadOptions);
+   * default two decoder layers' checkpoint bytes, at least 64 MiB. A body so far out of layer
+   * order that it needs more fails with ReloadError `BUFFER_LIMIT` (422).
+   */
   maxBufferedBytes?: number;
   /** Largest row chunk read at once (default READ_CHUNK_BYTES). */
   readChunkBytes?: number;
@@ -107,6 +119,7 @@ export class WeightService {
   #last: UpdateSummary | null = null;
   #ipc: IpcHandleCache | null = null;
   #mapper: IpcMapper | undefined;
+  #maxBufferedBytes: number | undefined;
   readonly #options: ServiceOptions;
 
   /** A service with no model yet (see {@link WeightService.load}). */
@@ -171,6 +184,16 @@ export class WeightService {
       } finally {
         source.close();
       }
+      // Model-format scratch of layers that wait for more tensors is what a body out of layer
+      // order costs; it is bounded (default: two decoder layers' checkpoint bytes, at least
+      // 64 MiB) so that no order can make an update hold a copy of the model.
+      const layer0 = this.#expected.filter((t) => t.name.startsWith("model.layers.0."));
+      const layerBytes = layer0.reduce(
+        (a, t) => a + t.shape.reduce((x, y) => x * y, 1) * (DTYPE_BYTES[t.dtype] ?? 2),
+        0,
+      );
+      this.#maxBufferedBytes = this.#options.maxBufferedBytes ??
+        Math.max(64 * 1024 ** 2, 2 * layerBytes);
       this.#mapper = this.#options.ipcMapper?.(model);
       if (this.#mapper) this.#ipc = new IpcHandleCache(this.#mapper);
       this.#model = model;
@@ -201,7 +224,7 @@ export class WeightService {
       strict: o.strict ?? false,
       partial: o.partial ?? false,
       rejectNonFinite: this.#options.rejectNonFinite ?? true,
-      maxBufferedBytes: this.#options.maxBufferedBytes,
+      maxBufferedBytes: this.#maxBufferedBytes,
       readChunkBytes: this.#options.readChunkBytes,
     };
   }
