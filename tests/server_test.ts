@@ -674,6 +674,11 @@ Deno.test("server: the IPC table is validated before any handle is opened or byt
     const u = await call(s, "POST", "/v1/update/ipc", unknown);
     assert.equal(u.status, 422);
     assert.equal(errorOf(u).code, "IPC_OPEN_FAILED");
+    // A bucket claiming more bytes than its allocation holds: refused once mapped, before a read.
+    const over = { ...table, buckets: [{ ...table.buckets[0], bytes: size + 64 }] };
+    const o = await call(s, "POST", "/v1/update/ipc", over);
+    assert.equal(o.status, 422);
+    assert.equal(errorOf(o).code, "IPC_BUCKET_TOO_LARGE");
     assertSameTensors(await exported(s), base, "after refused IPC tables");
     assert.equal((await call(s, "GET", "/v1/health")).status, 200);
   });

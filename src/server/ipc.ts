@@ -15,7 +15,7 @@
  */
 
 import { quoteName } from "../messages.ts";
-import { IPC_HANDLE_BYTES, type IpcMapper } from "../backend/ipc.ts";
+import { IPC_HANDLE_BYTES, type IpcMapper, type IpcMapping } from "../backend/ipc.ts";
 import type { Backend } from "../backend/backend.ts";
 import type { NamedTensor, TensorInfo, WeightSource } from "../checkpoint/source.ts";
 import { CheckpointError } from "../errors.ts";
@@ -117,13 +117,7 @@ export function parseIpcUpdate(body: unknown): IpcUpdate {
     if (x.bytes <= 0) bad(`${at}: bytes must be positive, got ${x.bytes}`);
     return x;
   });
-  const seenHandles = new Set<string>();
-  for (const [i, x] of buckets.entries()) {
-    if (seenHandles.has(x.handle)) {
-      bad(`${where}: buckets[${i}] repeats the handle of an earlier bucket`);
-    }
-    seenHandles.add(x.handle);
-  }
+  // Two buckets may share a handle: an allocator can place both in one allocation.
   const names = new Set<string>();
   const tensors: IpcTensor[] = b.tensors.map((raw, i) => {
     const at = `${where}: tensors[${i}]`;
@@ -208,7 +202,7 @@ export function describedSource(update: IpcUpdate): WeightSource {
 /** Open IPC mappings by handle, reused while the trainer sends the same buckets. */
 export class IpcHandleCache {
   readonly #mapper: IpcMapper;
-  readonly #open = new Map<string, number>();
+  readonly #open = new Map<string, IpcMapping>();
 
   /** A cache over `mapper`. */
   constructor(mapper: IpcMapper) {
@@ -220,25 +214,25 @@ export class IpcHandleCache {
     return this.#open.size;
   }
 
-  /** The address of a handle, opening it on first use. */
-  map(handle: string): number {
-    let a = this.#open.get(handle);
-    if (a === undefined) {
-      a = this.#mapper.open(decodeHandle(handle, "ipc"));
-      this.#open.set(handle, a);
+  /** The mapping of a handle, opening it on first use. */
+  map(handle: string): IpcMapping {
+    let m = this.#open.get(handle);
+    if (m === undefined) {
+      m = this.#mapper.open(decodeHandle(handle, "ipc"));
+      this.#open.set(handle, m);
     }
-    return a;
+    return m;
   }
 
   /** Closes the given handles (all when omitted); returns how many were open. */
   release(handles?: readonly string[]): number {
     let n = 0;
     for (const h of handles ?? [...this.#open.keys()]) {
-      const a = this.#open.get(h);
-      if (a === undefined) continue;
+      const m = this.#open.get(h);
+      if (m === undefined) continue;
       this.#open.delete(h);
       n++;
-      this.#mapper.close(a);
+      this.#mapper.close(m.address);
     }
     return n;
   }

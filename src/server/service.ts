@@ -344,8 +344,9 @@ export class WeightService {
       const source = describedSource(update);
       const plan = validateWeights(model, source, update);
       const addresses = update.buckets.map((b, i) => {
+        let m;
         try {
-          return cache.map(b.handle);
+          m = cache.map(b.handle);
         } catch (e) {
           throw serverError(
             "IPC_OPEN_FAILED",
@@ -355,6 +356,14 @@ export class WeightService {
             422,
           );
         }
+        if (b.bytes > m.bytes) {
+          throw serverError(
+            "IPC_BUCKET_TOO_LARGE",
+            `ipc update: bucket ${i} claims ${b.bytes} bytes, its allocation has ${m.bytes} from the mapped address`,
+            422,
+          );
+        }
+        return m.address;
       });
       const opts = this.#reloadOptions(update);
       try {

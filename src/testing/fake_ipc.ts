@@ -56,7 +56,7 @@ export function fakeIpc(backend: Backend): FakeIpc {
       wasmView(backend, new Tensor([data.byteLength], DTYPES.u8, storage)).set(data);
       live.set(storage.ptr, { handle: key, storage });
       opened.push(key);
-      return storage.ptr;
+      return { address: storage.ptr, bytes: data.byteLength };
     },
     close(address) {
       const m = live.get(address);

@@ -7,7 +7,7 @@
 
 import type { Backend } from "../backend.ts";
 import { cudaHandle } from "./device.ts";
-import { IPC_HANDLE_BYTES, type IpcMapper } from "../ipc.ts";
+import { IPC_HANDLE_BYTES, type IpcMapper, type IpcMapping } from "../ipc.ts";
 import { BackendError } from "../../errors.ts";
 import type { Tensor } from "../../tensor/tensor.ts";
 
@@ -18,16 +18,17 @@ export function cudaIpcMapper(backend: Backend): IpcMapper | undefined {
   const { device, ctx } = h;
   const s = device.symbols;
   const out = new BigUint64Array(1);
+  const size = new BigUint64Array(1);
   return {
-    open(handle: Uint8Array): number {
+    open(handle: Uint8Array): IpcMapping {
       if (handle.byteLength !== IPC_HANDLE_BYTES) {
         throw new BackendError(
           "BAD_IPC_HANDLE",
           `cudaIpcOpenMemHandle: a handle has ${IPC_HANDLE_BYTES} bytes, got ${handle.byteLength}`,
         );
       }
-      device.check("cudaIpcOpenMemHandle", s.lw_ipc_open(device.device, handle, out));
-      return Number(out[0]);
+      device.check("cudaIpcOpenMemHandle", s.lw_ipc_open(device.device, handle, out, size));
+      return { address: Number(out[0]), bytes: Number(size[0]) };
     },
     close(address: number): void {
       device.check("cudaIpcCloseMemHandle", s.lw_ipc_close(device.device, BigInt(address)));
