@@ -315,7 +315,8 @@ export class WeightService {
         const plan = validateWeights(model, source, o);
         source.willRead(plan.names);
         if (plan.names.length === 0) await source.finish();
-        return await reloadWeights(model, source, this.#reloadOptions(o));
+        // The body is no file: never let the staged path look for one under its description.
+        return await reloadWeights(model, source, { ...this.#reloadOptions(o), staging: false });
       } finally {
         body.cancel();
       }
