@@ -23,8 +23,12 @@ const LLAMA_FILE = `${LLAMA}/model.safetensors`;
 const EXPECT = `${FIXTURES}expect/llama-tiny.fp8-tensor.safetensors`;
 const TOKEN = "0123456789abcdef-test-token";
 
+// The GPU machine runs the same tests with LAYERWISE_SERVE_BACKEND=cuda; the IPC tests map fake
+// buckets into WebAssembly memory and stay on wasm.
+const BACKEND = (Deno.env.get("LAYERWISE_SERVE_BACKEND") ?? "wasm") as "wasm" | "cuda";
+
 async function serve(o: Partial<ServeOptions> = {}): Promise<WeightServer> {
-  const s = await startServer({ model: LLAMA, backend: "wasm", port: 0, ...o });
+  const s = await startServer({ model: LLAMA, backend: BACKEND, port: 0, ...o });
   await s.ready;
   return s;
 }
@@ -177,7 +181,7 @@ async function metricsText(s: WeightServer): Promise<string> {
 }
 
 Deno.test("server: health is 503 before the first load and 200 after; model describes the tensors", async () => {
-  const s = await startServer({ model: LLAMA, backend: "wasm", port: 0 });
+  const s = await startServer({ model: LLAMA, backend: BACKEND, port: 0 });
   try {
     const early = await fetch(`${s.url}/v1/health`);
     const body = await early.json();
@@ -192,8 +196,8 @@ Deno.test("server: health is 503 before the first load and 200 after; model desc
     assert.equal(m.status, 200);
     assert.equal(m.json.architecture, "LlamaForCausalLM");
     assert.equal(m.json.quantization, "fp8-tensor");
-    assert.equal(m.json.backend, "wasm");
-    assert.equal(m.json.ipc, false);
+    assert.equal(m.json.backend, BACKEND);
+    assert.equal(m.json.ipc, BACKEND === "cuda");
     const header = parseSafetensorsHeader(
       await Deno.readFile(LLAMA_FILE),
       (await Deno.stat(LLAMA_FILE)).size,
