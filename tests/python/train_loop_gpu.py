@@ -35,7 +35,7 @@ def prepare(out: str) -> None:
     config = LlamaConfig(
         hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=320, max_position_embeddings=128,
-        tie_word_embeddings=False, torch_dtype="bfloat16",
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
@@ -85,7 +85,8 @@ def train(url: str, ckpt: str) -> None:
     from transformers import LlamaForCausalLM
 
     device = torch.device("cuda")
-    model = LlamaForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).to(device)
+    # Trained in float32; every push sends its bf16 rounding (the checkpoint's dtype).
+    model = LlamaForCausalLM.from_pretrained(ckpt).to(device=device, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     client = LayerwiseClient(url)
     expected_names = {t["name"] for t in client.model()["tensors"]}
