@@ -4,10 +4,17 @@
  * @module
  */
 
-import { BackendError, CheckpointError, LayerwiseError, ReloadError } from "../errors.ts";
+import {
+  BackendError,
+  CheckpointError,
+  type CheckpointErrorCode,
+  LayerwiseError,
+  ReloadError,
+  type ServerErrorCode,
+} from "../errors.ts";
 
 /** Statuses of the server's own error codes; codes not listed answer 400. */
-const STATUS_BY_CODE: Readonly<Record<string, number>> = {
+const STATUS_BY_CODE: Readonly<Partial<Record<ServerErrorCode, number>>> = {
   UNAUTHORIZED: 401,
   FORBIDDEN_PATH: 403,
   NOT_FOUND: 404,
@@ -19,7 +26,8 @@ const STATUS_BY_CODE: Readonly<Record<string, number>> = {
   NOT_READY: 503,
   SHUTTING_DOWN: 503,
   LOAD_FAILED: 503,
-  IPC_FAILED: 500,
+  IPC_OPEN_FAILED: 422,
+  IPC_BUCKET_TOO_LARGE: 422,
 };
 
 /**
@@ -28,15 +36,21 @@ const STATUS_BY_CODE: Readonly<Record<string, number>> = {
  * every LayerwiseError, so that the reload engine can re-throw it with a note appended.
  */
 export class ServerError extends LayerwiseError {
+  /** What went wrong; see ServerErrorCode (CheckpointError codes for a malformed body). */
+  declare readonly code: ServerErrorCode | CheckpointErrorCode;
   /** HTTP status to answer with; from the code when not set. */
   status?: number;
   /** Extra fields of the error object (e.g. the running update's id). */
   extra?: Record<string, unknown>;
+  /** Creates an error with a code and a one-line message. */
+  constructor(code: ServerErrorCode | CheckpointErrorCode, message: string) {
+    super(code, message);
+  }
 }
 
 /** A ServerError with an explicit status and extra fields. */
 export function serverError(
-  code: string,
+  code: ServerErrorCode | CheckpointErrorCode,
   message: string,
   status?: number,
   extra?: Record<string, unknown>,
@@ -53,7 +67,9 @@ function causeOf(e: LayerwiseError): unknown {
 
 /** The HTTP status an error answers with. */
 export function statusOf(e: unknown): number {
-  if (e instanceof ServerError) return e.status ?? STATUS_BY_CODE[e.code] ?? 400;
+  if (e instanceof ServerError) {
+    return e.status ?? STATUS_BY_CODE[e.code as ServerErrorCode] ?? 400;
+  }
   if (e instanceof ReloadError) {
     if (e.code === "RELOAD_ACTIVE" || e.code === "LOAD_ACTIVE") return 409;
     if (e.code === "RELOAD_FAILED") {

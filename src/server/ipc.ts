@@ -185,7 +185,7 @@ export function describedSource(update: IpcUpdate): WeightSource {
     }]),
   );
   const unreadable = (): Promise<void> =>
-    Promise.reject(new CheckpointError("NOT_READABLE", `${description}: read through the mapper`));
+    Promise.reject(new CheckpointError("NOT_LOADABLE", `${description}: read through the mapper`));
   return {
     description,
     tensors: infos,
@@ -194,7 +194,7 @@ export function describedSource(update: IpcUpdate): WeightSource {
     readRowsInto: unreadable,
     close: () => {},
     [Symbol.asyncIterator]: (): AsyncIterator<NamedTensor> => ({
-      next: () => Promise.reject(new CheckpointError("NOT_READABLE", description)),
+      next: () => Promise.reject(new CheckpointError("NOT_LOADABLE", description)),
     }),
   };
 }

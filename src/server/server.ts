@@ -10,10 +10,10 @@ import type { Backend } from "../backend/backend.ts";
 import type { BackendChoice } from "../backend/select.ts";
 import { cudaIpcMapper } from "../backend/cuda/ipc.ts";
 import type { IpcMapper } from "../backend/ipc.ts";
-import { LayerwiseError } from "../errors.ts";
 import type { CausalLM } from "../models/causal_lm.ts";
 import type { QuantName } from "../models/quant_names.ts";
 import { BearerAuth } from "./auth.ts";
+import { serverError } from "./http_errors.ts";
 import { PathRoots } from "./roots.ts";
 import { route, type RouteContext } from "./routes.ts";
 import { WeightService } from "./service.ts";
@@ -93,12 +93,12 @@ export function isLoopback(host: string): boolean {
 
 /**
  * Starts serving: binds first (health answers 503 meanwhile), then loads the model. Throws
- * LayerwiseError `INSECURE_BIND` for a non-loopback host without a token, before binding.
+ * ServerError `INSECURE_BIND` for a non-loopback host without a token, before binding.
  */
 export async function startServer(options: ServeOptions): Promise<WeightServer> {
   const o = { ...SERVE_DEFAULTS, ...options };
   if (!isLoopback(o.host) && o.token === undefined) {
-    throw new LayerwiseError(
+    throw serverError(
       "INSECURE_BIND",
       `refusing to listen on ${o.host} without a token: give --token-file, or bind 127.0.0.1`,
     );

@@ -23,7 +23,7 @@ export function cudaIpcMapper(backend: Backend): IpcMapper | undefined {
     open(handle: Uint8Array): IpcMapping {
       if (handle.byteLength !== IPC_HANDLE_BYTES) {
         throw new BackendError(
-          "BAD_IPC_HANDLE",
+          "BAD_SIZE",
           `cudaIpcOpenMemHandle: a handle has ${IPC_HANDLE_BYTES} bytes, got ${handle.byteLength}`,
         );
       }
