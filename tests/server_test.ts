@@ -822,3 +822,29 @@ Deno.test("deno task serve: serves, prints a progress line per update, exits 0 o
     await lines.cancel();
   }
 });
+
+Deno.test("server: a failed first load answers 503 with its error, and the server keeps serving", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "layerwise-badmodel-" });
+  try {
+    await Deno.copyFile(`${LLAMA}/config.json`, `${dir}/config.json`);
+    await Deno.writeFile(`${dir}/model.safetensors`, new TextEncoder().encode("not a checkpoint"));
+    const s = await startServer({ model: dir, backend: BACKEND, port: 0 });
+    try {
+      await assert.rejects(() => s.ready);
+      const h = await call(s, "GET", "/v1/health");
+      assert.equal(h.status, 503);
+      assert.equal(h.json.status, "load_failed");
+      assert.match(h.json.error as string, /model\.safetensors/);
+      const m = await call(s, "GET", "/v1/model");
+      assert.equal(m.status, 503);
+      assert.equal(errorOf(m).code, "LOAD_FAILED");
+      const u = await call(s, "POST", "/v1/update/disk", { path: dir });
+      assert.equal(u.status, 503);
+      assert.equal((await call(s, "GET", "/v1/health")).status, 503);
+    } finally {
+      await s.stop();
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -41,7 +41,7 @@ export interface ServeOptions {
   model: string;
   /** Quantization (default fp8). */
   quant?: QuantName;
-  /** Backend, or which one to open (default auto). */
+  /** Backend, or which one to open (default auto); the server closes it when it stops. */
   backend?: Backend | BackendChoice;
   /** Address to bind (default 127.0.0.1). */
   host?: string;

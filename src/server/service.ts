@@ -5,7 +5,9 @@
  * @module
  */
 
+import type { Backend } from "../backend/backend.ts";
 import type { IpcMapper } from "../backend/ipc.ts";
+import { openBackend } from "../backend/select.ts";
 import { quoteName } from "../messages.ts";
 import { fileSource } from "../checkpoint/source.ts";
 import type { CausalLM } from "../models/causal_lm.ts";
@@ -172,8 +174,13 @@ export class WeightService {
    * shapes) as what later updates must send. A failure is kept (`loadError`) and thrown.
    */
   async load(dir: string, options: LoadModelOptions): Promise<CausalLM> {
+    // Opened here (unless given) so that a failed load does not leave it open.
+    let owned: Backend | null = null;
     try {
-      const model = await loadModel(dir, options);
+      const backend = typeof options.backend === "object"
+        ? options.backend
+        : (owned = await openBackend({ backend: options.backend }));
+      const model = await loadModel(dir, { ...options, backend });
       const source = await fileSource(dir);
       try {
         const plan = validateWeights(model, source);
@@ -200,6 +207,7 @@ export class WeightService {
       return model;
     } catch (e) {
       this.#loadError = oneLine(e);
+      owned?.close();
       throw e;
     }
   }
