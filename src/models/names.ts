@@ -48,7 +48,8 @@ export function denseNameMapper(options: DenseMapperOptions): NameMapper {
   };
 }
 
-const EXPERT = /^(.*\.experts)\.(\d+)\.(w[123])\.(\w+)$/;
+// Ids in canonical decimal only: `experts.01` must not land on the slot of `experts.1`.
+const EXPERT = /^(.*\.experts)\.(0|[1-9]\d*)\.(w[123])\.(\w+)$/;
 
 /**
  * Names of the stacked expert parameters: w1 and w3 share `w13_<suffix>` (gate and up, in that
@@ -73,7 +74,7 @@ export function mixtralNameMapper(options: DenseMapperOptions): NameMapper {
   };
 }
 
-const LAYER = /^model\.layers\.(\d+)\./;
+const LAYER = /^model\.layers\.(0|[1-9]\d*)\./;
 
 /**
  * A read-order key for a checkpoint (or model) name: the embedding first, then each decoder
@@ -138,4 +139,14 @@ export function expectedCheckpointNames(c: NamingConfig): string[] {
   out.push("model.norm.weight");
   if (!c.tieWordEmbeddings) out.push("lm_head.weight");
   return out;
+}
+
+/**
+ * The canonical spelling of a checkpoint name: leading zeros dropped from every numeric
+ * component (`model.layers.01.x` -> `model.layers.1.x`). A name that differs from its canonical
+ * spelling would alias another tensor's slot wherever an id is parsed as a number.
+ */
+export function canonicalName(name: string): string {
+  if (!/(^|\.)0\d/.test(name)) return name;
+  return name.split(".").map((c) => (/^\d+$/.test(c) ? c.replace(/^0+(?=\d)/, "") : c)).join(".");
 }

@@ -12,6 +12,7 @@ import {
   ReloadError,
   type ServerErrorCode,
 } from "../errors.ts";
+import { oneLine } from "../messages.ts";
 
 /** Statuses of the server's own error codes; codes not listed answer 400. */
 const STATUS_BY_CODE: Readonly<Partial<Record<ServerErrorCode, number>>> = {
@@ -84,12 +85,10 @@ export function statusOf(e: unknown): number {
   return 500;
 }
 
-/** One line: the message without newlines, cut to a sane length. */
-export function oneLine(e: unknown, max = 2000): string {
+/** An error as one line (see `oneLine`): its message, or its name when the message is empty. */
+export function errorLine(e: unknown, max = 2000): string {
   const msg = e instanceof Error ? e.message : String(e);
-  const line = msg.replace(/\s*\n\s*/g, " ").trim() ||
-    (e instanceof Error ? e.name : "unknown error");
-  return line.length > max ? `${line.slice(0, max)}...` : line;
+  return oneLine(msg, max) || (e instanceof Error ? e.name : "unknown error");
 }
 
 /** The error object of the JSON body. */
@@ -102,7 +101,7 @@ export interface ErrorBody {
 export function errorBody(e: unknown): ErrorBody {
   const code = e instanceof LayerwiseError ? e.code : "INTERNAL";
   const extra = e instanceof ServerError ? e.extra ?? {} : {};
-  return { error: { ...extra, code, message: oneLine(e) } };
+  return { error: { ...extra, code, message: errorLine(e) } };
 }
 
 /** A JSON response. */

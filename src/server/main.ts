@@ -13,7 +13,7 @@
 
 import { readTokenFile } from "./auth.ts";
 import { parseServeArgs, SERVE_HELP, type ServeCliOptions } from "./args.ts";
-import { oneLine, ServerError } from "./http_errors.ts";
+import { errorLine, ServerError } from "./http_errors.ts";
 import { startServer } from "./server.ts";
 
 const ENCODER = new TextEncoder();
@@ -29,7 +29,7 @@ export async function serveMain(argv: readonly string[]): Promise<number> {
     o = parseServeArgs(argv);
   } catch (e) {
     if (!(e instanceof ServerError && e.code === "USAGE")) throw e;
-    say(`error: ${oneLine(e)} (see --help)`);
+    say(`error: ${errorLine(e)} (see --help)`);
     return 2;
   }
   if (o.help) {
@@ -53,7 +53,7 @@ export async function serveMain(argv: readonly string[]): Promise<number> {
       log: o.quiet ? undefined : say,
     });
   } catch (e) {
-    say(`error: ${oneLine(e)}`);
+    say(`error: ${errorLine(e)}`);
     return 1;
   }
   say(`layerwise serve: listening on ${server.url} (loading ${o.model})`);
@@ -61,7 +61,7 @@ export async function serveMain(argv: readonly string[]): Promise<number> {
     const onSignal = () => {
       say("layerwise serve: stopping");
       server.stop().then(resolve, (e) => {
-        say(`error: ${oneLine(e)}`);
+        say(`error: ${errorLine(e)}`);
         resolve();
       });
     };
@@ -74,7 +74,7 @@ export async function serveMain(argv: readonly string[]): Promise<number> {
       `layerwise serve: ready: ${model.config.architecture} (${o.quant}) on ${model.device.description}`,
     );
   } catch (e) {
-    say(`error: ${oneLine(e)}`);
+    say(`error: ${errorLine(e)}`);
     await server.stop();
     return 1;
   }

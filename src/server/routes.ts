@@ -10,7 +10,7 @@ import { layoutSafetensors } from "../checkpoint/safetensors.ts";
 import { kernelTensors } from "../models/export.ts";
 import type { BearerAuth } from "./auth.ts";
 import { type BodyLimits, BodyReader } from "./body.ts";
-import { errorBody, errorResponse, json, oneLine, serverError, statusOf } from "./http_errors.ts";
+import { errorBody, errorLine, errorResponse, json, serverError, statusOf } from "./http_errors.ts";
 import { parseIpcUpdate } from "./ipc.ts";
 import { checkFields, readJson } from "./json_body.ts";
 import type { PathRoots } from "./roots.ts";
@@ -265,7 +265,7 @@ async function sglangDisk(req: Request, _url: URL, ctx: RouteContext): Promise<R
       num_paused_requests: 0,
     });
   } catch (e) {
-    return json({ success: false, message: oneLine(e), error: errorBody(e).error }, statusOf(e));
+    return json({ success: false, message: errorLine(e), error: errorBody(e).error }, statusOf(e));
   }
 }
 

@@ -21,7 +21,7 @@ import {
 import { READ_CHUNK_BYTES, validateWeights } from "../models/weights.ts";
 import { inconsistentLayers } from "../reload/layerwise.ts";
 import type { BodyReader } from "./body.ts";
-import { oneLine, serverError } from "./http_errors.ts";
+import { errorLine, serverError } from "./http_errors.ts";
 import { describedSource, IpcHandleCache, type IpcUpdate, reloadFromMapped } from "./ipc.ts";
 import { type RunningUpdate, UpdateLock } from "./lock.ts";
 import { ServerMetrics } from "./metrics.ts";
@@ -206,7 +206,7 @@ export class WeightService {
       this.#model = model;
       return model;
     } catch (e) {
-      this.#loadError = oneLine(e);
+      this.#loadError = errorLine(e);
       owned?.close();
       throw e;
     }
@@ -293,7 +293,7 @@ export class WeightService {
       const seconds = (performance.now() - t0) / 1000;
       this.metrics.end(path, false, seconds, 0, this.#version, this.inconsistentLayers().length);
       this.#options.log?.(
-        `update ${held.id} ${path} failed after ${seconds.toFixed(3)} s: ${oneLine(e, 300)}`,
+        `update ${held.id} ${path} failed after ${seconds.toFixed(3)} s: ${errorLine(e, 300)}`,
       );
       throw e;
     } finally {
@@ -360,7 +360,7 @@ export class WeightService {
           throw serverError(
             "IPC_OPEN_FAILED",
             `ipc update: bucket ${i}: the handle could not be opened on this GPU (${
-              oneLine(e, 300)
+              errorLine(e, 300)
             })`,
             422,
           );
