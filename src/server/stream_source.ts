@@ -183,6 +183,25 @@ function streamSource(
     await body.readExactly(dst, what);
     if (end >= lastEnd) await finish();
   };
+  // Reads may be asked for concurrently (a reader reads ahead) but the body is one sequence:
+  // each read runs after the one asked for before it, and after a failure every later read
+  // fails with the same error.
+  let tail: Promise<void> = Promise.resolve();
+  let failure: unknown = null;
+  const inTurn = (read: () => Promise<void>): Promise<void> => {
+    const run = async () => {
+      if (failure !== null) throw failure;
+      try {
+        await read();
+      } catch (e) {
+        failure ??= e;
+        throw e;
+      }
+    };
+    const p = tail.then(run, run);
+    tail = p.catch(() => {});
+    return p;
+  };
   const source: StreamSource = {
     description: where,
     tensors: infos,
@@ -192,10 +211,10 @@ function streamSource(
       lastEnd = header.dataStart;
       for (const n of names) lastEnd = Math.max(lastEnd, entryOf(n).end);
     },
-    finish,
+    finish: () => inTurn(finish),
     readInto: (name, dst) => {
       const e = entryOf(name);
-      return readRange(e, e.begin, e.end, dst);
+      return inTurn(() => readRange(e, e.begin, e.end, dst));
     },
     readRowsInto: (name, start, end, dst) => {
       const e = entryOf(name);
@@ -212,7 +231,7 @@ function streamSource(
         );
       }
       const rowBytes = rows === 0 ? 0 : (e.end - e.begin) / rows;
-      return readRange(e, e.begin + start * rowBytes, e.begin + end * rowBytes, dst);
+      return inTurn(() => readRange(e, e.begin + start * rowBytes, e.begin + end * rowBytes, dst));
     },
     close: () => body.cancel(),
     [Symbol.asyncIterator]: async function* (): AsyncGenerator<NamedTensor> {
