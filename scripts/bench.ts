@@ -2,10 +2,11 @@
  * `deno task bench`: kernel throughput on the chosen backend, then the reload bench
  * (scripts/bench_reload.ts: a synthetic Llama-shaped checkpoint reloaded into fp8), each
  * figure printed beside the limit it is measured against, as a ratio from the same run.
+ * `--only serve` runs the weight-update server's bench (scripts/bench_serve.ts) instead.
  *
  * `--only device` runs the device-source reload bench instead (scripts/bench_device.ts).
  *
- *   deno task bench [--backend auto|cuda|wasm] [--only kernels|reload|device] [--elements N]
+ *   deno task bench [--backend auto|cuda|wasm] [--only kernels|reload|serve|device] [--elements N]
  *       [--reps N] [--json FILE] [--shape 8b|small] [--runs N] [--dir DIR] [--keep] [--simple]
  *       [--slot-mb N] [--slots N] [--chunk-mb N] [--readers N] [--ring-mb N] [--sweep RxSxC,...]
  * @module
@@ -16,6 +17,7 @@ import { openBackend } from "../src/backend/select.ts";
 import { benchDevice } from "./bench_device.ts";
 import { benchKernels, kernelTable } from "./bench_kernels.ts";
 import { benchReload, RELOAD_BENCH_ARGS, reloadOptions } from "./bench_reload.ts";
+import { benchServe } from "./bench_serve.ts";
 
 const { values } = parseArgs({
   args: Deno.args,
@@ -32,7 +34,8 @@ const { values } = parseArgs({
 
 if (values.help) {
   console.log(
-    "usage: deno task bench [--backend auto|cuda|wasm] [--only kernels|reload|device] [--elements N] " +
+    "usage: deno task bench [--backend auto|cuda|wasm] [--only kernels|reload|serve|device] " +
+      "[--elements N] " +
       "[--reps N] [--json FILE] [--shape 8b|small] [--runs N] [--dir DIR] [--keep] [--simple] " +
       "[--slot-mb N] [--slots N] [--chunk-mb N] [--readers N] [--ring-mb N] [--sweep RxSxC,...]",
   );
@@ -40,9 +43,23 @@ if (values.help) {
 }
 
 const only = values.only;
-if (only !== undefined && only !== "kernels" && only !== "reload" && only !== "device") {
-  console.error(`bench: --only takes kernels, reload or device, not ${only}`);
+if (
+  only !== undefined && only !== "kernels" && only !== "reload" && only !== "serve" &&
+  only !== "device"
+) {
+  console.error(`bench: --only takes kernels, reload, serve or device, not ${only}`);
   Deno.exit(2);
+}
+
+if (only === "serve") {
+  // The server opens (and closes) its own backend.
+  const out = await benchServe({
+    backend: values.backend as "auto" | "cuda" | "wasm",
+    runs: values.runs === undefined ? undefined : Number(values.runs),
+    dir: values.dir,
+  });
+  if (values.json) await Deno.writeTextFile(values.json, JSON.stringify(out, null, 2));
+  Deno.exit(0);
 }
 
 const backend = await openBackend({ backend: values.backend as "auto" | "cuda" | "wasm" });
