@@ -166,6 +166,7 @@ export {
   type DeviceArrival,
   type DevicePlanReport,
   DeviceReload,
+  type DeviceReloadOptions,
   type DeviceReloadReport,
   releaseDevicePlan,
 } from "./src/reload/device.ts";

@@ -75,11 +75,7 @@ export { type ProgressCallback, READ_CHUNK_BYTES } from "./src/models/weights.ts
 export { isInconsistent } from "./src/reload/layerwise.ts";
 
 // Reload from tensors already in backend memory (IPC or NCCL buckets, a staged checkpoint)
-export {
-  type DeviceReloadOptions,
-  type DeviceTensorView,
-  reloadFromDevice,
-} from "./src/reload/device.ts";
+export { type DeviceTensorView, reloadFromDevice } from "./src/reload/device.ts";
 
 // Backend selection
 export type { Backend, BackendKind } from "./src/backend/backend.ts";
