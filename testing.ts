@@ -28,3 +28,4 @@ export * from "./src/testing/tiny_model.ts";
 export * from "./src/testing/soak.ts";
 export * from "./src/testing/memory.ts";
 export * from "./src/testing/fake_ipc.ts";
+export * from "./src/testing/fake_nccl.ts";

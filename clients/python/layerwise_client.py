@@ -18,6 +18,11 @@ Transports of ``update_from_tensors``:
 * ``"ipc"``: CUDA tensors are packed into a few device buckets that the client keeps and
   reuses (one CUDA IPC handle per bucket); the server maps them (cached while they stay the
   same), reloads straight from them and answers once it no longer reads them.
+* ``"nccl"``: after :meth:`LayerwiseClient.init_nccl` (the trainer and the server join one
+  NCCL communicator), the tensor list is posted and the tensors are broadcast from the
+  trainer's rank packed into buckets by :func:`pack_buckets`, the server's rule; the server
+  reloads each bucket as it arrives. NCCL is reached through ``ctypes`` on the
+  ``libnccl.so.2`` PyTorch ships (``LAYERWISE_NCCL_LIB`` overrides the path).
 * ``"auto"``: IPC when every tensor is a CUDA tensor and the server runs on CUDA; if the server
   cannot open the handles (another GPU, another host) it falls back to HTTP.
 
@@ -29,16 +34,22 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import glob
 import http.client
 import json
+import os
 import struct
+import threading
+import time
 import urllib.parse
-from typing import Any, Iterable, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
-__all__ = ["LayerwiseClient", "LayerwiseError", "RawTensor"]
+__all__ = ["LayerwiseClient", "LayerwiseError", "RawTensor", "pack_buckets"]
 
 DEFAULT_BUCKET_BYTES = 512 * 1024 * 1024
 _IPC_ALIGN = 256
+# Offsets of tensors in an NCCL bucket are multiples of this (the server's rule).
+NCCL_ALIGN = 256
 
 # safetensors dtype -> element size
 _DTYPE_SIZE = {
@@ -123,6 +134,108 @@ def _host_bytes(t: Any) -> Tuple[memoryview, Any]:
     return memoryview(buf).cast("B"), host
 
 
+def _align(n: int) -> int:
+    return (n + NCCL_ALIGN - 1) // NCCL_ALIGN * NCCL_ALIGN
+
+
+def pack_buckets(sizes: Sequence[int], bucket_bytes: int) -> Tuple[int, List[Tuple[int, int]], List[int]]:
+    """The packing of an NCCL update, identical to the server's: tensors of byte sizes ``sizes``
+    in order; each starts at the next multiple of 256 after the end of the one before it in its
+    bucket; a tensor that would end past the capacity starts the next bucket at offset 0. The
+    capacity is ``bucket_bytes`` raised to the largest tensor rounded up to 256.
+
+    Returns (capacity, (bucket, offset) of each tensor, bytes broadcast per bucket: up to the
+    end of its last tensor).
+    """
+    cap = max([int(bucket_bytes)] + [_align(int(n)) for n in sizes])
+    placements: List[Tuple[int, int]] = []
+    lengths: List[int] = []
+    used, count = 0, 0
+    for n in sizes:
+        n = int(n)
+        if count > 0 and _align(used) + n > cap:
+            lengths.append(used)
+            used, count = 0, 0
+        at = _align(used)
+        placements.append((len(lengths), at))
+        used, count = at + n, count + 1
+    if count > 0:
+        lengths.append(used)
+    return cap, placements, lengths
+
+
+class _NcclUniqueId(ctypes.Structure):
+    _fields_ = [("internal", ctypes.c_char * 128)]
+
+
+_NCCL_UINT8 = 1
+
+
+def _load_nccl() -> Any:
+    """libnccl.so.2: LAYERWISE_NCCL_LIB, else the one PyTorch ships (torch/lib or the
+    nvidia-nccl wheel), else the dynamic loader's search path."""
+    candidates = []
+    if os.environ.get("LAYERWISE_NCCL_LIB"):
+        candidates.append(os.environ["LAYERWISE_NCCL_LIB"])
+    try:
+        import torch  # noqa: F401  (loads the NCCL it was built with)
+
+        torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+        site = os.path.dirname(os.path.dirname(torch.__file__))
+        candidates += sorted(glob.glob(os.path.join(torch_lib, "libnccl.so*")))
+        candidates += sorted(glob.glob(os.path.join(site, "nvidia", "nccl", "lib", "libnccl.so*")))
+    except ImportError:
+        pass
+    candidates.append("libnccl.so.2")
+    errors = []
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError as e:
+            errors.append(f"{path}: {e}")
+            continue
+        lib.ncclGetErrorString.restype = ctypes.c_char_p
+        lib.ncclCommInitRank.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
+                                         _NcclUniqueId, ctypes.c_int]
+        lib.ncclBroadcast.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                      ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        lib.ncclCommAbort.argtypes = [ctypes.c_void_p]
+        lib.ncclCommDestroy.argtypes = [ctypes.c_void_p]
+        lib.ncclCommGetAsyncError.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
+        return lib
+    raise RuntimeError("NCCL not found (set LAYERWISE_NCCL_LIB): " + "; ".join(errors))
+
+
+def _nccl_check(lib: Any, op: str, status: int) -> None:
+    if status != 0:
+        raise RuntimeError(f"{op}: {lib.ncclGetErrorString(status).decode()} (ncclResult {status})")
+
+
+class _Background:
+    """A request answered on a thread while this one drives NCCL."""
+
+    def __init__(self, call: Any):
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, args=(call,), daemon=True)
+        self._thread.start()
+
+    def _run(self, call: Any) -> None:
+        try:
+            self.result = call()
+        except BaseException as e:  # handed to the caller's thread
+            self.error = e
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def get(self) -> Any:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
 def safetensors_header(described: Sequence[Tuple[str, str, Tuple[int, ...], int]]) -> bytes:
     """The 8-byte length and JSON header of a safetensors file whose tensors follow in order."""
     header = {}
@@ -149,6 +262,8 @@ class LayerwiseClient:
         self._token = token
         self._timeout = timeout
         self._buckets: list = []  # reused CUDA buckets: (tensor, handle_b64, base_offset, bytes)
+        self._nccl: Any = None  # (library, communicator, rank, device)
+        self._nccl_slots: list = []  # two device buckets of the NCCL transport
 
     # ------------------------------------------------------------------ plumbing
 
@@ -219,10 +334,14 @@ class LayerwiseClient:
                             tag: Optional[str] = None) -> dict:
         """Pushes (name, tensor) pairs: torch tensors or :class:`RawTensor`. See the module doc."""
         items = [(str(n), t) for n, t in named_tensors]
-        if transport not in ("auto", "http", "ipc"):
-            raise ValueError(f"transport must be auto, http or ipc, got {transport!r}")
+        if transport not in ("auto", "http", "ipc", "nccl"):
+            raise ValueError(f"transport must be auto, http, ipc or nccl, got {transport!r}")
         options = {"atomic": atomic, "strict": strict, "partial": partial, "tag": tag}
         all_cuda = bool(items) and all(_is_torch(t) and t.is_cuda for _, t in items)
+        if transport == "nccl":
+            if not all_cuda:
+                raise ValueError("transport='nccl' needs CUDA torch tensors")
+            return self._update_nccl(items, bucket_bytes, options)
         if transport == "ipc":
             if not all_cuda:
                 raise ValueError("transport='ipc' needs CUDA torch tensors")
@@ -266,9 +385,50 @@ class LayerwiseClient:
             finally:
                 self._buckets = []
 
+    def init_nccl(self, *, world_size: int = 2, rank: int = 0, server_rank: int = 1,
+                  device: Any = None) -> dict:
+        """Joins an NCCL communicator with the server (``POST /v1/update/nccl/init``): this
+        process is ``rank`` on ``device`` (default: the current CUDA device), the server
+        ``server_rank``. Blocks until both sides have joined; an earlier communicator of this
+        client is aborted first."""
+        import torch
+
+        self.close_nccl(server=False)
+        lib = _load_nccl()
+        uid = _NcclUniqueId()
+        _nccl_check(lib, "ncclGetUniqueId", lib.ncclGetUniqueId(ctypes.byref(uid)))
+        body = {"unique_id": base64.b64encode(ctypes.string_at(ctypes.addressof(uid), 128)).decode("ascii"),
+                "world_size": world_size, "rank_offset": server_rank}
+        device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+        answer = _Background(lambda: self._request("POST", "/v1/update/nccl/init", body))
+        comm = ctypes.c_void_p()
+        with torch.cuda.device(device):
+            status = lib.ncclCommInitRank(ctypes.byref(comm), world_size, uid, rank)
+        try:
+            _nccl_check(lib, "ncclCommInitRank", status)
+            result = answer.get()
+        except BaseException:
+            if comm.value:
+                lib.ncclCommAbort(comm)
+            raise
+        self._nccl = (lib, comm, rank, device)
+        return result
+
+    def close_nccl(self, server: bool = True) -> None:
+        """Leaves the communicator (this side aborts it) and asks the server to leave too."""
+        if self._nccl is not None:
+            lib, comm = self._nccl[0], self._nccl[1]
+            self._nccl = None
+            self._nccl_slots = []
+            lib.ncclCommAbort(comm)
+        if server:
+            self._request("POST", "/v1/update/nccl/close", {})
+
     def close(self) -> None:
-        """Releases the IPC buckets, if any."""
+        """Releases the IPC buckets, if any, and aborts this side of the NCCL communicator."""
         self.release_buckets()
+        if self._nccl is not None:
+            self.close_nccl(server=False)
 
     def __enter__(self) -> "LayerwiseClient":
         return self
@@ -366,3 +526,59 @@ class LayerwiseClient:
         if options.get("tag") is not None:
             body["tag"] = options["tag"]
         return self._request("POST", "/v1/update/ipc", body)
+
+    # ------------------------------------------------------------------ NCCL transport
+
+    def _update_nccl(self, items: list, bucket_bytes: int, options: dict) -> dict:
+        import torch
+
+        if self._nccl is None:
+            raise ValueError("transport='nccl' needs init_nccl() first")
+        lib, comm, rank, device = self._nccl
+        described = [(name,) + _describe(name, t) for name, t in items]
+        cap, placements, lengths = pack_buckets([d[3] for d in described], bucket_bytes)
+        if len(self._nccl_slots) != 2 or self._nccl_slots[0].numel() < cap:
+            self._nccl_slots = [torch.empty(cap, dtype=torch.uint8, device=device) for _ in range(2)]
+        slots = self._nccl_slots
+        body = {
+            "tensors": [{"name": n, "dtype": d, "shape": list(s)} for n, d, s, _ in described],
+            "bucket_bytes": bucket_bytes, "src_rank": rank,
+            "atomic": options["atomic"], "strict": options["strict"], "partial": options["partial"],
+        }
+        if options.get("tag") is not None:
+            body["tag"] = options["tag"]
+        by_bucket: list = [[] for _ in lengths]
+        for (i, at), (_name, t), d in zip(placements, items, described):
+            by_bucket[i].append((at, t, d[3]))
+        answer = _Background(lambda: self._request("POST", "/v1/update/nccl", body))
+        # Copies into a slot run on one stream, broadcasts on another; each waits for the
+        # other through events, so bucket i+1 is packed while bucket i is on the wire.
+        copy, wire = torch.cuda.Stream(device), torch.cuda.Stream(device)
+        copy.wait_stream(torch.cuda.current_stream(device))
+        packed = [torch.cuda.Event() for _ in slots]
+        sent = [torch.cuda.Event() for _ in slots]
+        with torch.no_grad():
+            for i, n in enumerate(lengths):
+                slot = slots[i % 2]
+                with torch.cuda.stream(copy):
+                    if i >= 2:
+                        copy.wait_event(sent[i % 2])
+                    for at, t, nbytes in by_bucket[i]:
+                        if nbytes:
+                            slot[at:at + nbytes].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+                    packed[i % 2].record(copy)
+                wire.wait_event(packed[i % 2])
+                _nccl_check(lib, "ncclBroadcast", lib.ncclBroadcast(
+                    ctypes.c_void_p(slot.data_ptr()), ctypes.c_void_p(slot.data_ptr()), n,
+                    _NCCL_UINT8, rank, comm, ctypes.c_void_p(wire.cuda_stream)))
+                sent[i % 2].record(wire)
+        # A refused update receives nothing: the broadcasts would wait forever. Watch the
+        # answer while they run; on an error, abort this side (the server left already).
+        done = torch.cuda.Event()
+        done.record(wire)
+        while not done.query():
+            if answer.done() and answer.error is not None:
+                self.close_nccl(server=False)
+                raise answer.error
+            time.sleep(0.0005)
+        return answer.get()

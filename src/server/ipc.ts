@@ -87,6 +87,43 @@ function bad(message: string): never {
   throw serverError("BAD_IPC_TABLE", message);
 }
 
+/** A tensor of an update table: what the model is checked against before any byte moves. */
+export interface TableTensor {
+  /** Checkpoint-format name. */
+  readonly name: string;
+  /** Element type. */
+  readonly dtype: DType;
+  /** Sizes of each dimension. */
+  readonly shape: readonly number[];
+  /** numel x dtype size. */
+  readonly bytes: number;
+}
+
+/**
+ * Checks one tensor entry of an update table (IPC or NCCL): the name not seen before in
+ * `names` (then added), a known dtype, a shape of non-negative integers whose byte size is safe.
+ * `bad` throws the table's error.
+ */
+export function checkTableTensor(
+  x: { name: string; dtype: string; shape: unknown[] },
+  label: string,
+  names: Set<string>,
+  bad: (message: string) => never,
+): TableTensor {
+  if (names.has(x.name)) bad(`${label}: the name appears twice`);
+  names.add(x.name);
+  const dtype = dtypeFromSafetensors(x.dtype) ?? dtypeOf(x.dtype);
+  if (dtype === undefined) bad(`${label}: unknown dtype ${quoteName(x.dtype, 24)}`);
+  if (!x.shape.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)) {
+    bad(`${label}: shape must be an array of non-negative integers`);
+  }
+  const shape = x.shape as number[];
+  const numel = shape.reduce((a, d) => a * d, 1);
+  const bytes = numel * dtype.size;
+  if (!Number.isSafeInteger(bytes)) bad(`${label}: shape [${shape}] is too large`);
+  return { name: x.name, dtype, shape, bytes };
+}
+
 /** Checks a `POST /v1/update/ipc` body (see the module doc); throws ServerError 400. */
 export function parseIpcUpdate(body: unknown): IpcUpdate {
   const where = "ipc update";
@@ -131,17 +168,7 @@ export function parseIpcUpdate(body: unknown): IpcUpdate {
       offset: { type: "integer", required: true },
     }, at);
     const label = `${at} (${quoteName(x.name)})`;
-    if (names.has(x.name)) bad(`${label}: the name appears twice`);
-    names.add(x.name);
-    const dtype = dtypeFromSafetensors(x.dtype) ?? dtypeOf(x.dtype);
-    if (dtype === undefined) bad(`${label}: unknown dtype ${quoteName(x.dtype, 24)}`);
-    if (!x.shape.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)) {
-      bad(`${label}: shape must be an array of non-negative integers`);
-    }
-    const shape = x.shape as number[];
-    const numel = shape.reduce((a, d) => a * d, 1);
-    const bytes = numel * dtype.size;
-    if (!Number.isSafeInteger(bytes)) bad(`${label}: shape [${shape}] is too large`);
+    const { dtype, shape, bytes } = checkTableTensor(x, label, names, bad);
     if (x.bucket < 0 || x.bucket >= buckets.length) {
       bad(`${label}: bucket ${x.bucket} does not exist (${buckets.length} buckets)`);
     }
@@ -171,21 +198,25 @@ export function parseIpcUpdate(body: unknown): IpcUpdate {
 
 /**
  * The table as a weight source that only describes (for validation against the model): its
- * reads fail, the bytes are reached through {@link mappedTensors}.
+ * reads fail, the bytes are reached through the transport (the IPC mapper, NCCL).
  */
-export function describedSource(update: IpcUpdate): WeightSource {
-  const description = "ipc update";
+export function describedSource(
+  update: { readonly tensors: readonly (TableTensor & { readonly bucket?: number })[] },
+  description = "ipc update",
+): WeightSource {
   const infos = new Map<string, TensorInfo>(
     update.tensors.map((t) => [t.name, {
       name: t.name,
       dtype: t.dtype,
       shape: t.shape,
       bytes: t.bytes,
-      origin: `${description} bucket ${t.bucket}`,
+      origin: t.bucket === undefined ? description : `${description} bucket ${t.bucket}`,
     }]),
   );
   const unreadable = (): Promise<void> =>
-    Promise.reject(new CheckpointError("NOT_LOADABLE", `${description}: read through the mapper`));
+    Promise.reject(
+      new CheckpointError("NOT_LOADABLE", `${description}: read through its transport`),
+    );
   return {
     description,
     tensors: infos,

@@ -12,6 +12,7 @@ import type { BearerAuth } from "./auth.ts";
 import { type BodyLimits, BodyReader } from "./body.ts";
 import { errorBody, errorLine, errorResponse, json, serverError, statusOf } from "./http_errors.ts";
 import { parseIpcUpdate } from "./ipc.ts";
+import { parseNcclInit, parseNcclUpdate } from "./nccl.ts";
 import { checkFields, readJson } from "./json_body.ts";
 import type { PathRoots } from "./roots.ts";
 import type { UpdateOptions, WeightService } from "./service.ts";
@@ -100,6 +101,11 @@ function model(_req: Request, _url: URL, ctx: RouteContext): Response {
     backend: m.device.kind,
     device: m.device.description,
     ipc: s.ipcAvailable,
+    nccl: s.ncclAvailable
+      ? (s.nccl === null
+        ? { joined: false }
+        : { joined: true, rank: s.nccl.rank, world_size: s.nccl.worldSize })
+      : false,
     version: s.version,
     tag: s.tag,
     consistent: s.inconsistentLayers().length === 0,
@@ -186,6 +192,37 @@ async function ipcRelease(req: Request, _url: URL, ctx: RouteContext): Promise<R
     throw serverError("BAD_FIELD", "ipc release: handles must be an array of base64 strings");
   }
   return json({ released: ctx.service.releaseIpc(b.handles as string[] | undefined) });
+}
+
+async function ncclInit(req: Request, _url: URL, ctx: RouteContext): Promise<Response> {
+  checkWritable(ctx);
+  const init = parseNcclInit(await readJson(req, ctx.jsonBody, "nccl init"));
+  const joined = await ctx.service.initNccl(init);
+  return json({ rank: joined.rank, world_size: joined.worldSize });
+}
+
+async function ncclClose(req: Request, _url: URL, ctx: RouteContext): Promise<Response> {
+  checkFields(await readJson(req, ctx.jsonBody, "nccl close"), {}, "nccl close");
+  const held = ctx.service.lock.acquire("nccl-close");
+  try {
+    return json({ closed: ctx.service.closeNccl() });
+  } finally {
+    ctx.service.lock.release(held);
+  }
+}
+
+async function nccl(req: Request, _url: URL, ctx: RouteContext): Promise<Response> {
+  checkWritable(ctx);
+  let update;
+  try {
+    update = parseNcclUpdate(await readJson(req, ctx.jsonBody, "nccl update"));
+  } catch (e) {
+    // The trainer's broadcasts are queued and never matched: it aborts its side, and so does
+    // the server (unless another update holds the communicator).
+    if (ctx.service.lock.running === null) ctx.service.closeNccl();
+    throw e;
+  }
+  return json(await ctx.service.updateFromNccl(update));
 }
 
 function exportTensors(_req: Request, _url: URL, ctx: RouteContext): Response {
@@ -276,6 +313,9 @@ const ROUTES: Record<string, Record<string, Handler>> = {
   "/v1/update/stream": { PUT: stream },
   "/v1/update/ipc": { POST: ipc },
   "/v1/update/ipc/release": { POST: ipcRelease },
+  "/v1/update/nccl/init": { POST: ncclInit },
+  "/v1/update/nccl/close": { POST: ncclClose },
+  "/v1/update/nccl": { POST: nccl },
   "/v1/export": { GET: exportTensors },
   "/metrics": { GET: metrics },
   "/update_weights_from_disk": { POST: sglangDisk },

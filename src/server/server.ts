@@ -2,14 +2,17 @@
  * The weight-update server: `Deno.serve` on a loopback address by default (a non-loopback
  * address needs a token), the model loaded once in the background (health answers 503 until
  * it is), and a graceful stop: no new requests, a running update finishes or, past the
- * deadline, is abandoned (atomic updates restore), IPC handles are closed, the backend too.
+ * deadline, is abandoned (atomic updates restore), IPC handles and the NCCL communicator are
+ * closed, the backend too.
  * @module
  */
 
 import type { Backend } from "../backend/backend.ts";
 import type { BackendChoice } from "../backend/select.ts";
 import { cudaIpcMapper } from "../backend/cuda/ipc.ts";
+import { cudaNcclJoiner } from "../backend/cuda/nccl_receiver.ts";
 import type { IpcMapper } from "../backend/ipc.ts";
+import type { NcclJoiner } from "../backend/nccl_receiver.ts";
 import type { CausalLM } from "../models/causal_lm.ts";
 import type { QuantName } from "../models/quant_names.ts";
 import { BearerAuth } from "./auth.ts";
@@ -69,6 +72,8 @@ export interface ServeOptions {
   log?: (line: string) => void;
   /** IPC handle mapper for the model's backend (default: CUDA IPC on a CUDA backend). */
   ipcMapper?: (model: CausalLM) => IpcMapper | undefined;
+  /** NCCL joiner for the model's backend (default: NCCL on a CUDA backend). */
+  ncclJoiner?: (model: CausalLM) => NcclJoiner | undefined;
 }
 
 /** A running server. */
@@ -110,6 +115,7 @@ export async function startServer(options: ServeOptions): Promise<WeightServer> 
     readChunkBytes: o.readChunkBytes,
     log: o.log,
     ipcMapper: o.ipcMapper ?? ((m) => cudaIpcMapper(m.device)),
+    ncclJoiner: o.ncclJoiner ?? ((m) => cudaNcclJoiner(m.device)),
   });
   let stopping = false;
   const ctx: RouteContext = {

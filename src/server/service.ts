@@ -7,6 +7,7 @@
 
 import type { Backend } from "../backend/backend.ts";
 import type { IpcMapper } from "../backend/ipc.ts";
+import type { NcclJoiner, NcclReceiver } from "../backend/nccl_receiver.ts";
 import { openBackend } from "../backend/select.ts";
 import { quoteName } from "../messages.ts";
 import { fileSource } from "../checkpoint/source.ts";
@@ -24,6 +25,7 @@ import type { BodyReader } from "./body.ts";
 import { errorLine, serverError } from "./http_errors.ts";
 import { describedSource, IpcHandleCache, type IpcUpdate, reloadFromMapped } from "./ipc.ts";
 import { type RunningUpdate, UpdateLock } from "./lock.ts";
+import { ncclBuckets, type NcclInit, type NcclUpdate, receiveAndReload } from "./nccl.ts";
 import { ServerMetrics } from "./metrics.ts";
 import { openStreamSource } from "./stream_source.ts";
 
@@ -61,7 +63,7 @@ export interface UpdateOptions {
 export interface UpdateSummary {
   /** The update's id. */
   readonly id: string;
-  /** `disk`, `stream` or `ipc`. */
+  /** `disk`, `stream`, `ipc` or `nccl`. */
   readonly path: string;
   /** The model version after it. */
   readonly version: number;
@@ -103,6 +105,16 @@ export interface ServiceOptions {
   log?: (line: string) => void;
   /** Maps CUDA IPC handles on the model's backend; without it IPC updates answer 400. */
   ipcMapper?: (model: CausalLM) => IpcMapper | undefined;
+  /** Joins NCCL communicators on the model's backend; without it NCCL updates answer 400. */
+  ncclJoiner?: (model: CausalLM) => NcclJoiner | undefined;
+}
+
+/** The server's side of the NCCL communicator, as `GET /v1/model` shows it. */
+export interface NcclState {
+  /** The server's rank. */
+  readonly rank: number;
+  /** Ranks in the communicator. */
+  readonly worldSize: number;
 }
 
 /** The service; see the module doc. */
@@ -121,6 +133,8 @@ export class WeightService {
   #last: UpdateSummary | null = null;
   #ipc: IpcHandleCache | null = null;
   #mapper: IpcMapper | undefined;
+  #joiner: NcclJoiner | undefined;
+  #receiver: NcclReceiver | null = null;
   #maxBufferedBytes: number | undefined;
   readonly #options: ServiceOptions;
 
@@ -164,6 +178,17 @@ export class WeightService {
     return this.#mapper !== undefined;
   }
 
+  /** Whether NCCL updates can be taken (a joiner exists for the model's backend). */
+  get ncclAvailable(): boolean {
+    return this.#joiner !== undefined;
+  }
+
+  /** The communicator joined, or null. */
+  get nccl(): NcclState | null {
+    const r = this.#receiver;
+    return r === null ? null : { rank: r.rank, worldSize: r.worldSize };
+  }
+
   /** IPC handles open now. */
   get ipcHandlesOpen(): number {
     return this.#ipc?.size ?? 0;
@@ -203,6 +228,7 @@ export class WeightService {
         Math.max(64 * 1024 ** 2, 2 * layerBytes);
       this.#mapper = this.#options.ipcMapper?.(model);
       if (this.#mapper) this.#ipc = new IpcHandleCache(this.#mapper);
+      this.#joiner = this.#options.ncclJoiner?.(model);
       this.#model = model;
       return model;
     } catch (e) {
@@ -405,15 +431,121 @@ export class WeightService {
     });
   }
 
+  #requireJoiner(): NcclJoiner {
+    if (this.#joiner !== undefined) return this.#joiner;
+    const backend = this.#model?.device.kind ?? "unknown";
+    throw serverError(
+      "NCCL_UNSUPPORTED",
+      `NCCL updates need the cuda backend; this server runs on ${backend}`,
+    );
+  }
+
+  /**
+   * Joins the trainer's communicator (leaving the one joined before, if any); resolves once
+   * every rank has joined. Refused (409) while an update runs.
+   */
+  async initNccl(init: NcclInit): Promise<NcclState> {
+    this.requireModel();
+    const joiner = this.#requireJoiner();
+    const held = this.lock.acquire("nccl-init");
+    try {
+      this.closeNccl();
+      try {
+        this.#receiver = await joiner.join(init.uniqueId, init.worldSize, init.rankOffset);
+      } catch (e) {
+        throw serverError(
+          "NCCL_INIT_FAILED",
+          `nccl init: rank ${init.rankOffset} of ${init.worldSize} could not join (${
+            errorLine(e, 300)
+          })`,
+        );
+      }
+      this.#options.log?.(
+        `nccl: joined as rank ${init.rankOffset} of ${init.worldSize}`,
+      );
+      return this.nccl!;
+    } finally {
+      this.lock.release(held);
+    }
+  }
+
+  /** Leaves the communicator; returns whether one was joined. */
+  closeNccl(): boolean {
+    const r = this.#receiver;
+    if (r === null) return false;
+    this.#receiver = null;
+    r.close();
+    return true;
+  }
+
+  /**
+   * A reload from the trainer's NCCL broadcasts: the tensor list is checked against the model
+   * before the first receive (see nccl.ts). A refused update receives nothing and leaves the
+   * communicator (the trainer, whose broadcasts were queued, aborts its side and joins again).
+   */
+  updateFromNccl(update: NcclUpdate): Promise<UpdateSummary> {
+    try {
+      this.#requireJoiner();
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    return this.#update("nccl", update, (model) => {
+      const receiver = this.#receiver;
+      if (receiver === null) {
+        throw serverError(
+          "NO_COMMUNICATOR",
+          "nccl update: no communicator: POST /v1/update/nccl/init first",
+        );
+      }
+      const t0 = performance.now();
+      let started = false;
+      try {
+        if (update.srcRank >= receiver.worldSize || update.srcRank === receiver.rank) {
+          throw serverError(
+            "BAD_NCCL_TABLE",
+            `nccl update: src_rank ${update.srcRank} is not the trainer's rank (the server is rank ${receiver.rank} of ${receiver.worldSize})`,
+          );
+        }
+        const source = describedSource(update, "nccl update");
+        const plan = validateWeights(model, source, update);
+        const buckets = ncclBuckets(update);
+        started = true;
+        const r = receiveAndReload(
+          model,
+          model.device,
+          receiver,
+          update,
+          buckets,
+          this.#reloadOptions(update),
+          () => this.closeNccl(),
+        );
+        const seconds = (performance.now() - t0) / 1000;
+        return Promise.resolve({
+          ...r,
+          source: source.description,
+          unexpected: plan.unexpected,
+          skipped: plan.skipped,
+          missing: plan.missing,
+          bytesPerSecond: seconds > 0 ? r.bytesLoaded / seconds : 0,
+        });
+      } catch (e) {
+        // Refused before any receive: the trainer's queued broadcasts will never be matched.
+        if (!started) this.closeNccl();
+        throw e;
+      }
+    });
+  }
+
   /** Closes cached IPC handles (the given ones, or all); returns how many were open. */
   releaseIpc(handles?: readonly string[]): number {
     return this.#ipc?.release(handles) ?? 0;
   }
 
-  /** Closes IPC handles and the model's backend. */
+  /** Closes IPC handles, the communicator and the model's backend. */
   close(): void {
     try {
       this.#ipc?.release();
+      this.closeNccl();
     } finally {
       this.#model?.device.close();
       this.#model = null;

@@ -154,7 +154,8 @@ function cString(p: Deno.PointerValue): string {
   return p === null ? "" : Deno.UnsafePointerView.getCString(p);
 }
 
-function errorString(s: NcclSymbols, status: number, comm: number): string {
+/** NCCL's message for `status`, with the library's last error when it has one. */
+export function errorString(s: NcclSymbols, status: number, comm: number): string {
   const base = `${cString(s.ncclGetErrorString(status))} (ncclResult ${status})`;
   const last = s.ncclGetLastError ? cString(s.ncclGetLastError(comm)) : "";
   return last ? `${base}: ${last}` : base;

@@ -19,6 +19,12 @@ export const NCCL_SYMBOLS = {
   ncclGetLastError: { parameters: ["usize"], result: "pointer", optional: true },
   ncclCommInitAll: { parameters: ["buffer", "i32", "buffer"], result: "i32" },
   ncclCommDestroy: { parameters: ["usize"], result: "i32" },
+  /** (comm*, nranks, ncclUniqueId by value: 128 bytes, rank) */
+  ncclCommInitRank: {
+    parameters: ["buffer", "i32", { struct: Array(16).fill("u64") as "u64"[] }, "i32"],
+    result: "i32",
+  },
+  ncclCommAbort: { parameters: ["usize"], result: "i32" },
   ncclCommGetAsyncError: { parameters: ["usize", "buffer"], result: "i32" },
   ncclGroupStart: { parameters: [], result: "i32" },
   ncclGroupEnd: { parameters: [], result: "i32" },
