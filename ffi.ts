@@ -2,7 +2,8 @@
  * The raw device layer, for callers that batch their own device calls: the FFI symbol tables
  * of the CUDA kernel library (cuda/layerwise.h) and of NCCL, their loaders, and
  * {@link CudaDevice}, which wraps one GPU (memory, pinned host buffers, streams, events,
- * asynchronous copies, the file stager), and CUDA IPC mappings ({@link cudaIpcMapper}).
+ * asynchronous copies, the file stager), CUDA IPC mappings ({@link cudaIpcMapper}), and NCCL
+ * communicators joined with another process ({@link cudaNcclJoiner}).
  * Everything here is CUDA-only.
  *
  * @example Open the kernel library where a GPU is present
@@ -42,3 +43,9 @@ export type { Wide, WideFn, WideSymbols } from "./src/backend/cuda/ffi_types.ts"
 // CUDA IPC: another process's device memory, as the weight-update server maps it
 export { IPC_HANDLE_BYTES, type IpcMapper, type IpcMapping } from "./src/backend/ipc.ts";
 export { cudaIpcMapper } from "./src/backend/cuda/ipc.ts";
+export {
+  NCCL_UNIQUE_ID_BYTES,
+  type NcclJoiner,
+  type NcclReceiver,
+} from "./src/backend/nccl_receiver.ts";
+export { cudaNcclJoiner } from "./src/backend/cuda/nccl_receiver.ts";
