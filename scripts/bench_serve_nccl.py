@@ -161,7 +161,7 @@ def main() -> None:
             millis.append((time.perf_counter() - t0) * 1000)
             assert r["path"] == "nccl" and r["storageKept"], r
         by_nccl = export_sha(url)
-        client._request("POST", "/v1/update/disk", {"path": a.model})
+        client.update_from_disk(a.model)
         by_disk = export_sha(url)
         verify = {"changed_by_x2": changed != first, "nccl_equals_first_load": by_nccl == first,
                   "nccl_equals_disk_update": by_nccl == by_disk}

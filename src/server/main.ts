@@ -36,9 +36,6 @@ export async function serveMain(argv: readonly string[]): Promise<number> {
     console.log(SERVE_HELP);
     return 0;
   }
-  // NVLink multicast (NVLS) stays off for the communicators this process joins: it is read by
-  // NCCL at its first communicator, so it is set before anything can load NCCL.
-  Deno.env.set("NCCL_NVLS_ENABLE", "0");
   let server;
   try {
     server = await startServer({

@@ -108,6 +108,13 @@ export async function startServer(options: ServeOptions): Promise<WeightServer> 
       `refusing to listen on ${o.host} without a token: give --token-file, or bind 127.0.0.1`,
     );
   }
+  // NVLink multicast (NVLS) stays off for the communicators this process joins (NCCL updates):
+  // NCCL reads it at its first communicator, so it is set before anything can load NCCL.
+  try {
+    Deno.env.set("NCCL_NVLS_ENABLE", "0");
+  } catch {
+    // No --allow-env: the environment stays as it is.
+  }
   const roots = await PathRoots.of(o.allowPaths ?? [o.model]);
   const service = new WeightService({
     rejectNonFinite: o.rejectNonFinite,
