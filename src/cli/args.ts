@@ -8,6 +8,7 @@ import { parseArgs } from "node:util";
 
 /** Quantization choices on the command line. */
 export const QUANT_CHOICES: readonly string[] = Object.freeze([
+  "auto",
   "none",
   "fp8",
   "fp8-channel",
@@ -15,8 +16,12 @@ export const QUANT_CHOICES: readonly string[] = Object.freeze([
   "int8",
 ]);
 
-/** A quantization choice: none, fp8 per tensor, per channel, per 128x128 block, or int8. */
-export type QuantChoice = "none" | "fp8" | "fp8-channel" | "fp8-block" | "int8";
+/**
+ * A quantization choice: the checkpoint's own (`auto`: fp8 per block or per tensor as its
+ * config.json says, else fp8 per tensor), none, fp8 per tensor, per channel, per 128x128 block,
+ * or int8.
+ */
+export type QuantChoice = "auto" | "none" | "fp8" | "fp8-channel" | "fp8-block" | "int8";
 
 /** Backend choices on the command line. */
 export const BACKEND_CHOICES: readonly string[] = Object.freeze(["auto", "cuda", "wasm"]);
@@ -27,7 +32,7 @@ export interface CliOptions {
   model?: string;
   /** File or directory of the reload; defaults to `model`. */
   weights?: string;
-  /** Quantization of the model (default fp8). */
+  /** Quantization of the model (default auto). */
   quant: QuantChoice;
   /** Backend (default auto). */
   backend: "auto" | "cuda" | "wasm";
@@ -69,7 +74,8 @@ Usage:
 Options:
   --model DIR        Hugging Face directory (config.json + safetensors) for the first load
   --weights PATH     safetensors file or directory to reload from (default: the --model directory)
-  --quant Q          none | fp8 | fp8-channel | fp8-block | int8 (default fp8)
+  --quant Q          auto | none | fp8 | fp8-channel | fp8-block | int8 (default auto: the
+                     checkpoint's own quantization when its config.json has one, else fp8)
   --backend B        auto | cuda | wasm (default auto: CUDA when usable, else WebAssembly)
   --export FILE      write the kernel tensors after the reload step as safetensors
                      (also after a failed reload, to inspect the state)
@@ -136,7 +142,7 @@ export function parseCliArgs(argv: readonly string[]): CliOptions {
   return {
     model: v.model,
     weights: v.weights,
-    quant: choice<QuantChoice>("quant", v.quant ?? "fp8", QUANT_CHOICES),
+    quant: choice<QuantChoice>("quant", v.quant ?? "auto", QUANT_CHOICES),
     backend: choice<CliOptions["backend"]>("backend", v.backend ?? "auto", BACKEND_CHOICES),
     export: v.export,
     json: v.json,

@@ -65,14 +65,14 @@ export async function runReload(o: CliOptions): Promise<void> {
       backend: backend.description,
       model: dir,
       weights,
-      quant: o.quant,
+      quant: model.quant,
       load: { seconds: (performance.now() - t0) / 1000 },
       reloads: [],
     };
     print(
-      `loaded ${model.config.architecture} from ${dir} on ${backend.description} (${o.quant}) in ${
-        report.load.seconds.toFixed(3)
-      } s`,
+      `loaded ${model.config.architecture} from ${dir} on ${backend.description} (${
+        o.quant === "auto" ? `auto: ${model.quant}` : o.quant
+      }) in ${report.load.seconds.toFixed(3)} s`,
       o.quiet,
     );
     let failure: unknown;

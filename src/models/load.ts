@@ -19,16 +19,20 @@ import type { Tensor } from "../tensor/tensor.ts";
 import type { BuildOptions, CausalLM } from "./causal_lm.ts";
 import { type ModelConfig, readModelConfig } from "./config.ts";
 import { buildLlama } from "./llama.ts";
-import { buildMixtral } from "./mixtral.ts";
+import { buildMixtral, buildQwen3Moe } from "./mixtral.ts";
 import { type ProgressCallback, streamWeights, validateWeights } from "./weights.ts";
 
 export { exportKernelTensors, kernelTensors } from "./export.ts";
 export type { CausalLM } from "./causal_lm.ts";
 
-/** Quantization as the CLI and `loadModel` name it. */
-export type QuantName = "none" | "fp8" | "fp8-channel" | "fp8-block" | "int8";
+/**
+ * Quantization as the CLI and `loadModel` name it. `auto` is the checkpoint's own
+ * quantization when its config.json has one (`quantization_config`: fp8 per 128x128 block, or
+ * fp8 per tensor), else fp8 per tensor.
+ */
+export type QuantName = "auto" | "none" | "fp8" | "fp8-channel" | "fp8-block" | "int8";
 
-const SCHEMES: Readonly<Record<QuantName, QuantScheme>> = {
+const SCHEMES: Readonly<Record<Exclude<QuantName, "auto">, QuantScheme>> = {
   none: "none",
   fp8: "fp8-tensor",
   "fp8-channel": "fp8-channel",
@@ -36,9 +40,17 @@ const SCHEMES: Readonly<Record<QuantName, QuantScheme>> = {
   int8: "int8-channel",
 };
 
-/** The engine's scheme for a quantization name (`fp8` is fp8 per tensor). */
-export function quantScheme(name: QuantName | QuantScheme): QuantScheme {
-  if (Object.hasOwn(SCHEMES, name)) return SCHEMES[name as QuantName];
+/**
+ * The engine's scheme for a quantization name (`fp8` is fp8 per tensor); `auto` needs the
+ * config: see {@link QuantName}.
+ */
+export function quantScheme(name: QuantName | QuantScheme, config?: ModelConfig): QuantScheme {
+  if (name === "auto") {
+    const q = config?.quantization ?? null;
+    if (q === null) return "fp8-tensor";
+    return q.weightBlockSize === null ? "fp8-serialized" : "fp8-block";
+  }
+  if (Object.hasOwn(SCHEMES, name)) return SCHEMES[name as Exclude<QuantName, "auto">];
   return name as QuantScheme;
 }
 
@@ -48,9 +60,12 @@ export function buildModel(config: ModelConfig, options: BuildOptions): CausalLM
     case "LlamaForCausalLM":
     case "MistralForCausalLM":
     case "Qwen2ForCausalLM":
+    case "Qwen3ForCausalLM":
       return buildLlama(config, options);
     case "MixtralForCausalLM":
       return buildMixtral(config, options);
+    case "Qwen3MoeForCausalLM":
+      return buildQwen3Moe(config, options);
   }
   throw new LayerwiseError("BAD_CONFIG", `no builder for ${config.architecture}`);
 }
@@ -59,7 +74,10 @@ export function buildModel(config: ModelConfig, options: BuildOptions): CausalLM
 export interface LoadModelOptions {
   /** A backend, or which one to open (default `auto`). */
   backend?: Backend | BackendChoice;
-  /** Quantization of the linear layers (default `fp8`, per tensor). */
+  /**
+   * Quantization of the linear layers (default `auto`: the checkpoint's own, else fp8 per
+   * tensor).
+   */
   quant?: QuantName | QuantScheme;
   /** Overrides the config's dtype. */
   dtype?: DType;
@@ -111,7 +129,7 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
     : await openBackend({ backend: options.backend });
   const model = buildModel(config, {
     backend,
-    quant: quantScheme(options.quant ?? "fp8"),
+    quant: quantScheme(options.quant ?? "auto", config),
     tpRank: options.tpRank,
     tpSize: options.tpSize,
   });

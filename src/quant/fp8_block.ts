@@ -1,0 +1,260 @@
+/**
+ * fp8 per 128x128 block, from either kind of checkpoint: model-dtype weights (bf16) are
+ * quantized with dynamic block scales, and block-fp8 checkpoints (DeepSeek-V3, Qwen3-FP8:
+ * F8_E4M3 `weight` plus `weight_scale_inv` of `[ceil(rows/128), ceil(cols/128)]`) are taken as
+ * stored: a fused weight is its shards' fp8 rows and scale rows concatenated, no
+ * requantization. Both give the same kernel format (`weight` fp8, `weight_scale` f32 blocks),
+ * so a model first loaded from one kind reloads from the other.
+ *
+ * How: the model format holds `weight` in the model dtype and `weight_scale` (the checkpoint's
+ * `weight_scale_inv`, see models/names.ts) as f32 blocks. An fp8 weight is widened on load
+ * (exact: every e4m3 value is a bf16, f16 and f32 value) and narrowed back when processed
+ * (exact again); a model-dtype weight marks its shard's scale blocks with {@link UNSCALED}, and
+ * processing quantizes those shards per block. Because each shard starts on a block boundary,
+ * quantizing a shard's blocks is quantizing the fused tensor's. A layer whose shards do not
+ * start on block boundaries cannot hold a block-fp8 checkpoint exactly: it is quantized like
+ * `fp8-block` always was (whole fused tensor, model-dtype checkpoints only).
+ * @module
+ */
+
+import type { Backend } from "../backend/backend.ts";
+import { CheckpointError } from "../errors.ts";
+import {
+  copyInto,
+  fillInto,
+  type Module,
+  select0,
+  type ShardId,
+  TensorSlot,
+  type WeightLoader,
+} from "../nn/module.ts";
+import { type DType, DTYPES } from "../tensor/dtype.ts";
+import { rowWindow, shapeString, Tensor } from "../tensor/tensor.ts";
+import { expertCount, matrices, matrixShape, putTensor } from "./common.ts";
+import type { KernelDestination, QuantMethod, ShardLayout, WeightSpec } from "./method.ts";
+import { OnlineQuantMethod } from "./online.ts";
+
+/** Block edge, rows and columns. */
+export const BLOCK = 128;
+
+/**
+ * What a model-dtype weight writes into its shard's scale blocks: no checkpoint scale is
+ * negative, so processing knows to quantize the shard itself.
+ */
+export const UNSCALED = -1;
+
+const blocks = (n: number) => Math.ceil(n / BLOCK);
+
+/** Shape of the block scales of a spec: `[bR, bC]`, or `[E, bR, bC]` for stacked experts. */
+function blockScaleShape(spec: WeightSpec): number[] {
+  const [rows, cols] = matrixShape(spec);
+  const per = [blocks(rows), blocks(cols)];
+  const e = expertCount(spec);
+  return e === 0 ? per : [e, ...per];
+}
+
+/** Shards start on block boundaries: every shard but the last has whole blocks of rows. */
+function shardsAligned(spec: WeightSpec): boolean {
+  return spec.shardRows.slice(0, -1).every((r) => r % BLOCK === 0);
+}
+
+/** Whether `start` and `count` of `full` cut along block edges (the end may be the tensor's). */
+function cutsOnBlocks(start: number, count: number, full: number): boolean {
+  return start % BLOCK === 0 && (count % BLOCK === 0 || start + count === full);
+}
+
+function checkAligned(l: ShardLayout, what: string): void {
+  if (
+    !cutsOnBlocks(l.rowStart, l.rows, l.full[0]) || !cutsOnBlocks(l.colStart, l.cols, l.full[1])
+  ) {
+    throw new CheckpointError(
+      "BLOCK_ALIGNMENT",
+      `${what}: this rank takes rows [${l.rowStart}, ${
+        l.rowStart + l.rows
+      }) and columns [${l.colStart}, ${l.colStart + l.cols}) of ${
+        shapeString(l.full)
+      }, which cut 128x128 blocks; a block-fp8 checkpoint needs another tensor-parallel size`,
+    );
+  }
+}
+
+/** Block-fp8 weights from fp8 or model-dtype checkpoints (see the module doc). */
+export class Fp8BlockMethod implements QuantMethod {
+  /** `fp8-block`. */
+  readonly name: string = "fp8-block";
+  readonly #backend: Backend;
+  readonly #dtype: DType;
+  #specs: readonly WeightSpec[] = [];
+  // Layers whose shards cut blocks: the whole fused tensor is quantized, as online methods do.
+  #online: OnlineQuantMethod | null = null;
+
+  /** A method on `backend`; `modelDtype` is the dtype of unquantized weights (bf16). */
+  constructor(backend: Backend, modelDtype: DType) {
+    this.#backend = backend;
+    this.#dtype = modelDtype;
+  }
+
+  createWeights(layer: Module, specs: readonly WeightSpec[]): void {
+    this.#specs = specs;
+    if (!specs.every(shardsAligned)) {
+      this.#online = new OnlineQuantMethod(
+        this.#backend,
+        this.#dtype,
+        DTYPES.f8_e4m3fn,
+        "block128",
+      );
+      this.#online.createWeights(layer, specs);
+      return;
+    }
+    for (const spec of specs) {
+      layer.setSlot(
+        spec.name,
+        new TensorSlot(Tensor.meta(spec.shape, this.#dtype), this.#weightLoader(layer, spec)),
+      );
+      layer.setSlot(
+        spec.scaleName,
+        new TensorSlot(Tensor.meta(blockScaleShape(spec), DTYPES.f32), this.#scaleLoader(spec)),
+      );
+    }
+  }
+
+  /** The scale blocks of a shard in the layer's scale tensor. */
+  #scaleRows(scale: Tensor, spec: WeightSpec, l: ShardLayout): Tensor {
+    const m = expertCount(spec) === 0 ? scale : select0(scale, l.expert);
+    return m.narrow(0, l.dstRow / BLOCK, blocks(l.rows));
+  }
+
+  #weightLoader(layer: Module, spec: WeightSpec): WeightLoader {
+    return (slot, loaded, shardId, expertId) => {
+      const pieces = spec.split?.(loaded, shardId, expertId) ??
+        [{ loaded, shardId, expertId }];
+      for (const p of pieces) this.#loadWeight(layer, spec, slot, p.loaded, p.shardId, p.expertId);
+    };
+  }
+
+  #loadWeight(
+    layer: Module,
+    spec: WeightSpec,
+    slot: TensorSlot,
+    loaded: Tensor,
+    shardId: ShardId | undefined,
+    expertId: number | undefined,
+  ): void {
+    const b = this.#backend;
+    const l = spec.layout(shardId, expertId);
+    if (loaded.dtype !== DTYPES.f8_e4m3fn) {
+      spec.loader(slot, loaded, shardId, expertId);
+      // Once per tensor: when its last rows arrive (a big one comes as row windows).
+      if (l === null || loaded.rowRange.end !== loaded.shape[0]) return;
+      // The load covers the shard's scale blocks too. When the weight slot is meta the load is
+      // being counted (the reload counts against the loaded slot alone): count them.
+      const [, cols] = matrixShape(spec);
+      const marks = slot.tensor.isMeta
+        ? Tensor.meta([blocks(l.rows), blocks(cols)], DTYPES.f32)
+        : this.#scaleRows(layer.slot(spec.scaleName).tensor, spec, l);
+      fillInto(b, marks, UNSCALED);
+      return;
+    }
+    if (l !== null) {
+      checkAligned(l, `block-fp8 weight${shardId === undefined ? "" : ` shard ${shardId}`}`);
+    }
+    // Widened to the model dtype (exact), then loaded as any model-dtype weight.
+    if (loaded.isMeta) {
+      spec.loader(slot, Tensor.meta(loaded.shape, this.#dtype), shardId, expertId);
+      return;
+    }
+    const rows = loaded.windowRows();
+    const wide = b.empty(rows.shape, this.#dtype);
+    try {
+      b.copy(wide, rows);
+      const w = loaded.window ? rowWindow(wide, loaded.window.start, loaded.shape[0]) : wide;
+      spec.loader(slot, w, shardId, expertId);
+    } finally {
+      b.free(wide.storage!);
+    }
+  }
+
+  #scaleLoader(spec: WeightSpec): WeightLoader {
+    const b = this.#backend;
+    return (slot, loaded, shardId, expertId) => {
+      const l = spec.layout(shardId, expertId);
+      if (l === null) return;
+      const what = `block scales${shardId === undefined ? "" : ` of shard ${shardId}`}`;
+      const want = [blocks(l.full[0]), blocks(l.full[1])];
+      if (loaded.shape.length !== 2 || loaded.shape[0] !== want[0] || loaded.shape[1] !== want[1]) {
+        throw new CheckpointError(
+          "SHAPE_MISMATCH",
+          `${what}: expected ${shapeString(want)} (128x128 blocks of ${shapeString(l.full)}), got ${
+            shapeString(loaded.shape)
+          }`,
+        );
+      }
+      if (loaded.dtype !== DTYPES.f32 && loaded.dtype !== DTYPES.bf16) {
+        throw new CheckpointError(
+          "DTYPE_MISMATCH",
+          `${what}: expected F32 or BF16, got ${loaded.dtype.name}`,
+        );
+      }
+      checkAligned(l, what);
+      const src = loaded
+        .narrow(0, l.rowStart / BLOCK, blocks(l.rows))
+        .narrow(1, l.colStart / BLOCK, blocks(l.cols));
+      copyInto(b, this.#scaleRows(slot.tensor, spec, l), src);
+    };
+  }
+
+  processWeightsAfterLoading(layer: Module, into?: KernelDestination): void {
+    if (this.#online) {
+      this.#online.processWeightsAfterLoading(layer, into);
+      return;
+    }
+    const b = this.#backend;
+    for (const spec of this.#specs) {
+      const w = layer.slot(spec.name).tensor;
+      const given = layer.slot(spec.scaleName).tensor;
+      const marks = new Float32Array(b.download(given).buffer);
+      const own: Tensor[] = [];
+      const dest = (name: string, shape: readonly number[], dtype: DType): Tensor => {
+        const t = into?.(name, shape, dtype);
+        if (t) return t;
+        const n = b.empty(shape, dtype);
+        own.push(n);
+        return n;
+      };
+      let q: Tensor, s: Tensor;
+      try {
+        q = dest(spec.name, w.shape, DTYPES.f8_e4m3fn);
+        s = dest(spec.scaleName, given.shape, DTYPES.f32);
+        const qs = matrices(q), ws = matrices(w), ss = matrices(s), gs = matrices(given);
+        const [, cols] = matrixShape(spec);
+        const perMatrix = gs[0].numel;
+        for (let e = 0; e < qs.length; e++) {
+          let row = 0;
+          for (const rows of spec.shardRows) {
+            const br = row / BLOCK, nb = blocks(rows);
+            const at = e * perMatrix + br * blocks(cols);
+            const unscaled = marks.subarray(at, at + nb * blocks(cols)).every((x) =>
+              x === UNSCALED
+            );
+            const qr = qs[e].narrow(0, row, rows), wr = ws[e].narrow(0, row, rows);
+            const sr = ss[e].narrow(0, br, nb);
+            if (unscaled) b.quantizeFp8(qr, sr, wr, "block128", true);
+            else {
+              // fp8 values held in the model dtype: narrowing them back is exact.
+              b.copy(qr, wr);
+              b.copy(sr, gs[e].narrow(0, br, nb));
+            }
+            row += rows;
+          }
+        }
+      } catch (e) {
+        for (const t of own) b.free(t.storage!);
+        throw e;
+      }
+      b.free(w.storage!);
+      b.free(given.storage!);
+      putTensor(layer, spec.name, q);
+      putTensor(layer, spec.scaleName, s);
+    }
+  }
+}
