@@ -113,6 +113,7 @@ export {
 export { type ProgressCallback, READ_CHUNK_BYTES } from "./src/models/weights.ts";
 export {
   type Architecture,
+  type CheckpointQuantization,
   type ModelConfig,
   type ParseConfigOptions,
   parseModelConfig,
@@ -133,6 +134,7 @@ export {
   defaultWeightLoader,
   type ExpectOptions,
   expectShape,
+  fillInto,
   finalizeLayerwiseReload,
   type FinalizeSummary,
   FusedMoE,
@@ -172,8 +174,10 @@ export {
   type ScaleIndex,
   select0,
   type ShardId,
+  type ShardLayout,
   type SlotKind,
   type SlotOptions,
+  type SplitLoad,
   type TensorDescriptor,
   type TensorMeta,
   TensorSlot,

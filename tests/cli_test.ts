@@ -64,7 +64,10 @@ Deno.test("args: bad usage is a one-line UsageError", () => {
   const bad: [string[], RegExp][] = [
     [["--bogus"], /bogus/],
     [["positional"], /positional/],
-    [["--quant", "fp4"], /--quant fp4: expected one of auto, none, fp8, fp8-channel, fp8-block, int8/],
+    [
+      ["--quant", "fp4"],
+      /--quant fp4: expected one of auto, none, fp8, fp8-channel, fp8-block, int8/,
+    ],
     [["--backend", "tpu"], /--backend tpu/],
     [["--repeat", "two"], /--repeat two/],
     [["--repeat", "1.5"], /--repeat 1\.5/],

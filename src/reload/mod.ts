@@ -9,6 +9,7 @@ export {
   countWrites,
   defaultWeightLoader,
   expectShape,
+  fillInto,
   Module,
   type ResolvedWeight,
   select0,
@@ -42,6 +43,8 @@ export {
   type QuantMethod,
   type QuantScheme,
   type ScaleIndex,
+  type ShardLayout,
+  type SplitLoad,
   type WeightSpec,
 } from "../quant/method.ts";
 export {
