@@ -648,6 +648,71 @@ Deno.test("qwen3 tp: block-fp8 on 2 WASM ranks holds the shards of the one-rank 
   }
 });
 
+Deno.test("qwen3 fp8 per tensor: --quant auto loads a per-tensor fp8 checkpoint as fp8-serialized", async () => {
+  await withTemp(async (dir) => {
+    // qwen3-tiny with every decoder linear quantized per tensor, as such checkpoints ship.
+    const a = await fixture("qwen3-tiny");
+    const out: [string, HostTensor][] = [];
+    for (const [name, t] of a) {
+      if (!/\.(q|k|v|o|gate|up|down)_proj\.weight$/.test(name)) {
+        out.push([name, t]);
+        continue;
+      }
+      const src = backend.empty(t.shape, t.dtype);
+      const q = backend.empty(t.shape, DTYPES.f8_e4m3fn);
+      const s = backend.empty([1], DTYPES.f32);
+      try {
+        backend.upload(src, t.data);
+        backend.quantizeFp8(q, s, src, "tensor", true);
+        out.push([name, { dtype: DTYPES.f8_e4m3fn, shape: t.shape, data: backend.download(q) }]);
+        out.push([`${name}_scale`, { dtype: DTYPES.f32, shape: [], data: backend.download(s) }]);
+      } finally {
+        for (const x of [src, q, s]) backend.free(x.storage!);
+      }
+    }
+    const ckpt = new Map(out);
+    await writeCheckpoint(dir, "qwen3-tiny", out);
+    const config = JSON.parse(await Deno.readTextFile(`${dir}/config.json`));
+    config.quantization_config = { quant_method: "fp8", activation_scheme: "dynamic" };
+    await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify(config));
+    const model = await load(dir, "auto");
+    try {
+      assert.equal(model.quant, "fp8-serialized");
+      const got = downloadKernelTensors(model);
+      const f32 = (t: HostTensor) => new Float32Array(t.data.slice().buffer)[0];
+      for (let i = 0; i < 2; i++) {
+        const p = `model.layers.${i}`;
+        // A tensor alone keeps its bytes and scale.
+        for (const x of ["self_attn.o_proj", "mlp.down_proj"]) {
+          assertContains(got, new Map([[`${p}.${x}.weight`, ckpt.get(`${p}.${x}.weight`)!]]), x);
+          assert.equal(
+            f32(got.get(`${p}.${x}.weight_scale`)!),
+            f32(ckpt.get(`${p}.${x}.weight_scale`)!),
+          );
+        }
+        // A fused one gets the largest shard scale; the shard that has it keeps its bytes.
+        const shards = ["q", "k", "v"].map((x) => `${p}.self_attn.${x}_proj`);
+        const scales = shards.map((s) => f32(ckpt.get(`${s}.weight_scale`)!));
+        const max = Math.max(...scales);
+        assert.equal(f32(got.get(`${p}.self_attn.qkv_proj.weight_scale`)!), max);
+        const at = scales.indexOf(max);
+        const rows = [512, 256, 256];
+        const start = rows.slice(0, at).reduce((x, y) => x + y, 0);
+        const fused = got.get(`${p}.self_attn.qkv_proj.weight`)!;
+        assert.ok(
+          equalBytes(
+            narrowHost(fused, 0, start, rows[at]).data,
+            ckpt.get(`${shards[at]}.weight`)!.data,
+          ),
+          "the shard with the largest scale is stored as it came",
+        );
+      }
+    } finally {
+      freeModel(model);
+    }
+  });
+});
+
 Deno.test("qwen3: cleanup", () => {
   assert.equal(backend.allocatedBytes(), 0, "nothing leaked");
   backend.close();
