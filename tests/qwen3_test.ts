@@ -713,6 +713,78 @@ Deno.test("qwen3 fp8 per tensor: --quant auto loads a per-tensor fp8 checkpoint 
   });
 });
 
+/** A checkpoint's decoder linears quantized per 128x128 block, as block-fp8 checkpoints ship. */
+function blockQuantize(ts: Tensors): Tensors {
+  const out = new Map<string, HostTensor>();
+  for (const [name, t] of ts) {
+    if (!/_proj\.weight$/.test(name)) {
+      out.set(name, t);
+      continue;
+    }
+    const [rows, cols] = t.shape;
+    const sShape = [Math.ceil(rows / 128), Math.ceil(cols / 128)];
+    const src = backend.empty(t.shape, t.dtype);
+    const q = backend.empty(t.shape, DTYPES.f8_e4m3fn);
+    const s = backend.empty(sShape, DTYPES.f32);
+    try {
+      backend.upload(src, t.data);
+      backend.quantizeFp8(q, s, src, "block128", true);
+      out.set(name, { dtype: DTYPES.f8_e4m3fn, shape: t.shape, data: backend.download(q) });
+      out.set(`${name}_scale_inv`, { dtype: DTYPES.f32, shape: sShape, data: backend.download(s) });
+    } finally {
+      for (const x of [src, q, s]) backend.free(x.storage!);
+    }
+  }
+  return out;
+}
+
+Deno.test("qwen3-moe block-fp8: experts of a block-fp8 checkpoint are their fp8 and scale rows, stacked", async () => {
+  await withTemp(async (tmp) => {
+    const fp8 = blockQuantize(await fixture("qwen3-moe-tiny"));
+    const dir = await writeCheckpoint(tmp, "qwen3-moe-tiny", fp8);
+    const config = JSON.parse(await Deno.readTextFile(`${dir}/config.json`));
+    config.quantization_config = { quant_method: "fp8", weight_block_size: [128, 128] };
+    await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify(config));
+    const model = await load(dir, "auto");
+    try {
+      assert.equal(model.quant, "fp8-block");
+      const got = downloadKernelTensors(model);
+      // Written out here: expert e of w13 is gate_e's rows then up_e's, w2's is down_e.
+      const p = "model.layers.0.mlp.experts";
+      const stack = (suffix: string, shards: string[]) =>
+        catHost(
+          0,
+          [0, 1, 2, 3].map((e) => {
+            const m = catHost(0, shards.map((x) => fp8.get(`${p}.${e}.${x}_proj.${suffix}`)!));
+            return { ...m, shape: [1, ...m.shape] };
+          }),
+        );
+      const want = new Map([
+        [`${p}.w13_weight`, stack("weight", ["gate", "up"])],
+        [`${p}.w13_weight_scale`, stack("weight_scale_inv", ["gate", "up"])],
+        [`${p}.w2_weight`, stack("weight", ["down"])],
+        [`${p}.w2_weight_scale`, stack("weight_scale_inv", ["down"])],
+      ]);
+      assertContains(got, want, "stacked experts");
+      // The same bytes as quantizing the bf16 checkpoint per block, and reloads either way.
+      const bf16 = await load(`${CKPT}qwen3-moe-tiny`, "fp8-block");
+      try {
+        const fromBf16 = downloadKernelTensors(bf16);
+        assertSame(got, fromBf16, "block-fp8 checkpoint vs bf16 quantized per block");
+        assertSame(await reloadExport(bf16, dir), fromBf16, "bf16 model <- block-fp8");
+      } finally {
+        freeModel(bf16);
+      }
+      const b = modified(await fixture("qwen3-moe-tiny"));
+      const fromB = await reloadExport(model, [...b]);
+      assert.ok(differs(fromB, got));
+      assertSame(await reloadExport(model, dir), got, "back to the block-fp8 checkpoint");
+    } finally {
+      freeModel(model);
+    }
+  });
+});
+
 Deno.test("qwen3: cleanup", () => {
   assert.equal(backend.allocatedBytes(), 0, "nothing leaked");
   backend.close();
