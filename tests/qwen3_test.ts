@@ -785,6 +785,28 @@ Deno.test("qwen3-moe block-fp8: experts of a block-fp8 checkpoint are their fp8 
   });
 });
 
+Deno.test("block-fp8: shards that do not start on a block are refused, naming file and tensor", async () => {
+  await withTemp(async (tmp) => {
+    // llama-tiny: gate rows 176 (up starts inside a block), q rows 64 (k starts inside one).
+    const dir = await writeCheckpoint(
+      tmp,
+      "llama-tiny",
+      blockQuantize(await fixture("llama-tiny")),
+    );
+    const config = JSON.parse(await Deno.readTextFile(`${dir}/config.json`));
+    config.quantization_config = { quant_method: "fp8", weight_block_size: [128, 128] };
+    await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify(config));
+    await assert.rejects(
+      () => load(dir, "auto"),
+      refusal(
+        "BLOCK_ALIGNMENT",
+        `${dir}/model.safetensors`,
+        "model.layers.0.mlp.gate_proj.weight",
+      ),
+    );
+  });
+});
+
 Deno.test("qwen3: cleanup", () => {
   assert.equal(backend.allocatedBytes(), 0, "nothing leaked");
   backend.close();

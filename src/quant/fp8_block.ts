@@ -104,6 +104,21 @@ export class Fp8BlockMethod implements QuantMethod {
         "block128",
       );
       this.#online.createWeights(layer, specs);
+      for (const spec of specs) {
+        const slot = layer.slot(spec.name);
+        const load = slot.weightLoader;
+        slot.weightLoader = (s, loaded, shardId, expertId) => {
+          if (loaded.dtype === DTYPES.f8_e4m3fn) {
+            throw new CheckpointError(
+              "BLOCK_ALIGNMENT",
+              `block-fp8 weight: this layer's shards of ${
+                spec.shardRows.join(", ")
+              } rows do not all start on a 128-row block, so its fp8 rows cannot be kept as stored`,
+            );
+          }
+          load(s, loaded, shardId, expertId);
+        };
+      }
       return;
     }
     for (const spec of specs) {
