@@ -383,6 +383,58 @@ Deno.test("qwen3 block-fp8: bf16 and block-fp8 checkpoints reload into the same 
   });
 });
 
+Deno.test("qwen3 block-fp8: one checkpoint may mix fp8 and bf16 shards of a fused layer", async () => {
+  const bf16 = await fixture("qwen3-tiny");
+  const fp8 = modified(await fixture("qwen3-tiny-fp8"));
+  const mixed = new Map(bf16);
+  for (let i = 0; i < 2; i++) {
+    // An fp8 shard before bf16 ones (q; k, v) and after one (gate; up).
+    for (const x of ["self_attn.q_proj", "mlp.up_proj"]) {
+      for (const suffix of ["weight", "weight_scale_inv"]) {
+        const name = `model.layers.${i}.${x}.${suffix}`;
+        mixed.set(name, fp8.get(name)!);
+      }
+    }
+  }
+  const e = await expectation("qwen3-tiny.fp8-block");
+  const f = blockFp8Kernel(fp8, 2);
+  const want = new Map(e);
+  for (let i = 0; i < 2; i++) {
+    const p = `model.layers.${i}`;
+    const rows = (t: Tensors, n: string, at: number, len: number) =>
+      narrowHost(t.get(n)!, 0, at, len);
+    for (
+      const [n, fpRows, all] of [[`${p}.self_attn.qkv_proj`, [0, 512], 1024], [
+        `${p}.mlp.gate_up_proj`,
+        [256, 512],
+        512,
+      ]] as const
+    ) {
+      const [a, z] = fpRows;
+      const pick = (suffix: string, unit: number) => {
+        const name = `${n}.${suffix}`;
+        const parts = [];
+        if (a > 0) parts.push(rows(want, name, 0, a / unit));
+        parts.push(rows(f, name, a / unit, (z - a) / unit));
+        if (z < all) parts.push(rows(want, name, z / unit, (all - z) / unit));
+        want.set(name, catHost(0, parts));
+      };
+      pick("weight", 1);
+      pick("weight_scale", 128);
+    }
+  }
+  const model = await load(`${CKPT}qwen3-tiny`, "fp8-block");
+  try {
+    for (const options of [{}, { readChunkBytes: 4096 }]) {
+      const got = await reloadExport(model, [...mixed], options);
+      assert.ok(differs(got, e), "some shards changed");
+      assertSame(got, want, "mixed shards");
+    }
+  } finally {
+    freeModel(model);
+  }
+});
+
 // ---------------------------------------------------------------------------------- refusals
 
 Deno.test("qwen3 block-fp8: malformed checkpoints are refused before any write, one line naming file and tensor", async () => {

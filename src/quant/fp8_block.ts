@@ -7,10 +7,10 @@
  * so a model first loaded from one kind reloads from the other.
  *
  * How: the model format holds `weight` in the model dtype and `weight_scale` (the checkpoint's
- * `weight_scale_inv`, see models/names.ts) as f32 blocks. An fp8 weight is widened on load
- * (exact: every e4m3 value is a bf16, f16 and f32 value) and narrowed back when processed
- * (exact again); a model-dtype weight marks its shard's scale blocks with {@link UNSCALED}, and
- * processing quantizes those shards per block. Because each shard starts on a block boundary,
+ * `weight_scale_inv`, see models/names.ts) as f32 blocks. An fp8 shard waits, as its bytes,
+ * in the first bytes of its own rows of that scratch (see {@link packedFp8}) and is copied out
+ * when processed; a model-dtype weight marks its shard's scale blocks with {@link UNSCALED},
+ * and processing quantizes those shards per block. Because each shard starts on a block boundary,
  * quantizing a shard's blocks is quantizing the fused tensor's. A layer whose shards do not
  * start on block boundaries cannot hold a block-fp8 checkpoint exactly: it is quantized like
  * `fp8-block` always was (whole fused tensor, model-dtype checkpoints only).
@@ -29,7 +29,7 @@ import {
   type WeightLoader,
 } from "../nn/module.ts";
 import { type DType, DTYPES } from "../tensor/dtype.ts";
-import { rowWindow, shapeString, Tensor } from "../tensor/tensor.ts";
+import { shapeString, Tensor } from "../tensor/tensor.ts";
 import { expertCount, matrices, matrixShape, putTensor } from "./common.ts";
 import type { KernelDestination, QuantMethod, ShardLayout, WeightSpec } from "./method.ts";
 import { OnlineQuantMethod } from "./online.ts";
@@ -56,6 +56,22 @@ function blockScaleShape(spec: WeightSpec): number[] {
 /** Shards start on block boundaries: every shard but the last has whole blocks of rows. */
 function shardsAligned(spec: WeightSpec): boolean {
   return spec.shardRows.slice(0, -1).every((r) => r % BLOCK === 0);
+}
+
+/**
+ * The fp8 view of a model-dtype weight `w` (contiguous, `[R, C]` or `[E, R, C]`) in which the
+ * shard starting at row `dstRow` keeps its fp8 bytes: row `dstRow + i` of the view starts at
+ * the first byte of the model-dtype row `dstRow` plus `i * C` bytes. An fp8 row is at most half
+ * a model-dtype row, so a shard's fp8 rows stay within its own model-dtype rows, and shards of
+ * either kind never overlap. Meta in, meta out.
+ */
+export function packedFp8(w: Tensor, spec: WeightSpec, dstRow: number): Tensor {
+  if (w.isMeta) return Tensor.meta(w.shape, DTYPES.f8_e4m3fn);
+  const ratio = w.dtype.size / DTYPES.f8_e4m3fn.size;
+  const [rows, cols] = matrixShape(spec);
+  const strides = expertCount(spec) === 0 ? [cols, 1] : [ratio * rows * cols, cols, 1];
+  const offset = w.offset * ratio + dstRow * cols * (ratio - 1);
+  return new Tensor(w.shape, DTYPES.f8_e4m3fn, w.storage, offset, strides);
 }
 
 /** Whether `start` and `count` of `full` cut along block edges (the end may be the tensor's). */
@@ -173,20 +189,9 @@ export class Fp8BlockMethod implements QuantMethod {
     if (l !== null) {
       checkAligned(l, `block-fp8 weight${shardId === undefined ? "" : ` shard ${shardId}`}`);
     }
-    // Widened to the model dtype (exact), then loaded as any model-dtype weight.
-    if (loaded.isMeta) {
-      spec.loader(slot, Tensor.meta(loaded.shape, this.#dtype), shardId, expertId);
-      return;
-    }
-    const rows = loaded.windowRows();
-    const wide = b.empty(rows.shape, this.#dtype);
-    try {
-      b.copy(wide, rows);
-      const w = loaded.window ? rowWindow(wide, loaded.window.start, loaded.shape[0]) : wide;
-      spec.loader(slot, w, shardId, expertId);
-    } finally {
-      b.free(wide.storage!);
-    }
+    // The layer's own loader narrows it (rank, shard, expert) into the bytes where it waits.
+    const view = packedFp8(slot.tensor, spec, l?.dstRow ?? 0);
+    spec.loader(new TensorSlot(view, spec.loader), loaded, shardId, expertId);
   }
 
   #scaleLoader(spec: WeightSpec): WeightLoader {
@@ -251,12 +256,10 @@ export class Fp8BlockMethod implements QuantMethod {
             const unscaled = marks.subarray(at, at + nb * blocks(cols)).every((x) =>
               x === UNSCALED
             );
-            const qr = qs[e].narrow(0, row, rows), wr = ws[e].narrow(0, row, rows);
-            const sr = ss[e].narrow(0, br, nb);
-            if (unscaled) b.quantizeFp8(qr, sr, wr, "block128", true);
+            const qr = qs[e].narrow(0, row, rows), sr = ss[e].narrow(0, br, nb);
+            if (unscaled) b.quantizeFp8(qr, sr, ws[e].narrow(0, row, rows), "block128", true);
             else {
-              // fp8 values held in the model dtype: narrowing them back is exact.
-              b.copy(qr, wr);
+              b.copy(qr, matrices(packedFp8(w, spec, row))[e].narrow(0, row, rows));
               b.copy(sr, gs[e].narrow(0, br, nb));
             }
             row += rows;
