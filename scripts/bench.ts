@@ -2,8 +2,9 @@
  * `deno task bench`: kernel throughput on the chosen backend, then the reload bench
  * (scripts/bench_reload.ts: a synthetic Llama-shaped checkpoint reloaded into fp8), each
  * figure printed beside the limit it is measured against, as a ratio from the same run.
+ * `--only block-fp8` runs the block-fp8 reload bench instead (scripts/bench_block_fp8.ts).
  *
- *   deno task bench [--backend auto|cuda|wasm] [--only kernels|reload] [--elements N]
+ *   deno task bench [--backend auto|cuda|wasm] [--only kernels|reload|block-fp8] [--elements N]
  *       [--reps N] [--json FILE] [--shape 8b|small] [--runs N] [--dir DIR] [--keep] [--simple]
  *       [--slot-mb N] [--slots N] [--chunk-mb N] [--readers N] [--ring-mb N] [--sweep RxSxC,...]
  * @module
@@ -11,8 +12,15 @@
 
 import { parseArgs } from "node:util";
 import { openBackend } from "../src/backend/select.ts";
+import { benchBlockFp8 } from "./bench_block_fp8.ts";
 import { benchKernels, kernelTable } from "./bench_kernels.ts";
-import { benchReload, RELOAD_BENCH_ARGS, reloadOptions } from "./bench_reload.ts";
+import {
+  benchReload,
+  RELOAD_BENCH_ARGS,
+  reloadOptions,
+  SHAPE_8B,
+  SHAPE_SMALL,
+} from "./bench_reload.ts";
 
 const { values } = parseArgs({
   args: Deno.args,
@@ -29,7 +37,8 @@ const { values } = parseArgs({
 
 if (values.help) {
   console.log(
-    "usage: deno task bench [--backend auto|cuda|wasm] [--only kernels|reload] [--elements N] " +
+    "usage: deno task bench [--backend auto|cuda|wasm] [--only kernels|reload|block-fp8] " +
+      "[--elements N] " +
       "[--reps N] [--json FILE] [--shape 8b|small] [--runs N] [--dir DIR] [--keep] [--simple] " +
       "[--slot-mb N] [--slots N] [--chunk-mb N] [--readers N] [--ring-mb N] [--sweep RxSxC,...]",
   );
@@ -37,21 +46,30 @@ if (values.help) {
 }
 
 const only = values.only;
-if (only !== undefined && only !== "kernels" && only !== "reload") {
-  console.error(`bench: --only takes kernels or reload, not ${only}`);
+if (only !== undefined && !["kernels", "reload", "block-fp8"].includes(only)) {
+  console.error(`bench: --only takes kernels, reload or block-fp8, not ${only}`);
   Deno.exit(2);
 }
 
 const backend = await openBackend({ backend: values.backend as "auto" | "cuda" | "wasm" });
 try {
   const out: Record<string, unknown> = { backend: backend.description };
-  if (only !== "reload") {
+  if (only === "block-fp8") {
+    const o = reloadOptions(values);
+    const shape = (o.shape ?? (backend.kind === "cuda" ? "8b" : "small")) === "8b"
+      ? SHAPE_8B
+      : SHAPE_SMALL;
+    out.blockFp8 = await benchBlockFp8(backend, { ...o, shape, runs: o.runs ?? 3 });
+  }
+  if (only === undefined || only === "kernels") {
     const elements = Number(values.elements ?? (backend.kind === "cuda" ? 2 ** 28 : 2 ** 24));
     const results = await benchKernels(backend, elements, Number(values.reps));
     console.log(kernelTable(backend, results));
     out.kernels = results;
   }
-  if (only !== "kernels") out.reload = await benchReload(backend, reloadOptions(values));
+  if (only === undefined || only === "reload") {
+    out.reload = await benchReload(backend, reloadOptions(values));
+  }
   if (values.json) await Deno.writeTextFile(values.json, JSON.stringify(out, null, 2));
 } finally {
   backend.close();
