@@ -526,6 +526,34 @@ Deno.test("qwen3 block-fp8: a block-fp8 checkpoint into a per-tensor model is re
   );
 });
 
+Deno.test("qwen3 block-fp8: a scale that is not positive is refused; with atomic the model is as before", async () => {
+  const t = modified(await fixture("qwen3-tiny-fp8"));
+  const name = "model.layers.1.mlp.gate_proj.weight_scale_inv";
+  const s = t.get(name)!;
+  const v = new Float32Array(s.data.slice().buffer);
+  v[3] = 0;
+  t.set(name, { ...s, data: new Uint8Array(v.buffer) });
+  const model = await load(`${CKPT}qwen3-tiny-fp8`, "auto");
+  try {
+    const before = downloadKernelTensors(model);
+    await assert.rejects(
+      () => reloadWeights(model, [...t], { atomic: true }),
+      (e: unknown) =>
+        e instanceof CheckpointError && e.code === "BAD_SCALE" && !e.message.includes("\n") &&
+        /^in-memory tensors: model\.layers\.1\.mlp\.\S+: weight_scale of shard 0: block-fp8 scales must be positive and finite, got 0$/
+          .test(e.message),
+    );
+    assertSame(downloadKernelTensors(model), before, "restored");
+    assertSame(
+      await reloadExport(model, `${CKPT}qwen3-tiny`),
+      await expectation("qwen3-tiny.fp8-block"),
+      "usable",
+    );
+  } finally {
+    freeModel(model);
+  }
+});
+
 // ------------------------------------------------------------------- merged expert names
 
 /** transformers 5's merged experts of per-expert tensors: gate_up_proj [E, 2I, H], down_proj [E, H, I]. */

@@ -223,16 +223,49 @@ export class Fp8BlockMethod implements QuantMethod {
     };
   }
 
+  /**
+   * Which shards of a spec's loaded weight came as fp8 (per expert, then shard): those whose
+   * scale blocks are not {@link UNSCALED}. Their scales must be positive and finite.
+   */
+  #storedShards(spec: WeightSpec, scales: Float32Array): boolean[] {
+    const [rows, cols] = matrixShape(spec);
+    const perMatrix = blocks(rows) * blocks(cols);
+    const out: boolean[] = [];
+    for (let e = 0; e < Math.max(1, expertCount(spec)); e++) {
+      let row = 0;
+      for (const [i, r] of spec.shardRows.entries()) {
+        const at = e * perMatrix + (row / BLOCK) * blocks(cols);
+        const own = scales.subarray(at, at + blocks(r) * blocks(cols));
+        const stored = !own.every((x) => x === UNSCALED);
+        const bad = own.find((x) => !(x > 0 && x < Infinity));
+        if (stored && bad !== undefined) {
+          throw new CheckpointError(
+            "BAD_SCALE",
+            `${spec.scaleName} of ${expertCount(spec) > 0 ? `expert ${e} ` : ""}shard ${i}: ` +
+              `block-fp8 scales must be positive and finite, got ${bad}`,
+          );
+        }
+        out.push(stored);
+        row += r;
+      }
+    }
+    return out;
+  }
+
   processWeightsAfterLoading(layer: Module, into?: KernelDestination): void {
     if (this.#online) {
       this.#online.processWeightsAfterLoading(layer, into);
       return;
     }
     const b = this.#backend;
-    for (const spec of this.#specs) {
+    // Every spec is checked before anything is written (asking `into` counts as writing).
+    const plans = this.#specs.map((spec) => {
       const w = layer.slot(spec.name).tensor;
       const given = layer.slot(spec.scaleName).tensor;
-      const marks = new Float32Array(b.download(given).buffer);
+      const stored = this.#storedShards(spec, new Float32Array(b.download(given).buffer));
+      return { spec, w, given, stored };
+    });
+    for (const { spec, w, given, stored } of plans) {
       const own: Tensor[] = [];
       const dest = (name: string, shape: readonly number[], dtype: DType): Tensor => {
         const t = into?.(name, shape, dtype);
@@ -246,22 +279,17 @@ export class Fp8BlockMethod implements QuantMethod {
         q = dest(spec.name, w.shape, DTYPES.f8_e4m3fn);
         s = dest(spec.scaleName, given.shape, DTYPES.f32);
         const qs = matrices(q), ws = matrices(w), ss = matrices(s), gs = matrices(given);
-        const [, cols] = matrixShape(spec);
-        const perMatrix = gs[0].numel;
+        let k = 0;
         for (let e = 0; e < qs.length; e++) {
           let row = 0;
           for (const rows of spec.shardRows) {
             const br = row / BLOCK, nb = blocks(rows);
-            const at = e * perMatrix + br * blocks(cols);
-            const unscaled = marks.subarray(at, at + nb * blocks(cols)).every((x) =>
-              x === UNSCALED
-            );
             const qr = qs[e].narrow(0, row, rows), sr = ss[e].narrow(0, br, nb);
-            if (unscaled) b.quantizeFp8(qr, sr, ws[e].narrow(0, row, rows), "block128", true);
-            else {
+            if (stored[k++]) {
+              // As stored: the fp8 rows (where the loader left them) and their scale rows.
               b.copy(qr, matrices(packedFp8(w, spec, row))[e].narrow(0, row, rows));
               b.copy(sr, gs[e].narrow(0, br, nb));
-            }
+            } else b.quantizeFp8(qr, sr, ws[e].narrow(0, row, rows), "block128", true);
             row += rows;
           }
         }
