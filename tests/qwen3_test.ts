@@ -287,6 +287,15 @@ Deno.test("qwen3 e2e: --export equals the PyTorch expectation for every case", a
       const want = await expectation(expect);
       assertSame(await loadSafetensors(out), want, `${name} --quant ${quant}`);
     }
+    // auto is the default: `deno task reload --model <block-fp8 checkpoint>` as it is.
+    const out = `${tmp}/default.safetensors`;
+    const r = await cli("--model", `${CKPT}qwen3-tiny-fp8`, "--export", out);
+    assert.equal(r.code, 0, r.stderr);
+    assertSame(
+      await loadSafetensors(out),
+      await expectation("qwen3-tiny-fp8.fp8-block"),
+      "default",
+    );
   });
 });
 
