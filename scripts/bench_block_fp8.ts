@@ -19,13 +19,7 @@ import { parseArgs } from "node:util";
 import type { Backend } from "../src/backend/backend.ts";
 import { openBackend } from "../src/backend/select.ts";
 import { type HostTensor, writeSafetensors } from "../src/checkpoint/safetensors.ts";
-import {
-  bf16Bits,
-  rng,
-  synthConfig,
-  type SynthShape,
-  synthTensorShapes,
-} from "../src/cli/synth.ts";
+import { bf16Bits, rng, synthConfig, type SynthShape, synthTensorShapes } from "../testing.ts";
 import { loadModel, reloadWeights } from "../src/models/load.ts";
 import { freeModel } from "../src/parallel/tp.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";

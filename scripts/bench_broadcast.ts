@@ -21,11 +21,11 @@
 
 import { Buffer } from "node:buffer";
 import type { Backend } from "../src/backend/backend.ts";
-import { CudaDevice } from "../src/backend/cuda.ts";
-import { NcclComms } from "../src/backend/nccl.ts";
-import { synthConfig, type SynthShape, synthTensorShapes } from "../src/cli/synth.ts";
+import { CudaDevice } from "../src/backend/cuda/device.ts";
+import { NcclComms } from "../src/backend/cuda/nccl.ts";
+import { synthConfig, type SynthShape, synthTensorShapes } from "../testing.ts";
 import { parseModelConfig } from "../src/models/config.ts";
-import { type QuantName, quantScheme } from "../src/models/load.ts";
+import { type QuantName, quantScheme } from "../src/models/quant_names.ts";
 import { kernelTensors } from "../src/models/export.ts";
 import { broadcastReload, deviceBroadcastSource } from "../src/parallel/broadcast.ts";
 import { SHAPE_8B } from "./bench_reload.ts";

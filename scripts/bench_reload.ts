@@ -18,30 +18,24 @@
 
 import { parseArgs } from "node:util";
 import type { Backend } from "../src/backend/backend.ts";
-import { cudaHandle } from "../src/backend/cuda.ts";
+import { cudaHandle } from "../src/backend/cuda/device.ts";
 import { openBackend } from "../src/backend/select.ts";
 import { fileSource } from "../src/checkpoint/source.ts";
+import { releaseStaging } from "../src/backend/cuda/staging.ts";
 import {
   emptyStagingStats,
   flattenReads,
   planBlocks,
-  releaseStaging,
   type StagedTensor,
-  stageTensors,
   STAGING_DEFAULTS,
   type StagingOptions,
   type StagingStats,
-} from "../src/checkpoint/staging.ts";
-import {
-  bf16Bits,
-  rng,
-  synthConfig,
-  type SynthShape,
-  synthTensorShapes,
-} from "../src/cli/synth.ts";
+} from "../src/backend/cuda/staging_plan.ts";
+import { stageTensors } from "../src/checkpoint/staging.ts";
+import { bf16Bits, rng, synthConfig, type SynthShape, synthTensorShapes } from "../testing.ts";
 import { loadModel, reloadWeights } from "../src/models/load.ts";
 import { READ_CHUNK_BYTES } from "../src/models/weights.ts";
-import { trackPeak } from "./reload_memory.ts";
+import { trackPeak } from "../testing.ts";
 
 /** Llama-3-8B's shape, untied (16.06 GB of bf16). */
 export const SHAPE_8B: Readonly<SynthShape> = Object.freeze({

@@ -6,7 +6,7 @@
 # Default: build/liblayerwise_cuda.so for every supported architecture. --arch sm_XX builds one
 # (quick iteration), `native` the GPUs of this machine. --src names a folder holding kernels.cu,
 # layerwise.h and lw_numeric.h (default: cuda/ beside this script); the cached build of
-# src/backend/cuda_ffi.ts uses it. -v passes -Xptxas -v (registers, spills).
+# src/backend/cuda/cuda_ffi.ts uses it. -v passes -Xptxas -v (registers, spills).
 #
 # Flags that the bit-exact contract depends on: -fmad=false (no FMA contraction), no fast-math
 # (IEEE division, denormals kept). The CUDA runtime is linked statically so only the driver

@@ -31,7 +31,7 @@ grep -E "^(ok|FAILED)|passed|failed" "$log/test.txt" | tail -5
 
 echo "== kernel bandwidth (CUDA events)"
 cat > build/gpu_bandwidth.ts <<'TS'
-import { CudaDevice } from "../src/backend/cuda.ts";
+import { CudaDevice } from "../src/backend/cuda/device.ts";
 
 const dev = CudaDevice.open(0);
 const s = dev.symbols;

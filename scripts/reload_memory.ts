@@ -1,5 +1,5 @@
 /**
- * Peak extra backend memory of a reload (issue 5, "peak extra device memory"), measured on any
+ * Peak extra backend memory of a reload (ARCHITECTURE.md, "Memory"), measured on any
  * backend by counting its allocations: a synthetic Llama-shaped bf16 model is first-loaded,
  * then reloaded from another checkpoint (a) from files, through the same stream as the CLI
  * (model layer order, one tensor in flight), (b) from tensors already on the backend, in
@@ -15,64 +15,17 @@
 import { parseArgs } from "node:util";
 import type { Backend } from "../src/backend/backend.ts";
 import { openBackend } from "../src/backend/select.ts";
-import { type SynthShape, synthTensors, writeSynthCheckpoint } from "../src/cli/synth.ts";
-import { type CausalLM, loadModel, type QuantName, reloadWeights } from "../src/models/load.ts";
-import { getLayerwiseInfo } from "../src/reload/layerwise.ts";
-import { reloadWeights as engineReload } from "../src/reload/load.ts";
+import {
+  modelFormatBytes,
+  type SynthShape,
+  synthTensors,
+  trackPeak,
+  writeSynthCheckpoint,
+} from "../testing.ts";
+import { loadModel, reloadWeights } from "../src/models/load.ts";
+import type { QuantName } from "../src/models/quant_names.ts";
+import { reloadLayerwise as engineReload } from "../src/reload/load.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
-
-/** The peak of a backend's allocated bytes, tracked while {@link PeakTracker.stop} is not called. */
-export interface PeakTracker {
-  /** Largest allocatedBytes() right after any allocation since the last reset. */
-  readonly peak: number;
-  /** Restarts the peak at the current allocation. */
-  resetPeak(): void;
-  /** Stops tracking (puts the backend's own `alloc` back). */
-  stop(): void;
-}
-
-/**
- * Tracks the peak allocation of `b` by wrapping its `alloc` on the instance (every allocation,
- * `empty` included, goes through it). The backend object itself stays the same, so code that
- * recognizes backends by identity (wasmView, storage ownership) keeps working.
- */
-export function trackPeak(b: Backend): PeakTracker {
-  let peak = b.allocatedBytes();
-  const own = Object.getOwnPropertyDescriptor(b, "alloc");
-  const inner = b.alloc;
-  (b as { alloc: Backend["alloc"] }).alloc = function (this: Backend, bytes: number) {
-    const out = inner.call(this, bytes);
-    peak = Math.max(peak, b.allocatedBytes());
-    return out;
-  };
-  return {
-    get peak() {
-      return peak;
-    },
-    resetPeak() {
-      peak = b.allocatedBytes();
-    },
-    stop() {
-      if (own) Object.defineProperty(b, "alloc", own);
-      else delete (b as { alloc?: unknown }).alloc;
-    },
-  };
-}
-
-/** Model-format bytes of the largest weight module and of the largest decoder layer. */
-export function modelFormatBytes(model: CausalLM): { module: number; layer: number } {
-  let module = 0;
-  const layers = new Map<string, number>();
-  for (const [path, m] of model.namedModules()) {
-    const meta = getLayerwiseInfo(m)?.restoreMetadata;
-    if (!meta) continue;
-    const bytes = [...meta.values()].reduce((a, t) => a + t.meta.nbytes, 0);
-    module = Math.max(module, bytes);
-    const layer = path.match(/^model\.layers\.\d+/)?.[0];
-    if (layer) layers.set(layer, (layers.get(layer) ?? 0) + bytes);
-  }
-  return { module, layer: Math.max(0, ...layers.values()) };
-}
 
 function shuffled<T>(items: T[], seed: number): T[] {
   let s = seed >>> 0;

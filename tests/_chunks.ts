@@ -7,7 +7,7 @@
 
 import type { Backend } from "../src/backend/backend.ts";
 import { rowWindow, type Tensor } from "../src/tensor/tensor.ts";
-import { type HostWeight, prng } from "./nn_testmodel.ts";
+import { type HostWeight, rng } from "../testing.ts";
 
 /** One row chunk of a host tensor (a whole tensor when it is not cut). */
 export interface HostChunk {
@@ -40,7 +40,7 @@ function chunkable(h: HostWeight): boolean {
 
 /** Every 2-D tensor cut at 1 to 5 random rows (seeded); 1-D tensors whole. */
 export function randomChunks(host: readonly HostWeight[], seed: number): HostChunk[] {
-  const r = prng(seed);
+  const r = rng(seed);
   const out: HostChunk[] = [];
   for (const h of host) {
     if (!chunkable(h)) {

@@ -9,7 +9,7 @@
 import type { Backend } from "../src/backend/backend.ts";
 import { BackendError } from "../src/errors.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
-import { equalBytes, type HostWeight } from "./nn_testmodel.ts";
+import { equalBytes, type HostWeight } from "../testing.ts";
 
 /** A Backend that delegates to another and fails on demand. */
 export interface FaultyBackend extends Backend {

@@ -12,28 +12,28 @@ import assert from "node:assert/strict";
 import fc from "fast-check";
 import type { Backend } from "../src/backend/backend.ts";
 import { BackendError, CheckpointError, ReloadError } from "../src/errors.ts";
-import { copyInto, countWrites, select0 } from "../src/nn/module.ts";
-import { QUANT_SCHEMES, type QuantScheme } from "../src/quant/method.ts";
+import { copyInto, countWrites, select0 } from "../src/nn/slots.ts";
+import { QUANT_SCHEMES, type QuantScheme } from "../src/nn/quant_method.ts";
 import { isReloading } from "../src/reload/layerwise.ts";
-import { loadWeights, reloadWeights } from "../src/reload/load.ts";
+import { loadWeights, reloadLayerwise } from "../src/reload/load.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
 import { rowWindow, Tensor } from "../src/tensor/tensor.ts";
 import { freeChunks, type HostChunk, randomChunks, streamChunks, uploadChunks } from "./_chunks.ts";
 import {
   checkpointFor,
   equalBytes,
-  freeModel,
+  freeModule,
   freshModel,
   kernelBytes,
   kernelLayout,
-  prng,
   randomBf16,
+  rng,
   shuffle,
   testBackends,
   TINY,
   type TinyConfig,
   TinyModel,
-} from "./nn_testmodel.ts";
+} from "../testing.ts";
 
 const BACKENDS = await testBackends();
 
@@ -63,7 +63,7 @@ function upload(b: Backend, shape: number[], bytes: Uint8Array): Tensor {
 for (const [bn, b] of BACKENDS) {
   Deno.test(`${bn}: a row window has the full shape, holds its rows, and never reaches a backend`, () => {
     const R = 10, C = 6, rb = C * 2;
-    const host = randomBf16(prng(1), R * C);
+    const host = randomBf16(rng(1), R * C);
     const chunk = upload(b, [4, C], rows(host, rb, 3, 7));
     try {
       const w = rowWindow(chunk, 3, R);
@@ -112,7 +112,7 @@ for (const [bn, b] of BACKENDS) {
         fc.integer({ min: 0, max: 1000 }),
         fc.array(fc.tuple(fc.boolean(), fc.nat(), fc.nat()), { maxLength: 2 }),
         (R, C, seed, narrows) => {
-          const rand = prng(seed);
+          const rand = rng(seed);
           const s = Math.floor(rand() * R);
           const e = s + 1 + Math.floor(rand() * (R - s));
           const host = randomBf16(rand, R * C);
@@ -163,7 +163,7 @@ for (const [bn, b] of BACKENDS) {
 
   Deno.test(`${bn}: a window that misses the loader's rows writes and counts nothing`, () => {
     const R = 8, C = 4;
-    const chunk = upload(b, [2, C], randomBf16(prng(2), 2 * C));
+    const chunk = upload(b, [2, C], randomBf16(rng(2), 2 * C));
     const dst = b.empty([3, C], DTYPES.bf16);
     try {
       b.fill(dst, 0);
@@ -213,11 +213,11 @@ async function reloadChunks(
   b: Backend,
   model: TinyModel,
   chunks: readonly HostChunk[],
-  options: Parameters<typeof reloadWeights>[2] = {},
+  options: Parameters<typeof reloadLayerwise>[2] = {},
 ) {
   const up = uploadChunks(b, chunks);
   try {
-    return await reloadWeights(model, up.map(([n, t]) => [n, t] as const), options);
+    return await reloadLayerwise(model, up.map(([n, t]) => [n, t] as const), options);
   } finally {
     freeChunks(b, up);
   }
@@ -271,11 +271,11 @@ for (const [bn, b] of BACKENDS) {
             assert.equal(first.report.ignoredLoads, 0, "a first load writes every chunk once");
             assert.equal(first.report.tensorsLoaded, B.length);
           } finally {
-            freeModel(b, first.model);
+            freeModule(b, first.model);
           }
         } finally {
-          freeModel(b, model);
-          freeModel(b, fresh);
+          freeModule(b, model);
+          freeModule(b, fresh);
         }
       }
     });
@@ -305,7 +305,7 @@ for (const [bn, b] of BACKENDS) {
         assert.equal(first.report.ignoredLoads, 2);
         assertSameBytes(kernelBytes(b, first.model), want, "first load: duplicates ignored");
       } finally {
-        freeModel(b, first.model);
+        freeModule(b, first.model);
       }
 
       await reloadChunks(b, model, randomChunks(A, 2));
@@ -334,8 +334,8 @@ for (const [bn, b] of BACKENDS) {
         });
       }
     } finally {
-      freeModel(b, model);
-      freeModel(b, fresh);
+      freeModule(b, model);
+      freeModule(b, fresh);
     }
   });
 
@@ -393,9 +393,12 @@ for (const [bn, b] of BACKENDS) {
           }),
         ];
         try {
-          await reloadWeights(model, [[name, clean], ...others], { rejectNonFinite: true });
+          await reloadLayerwise(model, [[name, clean], ...others], { rejectNonFinite: true });
           await assert.rejects(
-            reloadWeights(model, [[name, bad], ...others], { rejectNonFinite: true, atomic: true }),
+            reloadLayerwise(model, [[name, bad], ...others], {
+              rejectNonFinite: true,
+              atomic: true,
+            }),
             (err: unknown) => {
               assert.ok(err instanceof ReloadError && err.code === "NON_FINITE", String(err));
               assert.match(
@@ -413,7 +416,7 @@ for (const [bn, b] of BACKENDS) {
         b.free(poisoned.storage!);
       }
     } finally {
-      freeModel(b, model);
+      freeModule(b, model);
     }
   });
 
@@ -423,12 +426,12 @@ for (const [bn, b] of BACKENDS) {
     const model = await freshModel(b, TINY, "fp8-block", checkpointFor(b, TINY, 1, "fp8-block"));
     try {
       const allocated = b.allocatedBytes();
-      await reloadWeights(model, streamChunks(b, randomChunks(B, 12)));
+      await reloadLayerwise(model, streamChunks(b, randomChunks(B, 12)));
       assert.equal(b.allocatedBytes(), allocated);
       assertSameBytes(kernelBytes(b, model), kernelBytes(b, fresh), "streamed chunks");
     } finally {
-      freeModel(b, model);
-      freeModel(b, fresh);
+      freeModule(b, model);
+      freeModule(b, fresh);
     }
   });
 }

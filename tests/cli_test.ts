@@ -8,7 +8,7 @@ import {
   synthConfig,
   synthTensors,
   synthTensorShapes,
-} from "../src/cli/synth.ts";
+} from "../testing.ts";
 import { parseModelConfig } from "../src/models/config.ts";
 import { loadSafetensors } from "../src/checkpoint/safetensors.ts";
 

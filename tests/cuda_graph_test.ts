@@ -12,8 +12,8 @@
  */
 import assert from "node:assert/strict";
 import type { Backend } from "../src/backend/backend.ts";
-import { CudaDevice, openCudaBackend } from "../src/backend/cuda.ts";
-import { bf16Bits, bf16Value, rng } from "../src/cli/synth.ts";
+import { CudaDevice, openCudaBackend } from "../src/backend/cuda/device.ts";
+import { bf16Bits, bf16Value, rng } from "../testing.ts";
 import { loadSafetensors } from "../src/checkpoint/safetensors.ts";
 import type { TensorLike } from "../src/checkpoint/source.ts";
 import { downloadKernelTensors, kernelTensors } from "../src/models/export.ts";

@@ -7,8 +7,8 @@
  */
 import assert from "node:assert/strict";
 import type { Backend, Granularity } from "../src/backend/backend.ts";
-import { CudaDevice, openCudaBackend } from "../src/backend/cuda.ts";
-import { type CudaLibrary, loadCudaLibrary } from "../src/backend/cuda_ffi.ts";
+import { CudaDevice, openCudaBackend } from "../src/backend/cuda/device.ts";
+import { type CudaLibrary, loadCudaLibrary } from "../src/backend/cuda/cuda_ffi.ts";
 import { openWasmBackend } from "../src/backend/wasm.ts";
 import { BackendError } from "../src/errors.ts";
 import { type DType, DTYPES } from "../src/tensor/dtype.ts";

@@ -8,7 +8,7 @@ import {
   type HostTensor,
   loadSafetensors,
 } from "../src/checkpoint/safetensors.ts";
-import { equalBytes } from "./nn_testmodel.ts";
+import { equalBytes } from "../testing.ts";
 
 const FIXTURES = new URL("../../shared/fixtures/", import.meta.url);
 const CKPT = new URL("ckpt/", FIXTURES).pathname;

@@ -13,16 +13,16 @@ import { writeSafetensors } from "../src/checkpoint/safetensors.ts";
 import { fileSource, type WeightSource } from "../src/checkpoint/source.ts";
 import { BackendError, CheckpointError, LayerwiseError, ReloadError } from "../src/errors.ts";
 import type { Module } from "../src/nn/module.ts";
-import type { QuantScheme } from "../src/quant/method.ts";
+import type { QuantScheme } from "../src/nn/quant_method.ts";
 import { inconsistentLayers, isInconsistent, isReloading } from "../src/reload/layerwise.ts";
-import { reloadWeights } from "../src/reload/load.ts";
-import { validateWeights } from "../src/reload/validate.ts";
+import { reloadLayerwise } from "../src/reload/load.ts";
+import { validateTensors } from "../src/reload/validate.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
 import { differing, failingSource, faultyBackend, layerOf } from "./_faulty_backend.ts";
 import {
   checkpointFor,
   equalBytes,
-  freeModel,
+  freeModule,
   freeWeights,
   freshModel,
   type HostWeight,
@@ -32,7 +32,7 @@ import {
   testBackends,
   TINY,
   uploadWeights,
-} from "./nn_testmodel.ts";
+} from "../testing.ts";
 
 const BACKENDS = await testBackends();
 
@@ -56,7 +56,7 @@ class Harness {
   async setUp(): Promise<this> {
     const fresh = await freshModel(this.b, TINY, this.quant, this.B);
     this.bytesB = kernelBytes(this.b, fresh);
-    freeModel(this.b, fresh);
+    freeModule(this.b, fresh);
     this.model = await freshModel(this.run, TINY, this.quant, this.A);
     this.bytesA = kernelBytes(this.b, this.model);
     this.layout = kernelLayout(this.model);
@@ -65,7 +65,7 @@ class Harness {
   }
 
   tearDown(): void {
-    freeModel(this.b, this.model);
+    freeModule(this.b, this.model);
   }
 
   /** Checks the model after a failed reload from A towards B; returns the written layers. */
@@ -141,7 +141,7 @@ for (const [bn, b] of BACKENDS) {
             for (let k = 0; k < ws.length; k++) {
               const what = `atomic=${atomic} k=${k}`;
               await assert.rejects(
-                reloadWeights(h.model, failingSource(ws, k), { atomic }),
+                reloadLayerwise(h.model, failingSource(ws, k), { atomic }),
                 (e) => {
                   assert.ok(
                     e instanceof ReloadError && e.code === "RELOAD_FAILED",
@@ -192,7 +192,7 @@ for (const [bn, b] of BACKENDS) {
           for (const atomic of [true, false]) {
             // How many calls a good reload makes.
             fb.resetCounts();
-            await reloadWeights(h.model, ws, { atomic });
+            await reloadLayerwise(h.model, ws, { atomic });
             const calls = fb.calls.get(method) ?? 0;
             if (method !== "download" || atomic) {
               assert.ok(calls > 3, `${method} is called (${calls})`);
@@ -208,7 +208,7 @@ for (const [bn, b] of BACKENDS) {
                   : undefined,
               );
               try {
-                await assert.rejects(reloadWeights(h.model, ws, { atomic }), (e) => {
+                await assert.rejects(reloadLayerwise(h.model, ws, { atomic }), (e) => {
                   assert.ok(e instanceof BackendError, `${what}: ${e}`);
                   assert.equal(e.code, method === "empty" ? "OUT_OF_MEMORY" : "INJECTED");
                   h.afterFailure(e, atomic, what);
@@ -291,7 +291,7 @@ for (const [bn, b] of BACKENDS) {
       // go last written first: the last layer's scale, then its weight) fails.
       fb.arm("upload", 2);
       await assert.rejects(
-        reloadWeights(h.model, failingSource(ws, ws.length - 3), { atomic: true }),
+        reloadLayerwise(h.model, failingSource(ws, ws.length - 3), { atomic: true }),
         (e) => {
           assert.ok(fb.fired, "a restore was attempted and failed");
           assert.ok(e instanceof ReloadError && e.code === "RELOAD_FAILED", String(e));
@@ -330,12 +330,12 @@ for (const [bn, b] of BACKENDS) {
         const size = (await Deno.stat(file)).size;
         const source = await fileSource(file);
         try {
-          const report = validateWeights(h.model, source.tensors.values());
+          const report = validateTensors(h.model, source.tensors.values());
           assert.equal(report.complete, true);
           // Past the middle: some layers are read (and written) before the end is missing.
           await Deno.truncate(file, Math.floor(size * 0.6));
           await assert.rejects(
-            reloadWeights(h.model, fromSource(b, source), {
+            reloadLayerwise(h.model, fromSource(b, source), {
               atomic,
               expected: source.tensors.values(),
             }),
@@ -356,7 +356,9 @@ for (const [bn, b] of BACKENDS) {
       await write();
       const source = await fileSource(file);
       try {
-        await reloadWeights(h.model, fromSource(b, source), { expected: source.tensors.values() });
+        await reloadLayerwise(h.model, fromSource(b, source), {
+          expected: source.tensors.values(),
+        });
         assert.deepEqual(differing(kernelBytes(b, h.model), h.bytesB), []);
       } finally {
         source.close();

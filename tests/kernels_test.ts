@@ -6,7 +6,7 @@
  */
 import assert from "node:assert/strict";
 import type { Backend, Granularity } from "../src/backend/backend.ts";
-import { openCudaBackend } from "../src/backend/cuda.ts";
+import { openCudaBackend } from "../src/backend/cuda/device.ts";
 import { openWasmBackend } from "../src/backend/wasm.ts";
 import { type HostTensor, loadSafetensors } from "../src/checkpoint/safetensors.ts";
 import { type DType, DTYPES } from "../src/tensor/dtype.ts";

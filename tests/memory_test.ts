@@ -12,16 +12,16 @@
 import assert from "node:assert/strict";
 import { ReloadError } from "../src/errors.ts";
 import type { Module } from "../src/nn/module.ts";
-import { QUANT_SCHEMES, type QuantScheme } from "../src/quant/method.ts";
+import { QUANT_SCHEMES, type QuantScheme } from "../src/nn/quant_method.ts";
 import { getLayerwiseInfo, inconsistentLayers } from "../src/reload/layerwise.ts";
-import { reloadWeights } from "../src/reload/load.ts";
+import { reloadLayerwise } from "../src/reload/load.ts";
 import type { Backend } from "../src/backend/backend.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
 import { boundedChunks, chunkBytes, type HostChunk, streamChunks } from "./_chunks.ts";
 import { differing, failingSource, faultyBackend, layerOf } from "./_faulty_backend.ts";
 import {
   checkpointFor,
-  freeModel,
+  freeModule,
   freeWeights,
   freshModel,
   type HostWeight,
@@ -31,7 +31,7 @@ import {
   TINY,
   type TinyConfig,
   uploadWeights,
-} from "./nn_testmodel.ts";
+} from "../testing.ts";
 
 const BACKENDS = await testBackends();
 
@@ -108,7 +108,7 @@ for (const [bn, b] of BACKENDS) {
             try {
               const base = b.allocatedBytes();
               fb.resetPeak();
-              const r = await reloadWeights(model, ws);
+              const r = await reloadLayerwise(model, ws);
               const peak = fb.peakAllocated - base;
               assert.equal(b.allocatedBytes(), base, `${order}: everything freed`);
               assert.equal(r.storageKept, true);
@@ -132,10 +132,10 @@ for (const [bn, b] of BACKENDS) {
           // In layer order the largest layer's scratch is enough of a budget.
           const ws = uploadWeights(b, B);
           try {
-            await reloadWeights(model, ws, { maxBufferedBytes: largest + held });
+            await reloadLayerwise(model, ws, { maxBufferedBytes: largest + held });
             if (largest > 0) {
               await assert.rejects(
-                reloadWeights(model, ws, { maxBufferedBytes: largest - 1, atomic: true }),
+                reloadLayerwise(model, ws, { maxBufferedBytes: largest - 1, atomic: true }),
                 (e) => e instanceof ReloadError && e.code === "BUFFER_LIMIT",
               );
             }
@@ -143,7 +143,7 @@ for (const [bn, b] of BACKENDS) {
             freeWeights(b, ws);
           }
         } finally {
-          freeModel(b, model);
+          freeModule(b, model);
         }
       });
     }
@@ -176,7 +176,7 @@ for (const [bn, b] of BACKENDS) {
         const peakOf = async (list: HostChunk[]) => {
           const base = b.allocatedBytes();
           fb.resetPeak();
-          const r = await reloadWeights(model, streamChunks(fb, list));
+          const r = await reloadLayerwise(model, streamChunks(fb, list));
           assert.equal(b.allocatedBytes(), base, "everything freed");
           assert.equal(r.storageKept, true);
           return fb.peakAllocated - base;
@@ -185,7 +185,7 @@ for (const [bn, b] of BACKENDS) {
         const tensor = B.find((h) => h.name === "model.embed_tokens.weight")!.bytes.length;
         assert.ok((await peakOf(whole)) >= tensor);
         const want = kernelBytes(b, model);
-        await reloadWeights(model, uploadedOnce(b, A));
+        await reloadLayerwise(model, uploadedOnce(b, A));
         const peak = await peakOf(chunks);
         assert.ok(
           peak <= bound,
@@ -193,7 +193,7 @@ for (const [bn, b] of BACKENDS) {
         );
         assert.deepEqual(differing(kernelBytes(b, model), want), [], "same bytes as whole tensors");
       } finally {
-        freeModel(b, model);
+        freeModule(b, model);
       }
     });
   }
@@ -209,7 +209,7 @@ for (const [bn, b] of BACKENDS) {
       const ws = uploadWeights(b, B);
       try {
         for (const atomic of [false, true]) {
-          await assert.rejects(reloadWeights(model, failingSource(ws, k), { atomic }), (e) => {
+          await assert.rejects(reloadLayerwise(model, failingSource(ws, k), { atomic }), (e) => {
             assert.ok(e instanceof ReloadError && e.code === "RELOAD_FAILED", String(e));
             const changed = [...new Set(differing(kernelBytes(b, model), before).map(layerOf))];
             if (atomic) {
@@ -230,7 +230,7 @@ for (const [bn, b] of BACKENDS) {
           // A complete reload of A puts everything back and clears the mark.
           const wa = uploadWeights(b, A);
           try {
-            await reloadWeights(model, wa);
+            await reloadLayerwise(model, wa);
           } finally {
             freeWeights(b, wa);
           }
@@ -241,7 +241,7 @@ for (const [bn, b] of BACKENDS) {
         freeWeights(b, ws);
       }
     } finally {
-      freeModel(b, model);
+      freeModule(b, model);
     }
   });
 }

@@ -6,7 +6,7 @@ import {
   expectedCheckpointNames,
   layerOrderKey,
   mixtralNameMapper,
-  type WeightTarget,
+  type ParamTarget,
 } from "../src/models/names.ts";
 import {
   type HostTensor,
@@ -18,7 +18,7 @@ import { memorySource } from "../src/checkpoint/source.ts";
 import { downloadKernelTensors, kernelTensors } from "../src/models/export.ts";
 import { loadModel, reloadWeights } from "../src/models/load.ts";
 import { openCheckpoint } from "../src/checkpoint/sharded.ts";
-import { equalBytes } from "./nn_testmodel.ts";
+import { equalBytes } from "../testing.ts";
 
 const FIXTURES = new URL("../../shared/fixtures/", import.meta.url);
 const CKPT = new URL("ckpt/", FIXTURES).pathname;
@@ -133,7 +133,7 @@ Deno.test("names: mapped dense checkpoint names are exactly the expected kernel 
 
 Deno.test("names: shards, experts, ties and ignored tensors", () => {
   const m = denseNameMapper({ tieWordEmbeddings: false });
-  const t = (n: string): WeightTarget | null => m(n);
+  const t = (n: string): ParamTarget | null => m(n);
   assert.deepEqual(t("model.layers.3.self_attn.k_proj.bias"), {
     param: "model.layers.3.self_attn.qkv_proj.bias",
     shardId: "k",

@@ -9,15 +9,16 @@
  */
 import assert from "node:assert/strict";
 import type { Backend } from "../src/backend/backend.ts";
-import { openCudaBackend } from "../src/backend/cuda.ts";
-import { NcclComms } from "../src/backend/nccl.ts";
-import { loadNcclLibrary, ncclVersionString } from "../src/backend/nccl_ffi.ts";
+import { openCudaBackend } from "../src/backend/cuda/device.ts";
+import { NcclComms } from "../src/backend/cuda/nccl.ts";
+import { loadNcclLibrary, ncclVersionString } from "../src/backend/cuda/nccl_ffi.ts";
 import { openWeightSource } from "../src/checkpoint/source.ts";
-import { synthTensors, writeSynthCheckpoint } from "../src/cli/synth.ts";
+import { synthTensors, writeSynthCheckpoint } from "../testing.ts";
 import { BackendError } from "../src/errors.ts";
 import type { CausalLM } from "../src/models/causal_lm.ts";
 import { downloadKernelTensors, kernelTensors } from "../src/models/export.ts";
-import { loadModel, type QuantName, reloadWeights } from "../src/models/load.ts";
+import { loadModel, reloadWeights } from "../src/models/load.ts";
+import type { QuantName } from "../src/models/quant_names.ts";
 import {
   broadcastReload,
   checkpointBroadcastSource,

@@ -7,7 +7,7 @@
 import { openWasmBackend } from "../src/backend/wasm.ts";
 import { getLayerwiseInfo, initializeLayerwiseReload } from "../src/reload/layerwise.ts";
 import { loadWeights } from "../src/reload/load.ts";
-import { makeCheckpoint, shuffle, TINY, TinyModel, uploadWeights } from "./nn_testmodel.ts";
+import { makeCheckpoint, shuffle, TINY, TinyModel, uploadWeights } from "../testing.ts";
 
 const gc = (globalThis as unknown as { gc?: () => void }).gc;
 if (!gc) throw new Error("run with --v8-flags=--expose-gc");

@@ -15,14 +15,15 @@ import {
   RowParallelLinear,
   VocabParallelEmbedding,
 } from "../src/nn/layers.ts";
+import type { Module } from "../src/nn/module.ts";
+import { createQuantMethod } from "../src/quant/create.ts";
 import {
   copyInto,
   countWrites,
-  type Module,
   type ShardId,
   TensorSlot,
   type WeightLoader,
-} from "../src/nn/module.ts";
+} from "../src/nn/slots.ts";
 import {
   captureLayerToMeta,
   getOriginalLoader,
@@ -32,7 +33,7 @@ import {
 } from "../src/reload/meta.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
 import { Tensor } from "../src/tensor/tensor.ts";
-import { prng, randomBf16, testBackends } from "./nn_testmodel.ts";
+import { randomBf16, rng, testBackends } from "../testing.ts";
 
 const BACKENDS = await testBackends();
 
@@ -73,12 +74,13 @@ function freeLayer(b: Backend, layer: Module) {
 }
 
 for (const [bn, b] of BACKENDS) {
-  const r = prng(42);
+  const r = rng(42);
   const ctx = (tpRank: number, tpSize: number) => ({
     backend: b,
     dtype: DTYPES.bf16,
     tpRank,
     tpSize,
+    createQuantMethod,
   });
 
   Deno.test(`${bn}: column- and row-parallel linears narrow to their rank`, () => {
@@ -227,7 +229,7 @@ Deno.test("counting a loader that writes two disjoint slices gives their sum", (
 
 Deno.test("capture, restore and materialize keep shape, dtype and loader", async () => {
   const [[, b]] = BACKENDS;
-  const layer = new QKVParallelLinear({ backend: b, dtype: DTYPES.bf16 }, {
+  const layer = new QKVParallelLinear({ backend: b, dtype: DTYPES.bf16, createQuantMethod }, {
     hiddenSize: 32,
     headDim: 16,
     numHeads: 2,

@@ -9,23 +9,22 @@
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import type { Backend } from "../src/backend/backend.ts";
-import { cudaHandle, openCudaBackend } from "../src/backend/cuda.ts";
+import { cudaHandle, openCudaBackend } from "../src/backend/cuda/device.ts";
 import { openWasmBackend } from "../src/backend/wasm.ts";
 import type { HostTensor } from "../src/checkpoint/safetensors.ts";
 import { fileSource } from "../src/checkpoint/source.ts";
+import { releaseStaging } from "../src/backend/cuda/staging.ts";
 import {
-  canStage,
   DeviceRing,
   emptyStagingStats,
   planBlocks,
-  releaseStaging,
   splitRows,
   type StagedTensor,
-  stageTensors,
   type StagingOptions,
   type StagingStats,
-} from "../src/checkpoint/staging.ts";
-import { rng, type SynthShape, synthTensors, writeSynthCheckpoint } from "../src/cli/synth.ts";
+} from "../src/backend/cuda/staging_plan.ts";
+import { canStage, stageTensors } from "../src/checkpoint/staging.ts";
+import { rng, type SynthShape, synthTensors, writeSynthCheckpoint } from "../testing.ts";
 import { downloadKernelTensors } from "../src/models/export.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
 import { loadModel, reloadWeights } from "../src/models/load.ts";

@@ -8,11 +8,12 @@ import assert from "node:assert/strict";
 import type { Backend, Granularity } from "../src/backend/backend.ts";
 import { FusedMoE, MergedColumnParallelLinear, RowParallelLinear } from "../src/nn/layers.ts";
 import type { Module } from "../src/nn/module.ts";
-import type { QuantScheme } from "../src/quant/method.ts";
+import type { QuantScheme } from "../src/nn/quant_method.ts";
+import { createQuantMethod } from "../src/quant/create.ts";
 import { materializeLayer } from "../src/reload/meta.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
-import { prng, randomBf16, testBackends } from "./nn_testmodel.ts";
+import { randomBf16, rng, testBackends } from "../testing.ts";
 
 const BACKENDS = await testBackends();
 
@@ -41,14 +42,19 @@ const ONLINE: [QuantScheme, Granularity | "int8", number[]][] = [
 for (const [bn, b] of BACKENDS) {
   for (const [scheme, g, scaleShape] of ONLINE) {
     Deno.test(`${bn}: ${scheme}: processing = the kernel on the fused weight, scale ${scaleShape}`, () => {
-      const r = prng(9);
+      const r = rng(9);
       const H = 200;
-      const layer = new MergedColumnParallelLinear({ backend: b, dtype: DTYPES.bf16 }, H, [
-        140,
-        160,
-      ], {
-        quant: scheme,
-      });
+      const layer = new MergedColumnParallelLinear(
+        { backend: b, dtype: DTYPES.bf16, createQuantMethod },
+        H,
+        [
+          140,
+          160,
+        ],
+        {
+          quant: scheme,
+        },
+      );
       materializeLayer(layer);
       const gate = randomBf16(r, 140 * H, 0.1), up = randomBf16(r, 160 * H, 3);
       const tg = upload(b, [140, H], DTYPES.bf16, gate), tu = upload(b, [160, H], DTYPES.bf16, up);
@@ -78,7 +84,7 @@ for (const [bn, b] of BACKENDS) {
       "int8-channel": [[3, 64], [3, 16]],
     };
     for (const [scheme, [w13, w2]] of Object.entries(want)) {
-      const moe = new FusedMoE({ backend: b, dtype: DTYPES.bf16 }, {
+      const moe = new FusedMoE({ backend: b, dtype: DTYPES.bf16, createQuantMethod }, {
         numExperts: 3,
         hiddenSize: 16,
         intermediateSize: 32,
@@ -94,11 +100,16 @@ for (const [bn, b] of BACKENDS) {
   });
 
   Deno.test(`${bn}: fp8-serialized: fused shards requantized to the largest scale`, () => {
-    const r = prng(5);
+    const r = rng(5);
     const H = 64;
-    const layer = new MergedColumnParallelLinear({ backend: b, dtype: DTYPES.bf16 }, H, [32, 48], {
-      quant: "fp8-serialized",
-    });
+    const layer = new MergedColumnParallelLinear(
+      { backend: b, dtype: DTYPES.bf16, createQuantMethod },
+      H,
+      [32, 48],
+      {
+        quant: "fp8-serialized",
+      },
+    );
     assert.deepEqual(layer.slot("weight_scale").tensor.shape, [2]);
     materializeLayer(layer);
     // Each shard as an fp8 checkpoint holds it: quantized with its own dynamic scale.
@@ -143,11 +154,16 @@ for (const [bn, b] of BACKENDS) {
   });
 
   Deno.test(`${bn}: fp8-serialized: an unfused layer keeps checkpoint bytes and scale`, () => {
-    const layer = new RowParallelLinear({ backend: b, dtype: DTYPES.bf16 }, 64, 32, {
-      quant: "fp8-serialized",
-    });
+    const layer = new RowParallelLinear(
+      { backend: b, dtype: DTYPES.bf16, createQuantMethod },
+      64,
+      32,
+      {
+        quant: "fp8-serialized",
+      },
+    );
     materializeLayer(layer);
-    const x = upload(b, [32, 64], DTYPES.bf16, randomBf16(prng(1), 32 * 64, 0.3));
+    const x = upload(b, [32, 64], DTYPES.bf16, randomBf16(rng(1), 32 * 64, 0.3));
     const q = b.empty([32, 64], DTYPES.f8_e4m3fn), s = b.empty([], DTYPES.f32);
     b.quantizeFp8(q, s, x, "tensor", true);
     feed(layer, "weight", q);

@@ -19,19 +19,13 @@ import {
 import { CheckpointError } from "../src/errors.ts";
 import { parseModelConfig, readModelConfig } from "../src/models/config.ts";
 import { downloadKernelTensors, kernelTensors } from "../src/models/export.ts";
-import {
-  type CausalLM,
-  loadModel,
-  type QuantName,
-  quantScheme,
-  reloadWeights,
-  type WeightsInput,
-} from "../src/models/load.ts";
+import { type CausalLM, loadModel, reloadWeights, type WeightsInput } from "../src/models/load.ts";
 import { expectedCheckpointNames } from "../src/models/names.ts";
+import { type QuantName, quantScheme } from "../src/models/quant_names.ts";
 import { freeModel, loadTensorParallel, openRankBackends } from "../src/parallel/tp.ts";
 import { catHost, expectedShard, narrowHost, shardRule } from "../src/parallel/shards.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
-import { equalBytes } from "./nn_testmodel.ts";
+import { equalBytes } from "../testing.ts";
 
 const FIXTURES = new URL("../../shared/fixtures/", import.meta.url);
 const CKPT = new URL("ckpt/", FIXTURES).pathname;

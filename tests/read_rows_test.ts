@@ -7,15 +7,15 @@
  * staging off).
  */
 import assert from "node:assert/strict";
-import { openCudaBackend } from "../src/backend/cuda.ts";
+import { openCudaBackend } from "../src/backend/cuda/device.ts";
 import { openWasmBackend } from "../src/backend/wasm.ts";
 import type { Backend } from "../src/backend/backend.ts";
 import { openCheckpoint } from "../src/checkpoint/sharded.ts";
 import { fileSource, memorySource, type WeightSource } from "../src/checkpoint/source.ts";
-import { type SynthShape, synthTensors, writeSynthCheckpoint } from "../src/cli/synth.ts";
+import { type SynthShape, synthTensors, writeSynthCheckpoint } from "../testing.ts";
 import { downloadKernelTensors } from "../src/models/export.ts";
 import { loadModel, reloadWeights } from "../src/models/load.ts";
-import { modelFormatBytes, trackPeak } from "../scripts/reload_memory.ts";
+import { modelFormatBytes, trackPeak } from "../testing.ts";
 
 /** An embedding (and LM head) of 1.5 MB, five times a decoder layer in model format. */
 const SHAPE: SynthShape = {

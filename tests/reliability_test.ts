@@ -13,14 +13,14 @@ import {
   isInconsistent,
   isReloading,
 } from "../src/reload/layerwise.ts";
-import { loadWeights, reloadWeights } from "../src/reload/load.ts";
-import { validateWeights } from "../src/reload/validate.ts";
+import { loadWeights, reloadLayerwise } from "../src/reload/load.ts";
+import { validateTensors } from "../src/reload/validate.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
 import { describe, differing, faultyBackend, layerOf } from "./_faulty_backend.ts";
 import {
   checkpointFor,
-  freeModel,
+  freeModule,
   freeWeights,
   freshModel,
   type HostWeight,
@@ -32,7 +32,7 @@ import {
   type TinyConfig,
   TinyModel,
   uploadWeights,
-} from "./nn_testmodel.ts";
+} from "../testing.ts";
 
 const BACKENDS = await testBackends();
 const Q = "fp8-tensor";
@@ -85,11 +85,11 @@ function gated(ws: readonly [string, Tensor][], at: number) {
 }
 
 for (const [bn, b] of BACKENDS) {
-  Deno.test(`${bn}: validateWeights: an exact checkpoint is complete; the model is untouched`, async () => {
+  Deno.test(`${bn}: validateTensors: an exact checkpoint is complete; the model is untouched`, async () => {
     const A = checkpointFor(b, TINY, 1, Q), B = checkpointFor(b, TINY, 2, Q);
     // Before loading (the model's meta slots) and after (its recorded model format).
     const unloaded = new TinyModel(b, TINY, Q);
-    const r0 = validateWeights(unloaded, describe(B));
+    const r0 = validateTensors(unloaded, describe(B));
     assert.equal(r0.complete, true);
     const model = await freshModel(b, TINY, Q, A);
     try {
@@ -100,7 +100,7 @@ for (const [bn, b] of BACKENDS) {
         dtype: DTYPES.f32,
         shape: [16],
       }];
-      const r = validateWeights(model, withRotary);
+      const r = validateTensors(model, withRotary);
       assert.deepEqual(r, { ...r0, skipped: ["model.layers.0.self_attn.rotary_emb.inv_freq"] });
       assert.equal(r.tensors, B.length);
       // TINY has no attention scales: every layer (embed, norm, lm_head, 6 per decoder layer) is covered.
@@ -110,11 +110,11 @@ for (const [bn, b] of BACKENDS) {
       assert.deepEqual(differing(kernelBytes(b, model), before), []);
       assert.equal(b.allocatedBytes(), allocated, "validation allocates nothing");
     } finally {
-      freeModel(b, model);
+      freeModule(b, model);
     }
   });
 
-  Deno.test(`${bn}: validateWeights: unknown, missing, partial, wrong shape and dtype`, async () => {
+  Deno.test(`${bn}: validateTensors: unknown, missing, partial, wrong shape and dtype`, async () => {
     const A = checkpointFor(b, TINY, 1, Q), B = checkpointFor(b, TINY, 2, Q);
     const model = await freshModel(b, TINY, Q, A);
     try {
@@ -124,28 +124,28 @@ for (const [bn, b] of BACKENDS) {
         shape: [4, 4],
       }];
       assert.throws(
-        () => validateWeights(model, extra),
+        () => validateTensors(model, extra),
         rejectsWith("UNKNOWN_TENSOR", CheckpointError),
       );
       assert.throws(
-        () => validateWeights(model, extra),
+        () => validateTensors(model, extra),
         /1 unknown tensor: model\.layers\.0\.mlp\.extra_proj\.weight$/,
       );
       // With an origin (a weight source's TensorInfo has one), messages name the file.
       const fromFile = extra.map((d) => ({ ...d, origin: "/ckpt/model-00002.safetensors" }));
       assert.throws(
-        () => validateWeights(model, fromFile),
+        () => validateTensors(model, fromFile),
         /unknown tensor: \/ckpt\/model-00002\.safetensors: model\.layers\.0\.mlp\.extra_proj\.weight$/,
       );
       assert.throws(
         () =>
-          validateWeights(
+          validateTensors(
             model,
             fromFile.map((d) => d.name === "model.norm.weight" ? { ...d, shape: [7] } : d),
           ),
         /checkpoint does not fit the model: 1 tensor does not fit: \/ckpt\/model-00002\.safetensors: model\.norm\.weight: /,
       );
-      const lenient = validateWeights(model, extra, { strict: false });
+      const lenient = validateTensors(model, extra, { strict: false });
       assert.deepEqual(lenient.unknown, ["model.layers.0.mlp.extra_proj.weight"]);
       assert.equal(lenient.complete, false);
 
@@ -159,24 +159,24 @@ for (const [bn, b] of BACKENDS) {
         })),
       ];
       assert.throws(
-        () => validateWeights(model, many),
+        () => validateTensors(model, many),
         /12 unknown tensors: junk\.0, junk\.1, junk\.2, \.\.\.$/,
       );
 
       // A whole tensor missing: an error when strict, reported when lenient.
       const noDown = describe(withoutName(B, "model.layers.1.mlp.down_proj.weight"));
       assert.throws(
-        () => validateWeights(model, noDown),
+        () => validateTensors(model, noDown),
         /1 model tensor not in the checkpoint: model\.layers\.1\.mlp\.down_proj\.weight/,
       );
-      const partial = validateWeights(model, noDown, { strict: false });
+      const partial = validateTensors(model, noDown, { strict: false });
       assert.deepEqual(partial.missing, ["model.layers.1.mlp.down_proj.weight"]);
       assert.ok(partial.layersUntouched.includes("model.layers.1.mlp.down_proj"));
 
       // A shard missing leaves a layer covered in part: an error either way.
       const noUp = describe(withoutName(B, "model.layers.1.mlp.up_proj.weight"));
       for (const strict of [true, false]) {
-        assert.throws(() => validateWeights(model, noUp, { strict }), (e: unknown) => {
+        assert.throws(() => validateTensors(model, noUp, { strict }), (e: unknown) => {
           assert.ok(e instanceof CheckpointError && e.code === "MISSING_WEIGHTS", String(e));
           assert.match(
             e.message,
@@ -190,7 +190,7 @@ for (const [bn, b] of BACKENDS) {
       const badShape = describe(
         replaced(B, "model.layers.1.self_attn.k_proj.weight", (h) => ({ ...h, shape: [64, 191] })),
       );
-      assert.throws(() => validateWeights(model, badShape, { strict: false }), (e: unknown) => {
+      assert.throws(() => validateTensors(model, badShape, { strict: false }), (e: unknown) => {
         assert.ok(e instanceof CheckpointError && e.code === "SHAPE_MISMATCH", String(e));
         assert.match(
           e.message,
@@ -202,12 +202,12 @@ for (const [bn, b] of BACKENDS) {
         replaced(B, "model.norm.weight", (h) => ({ ...h, dtype: DTYPES.i8 })),
       );
       assert.throws(
-        () => validateWeights(model, badDtype),
+        () => validateTensors(model, badDtype),
         /model\.norm\.weight: expected bf16, got i8/,
       );
       // The most severe kind gives the code; every kind is in the one line.
       assert.throws(
-        () => validateWeights(model, [...badShape, ...extra.slice(-1)]),
+        () => validateTensors(model, [...badShape, ...extra.slice(-1)]),
         (e: unknown) => {
           assert.ok(e instanceof CheckpointError && e.code === "SHAPE_MISMATCH");
           assert.match(e.message, /1 tensor does not fit: .*; 1 unknown tensor: /);
@@ -216,10 +216,10 @@ for (const [bn, b] of BACKENDS) {
       );
 
       // The same tensor twice (or a tied name twice) is a duplicate, as a load ignores it.
-      const dup = validateWeights(model, [...describe(B), describe(B)[3]]);
+      const dup = validateTensors(model, [...describe(B), describe(B)[3]]);
       assert.deepEqual(dup.duplicates, [B[3].name]);
     } finally {
-      freeModel(b, model);
+      freeModule(b, model);
     }
   });
 
@@ -237,17 +237,17 @@ for (const [bn, b] of BACKENDS) {
         fromLoad = (e as Error).message;
         return e instanceof CheckpointError && e.code === "SHAPE_MISMATCH";
       });
-      assert.throws(() => validateWeights(model, describe(bad)), (e: unknown) => {
+      assert.throws(() => validateTensors(model, describe(bad)), (e: unknown) => {
         assert.ok(e instanceof CheckpointError);
         assert.ok(e.message.includes(fromLoad), `${e.message} contains ${fromLoad}`);
         return true;
       });
     } finally {
-      freeModel(b, model);
+      freeModule(b, model);
     }
   });
 
-  Deno.test(`${bn}: reloadWeights with expected refuses before writing anything (no atomic needed)`, async () => {
+  Deno.test(`${bn}: reloadLayerwise with expected refuses before writing anything (no atomic needed)`, async () => {
     const A = checkpointFor(b, TINY, 1, Q), B = checkpointFor(b, TINY, 2, Q);
     const model = await freshModel(b, TINY, Q, A);
     const fb = faultyBackend(b);
@@ -277,7 +277,7 @@ for (const [bn, b] of BACKENDS) {
       try {
         assert.deepEqual(differing(kernelBytes(b, model), kernelBytes(b, fresh)), []);
       } finally {
-        freeModel(b, fresh);
+        freeModule(b, fresh);
       }
       // Lenient partial reload: the layer the checkpoint lacks keeps its weights.
       const noDown = withoutName(A, "model.layers.1.mlp.down_proj.weight");
@@ -299,17 +299,17 @@ for (const [bn, b] of BACKENDS) {
         freeWeights(b, ws);
       }
     } finally {
-      freeModel(b, model);
+      freeModule(b, model);
     }
   });
 
-  Deno.test(`${bn}: validateWeights covers tied weights, experts of other ranks and tensor parallel`, () => {
+  Deno.test(`${bn}: validateTensors covers tied weights, experts of other ranks and tensor parallel`, () => {
     const tied: TinyConfig = { ...TINY, tie: true };
     const m1 = new TinyModel(b, tied, Q);
     const ckpt = describe(checkpointFor(b, tied, 1, Q));
-    assert.equal(validateWeights(m1, ckpt).complete, true);
+    assert.equal(validateTensors(m1, ckpt).complete, true);
     // The tied name resolves to the embedding: as a second name of it, a duplicate.
-    const r = validateWeights(m1, [...ckpt, { ...ckpt[0], name: "lm_head.weight" }]);
+    const r = validateTensors(m1, [...ckpt, { ...ckpt[0], name: "lm_head.weight" }]);
     assert.deepEqual(r.duplicates, ["lm_head.weight"]);
     const moe: TinyConfig = {
       ...TINY,
@@ -317,11 +317,11 @@ for (const [bn, b] of BACKENDS) {
     };
     for (const quant of [Q, "fp8-serialized"] as const) {
       const m2 = new TinyModel(b, moe, quant);
-      const r2 = validateWeights(m2, describe(checkpointFor(b, moe, 1, quant)));
+      const r2 = validateTensors(m2, describe(checkpointFor(b, moe, 1, quant)));
       assert.equal(r2.complete, true, quant);
       assert.throws(
         () =>
-          validateWeights(
+          validateTensors(
             m2,
             describe(withoutName(
               checkpointFor(b, moe, 1, quant),
@@ -333,7 +333,7 @@ for (const [bn, b] of BACKENDS) {
     }
     const tp: TinyConfig = { ...TINY, tpRank: 1, tpSize: 2 };
     assert.equal(
-      validateWeights(new TinyModel(b, tp, Q), describe(checkpointFor(b, tp, 1, Q))).complete,
+      validateTensors(new TinyModel(b, tp, Q), describe(checkpointFor(b, tp, 1, Q))).complete,
       true,
     );
   });
@@ -390,10 +390,10 @@ for (const [bn, b] of BACKENDS) {
       try {
         assert.deepEqual(differing(kernelBytes(b, model), kernelBytes(b, fresh)), []);
       } finally {
-        freeModel(b, fresh);
+        freeModule(b, fresh);
       }
     } finally {
-      freeModel(b, model);
+      freeModule(b, model);
     }
   });
 
@@ -418,14 +418,14 @@ for (const [bn, b] of BACKENDS) {
     const ws = uploadWeights(b, A.filter((w) => w.name !== name));
     try {
       const before = kernelBytes(b, model);
-      const r = await reloadWeights(model, [...ws, [name, left] as [string, Tensor]], {
+      const r = await reloadLayerwise(model, [...ws, [name, left] as [string, Tensor]], {
         rejectNonFinite: true,
       });
       assert.equal(r.storageKept, true);
       assert.deepEqual(differing(kernelBytes(b, model), before), [], "same weights as A");
       const allocated = b.allocatedBytes();
       await assert.rejects(
-        reloadWeights(model, [...ws, [name, right] as [string, Tensor]], {
+        reloadLayerwise(model, [...ws, [name, right] as [string, Tensor]], {
           rejectNonFinite: true,
           atomic: true,
         }),
@@ -436,7 +436,7 @@ for (const [bn, b] of BACKENDS) {
     } finally {
       freeWeights(b, ws);
       b.free(wide.storage!);
-      freeModel(b, model);
+      freeModule(b, model);
     }
   });
 
@@ -452,7 +452,7 @@ for (const [bn, b] of BACKENDS) {
         try {
           fb.resetPeak();
           fb.resetCounts();
-          await reloadWeights(model, ws, { atomic });
+          await reloadLayerwise(model, ws, { atomic });
           peaks.push(fb.peakAllocated);
           downloads.push(fb.calls.get("download") ?? 0);
         } finally {
@@ -466,7 +466,7 @@ for (const [bn, b] of BACKENDS) {
         `atomic downloads every kernel tensor (${downloads[1]} vs ${downloads[0]})`,
       );
     } finally {
-      freeModel(b, model);
+      freeModule(b, model);
     }
   });
 
@@ -514,10 +514,10 @@ for (const [bn, b] of BACKENDS) {
       try {
         assert.deepEqual(differing(kernelBytes(b, model), kernelBytes(b, fresh)), []);
       } finally {
-        freeModel(b, fresh);
+        freeModule(b, fresh);
       }
     } finally {
-      freeModel(b, model);
+      freeModule(b, model);
     }
   });
 
@@ -527,16 +527,16 @@ for (const [bn, b] of BACKENDS) {
     const ws = uploadWeights(b, B), wa = uploadWeights(b, A);
     try {
       const g = gated(ws, 7);
-      const first = reloadWeights(model, g.source, { atomic: true });
+      const first = reloadLayerwise(model, g.source, { atomic: true });
       await g.reached;
       assert.equal(isReloading(model), true);
-      await assert.rejects(reloadWeights(model, wa), (e: unknown) => {
+      await assert.rejects(reloadLayerwise(model, wa), (e: unknown) => {
         assert.ok(e instanceof ReloadError && e.code === "RELOAD_ACTIVE", String(e));
         assert.match(e.message, /^reloadWeights: a reload of this model is already in progress/);
         return true;
       });
       await assert.rejects(
-        reloadWeights(model, wa, { expected: describe(A) }),
+        reloadLayerwise(model, wa, { expected: describe(A) }),
         rejectsWith("RELOAD_ACTIVE", ReloadError),
       );
       await assert.rejects(loadWeights(model, wa), rejectsWith("RELOAD_ACTIVE", ReloadError));
@@ -556,12 +556,12 @@ for (const [bn, b] of BACKENDS) {
           "the first reload is unharmed",
         );
       } finally {
-        freeModel(b, fresh);
+        freeModule(b, fresh);
       }
     } finally {
       freeWeights(b, ws);
       freeWeights(b, wa);
-      freeModel(b, model);
+      freeModule(b, model);
     }
   });
 
@@ -573,7 +573,7 @@ for (const [bn, b] of BACKENDS) {
       const g = gated(wa, 3);
       const first = loadWeights(model, g.source);
       await g.reached;
-      await assert.rejects(reloadWeights(model, wa), rejectsWith("LOAD_ACTIVE", ReloadError));
+      await assert.rejects(reloadLayerwise(model, wa), rejectsWith("LOAD_ACTIVE", ReloadError));
       await assert.rejects(loadWeights(model, wa), rejectsWith("LOAD_ACTIVE", ReloadError));
       g.release();
       await first;
@@ -581,14 +581,14 @@ for (const [bn, b] of BACKENDS) {
       try {
         assert.deepEqual(differing(kernelBytes(b, model), kernelBytes(b, fresh)), []);
       } finally {
-        freeModel(b, fresh);
+        freeModule(b, fresh);
       }
       // Once settled, a reload goes through.
-      const r = await reloadWeights(model, wa);
+      const r = await reloadLayerwise(model, wa);
       assert.equal(r.storageKept, true);
     } finally {
       freeWeights(b, wa);
-      freeModel(b, model);
+      freeModule(b, model);
     }
   });
 }

@@ -7,14 +7,14 @@
 import assert from "node:assert/strict";
 import type { Backend } from "../src/backend/backend.ts";
 import { ReloadError } from "../src/errors.ts";
-import { QUANT_SCHEMES, type QuantScheme } from "../src/quant/method.ts";
-import { reloadWeights } from "../src/reload/load.ts";
+import { QUANT_SCHEMES, type QuantScheme } from "../src/nn/quant_method.ts";
+import { reloadLayerwise } from "../src/reload/load.ts";
 import { isReloading } from "../src/reload/layerwise.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
 import {
   checkpointFor,
   equalBytes,
-  freeModel,
+  freeModule,
   freeWeights,
   freshModel,
   type HostWeight,
@@ -27,7 +27,7 @@ import {
   type TinyConfig,
   TinyModel,
   uploadWeights,
-} from "./nn_testmodel.ts";
+} from "../testing.ts";
 
 const BACKENDS = await testBackends();
 
@@ -42,7 +42,7 @@ async function reloadMatchesFresh(
   c: TinyConfig,
   quant: QuantScheme,
   order: (ws: HostWeight[]) => HostWeight[] = (ws) => ws,
-  options: Parameters<typeof reloadWeights>[2] = {},
+  options: Parameters<typeof reloadLayerwise>[2] = {},
 ) {
   const A = checkpointFor(b, c, 1, quant), B = checkpointFor(b, c, 2, quant);
   const model = await freshModel(b, c, quant, A);
@@ -67,8 +67,8 @@ async function reloadMatchesFresh(
     }
     return report;
   } finally {
-    freeModel(b, model);
-    freeModel(b, fresh);
+    freeModule(b, model);
+    freeModule(b, fresh);
   }
 }
 
@@ -115,7 +115,7 @@ for (const [bn, b] of BACKENDS) {
       assert.ok(equalBytes(emb.subarray(0, e.length), e), "embedding rows");
       assert.ok(emb.subarray(e.length).every((x) => x === 0), "padding rows are zero");
     } finally {
-      freeModel(b, model);
+      freeModule(b, model);
     }
   });
 
@@ -142,7 +142,7 @@ for (const [bn, b] of BACKENDS) {
       for (let i = 0; i < want.length; i++) errA = Math.max(errA, Math.abs(got[i] - aSrc[i]));
       assert.ok(errA > 16 * scale, "the weights are not A's any more");
     } finally {
-      freeModel(b, model);
+      freeModule(b, model);
     }
   });
 
@@ -174,13 +174,13 @@ for (const [bn, b] of BACKENDS) {
       // The model is still reloadable afterwards.
       const ws = uploadWeights(b, B);
       try {
-        const r = await reloadWeights(model, ws);
+        const r = await reloadLayerwise(model, ws);
         assert.equal(r.storageKept, true);
       } finally {
         freeWeights(b, ws);
       }
     } finally {
-      freeModel(b, model);
+      freeModule(b, model);
     }
   });
 
@@ -215,7 +215,7 @@ for (const [bn, b] of BACKENDS) {
       assert.equal(b.allocatedBytes(), allocated, "buffers freed after the failure");
       assertSameBytes(kernelBytes(b, model), before, "atomic abort");
     } finally {
-      freeModel(b, model);
+      freeModule(b, model);
     }
   });
 
@@ -247,8 +247,8 @@ for (const [bn, b] of BACKENDS) {
       assert.equal(model.getModule("lm_head")!.getSlot("weight"), emb, "still shared");
       assert.ok(r.storageKept);
     } finally {
-      freeModel(b, model);
-      freeModel(b, fresh);
+      freeModule(b, model);
+      freeModule(b, fresh);
     }
   });
 
@@ -268,8 +268,8 @@ for (const [bn, b] of BACKENDS) {
       );
       assertSameBytes(kernelBytes(b, model), kernelBytes(b, fresh), "late A load ignored");
     } finally {
-      freeModel(b, model);
-      freeModel(b, fresh);
+      freeModule(b, model);
+      freeModule(b, fresh);
     }
   });
 
@@ -292,7 +292,7 @@ for (const [bn, b] of BACKENDS) {
       assert.equal(k, want);
       assert.equal(v, 1);
     } finally {
-      freeModel(b, model);
+      freeModule(b, model);
     }
   });
 
@@ -359,7 +359,7 @@ if (BACKENDS.length > 1) {
           await reloadHost(b, model, shuffle(checkpointFor(b, TINY, 2, quant), 13));
           results.push(kernelBytes(b, model));
         } finally {
-          freeModel(b, model);
+          freeModule(b, model);
         }
       }
       for (const r of results.slice(1)) assertSameBytes(r, results[0], `${quant} across backends`);

@@ -6,8 +6,8 @@
  */
 
 import assert from "node:assert/strict";
-import { soak } from "../scripts/soak.ts";
-import { testBackends } from "./nn_testmodel.ts";
+import { soak } from "../testing.ts";
+import { testBackends } from "../testing.ts";
 
 const BACKENDS = await testBackends();
 const COUNT = 1000;

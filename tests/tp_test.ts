@@ -23,7 +23,7 @@ import assert from "node:assert/strict";
 import type { Backend } from "../src/backend/backend.ts";
 import { openWasmBackend } from "../src/backend/wasm.ts";
 import type { HostTensor } from "../src/checkpoint/safetensors.ts";
-import { synthTensors, writeSynthCheckpoint } from "../src/cli/synth.ts";
+import { synthTensors, writeSynthCheckpoint } from "../testing.ts";
 import { readModelConfig } from "../src/models/config.ts";
 import { downloadKernelTensors } from "../src/models/export.ts";
 import { loadModel } from "../src/models/load.ts";

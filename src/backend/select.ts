@@ -6,7 +6,7 @@
 
 import { BackendError } from "../errors.ts";
 import type { Backend } from "./backend.ts";
-import { openCudaBackend } from "./cuda.ts";
+import { openCudaBackend } from "./cuda/device.ts";
 import { openWasmBackend } from "./wasm.ts";
 
 /** What to ask for: a specific backend, or the best available. */

@@ -5,23 +5,7 @@
  */
 
 import { parseArgs } from "node:util";
-
-/** Quantization choices on the command line. */
-export const QUANT_CHOICES: readonly string[] = Object.freeze([
-  "auto",
-  "none",
-  "fp8",
-  "fp8-channel",
-  "fp8-block",
-  "int8",
-]);
-
-/**
- * A quantization choice: the checkpoint's own (`auto`: fp8 per block or per tensor as its
- * config.json says, else fp8 per tensor), none, fp8 per tensor, per channel, per 128x128 block,
- * or int8.
- */
-export type QuantChoice = "auto" | "none" | "fp8" | "fp8-channel" | "fp8-block" | "int8";
+import { QUANT_NAMES, type QuantName } from "../models/quant_names.ts";
 
 /** Backend choices on the command line. */
 export const BACKEND_CHOICES: readonly string[] = Object.freeze(["auto", "cuda", "wasm"]);
@@ -33,7 +17,7 @@ export interface CliOptions {
   /** File or directory of the reload; defaults to `model`. */
   weights?: string;
   /** Quantization of the model (default auto). */
-  quant: QuantChoice;
+  quant: QuantName;
   /** Backend (default auto). */
   backend: "auto" | "cuda" | "wasm";
   /** Where to write the kernel tensors after the reload step. */
@@ -142,7 +126,7 @@ export function parseCliArgs(argv: readonly string[]): CliOptions {
   return {
     model: v.model,
     weights: v.weights,
-    quant: choice<QuantChoice>("quant", v.quant ?? "auto", QUANT_CHOICES),
+    quant: choice<QuantName>("quant", v.quant ?? "auto", QUANT_NAMES),
     backend: choice<CliOptions["backend"]>("backend", v.backend ?? "auto", BACKEND_CHOICES),
     export: v.export,
     json: v.json,

@@ -14,7 +14,7 @@ import { ReloadError } from "../errors.ts";
 import type { CliOptions } from "./args.ts";
 import { describeReload } from "./run.ts";
 import { createProgressBar } from "./progress.ts";
-import { DEMO_SHAPE, synthTensors, writeSynthCheckpoint } from "./synth.ts";
+import { DEMO_SHAPE, synthTensors, writeSynthCheckpoint } from "../testing/synth.ts";
 import { compareKernelTensor, type Comparison, stackRows } from "./verify.ts";
 
 const SEED_A = 0x5eed_a;

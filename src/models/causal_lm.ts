@@ -15,8 +15,9 @@ import {
   RowParallelLinear,
   VocabParallelEmbedding,
 } from "../nn/layers.ts";
-import { Module, type WeightTarget as SlotTarget } from "../nn/module.ts";
-import type { QuantScheme } from "../quant/method.ts";
+import { Module, type WeightTarget } from "../nn/module.ts";
+import type { QuantScheme } from "../nn/quant_method.ts";
+import { createQuantMethod } from "../quant/create.ts";
 import type { ModelConfig } from "./config.ts";
 import { layerOrderKey, type NameMapper } from "./names.ts";
 
@@ -57,11 +58,11 @@ export class CausalLM extends Module {
   }
 
   /** Checkpoint name -> module path, slot, shard and expert (null: ignored on purpose). */
-  override mapCheckpointName(name: string): SlotTarget | null {
+  override mapCheckpointName(name: string): WeightTarget | null {
     const t = this.#mapper(name);
     if (t === null) return null;
     const dot = t.param.lastIndexOf(".");
-    const target: SlotTarget = dot < 0
+    const target: WeightTarget = dot < 0
       ? { path: "", param: t.param }
       : { path: t.param.slice(0, dot), param: t.param.slice(dot + 1) };
     return {
@@ -79,6 +80,7 @@ export function layerContext(config: ModelConfig, options: BuildOptions): LayerC
     dtype: config.dtype,
     tpRank: options.tpRank ?? 0,
     tpSize: options.tpSize ?? 1,
+    createQuantMethod,
   };
 }
 

@@ -14,6 +14,7 @@ import { VocabParallelEmbedding } from "../nn/layers.ts";
 import type { Module } from "../nn/module.ts";
 import { assertIdle } from "../reload/layerwise.ts";
 import type { Tensor } from "../tensor/tensor.ts";
+import { qualifiedName } from "../messages.ts";
 
 /**
  * Every kernel tensor the model holds, by export name, in model order. Tied slots appear once
@@ -30,7 +31,7 @@ export function kernelTensors(model: Module): [string, Tensor][] {
       if (m instanceof VocabParallelEmbedding && name === "weight" && m.realRows < t.shape[0]) {
         t = t.narrow(0, 0, m.realRows);
       }
-      out.push([path === "" ? name : `${path}.${name}`, t]);
+      out.push([qualifiedName(path, name), t]);
     }
   }
   return out;

@@ -9,7 +9,7 @@
 
 import type { TensorInfo, WeightSource } from "../checkpoint/source.ts";
 import { CheckpointError } from "../errors.ts";
-import type { QuantScheme } from "../quant/method.ts";
+import type { QuantScheme } from "../nn/quant_method.ts";
 import { DTYPES } from "../tensor/dtype.ts";
 
 const INV = "_scale_inv";

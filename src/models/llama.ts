@@ -7,7 +7,7 @@
 
 import { type LayerContext, MergedColumnParallelLinear, RowParallelLinear } from "../nn/layers.ts";
 import { Module } from "../nn/module.ts";
-import type { QuantScheme } from "../quant/method.ts";
+import type { QuantScheme } from "../nn/quant_method.ts";
 import { buildCausalLM, type BuildOptions, CausalLM } from "./causal_lm.ts";
 import type { ModelConfig } from "./config.ts";
 import { denseNameMapper } from "./names.ts";

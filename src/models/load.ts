@@ -8,11 +8,11 @@
 import type { Backend } from "../backend/backend.ts";
 import { type BackendChoice, openBackend } from "../backend/select.ts";
 import { openWeightSource, type TensorPairs, type WeightSource } from "../checkpoint/source.ts";
-import type { StagingOptions } from "../checkpoint/staging.ts";
+import type { StagingOptions } from "../backend/cuda/staging_plan.ts";
 import { LayerwiseError } from "../errors.ts";
-import type { QuantScheme } from "../quant/method.ts";
+import type { QuantScheme } from "../nn/quant_method.ts";
 import { recordMetadataForReloading, type ReloadOptions } from "../reload/layerwise.ts";
-import { loadWeights, type ReloadReport, reloadWeights as engineReload } from "../reload/load.ts";
+import { loadWeights, reloadLayerwise as engineReload, type ReloadReport } from "../reload/load.ts";
 import { prefixError } from "../nn/module.ts";
 import type { DType } from "../tensor/dtype.ts";
 import type { Tensor } from "../tensor/tensor.ts";
@@ -20,39 +20,11 @@ import type { BuildOptions, CausalLM } from "./causal_lm.ts";
 import { type ModelConfig, readModelConfig } from "./config.ts";
 import { buildLlama } from "./llama.ts";
 import { buildMixtral, buildQwen3Moe } from "./mixtral.ts";
+import { type QuantName, quantScheme } from "./quant_names.ts";
 import { type ProgressCallback, streamWeights, validateWeights } from "./weights.ts";
 
 export { exportKernelTensors, kernelTensors } from "./export.ts";
 export type { CausalLM } from "./causal_lm.ts";
-
-/**
- * Quantization as the CLI and `loadModel` name it. `auto` is the checkpoint's own
- * quantization when its config.json has one (`quantization_config`: fp8 per 128x128 block, or
- * fp8 per tensor), else fp8 per tensor.
- */
-export type QuantName = "auto" | "none" | "fp8" | "fp8-channel" | "fp8-block" | "int8";
-
-const SCHEMES: Readonly<Record<Exclude<QuantName, "auto">, QuantScheme>> = {
-  none: "none",
-  fp8: "fp8-tensor",
-  "fp8-channel": "fp8-channel",
-  "fp8-block": "fp8-block",
-  int8: "int8-channel",
-};
-
-/**
- * The engine's scheme for a quantization name (`fp8` is fp8 per tensor); `auto` needs the
- * config: see {@link QuantName}.
- */
-export function quantScheme(name: QuantName | QuantScheme, config?: ModelConfig): QuantScheme {
-  if (name === "auto") {
-    const q = config?.quantization ?? null;
-    if (q === null) return "fp8-tensor";
-    return q.weightBlockSize === null ? "fp8-serialized" : "fp8-block";
-  }
-  if (Object.hasOwn(SCHEMES, name)) return SCHEMES[name as Exclude<QuantName, "auto">];
-  return name as QuantScheme;
-}
 
 /** Builds the (meta, unloaded) model of a parsed config. */
 export function buildModel(config: ModelConfig, options: BuildOptions): CausalLM {

@@ -8,7 +8,7 @@
 
 import { ColumnParallelLinear, FusedMoE, type LayerContext } from "../nn/layers.ts";
 import { Module } from "../nn/module.ts";
-import type { QuantScheme } from "../quant/method.ts";
+import type { QuantScheme } from "../nn/quant_method.ts";
 import { buildCausalLM, type BuildOptions, CausalLM } from "./causal_lm.ts";
 import type { ModelConfig } from "./config.ts";
 import { buildDenseMlp } from "./llama.ts";
@@ -23,7 +23,7 @@ export function buildMoeBlock(
 ): [string, Module] {
   const moe = new Module("SparseMoeBlock");
   // The router is replicated on every rank: build it as a single-rank layer.
-  const replicated: LayerContext = { backend: ctx.backend, dtype: ctx.dtype };
+  const replicated: LayerContext = { ...ctx, tpRank: 0, tpSize: 1 };
   moe.addModule(
     "gate",
     new ColumnParallelLinear(replicated, c.hiddenSize, c.numExperts, { quant: "none" }),

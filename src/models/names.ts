@@ -7,7 +7,7 @@
  */
 
 /** Where one checkpoint tensor goes in the model. */
-export interface WeightTarget {
+export interface ParamTarget {
   /** The model parameter's full name, e.g. `model.layers.0.self_attn.qkv_proj.weight`. */
   readonly param: string;
   /** The shard of a fused parameter: `q`/`k`/`v`, `0`/`1`, or `w1`/`w2`/`w3` for experts. */
@@ -17,7 +17,7 @@ export interface WeightTarget {
 }
 
 /** Maps a checkpoint name to its target, or to null for a tensor the model ignores on purpose. */
-export type NameMapper = (name: string) => WeightTarget | null;
+export type NameMapper = (name: string) => ParamTarget | null;
 
 // Rotary tables are recomputed by inference engines; old checkpoints still carry them.
 const IGNORED = /(^|\.)rotary_emb\.(inv_freq|cos_cached|sin_cached)$/;
@@ -47,7 +47,7 @@ export function scaleName(name: string): string {
 
 /** The mapping of the dense families (Llama, Mistral, Qwen2, Qwen3). */
 export function denseNameMapper(options: DenseMapperOptions): NameMapper {
-  return (checkpointName: string): WeightTarget | null => {
+  return (checkpointName: string): ParamTarget | null => {
     if (IGNORED.test(checkpointName)) return null;
     const name = scaleName(checkpointName);
     if (options.tieWordEmbeddings && name === "lm_head.weight") return null;
@@ -65,7 +65,7 @@ const NAMED_SHARD = { gate: "w1", up: "w3", down: "w2" } as const;
 // gate_up_proj [E, 2I, H] (gate rows, then up) and down_proj [E, H, I].
 const MERGED_EXPERTS = /^(.*\.experts)\.(gate_up_proj|down_proj)$/;
 
-function mergedExperts(name: string): WeightTarget | null {
+function mergedExperts(name: string): ParamTarget | null {
   const m = MERGED_EXPERTS.exec(name);
   if (m === null) return null;
   const shard = m[2] === "gate_up_proj" ? "w13" : "w2";
@@ -89,7 +89,7 @@ const MIXTRAL_V5 = /^(model\.layers\.\d+)\.mlp\.(gate\.|experts\.)/;
  */
 export function mixtralNameMapper(options: DenseMapperOptions): NameMapper {
   const dense = denseNameMapper(options);
-  return (checkpointName: string): WeightTarget | null => {
+  return (checkpointName: string): ParamTarget | null => {
     const name = scaleName(checkpointName).replace(MIXTRAL_V5, "$1.block_sparse_moe.$2");
     const merged = mergedExperts(name);
     if (merged !== null) return merged;
@@ -111,7 +111,7 @@ export function mixtralNameMapper(options: DenseMapperOptions): NameMapper {
  */
 export function qwen3MoeNameMapper(options: DenseMapperOptions): NameMapper {
   const dense = denseNameMapper(options);
-  return (checkpointName: string): WeightTarget | null => {
+  return (checkpointName: string): ParamTarget | null => {
     const name = scaleName(checkpointName);
     const merged = mergedExperts(name);
     if (merged !== null) return merged;

@@ -8,13 +8,15 @@
 import type { Backend } from "../backend/backend.ts";
 import { wasmView } from "../backend/wasm.ts";
 import type { WeightSource } from "../checkpoint/source.ts";
-import { canStage, stageTensors, type StagingOptions } from "../checkpoint/staging.ts";
+import type { StagingOptions } from "../backend/cuda/staging_plan.ts";
+import { canStage, stageTensors } from "../checkpoint/staging.ts";
 import { CheckpointError } from "../errors.ts";
-import { validateWeights as checkAgainstModel } from "../reload/validate.ts";
+import { validateTensors as checkAgainstModel } from "../reload/validate.ts";
 import { rowWindow, type Tensor } from "../tensor/tensor.ts";
 import type { CausalLM } from "./causal_lm.ts";
 import { checkFp8Checkpoint } from "./fp8_checkpoint.ts";
 import { expectedCheckpointNames } from "./names.ts";
+import { firstOf, plural } from "../messages.ts";
 
 /** What validation found: the names to load, and what it leaves out. */
 export interface ValidatedWeights {
@@ -54,9 +56,7 @@ export function validateWeights(
   if (absent.length > 0 && !options.partial) {
     throw new CheckpointError(
       "MISSING_TENSOR",
-      `${source.description}: ${absent.length} tensor${absent.length > 1 ? "s" : ""} missing: ${
-        absent.slice(0, 8).join(", ")
-      }${absent.length > 8 ? ", ..." : ""}`,
+      `${source.description}: ${plural(absent.length, "tensor")} missing: ${firstOf(absent, 8)}`,
     );
   }
   const order = source.plan(model.readOrder);

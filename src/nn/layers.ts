@@ -10,21 +10,26 @@
 
 import type { Backend } from "../backend/backend.ts";
 import { CheckpointError, LayerwiseError } from "../errors.ts";
-import { createQuantMethod } from "../quant/create.ts";
-import { KvScaleMethod, SCALE_NOT_LOADED } from "../quant/kv_scale.ts";
-import type { QuantScheme, ShardLayout, SplitLoad, WeightSpec } from "../quant/method.ts";
+import { KvScaleMethod, SCALE_NOT_LOADED } from "./kv_scale.ts";
+import type {
+  QuantMethodFactory,
+  QuantScheme,
+  ShardLayout,
+  SplitLoad,
+  WeightSpec,
+} from "./quant_method.ts";
 import { type DType, DTYPES } from "../tensor/dtype.ts";
 import { Tensor } from "../tensor/tensor.ts";
+import { Module } from "./module.ts";
 import {
   copyInto,
   defaultWeightLoader,
   expectShape,
-  Module,
   select0,
   type ShardId,
   TensorSlot,
   type WeightLoader,
-} from "./module.ts";
+} from "./slots.ts";
 
 /** What every layer needs: the backend, the model dtype and its tensor-parallel place. */
 export interface LayerContext {
@@ -36,6 +41,8 @@ export interface LayerContext {
   readonly tpRank?: number;
   /** Number of tensor-parallel ranks (default 1). */
   readonly tpSize?: number;
+  /** Makes each layer's quant method (`createQuantMethod` of src/quant/create.ts). */
+  readonly createQuantMethod: QuantMethodFactory;
 }
 
 /** Options of linear layers. */
@@ -103,7 +110,7 @@ export class ColumnParallelLinear extends Module {
     this.partSizes = s.part;
     this.sourceRanks = s.sourceRanks;
     const rows = s.part.reduce((a, b) => a + b, 0);
-    this.quantMethod = createQuantMethod(options.quant ?? "none", ctx.backend, ctx.dtype);
+    this.quantMethod = ctx.createQuantMethod(options.quant ?? "none", ctx.backend, ctx.dtype);
     const spec: WeightSpec = {
       name: "weight",
       scaleName: "weight_scale",
@@ -279,7 +286,7 @@ export class RowParallelLinear extends Module {
       expectShape(loaded, [outputSize, inputSize], "RowParallelLinear");
       copyInto(b, slot.tensor, loaded.narrow(1, rank * per, per));
     };
-    this.quantMethod = createQuantMethod(options.quant ?? "none", b, ctx.dtype);
+    this.quantMethod = ctx.createQuantMethod(options.quant ?? "none", b, ctx.dtype);
     this.quantMethod.createWeights(this, [{
       name: "weight",
       scaleName: "weight_scale",
@@ -479,7 +486,7 @@ export class FusedMoE extends Module {
       copyInto(b, select0(slot.tensor, e), loaded.narrow(1, rank * ip, ip));
     };
     const E = this.localExperts;
-    this.quantMethod = createQuantMethod(options.quant ?? "none", b, ctx.dtype);
+    this.quantMethod = ctx.createQuantMethod(options.quant ?? "none", b, ctx.dtype);
     this.quantMethod.createWeights(this, [
       {
         name: "w13_weight",

@@ -17,14 +17,14 @@
  * @module
  */
 
-import { CudaDevice, cudaHandle } from "../backend/cuda.ts";
-import type { NcclComms } from "../backend/nccl.ts";
+import { CudaDevice, cudaHandle } from "../backend/cuda/device.ts";
+import type { NcclComms } from "../backend/cuda/nccl.ts";
 import type { TensorInfo, WeightSource } from "../checkpoint/source.ts";
 import { LayerwiseError } from "../errors.ts";
 import type { CausalLM } from "../models/causal_lm.ts";
 import type { ModelReloadOptions } from "../models/load.ts";
 import { validateWeights } from "../models/weights.ts";
-import { type ReloadReport, reloadWeights as engineReload } from "../reload/load.ts";
+import { reloadLayerwise as engineReload, type ReloadReport } from "../reload/load.ts";
 import type { Storage } from "../tensor/tensor.ts";
 import { Tensor } from "../tensor/tensor.ts";
 

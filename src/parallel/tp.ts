@@ -9,14 +9,14 @@
  * Process model: one Deno process drives all GPUs of the host. Rank r lives on its own backend,
  * by default CUDA device ordinal r (`openRankBackends`); the CUDA library sets the device on
  * every entry point, so one JS thread can drive every rank. NCCL communicators for the ranks
- * come from `ncclCommInitAll` in the same process (src/backend/nccl.ts), and a broadcast reload
+ * come from `ncclCommInitAll` in the same process (src/backend/cuda/nccl.ts), and a broadcast reload
  * (src/parallel/broadcast.ts) reads the checkpoint once on the source rank. On WebAssembly, N
  * backends (N separate memories) stand in for N GPUs.
  * @module
  */
 
 import type { Backend } from "../backend/backend.ts";
-import { openCudaBackend } from "../backend/cuda.ts";
+import { openCudaBackend } from "../backend/cuda/device.ts";
 import { openWasmBackend } from "../backend/wasm.ts";
 import { LayerwiseError } from "../errors.ts";
 import type { CausalLM } from "../models/causal_lm.ts";
@@ -27,12 +27,11 @@ import {
   type LoadModelOptions,
   type ModelReloadOptions,
   type ModelReloadReport,
-  type QuantName,
-  quantScheme,
   reloadWeights,
   type WeightsInput,
 } from "../models/load.ts";
-import type { QuantScheme } from "../quant/method.ts";
+import { type QuantName, quantScheme } from "../models/quant_names.ts";
+import type { QuantScheme } from "../nn/quant_method.ts";
 
 /** Which backend kind the ranks use. */
 export type RankBackendKind = "cuda" | "wasm";

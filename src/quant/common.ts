@@ -4,9 +4,10 @@
  */
 
 import { CheckpointError } from "../errors.ts";
-import { type Module, select0, TensorSlot, type WeightLoader } from "../nn/module.ts";
+import type { Module } from "../nn/module.ts";
+import { select0, TensorSlot, type WeightLoader } from "../nn/slots.ts";
 import type { Tensor } from "../tensor/tensor.ts";
-import type { WeightSpec } from "./method.ts";
+import type { WeightSpec } from "../nn/quant_method.ts";
 
 /** The 2-D matrices of a weight: itself, or one per expert for `[experts, rows, cols]`. */
 export function matrices(t: Tensor): Tensor[] {

@@ -8,7 +8,7 @@ import { LayerwiseError } from "../errors.ts";
 import { type DType, DTYPES } from "../tensor/dtype.ts";
 import { Fp8BlockMethod } from "./fp8_block.ts";
 import { Fp8SerializedMethod } from "./fp8_serialized.ts";
-import type { QuantMethod, QuantScheme } from "./method.ts";
+import type { QuantMethod, QuantScheme } from "../nn/quant_method.ts";
 import { OnlineQuantMethod } from "./online.ts";
 import { UnquantizedMethod } from "./unquantized.ts";
 

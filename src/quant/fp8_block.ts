@@ -19,19 +19,24 @@
 
 import type { Backend } from "../backend/backend.ts";
 import { CheckpointError } from "../errors.ts";
+import type { Module } from "../nn/module.ts";
 import {
   copyInto,
   fillInto,
-  type Module,
   select0,
   type ShardId,
   TensorSlot,
   type WeightLoader,
-} from "../nn/module.ts";
+} from "../nn/slots.ts";
 import { type DType, DTYPES } from "../tensor/dtype.ts";
 import { shapeString, Tensor } from "../tensor/tensor.ts";
 import { expertCount, matrices, matrixShape, putTensor } from "./common.ts";
-import type { KernelDestination, QuantMethod, ShardLayout, WeightSpec } from "./method.ts";
+import type {
+  KernelDestination,
+  QuantMethod,
+  ShardLayout,
+  WeightSpec,
+} from "../nn/quant_method.ts";
 import { OnlineQuantMethod } from "./online.ts";
 
 /** Block edge, rows and columns. */

@@ -8,11 +8,12 @@
 
 import type { Backend } from "../backend/backend.ts";
 import { CheckpointError } from "../errors.ts";
-import { copyInto, type Module, select0, TensorSlot } from "../nn/module.ts";
+import type { Module } from "../nn/module.ts";
+import { copyInto, select0, TensorSlot } from "../nn/slots.ts";
 import { DTYPES } from "../tensor/dtype.ts";
 import { Tensor } from "../tensor/tensor.ts";
 import { expertCount, matrices, matrixShape } from "./common.ts";
-import type { KernelDestination, QuantMethod, WeightSpec } from "./method.ts";
+import type { KernelDestination, QuantMethod, WeightSpec } from "../nn/quant_method.ts";
 
 /** Loads fp8 weights and per-shard scales; requantizes fused weights to one scale. */
 export class Fp8SerializedMethod implements QuantMethod {

@@ -10,10 +10,10 @@
 import type { Backend, Granularity } from "../backend/backend.ts";
 import type { Module } from "../nn/module.ts";
 import { type DType, DTYPES } from "../tensor/dtype.ts";
-import { select0 } from "../nn/module.ts";
+import { select0 } from "../nn/slots.ts";
 import type { Tensor } from "../tensor/tensor.ts";
 import { expertCount, matrices, matrixShape, putTensor } from "./common.ts";
-import type { KernelDestination, QuantMethod, WeightSpec } from "./method.ts";
+import type { KernelDestination, QuantMethod, WeightSpec } from "../nn/quant_method.ts";
 import { UnquantizedMethod } from "./unquantized.ts";
 
 /** Shape of the scales of one matrix. */

@@ -4,9 +4,10 @@
  */
 
 import type { DType } from "../tensor/dtype.ts";
-import { type Module, TensorSlot } from "../nn/module.ts";
+import type { Module } from "../nn/module.ts";
+import { TensorSlot } from "../nn/slots.ts";
 import { Tensor } from "../tensor/tensor.ts";
-import type { QuantMethod, WeightSpec } from "./method.ts";
+import type { QuantMethod, WeightSpec } from "../nn/quant_method.ts";
 
 /** Keeps the model dtype; kernel format equals model format. */
 export class UnquantizedMethod implements QuantMethod {

@@ -31,9 +31,10 @@
 
 import type { Backend } from "../backend/backend.ts";
 import { LayerwiseError, ReloadError } from "../errors.ts";
-import type { Module, TensorSlot, WeightLoader } from "../nn/module.ts";
-import type { KernelDestination } from "../quant/method.ts";
-import { countWrites } from "../nn/module.ts";
+import type { Module } from "../nn/module.ts";
+import type { TensorSlot, WeightLoader } from "../nn/slots.ts";
+import type { KernelDestination } from "../nn/quant_method.ts";
+import { countWrites } from "../nn/slots.ts";
 import type { Storage, Tensor } from "../tensor/tensor.ts";
 import {
   captureLayerToMeta,
@@ -45,6 +46,7 @@ import {
   restoreLayerOnMeta,
 } from "./meta.ts";
 import { loadLabel, RowLedger } from "./rows.ts";
+import { firstOf, qualifiedName } from "../messages.ts";
 
 /** Options of a layerwise reload. */
 export interface ReloadOptions {
@@ -238,16 +240,12 @@ export function inconsistentLayers(model: Module): string[] {
   return [...INCONSISTENT.get(model) ?? []];
 }
 
-function listSome(items: readonly string[], n = 5): string {
-  return `${items.slice(0, n).join(", ")}${items.length > n ? ", ..." : ""}`;
-}
-
 /** One-line note on an inconsistent model for messages; empty when consistent. */
 export function inconsistencyNote(model: Module): string {
   const layers = inconsistentLayers(model);
   if (layers.length === 0) return "";
   return `model inconsistent: ${layers.length} layer(s) hold weights of a failed reload: ${
-    listSome(layers)
+    firstOf(layers, 5)
   }; a complete reload that succeeds fixes it`;
 }
 
@@ -263,7 +261,7 @@ export function recordMetadataForReloading(model: Module): void {
         throw new ReloadError(
           "ALREADY_LOADED",
           `${
-            qualify(path, name)
+            qualifiedName(path, name)
           } already has storage: record metadata right after building the model, before loading`,
         );
       }
@@ -274,10 +272,6 @@ export function recordMetadataForReloading(model: Module): void {
     info.restoreMetadata = captureLayerToMeta(layer);
     info.path = path;
   }
-}
-
-function qualify(path: string, name: string): string {
-  return path === "" ? name : `${path}.${name}`;
 }
 
 /** Layers with recorded metadata, in model order, each once. */
@@ -315,7 +309,7 @@ export function initializeLayerwiseReload(model: Module, options: ReloadOptions 
       if (slot.tensor.isMeta || slot.tensor.storage?.freed) {
         throw new ReloadError(
           "NOT_LOADED",
-          `${qualify(info.path, name)} has no storage: load the model before reloading it`,
+          `${qualifiedName(info.path, name)} has no storage: load the model before reloading it`,
         );
       }
     }
@@ -347,7 +341,7 @@ export function initializeLayerwiseReload(model: Module, options: ReloadOptions 
     );
     for (const [name, k] of info.kernelTensors) {
       state.kept.push({
-        name: qualify(info.path, name),
+        name: qualifiedName(info.path, name),
         slot: k.slot,
         tensor: k.tensor,
         ptr: k.tensor.ptr,
@@ -405,7 +399,7 @@ function makeOnlineProcessLoader(
   original: WeightLoader,
 ): WeightLoader {
   const wrapper: WeightLoader = (slot, loaded, shardId, expertId) => {
-    const where = qualify(info.path, param);
+    const where = qualifiedName(info.path, param);
     if (!info.canProcess() || info.state !== state) {
       // The layer was processed already: the reference's "excessive loading". Its elements
       // are in the kernel tensors; writing them again would be wrong.
@@ -591,7 +585,7 @@ function processLayer(layer: Module, info: LayerInfo): void {
       if (!r || r.dtype !== k.tensor.dtype || r.shape.join() !== k.tensor.shape.join()) {
         throw new ReloadError(
           "KERNEL_MISMATCH",
-          `${qualify(info.path, name)}: processing gave ${
+          `${qualifiedName(info.path, name)}: processing gave ${
             r ?? "nothing"
           }, the kept kernel tensor is ${k.tensor}`,
         );
@@ -600,7 +594,7 @@ function processLayer(layer: Module, info: LayerInfo): void {
         throw new ReloadError(
           "KERNEL_MISMATCH",
           `${
-            qualify(info.path, name)
+            qualifiedName(info.path, name)
           }: ${layer.quantMethod?.name} keeps model format but replaced the tensor`,
         );
       }
@@ -609,7 +603,7 @@ function processLayer(layer: Module, info: LayerInfo): void {
       if (!kernel.has(name)) {
         throw new ReloadError(
           "KERNEL_MISMATCH",
-          `${qualify(info.path, name)}: processing made a tensor the model did not have`,
+          `${qualifiedName(info.path, name)}: processing made a tensor the model did not have`,
         );
       }
     }
@@ -660,14 +654,16 @@ export function describeGaps(
     const shards = got.shards.length === 0
       ? ""
       : ` (received ${got.shards.some((l) => l.includes("rows")) ? "" : "shards "}${
-        got.shards.slice(0, 8).join(", ")
-      }${got.shards.length > 8 ? ", ..." : ""})`;
-    gaps.push(`${qualify(path, name)}: ${got.elements} of ${expected} elements loaded${shards}`);
+        firstOf(got.shards, 8)
+      })`;
+    gaps.push(
+      `${qualifiedName(path, name)}: ${got.elements} of ${expected} elements loaded${shards}`,
+    );
   }
   return gaps;
 }
 
-/** What a finished reload did (see reloadWeights for the full report). */
+/** What a finished reload did (see reloadLayerwise for the full report). */
 export interface FinalizeSummary {
   /** Paths of the layers written, in processing order. */
   readonly processed: readonly string[];
@@ -828,11 +824,11 @@ export function failReload(model: Module, e: unknown): never {
   let note = "";
   if (written.length > 0 && atomic) {
     note = `model inconsistent: ${written.length} layer(s) already hold new weights: ${
-      listSome(written)
+      firstOf(written, 5)
     }; restoring them from the atomic snapshot failed, reload completely`;
   } else if (written.length > 0) {
     note = `model inconsistent: ${written.length} layer(s) already hold new weights: ${
-      listSome(written)
+      firstOf(written, 5)
     }; use atomic to restore, or reload completely`;
   } else if (wasInconsistent) {
     note = inconsistencyNote(model);

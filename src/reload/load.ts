@@ -1,6 +1,6 @@
 /**
  * The two ways weights get into a model: {@link loadWeights} (first load: model format, then
- * processing per layer) and {@link reloadWeights} (layerwise reload into the kept kernel
+ * processing per layer) and {@link reloadLayerwise} (layerwise reload into the kept kernel
  * tensors, returning a {@link ReloadReport}).
  *
  * Tensors from the source are borrowed: the engine writes them into place during the call that
@@ -9,7 +9,8 @@
  */
 
 import { CheckpointError, ReloadError } from "../errors.ts";
-import { countWrites, type Module, prefixError, type TensorSlot } from "../nn/module.ts";
+import { type Module, prefixError } from "../nn/module.ts";
+import { countWrites, type TensorSlot } from "../nn/slots.ts";
 import { type Storage, Tensor } from "../tensor/tensor.ts";
 import {
   assertIdle,
@@ -26,13 +27,13 @@ import {
 } from "./layerwise.ts";
 import { materializeLayer, restoreLayerOnMeta } from "./meta.ts";
 import { loadLabel, RowLedger } from "./rows.ts";
-import { type TensorDescriptor, validateWeights, type ValidationReport } from "./validate.ts";
+import { type TensorDescriptor, validateTensors, type ValidationReport } from "./validate.ts";
 
 /**
  * Checkpoint tensors by name, in any order: an array, a generator, an async stream. A tensor
  * may come as row chunks (each a `rowWindow` under the tensor's name), in any order.
  */
-export type WeightSource =
+export type TensorStream =
   | Iterable<readonly [string, Tensor]>
   | AsyncIterable<readonly [string, Tensor]>;
 
@@ -52,12 +53,12 @@ export interface LoadReport {
   readonly seconds: number;
 }
 
-/** Validation options shared by {@link loadWeights} and {@link reloadWeights}. */
+/** Validation options shared by {@link loadWeights} and {@link reloadLayerwise}. */
 export interface ExpectOptions {
   /**
    * Descriptors (name, dtype, shape) of every tensor the source will give, e.g. a weight
    * source's `tensors.values()` read from headers: when set, the whole checkpoint is checked
-   * against the model with validateWeights before anything is written.
+   * against the model with validateTensors before anything is written.
    */
   expected?: Iterable<TensorDescriptor>;
   /**
@@ -79,8 +80,8 @@ export interface LoadOptions extends ExpectOptions {
   rejectNonFinite?: boolean;
 }
 
-/** Options of {@link reloadWeights}: the lifecycle's options plus validation. */
-export interface ReloadWeightsOptions extends ReloadOptions, ExpectOptions {}
+/** Options of {@link reloadLayerwise}: the lifecycle's options plus validation. */
+export interface ReloadLayerwiseOptions extends ReloadOptions, ExpectOptions {}
 
 /**
  * First load: gives the model-format tensors storage, runs every load through the real
@@ -91,7 +92,7 @@ export interface ReloadWeightsOptions extends ReloadOptions, ExpectOptions {}
  */
 export async function loadWeights(
   model: Module,
-  weights: WeightSource,
+  weights: TensorStream,
   options: LoadOptions = {},
 ): Promise<LoadReport> {
   const t0 = performance.now();
@@ -106,13 +107,13 @@ export async function loadWeights(
       if (!slot.tensor.isMeta) {
         throw new ReloadError(
           "ALREADY_LOADED",
-          `${path}.${name} is loaded already: use reloadWeights for new weights`,
+          `${path}.${name} is loaded already: use reloadLayerwise for new weights`,
         );
       }
     }
   }
   const skip = options.expected
-    ? new Set(validateWeights(model, options.expected, { strict: options.strict }).unknown)
+    ? new Set(validateTensors(model, options.expected, { strict: options.strict }).unknown)
     : new Set<string>();
   const counts = new Map<TensorSlot, { elements: number; shards: string[] }>();
   const seen = new Map<TensorSlot, RowLedger>();
@@ -212,7 +213,7 @@ export async function loadWeights(
   };
 }
 
-/** What {@link reloadWeights} did: the finalize summary plus what was loaded and checked. */
+/** What {@link reloadLayerwise} did: the finalize summary plus what was loaded and checked. */
 export interface ReloadReport extends FinalizeSummary {
   /** Layers written with new weights (the length of `processed`). */
   readonly layersProcessed: number;
@@ -241,7 +242,7 @@ export interface ReloadReport extends FinalizeSummary {
  * inconsistent (isInconsistent). Errors that are not LayerwiseErrors (a source that throws)
  * come out as ReloadError `RELOAD_FAILED` with the original as `cause`.
  *
- * While it runs (it awaits the source), another reloadWeights or loadWeights of the same model
+ * While it runs (it awaits the source), another reloadLayerwise or loadWeights of the same model
  * is refused with ReloadError `RELOAD_ACTIVE`; the model's slots show model-format tensors
  * (meta, or scratch being filled) for layers not yet processed, so do not read or export the
  * model through its slots until the promise settles. Kernel tensor storage (device pointers)
@@ -249,15 +250,15 @@ export interface ReloadReport extends FinalizeSummary {
  * written, new weights in written ones, and a mix in a layer being written (a layer without
  * quantization is written as its tensors arrive).
  */
-export async function reloadWeights(
+export async function reloadLayerwise(
   model: Module,
-  weights: WeightSource,
-  options: ReloadWeightsOptions = {},
+  weights: TensorStream,
+  options: ReloadLayerwiseOptions = {},
 ): Promise<ReloadReport> {
   const t0 = performance.now();
   assertIdle(model, "reloadWeights");
   const validation = options.expected
-    ? validateWeights(model, options.expected, { strict: options.strict })
+    ? validateTensors(model, options.expected, { strict: options.strict })
     : null;
   const skip = new Set(validation?.unknown ?? []);
   initializeLayerwiseReload(model, options);

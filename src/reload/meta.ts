@@ -6,7 +6,8 @@
  */
 
 import { LayerwiseError } from "../errors.ts";
-import type { Module, TensorSlot, WeightLoader } from "../nn/module.ts";
+import type { Module } from "../nn/module.ts";
+import type { TensorSlot, WeightLoader } from "../nn/slots.ts";
 import { Tensor } from "../tensor/tensor.ts";
 
 /** One model-format slot as captured: the slot object, its meta tensor and original loader. */

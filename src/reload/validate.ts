@@ -9,18 +9,13 @@
  */
 
 import { CheckpointError, LayerwiseError } from "../errors.ts";
-import {
-  countWrites,
-  type Module,
-  prefixError,
-  type ShardId,
-  TensorSlot,
-  type WeightLoader,
-} from "../nn/module.ts";
+import { type Module, prefixError } from "../nn/module.ts";
+import { countWrites, type ShardId, TensorSlot, type WeightLoader } from "../nn/slots.ts";
 import type { DType } from "../tensor/dtype.ts";
 import { Tensor } from "../tensor/tensor.ts";
 import { describeGaps, getLayerwiseInfo } from "./layerwise.ts";
 import type { LayerMeta } from "./meta.ts";
+import { firstOf, plural, qualifiedName } from "../messages.ts";
 
 /** What a checkpoint header says about a tensor (a `TensorInfo` of a weight source fits). */
 export interface TensorDescriptor {
@@ -34,7 +29,7 @@ export interface TensorDescriptor {
   readonly origin?: string;
 }
 
-/** Options of {@link validateWeights}. */
+/** Options of {@link validateTensors}. */
 export interface ValidateOptions {
   /**
    * When true (default), unknown tensors and model tensors the checkpoint does not cover are a
@@ -45,7 +40,7 @@ export interface ValidateOptions {
   strict?: boolean;
 }
 
-/** The outcome of {@link validateWeights}. */
+/** The outcome of {@link validateTensors}. */
 export interface ValidationReport {
   /** Descriptors that go into model tensors. */
   readonly tensors: number;
@@ -73,10 +68,6 @@ interface Target {
   readonly loader: WeightLoader;
 }
 
-function qualify(path: string, name: string): string {
-  return path === "" ? name : `${path}.${name}`;
-}
-
 /** The model-format tensors of every layer: recorded metadata, or the meta slots of a new model. */
 function modelFormat(model: Module): {
   layers: [Module, string, LayerMeta][];
@@ -100,7 +91,7 @@ function modelFormat(model: Module): {
           throw new LayerwiseError(
             "NOT_RECORDED",
             `${
-              qualify(path, name)
+              qualifiedName(path, name)
             }: the model is loaded but its metadata was not recorded; validate needs the model format`,
           );
         }
@@ -119,14 +110,6 @@ function modelFormat(model: Module): {
   return { layers, byModule, bySlot };
 }
 
-function some(items: readonly string[], n = 3): string {
-  return `${items.slice(0, n).join(", ")}${items.length > n ? ", ..." : ""}`;
-}
-
-function plural(n: number, one: string, many = `${one}s`): string {
-  return `${n} ${n === 1 ? one : many}`;
-}
-
 /**
  * Checks a whole checkpoint against `model` from its descriptors (names, dtypes, shapes)
  * without reading or writing any tensor: every name must map to a model tensor (unknown names
@@ -140,7 +123,7 @@ function plural(n: number, one: string, many = `${one}s`): string {
  * `UNKNOWN_TENSOR` for unknown names and `MISSING_WEIGHTS` for uncovered tensors. The most
  * severe kind gives the code; the message lists every kind found.
  */
-export function validateWeights(
+export function validateTensors(
   model: Module,
   entries: Iterable<TensorDescriptor>,
   options: ValidateOptions = {},
@@ -225,7 +208,7 @@ export function validateWeights(
     if (gaps.length === 0) covered++;
     else if (total === 0) {
       untouched.push(path);
-      missing.push(...[...meta.keys()].map((n) => qualify(path, n)));
+      missing.push(...[...meta.keys()].map((n) => qualifiedName(path, n)));
     } else partial.push(...gaps);
   }
   const report: ValidationReport = {
@@ -250,15 +233,17 @@ export function validateWeights(
   }
   if (partial.length > 0) {
     code ||= "MISSING_WEIGHTS";
-    parts.push(`${plural(partial.length, "tensor")} covered in part: ${some(partial)}`);
+    parts.push(`${plural(partial.length, "tensor")} covered in part: ${firstOf(partial, 3)}`);
   }
   if (strict && unknown.length > 0) {
     code ||= "UNKNOWN_TENSOR";
-    parts.push(`${plural(unknown.length, "unknown tensor")}: ${some(unknownWhere)}`);
+    parts.push(`${plural(unknown.length, "unknown tensor")}: ${firstOf(unknownWhere, 3)}`);
   }
   if (strict && missing.length > 0) {
     code ||= "MISSING_WEIGHTS";
-    parts.push(`${plural(missing.length, "model tensor")} not in the checkpoint: ${some(missing)}`);
+    parts.push(
+      `${plural(missing.length, "model tensor")} not in the checkpoint: ${firstOf(missing, 3)}`,
+    );
   }
   if (code !== "") {
     throw new CheckpointError(code, `checkpoint does not fit the model: ${parts.join("; ")}`);

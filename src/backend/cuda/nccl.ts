@@ -9,7 +9,7 @@
  * @module
  */
 
-import { BackendError } from "../errors.ts";
+import { BackendError } from "../../errors.ts";
 import {
   loadNcclLibrary,
   NCCL_UINT8,

@@ -1,10 +1,15 @@
 /**
- * Quantization methods: how a layer's weights are created in model format and processed into
- * kernel format. One method instance per layer.
+ * The contract between layers and quantization methods: how a layer's weights are created in
+ * model format and processed into kernel format, one method instance per layer. It lives with
+ * the layers so that they never import an implementation: the implementations (src/quant/)
+ * import this, and a model passes their factory in through the layer context (see
+ * ARCHITECTURE.md, "Layers and imports").
  * @module
  */
 
-import type { Module, ShardId, WeightLoader } from "../nn/module.ts";
+import type { Backend } from "../backend/backend.ts";
+import type { Module } from "./module.ts";
+import type { ShardId, WeightLoader } from "./slots.ts";
 import type { DType } from "../tensor/dtype.ts";
 import type { Tensor } from "../tensor/tensor.ts";
 
@@ -133,3 +138,13 @@ export const QUANT_SCHEMES: readonly QuantScheme[] = [
   "int8-channel",
   "fp8-serialized",
 ];
+
+/**
+ * Makes a fresh quant method for one layer: `modelDtype` is the dtype of unquantized weights
+ * (bf16). src/quant/create.ts has the one implementation, `createQuantMethod`.
+ */
+export type QuantMethodFactory = (
+  scheme: QuantScheme,
+  backend: Backend,
+  modelDtype: DType,
+) => QuantMethod;

@@ -1,12 +1,14 @@
 /**
- * Test helpers for the nn/quant/reload tests: the backends to run on, a seeded PRNG, a small
+ * A tiny model for tests of the engine: the backends to run on, a seeded PRNG, a small
  * Llama-like (optionally Mixtral-like) model built from the layers, and synthetic checkpoints
- * with Hugging Face names. Independent of src/models on purpose.
+ * with Hugging Face names. Independent of src/models on purpose, so that engine tests do not
+ * depend on the model builders.
  * @module
  */
 
-import type { Backend } from "../src/backend/backend.ts";
-import { openWasmBackend } from "../src/backend/wasm.ts";
+import type { Backend } from "../backend/backend.ts";
+import { openCudaBackend } from "../backend/cuda/device.ts";
+import { openWasmBackend } from "../backend/wasm.ts";
 import {
   Attention,
   type AttentionScale,
@@ -18,34 +20,30 @@ import {
   RMSNorm,
   RowParallelLinear,
   VocabParallelEmbedding,
-} from "../src/nn/layers.ts";
-import { Module, type WeightTarget } from "../src/nn/module.ts";
-import { rng as prng } from "../src/cli/synth.ts";
-import type { QuantScheme } from "../src/quant/method.ts";
+} from "../nn/layers.ts";
+import { Module, type WeightTarget } from "../nn/module.ts";
+import { rng } from "./synth.ts";
+import type { QuantScheme } from "../nn/quant_method.ts";
+import { createQuantMethod } from "../quant/create.ts";
 import {
   loadWeights,
+  reloadLayerwise,
+  type ReloadLayerwiseOptions,
   type ReloadReport,
-  reloadWeights,
-  type ReloadWeightsOptions,
-} from "../src/reload/load.ts";
-import { type DType, DTYPES } from "../src/tensor/dtype.ts";
-import type { Tensor } from "../src/tensor/tensor.ts";
+} from "../reload/load.ts";
+import { type DType, DTYPES } from "../tensor/dtype.ts";
+import type { Tensor } from "../tensor/tensor.ts";
 
 /** Backends to test on: WebAssembly always, CUDA when it opens. */
 export async function testBackends(): Promise<[string, Backend][]> {
   const out: [string, Backend][] = [["wasm", await openWasmBackend()]];
   try {
-    const path = new URL("../src/backend/cuda.ts", import.meta.url).href;
-    const mod = await import(path) as { openCudaBackend(): Backend };
-    out.push(["cuda", mod.openCudaBackend()]);
+    out.push(["cuda", openCudaBackend()]);
   } catch {
     // no GPU here
   }
   return out;
 }
-
-/** The seeded generator the synthetic checkpoints use (mulberry32, floats in [0, 1)). */
-export { prng };
 
 /** bf16 bytes (round to nearest even) of `n` values `center + spread * u`, u uniform in [-1, 1). */
 export function randomBf16(rand: () => number, n: number, spread = 1, center = 0): Uint8Array {
@@ -61,7 +59,7 @@ export function randomBf16(rand: () => number, n: number, spread = 1, center = 0
 
 /** Shuffles in place with a seeded PRNG (Fisher-Yates). */
 export function shuffle<T>(items: T[], seed: number): T[] {
-  const r = prng(seed);
+  const r = rng(seed);
   for (let i = items.length - 1; i > 0; i--) {
     const j = Math.floor(r() * (i + 1));
     [items[i], items[j]] = [items[j], items[i]];
@@ -71,17 +69,29 @@ export function shuffle<T>(items: T[], seed: number): T[] {
 
 /** Shape of the tiny model. */
 export interface TinyConfig {
+  /** Vocabulary size (padded to a multiple of 64 by the embedding). */
   vocab: number;
+  /** Hidden size. */
   hidden: number;
+  /** Attention heads. */
   heads: number;
+  /** Key/value heads (GQA when fewer than `heads`). */
   kvHeads: number;
+  /** Size of one head. */
   headDim: number;
+  /** MLP intermediate size. */
   intermediate: number;
+  /** Decoder layers. */
   layers: number;
+  /** lm_head tied to the embedding. */
   tie?: boolean;
+  /** Attention scales the checkpoint carries. */
   kvScales?: AttentionScale[];
+  /** Mixtral-like experts instead of the MLP, optionally split over expert-parallel ranks. */
   moe?: { experts: number; intermediate: number; epRank?: number; epSize?: number };
+  /** Tensor-parallel rank (default 0). */
   tpRank?: number;
+  /** Tensor-parallel ranks (default 1). */
   tpSize?: number;
 }
 
@@ -111,7 +121,13 @@ export class TinyModel extends Module {
     super("TinyForCausalLM", undefined);
     this.config = config;
     const c = config;
-    const ctx: LayerContext = { backend, dtype, tpRank: c.tpRank, tpSize: c.tpSize };
+    const ctx: LayerContext = {
+      backend,
+      dtype,
+      tpRank: c.tpRank,
+      tpSize: c.tpSize,
+      createQuantMethod,
+    };
     const model = this.addModule("model", new Module("Model"));
     const embed = model.addModule(
       "embed_tokens",
@@ -170,6 +186,7 @@ export class TinyModel extends Module {
     }
   }
 
+  /** Hugging Face names to the fused modules (q/k/v, gate/up, experts). */
   override mapCheckpointName(name: string): WeightTarget | null {
     let m = name.match(/^(model\.layers\.\d+)\.self_attn\.([qkv])_proj\.(weight|weight_scale)$/);
     if (m) return { path: `${m[1]}.self_attn.qkv_proj`, param: m[3], shardId: m[2] };
@@ -193,15 +210,19 @@ export class TinyModel extends Module {
 
 /** A checkpoint tensor on the host. */
 export interface HostWeight {
+  /** Checkpoint name. */
   name: string;
+  /** Element type. */
   dtype: DType;
+  /** Sizes of each dimension. */
   shape: number[];
+  /** The elements, little-endian. */
   bytes: Uint8Array;
 }
 
 /** Checkpoint-format (bf16) weights of the tiny model, in layer order, from a seed. */
 export function makeCheckpoint(c: TinyConfig, seed: number): HostWeight[] {
-  const r = prng(seed);
+  const r = rng(seed);
   const out: HostWeight[] = [];
   const w = (name: string, shape: number[], spread = 0.05, center = 0) => {
     const n = shape.reduce((a, b) => a * b, 1);
@@ -284,7 +305,12 @@ export function serializeFp8(backend: Backend, ckpt: HostWeight[]): HostWeight[]
 }
 
 /** The checkpoint a model with `quant` loads (fp8-serialized wants fp8 weights). */
-export function checkpointFor(backend: Backend, c: TinyConfig, seed: number, quant: QuantScheme) {
+export function checkpointFor(
+  backend: Backend,
+  c: TinyConfig,
+  seed: number,
+  quant: QuantScheme,
+): HostWeight[] {
   const ckpt = makeCheckpoint(c, seed);
   return quant === "fp8-serialized" ? serializeFp8(backend, ckpt) : ckpt;
 }
@@ -316,7 +342,7 @@ export function kernelLayout(model: Module): Map<string, string> {
 }
 
 /** Frees every tensor of a loaded model (each storage once). */
-export function freeModel(backend: Backend, model: Module): void {
+export function freeModule(backend: Backend, model: Module): void {
   const seen = new Set<unknown>();
   for (const [, s] of model.namedTensors()) {
     const st = s.tensor.storage;
@@ -349,11 +375,11 @@ export async function reloadHost(
   b: Backend,
   model: Module,
   host: HostWeight[],
-  options: ReloadWeightsOptions = {},
+  options: ReloadLayerwiseOptions = {},
 ): Promise<ReloadReport> {
   const ws = uploadWeights(b, host);
   try {
-    return await reloadWeights(model, ws, options);
+    return await reloadLayerwise(model, ws, options);
   } finally {
     freeWeights(b, ws);
   }

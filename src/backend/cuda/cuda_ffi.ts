@@ -14,9 +14,9 @@
  * @module
  */
 
-import type { WideSymbols } from "./ffi.ts";
+import type { WideSymbols } from "./ffi_types.ts";
 import { createHash } from "node:crypto";
-import { BackendError } from "../errors.ts";
+import { BackendError } from "../../errors.ts";
 
 const PTR = "usize" as const;
 const STATUS = "i32" as const;
@@ -145,7 +145,7 @@ const SOURCES = [
   "cuda/stager.cu",
 ] as const;
 const BUILD_SCRIPT = "scripts/build-cuda.sh";
-const ROOT = new URL("../../", import.meta.url);
+const ROOT = new URL("../../../", import.meta.url);
 
 let loaded: CudaLibrary | undefined;
 

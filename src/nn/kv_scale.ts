@@ -5,8 +5,8 @@
  */
 
 import type { Backend } from "../backend/backend.ts";
-import type { Module } from "../nn/module.ts";
-import type { QuantMethod, WeightSpec } from "./method.ts";
+import type { Module } from "./module.ts";
+import type { QuantMethod, WeightSpec } from "./quant_method.ts";
 
 /** The sentinel written into scale tensors before loading. */
 export const SCALE_NOT_LOADED = -1;

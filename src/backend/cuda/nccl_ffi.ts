@@ -8,8 +8,8 @@
  * @module
  */
 
-import type { WideSymbols } from "./ffi.ts";
-import { BackendError } from "../errors.ts";
+import type { WideSymbols } from "./ffi_types.ts";
+import { BackendError } from "../../errors.ts";
 
 /** NCCL's symbols that layerwise uses (nccl.h, NCCL 2.x). */
 export const NCCL_SYMBOLS = {

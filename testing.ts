@@ -1,0 +1,59 @@
+/**
+ * What tests and benchmarks share: synthetic checkpoints of any Llama shape, a tiny model built
+ * from the engine's layers (with its checkpoints and helpers), a soak loop and memory probes.
+ *
+ * @example Write a small synthetic checkpoint and read its header back
+ * ```ts
+ * import { synthTensors, writeSynthCheckpoint } from "@layerwise/reload/testing";
+ *
+ * const shape = {
+ *   hiddenSize: 64,
+ *   intermediateSize: 128,
+ *   numLayers: 1,
+ *   numHeads: 4,
+ *   numKvHeads: 2,
+ *   vocabSize: 256,
+ *   tieWordEmbeddings: true,
+ * };
+ * const dir = await Deno.makeTempDir();
+ * const tensors = synthTensors(shape, 1); // same seed, same bytes
+ * await writeSynthCheckpoint(dir, shape, tensors);
+ * console.log(`${tensors.size} tensors in ${dir}/model.safetensors`);
+ * ```
+ * @module
+ */
+
+export {
+  bf16Bits,
+  bf16Value,
+  DEMO_SHAPE,
+  rng,
+  synthConfig,
+  type SynthShape,
+  synthTensors,
+  synthTensorShapes,
+  writeSynthCheckpoint,
+} from "./src/testing/synth.ts";
+export {
+  checkpointFor,
+  equalBytes,
+  f32Bytes,
+  freeModule,
+  freeWeights,
+  freshModel,
+  type HostWeight,
+  kernelBytes,
+  kernelLayout,
+  makeCheckpoint,
+  randomBf16,
+  reloadHost,
+  serializeFp8,
+  shuffle,
+  testBackends,
+  TINY,
+  type TinyConfig,
+  TinyModel,
+  uploadWeights,
+} from "./src/testing/tiny_model.ts";
+export { soak, type SoakOptions, type SoakStats } from "./src/testing/soak.ts";
+export { modelFormatBytes, type PeakTracker, trackPeak } from "./src/testing/memory.ts";
