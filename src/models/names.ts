@@ -39,7 +39,7 @@ export interface DenseMapperOptions {
 /**
  * Block-fp8 checkpoints (DeepSeek-V3, Qwen3-FP8) call a weight's block scales
  * `weight_scale_inv`, though they multiply like every other scale: the model keeps them under
- * `weight_scale`, the name of its kernel tensor (see src/quant/fp8_block.ts).
+ * `weight_scale`, the name of its kernel tensor (ARCHITECTURE.md, "Block-fp8 checkpoints").
  */
 export function scaleName(name: string): string {
   return name.endsWith(".weight_scale_inv") ? name.slice(0, -4) : name;
