@@ -325,6 +325,27 @@ Deno.test("qwen3: a reload A -> B equals a first load of B, and B -> A the expec
   });
 });
 
+Deno.test("qwen3: every quantization reloads A -> B to the bytes of a first load of B", async () => {
+  await withTemp(async (tmp) => {
+    for (const name of ["qwen3-tiny", "qwen3-moe-tiny"]) {
+      const dirB = await writeCheckpoint(`${tmp}/${name}`, name, modified(await fixture(name)));
+      for (const quant of ["none", "fp8-channel", "int8", "fp8-block"] as QuantName[]) {
+        const model = await load(`${CKPT}${name}`, quant);
+        const fresh = await load(dirB, quant);
+        try {
+          const a = downloadKernelTensors(model);
+          const got = await reloadExport(model, dirB);
+          assert.ok(differs(got, a), `${name} ${quant}: B differs`);
+          assertSame(got, downloadKernelTensors(fresh), `${name} ${quant}`);
+        } finally {
+          freeModel(model);
+          freeModel(fresh);
+        }
+      }
+    }
+  });
+});
+
 Deno.test("qwen3 block-fp8: bf16 and block-fp8 checkpoints reload into the same model, both ways", async () => {
   await withTemp(async (tmp) => {
     const bf16Want = await expectation("qwen3-tiny.fp8-block");
