@@ -87,7 +87,6 @@ export {
   countWrites,
   defaultWeightLoader,
   expectShape,
-  fillInto,
   select0,
   type ShardId,
   type SlotKind,

@@ -131,22 +131,6 @@ export function copyInto(backend: Backend, dst: Tensor, src: Tensor): void {
   backend.copy(dst, src);
 }
 
-/**
- * Sets every element of `dst` (contiguous) to `value`, as a load: counted instead when `dst` is
- * a meta tensor. For loaders that mark what a load covered (block scales a bf16 weight will get
- * when it is quantized).
- */
-export function fillInto(backend: Backend, dst: Tensor, value: number): void {
-  if (dst.isMeta) {
-    if (!activeCounter) {
-      throw new ReloadError("META_WRITE", `a load into meta tensor ${dst} outside of counting`);
-    }
-    activeCounter.elements += dst.numel;
-    return;
-  }
-  backend.fill(dst, value);
-}
-
 /** Throws CheckpointError SHAPE_MISMATCH unless `t` has exactly `shape`; `what` names the load. */
 export function expectShape(t: Tensor, shape: readonly number[], what: string): void {
   if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) {

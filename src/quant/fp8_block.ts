@@ -9,9 +9,9 @@
  * How: the model format holds `weight` in the model dtype and `weight_scale` (the checkpoint's
  * `weight_scale_inv`, see models/names.ts) as f32 blocks. An fp8 shard waits, as its bytes,
  * in the first bytes of its own rows of that scratch (see {@link packedFp8}) and is copied out
- * when processed; a model-dtype weight marks its shard's scale blocks with {@link UNSCALED},
- * and processing quantizes those shards per block. Because each shard starts on a block boundary,
- * quantizing a shard's blocks is quantizing the fused tensor's. A layer whose shards do not
+ * when processed; a model-dtype shard is written as usual, counted as covering its scale blocks
+ * too, and remembered, and processing quantizes those shards per block. Because each shard starts
+ * on a block boundary, quantizing a shard's blocks is quantizing the fused tensor's. A layer whose shards do not
  * start on block boundaries cannot hold a block-fp8 checkpoint exactly: it is quantized like
  * `fp8-block` always was (whole fused tensor, model-dtype checkpoints only).
  * @module
@@ -20,16 +20,9 @@
 import type { Backend } from "../backend/backend.ts";
 import { CheckpointError } from "../errors.ts";
 import type { Module } from "../nn/module.ts";
-import {
-  copyInto,
-  fillInto,
-  select0,
-  type ShardId,
-  TensorSlot,
-  type WeightLoader,
-} from "../nn/slots.ts";
+import { copyInto, select0, type ShardId, TensorSlot, type WeightLoader } from "../nn/slots.ts";
 import { type DType, DTYPES } from "../tensor/dtype.ts";
-import { shapeString, Tensor } from "../tensor/tensor.ts";
+import { shapeString, type Storage, Tensor } from "../tensor/tensor.ts";
 import { expertCount, matrices, matrixShape, putTensor } from "./common.ts";
 import type {
   KernelDestination,
@@ -41,12 +34,6 @@ import { OnlineQuantMethod } from "./online.ts";
 
 /** Block edge, rows and columns. */
 export const BLOCK = 128;
-
-/**
- * What a model-dtype weight writes into its shard's scale blocks: no checkpoint scale is
- * negative, so processing knows to quantize the shard itself.
- */
-export const UNSCALED = -1;
 
 const blocks = (n: number) => Math.ceil(n / BLOCK);
 
@@ -108,6 +95,10 @@ export class Fp8BlockMethod implements QuantMethod {
   #specs: readonly WeightSpec[] = [];
   // Layers whose shards cut blocks: the whole fused tensor is quantized, as online methods do.
   #online: OnlineQuantMethod | null = null;
+  // The shards (`expert:row`) a model-dtype weight was loaded into, by the storage of the
+  // layer's scale scratch: loads write straight into scratch, so what each shard was is known
+  // as it arrives, and processing needs no device read to tell (a read would synchronize).
+  readonly #quantize = new WeakMap<Storage, Set<string>>();
 
   /** A method on `backend`; `modelDtype` is the dtype of unquantized weights (bf16). */
   constructor(backend: Backend, modelDtype: DType) {
@@ -182,13 +173,17 @@ export class Fp8BlockMethod implements QuantMethod {
       spec.loader(slot, loaded, shardId, expertId);
       // Once per tensor: when its last rows arrive (a big one comes as row windows).
       if (l === null || loaded.rowRange.end !== loaded.shape[0]) return;
-      // The load covers the shard's scale blocks too. When the weight slot is meta the load is
-      // being counted (the reload counts against the loaded slot alone): count them.
-      const [, cols] = matrixShape(spec);
-      const marks = slot.tensor.isMeta
-        ? Tensor.meta([blocks(l.rows), blocks(cols)], DTYPES.f32)
-        : this.#scaleRows(layer.slot(spec.scaleName).tensor, spec, l);
-      fillInto(b, marks, UNSCALED);
+      // The load covers the shard's scale blocks too (processing computes them). When the
+      // weight slot is meta the load is being counted, against that slot alone: count them.
+      if (slot.tensor.isMeta) {
+        const blocksOf = Tensor.meta([blocks(l.rows), blocks(matrixShape(spec)[1])], DTYPES.f32);
+        copyInto(b, blocksOf, blocksOf);
+        return;
+      }
+      const scratch = layer.slot(spec.scaleName).tensor.storage!;
+      const shards = this.#quantize.get(scratch) ?? new Set<string>();
+      shards.add(`${l.expert}:${l.dstRow}`);
+      this.#quantize.set(scratch, shards);
       return;
     }
     if (l !== null) {
@@ -229,28 +224,38 @@ export class Fp8BlockMethod implements QuantMethod {
   }
 
   /**
-   * Which shards of a spec's loaded weight came as fp8 (per expert, then shard): those whose
-   * scale blocks are not {@link UNSCALED}. Their scales must be positive and finite.
+   * Which shards of a spec's loaded weight came as fp8 (per expert, then shard): those not
+   * loaded from the model dtype. Their scales, read back only when there are any, must be
+   * positive and finite.
    */
-  #storedShards(spec: WeightSpec, scales: Float32Array): boolean[] {
+  #storedShards(spec: WeightSpec, scales: Tensor): boolean[] {
+    const quantize = this.#quantize.get(scales.storage!) ?? new Set<string>();
+    const out: boolean[] = [];
+    for (let e = 0; e < Math.max(1, expertCount(spec)); e++) {
+      let row = 0;
+      for (const r of spec.shardRows) {
+        out.push(!quantize.has(`${e}:${row}`));
+        row += r;
+      }
+    }
+    if (!out.includes(true)) return out;
+    const values = new Float32Array(this.#backend.download(scales).buffer);
     const [rows, cols] = matrixShape(spec);
     const perMatrix = blocks(rows) * blocks(cols);
-    const out: boolean[] = [];
+    let k = 0;
     for (let e = 0; e < Math.max(1, expertCount(spec)); e++) {
       let row = 0;
       for (const [i, r] of spec.shardRows.entries()) {
         const at = e * perMatrix + (row / BLOCK) * blocks(cols);
-        const own = scales.subarray(at, at + blocks(r) * blocks(cols));
-        const stored = !own.every((x) => x === UNSCALED);
-        const bad = own.find((x) => !(x > 0 && x < Infinity));
-        if (stored && bad !== undefined) {
+        const bad = values.subarray(at, at + blocks(r) * blocks(cols))
+          .find((x) => !(x > 0 && x < Infinity));
+        if (out[k++] && bad !== undefined) {
           throw new CheckpointError(
             "BAD_SCALE",
             `${spec.scaleName} of ${expertCount(spec) > 0 ? `expert ${e} ` : ""}shard ${i}: ` +
               `block-fp8 scales must be positive and finite, got ${bad}`,
           );
         }
-        out.push(stored);
         row += r;
       }
     }
@@ -267,7 +272,7 @@ export class Fp8BlockMethod implements QuantMethod {
     const plans = this.#specs.map((spec) => {
       const w = layer.slot(spec.name).tensor;
       const given = layer.slot(spec.scaleName).tensor;
-      const stored = this.#storedShards(spec, new Float32Array(b.download(given).buffer));
+      const stored = this.#storedShards(spec, given);
       return { spec, w, given, stored };
     });
     for (const { spec, w, given, stored } of plans) {
