@@ -547,7 +547,7 @@ Deno.test("qwen3 block-fp8: a block-fp8 checkpoint into a per-tensor model is re
   assert.equal(r.code, 1);
   assert.match(
     r.stderr,
-    /^error: \S+qwen3-tiny-fp8\/model\.safetensors: model\.layers\.\S+: .*\n$/,
+    /^error: \S+qwen3-tiny-fp8\/model\.safetensors: "model\.layers\.\S+": .*\n$/,
   );
 });
 

@@ -10,12 +10,14 @@
 import type { TensorInfo, WeightSource } from "../checkpoint/source.ts";
 import { CheckpointError } from "../errors.ts";
 import type { QuantScheme } from "../nn/quant_method.ts";
+import { quoteName } from "../messages.ts";
 import { DTYPES } from "../tensor/dtype.ts";
 
 const INV = "_scale_inv";
 
+// The file and the tensor come first, as in every validation message; tensor names are quoted.
 function fail(code: string, t: TensorInfo, what: string): never {
-  throw new CheckpointError(code, `${t.origin}: ${t.name}: ${what}`);
+  throw new CheckpointError(code, `${t.origin}: ${quoteName(t.name)}: ${what}`);
 }
 
 /**
@@ -39,19 +41,25 @@ export function checkFp8Checkpoint(source: WeightSource, quant: QuantScheme): vo
       const weightName = t.name.slice(0, -INV.length);
       const w = tensors.get(weightName);
       if (w === undefined) {
-        fail("MISSING_TENSOR", t, `block-fp8 scales without their weight ${weightName}`);
+        fail("MISSING_TENSOR", t, `block-fp8 scales without their weight ${quoteName(weightName)}`);
       }
       if (w.dtype !== DTYPES.f8_e4m3fn) {
         fail(
           "DTYPE_MISMATCH",
           w,
-          `is ${w.dtype.safetensors}, expected F8_E4M3 beside its block scales ${t.name}`,
+          `is ${w.dtype.safetensors}, expected F8_E4M3 beside its block scales ${
+            quoteName(t.name)
+          }`,
         );
       }
     } else if (t.dtype === DTYPES.f8_e4m3fn) {
       if (quant === "fp8-block") {
         if (!tensors.has(`${t.name}${INV}`)) {
-          fail("MISSING_TENSOR", t, `is F8_E4M3 but its block scales ${t.name}${INV} are missing`);
+          fail(
+            "MISSING_TENSOR",
+            t,
+            `is F8_E4M3 but its block scales ${quoteName(`${t.name}${INV}`)} are missing`,
+          );
         }
       } else if (quant !== "fp8-serialized") {
         fail(
