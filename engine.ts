@@ -52,7 +52,8 @@ export {
 } from "./src/tensor/tensor.ts";
 
 // Backends
-export type { Granularity } from "./src/backend/backend.ts";
+export type { Granularity, StagedReader } from "./src/backend/backend.ts";
+export type { StagedTensor, StagingStats } from "./src/backend/cuda/staging_plan.ts";
 export { openWasmBackend, WASM_MAX_MEMORY_BYTES, wasmView } from "./src/backend/wasm.ts";
 export { type CudaBackendOptions, openCudaBackend } from "./src/backend/cuda/device.ts";
 

@@ -43,7 +43,17 @@
  */
 
 // Errors
-export { BackendError, CheckpointError, LayerwiseError, ReloadError } from "./src/errors.ts";
+export {
+  type ArgumentErrorCode,
+  BackendError,
+  type BackendErrorCode,
+  CheckpointError,
+  type CheckpointErrorCode,
+  type ErrorCode,
+  LayerwiseError,
+  ReloadError,
+  type ReloadErrorCode,
+} from "./src/errors.ts";
 
 // Load, reload, export
 export {

@@ -23,37 +23,7 @@
  * @module
  */
 
-export {
-  bf16Bits,
-  bf16Value,
-  DEMO_SHAPE,
-  rng,
-  synthConfig,
-  type SynthShape,
-  synthTensors,
-  synthTensorShapes,
-  writeSynthCheckpoint,
-} from "./src/testing/synth.ts";
-export {
-  checkpointFor,
-  equalBytes,
-  f32Bytes,
-  freeModule,
-  freeWeights,
-  freshModel,
-  type HostWeight,
-  kernelBytes,
-  kernelLayout,
-  makeCheckpoint,
-  randomBf16,
-  reloadHost,
-  serializeFp8,
-  shuffle,
-  testBackends,
-  TINY,
-  type TinyConfig,
-  TinyModel,
-  uploadWeights,
-} from "./src/testing/tiny_model.ts";
-export { soak, type SoakOptions, type SoakStats } from "./src/testing/soak.ts";
-export { modelFormatBytes, type PeakTracker, trackPeak } from "./src/testing/memory.ts";
+export * from "./src/testing/synth.ts";
+export * from "./src/testing/tiny_model.ts";
+export * from "./src/testing/soak.ts";
+export * from "./src/testing/memory.ts";

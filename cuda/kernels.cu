@@ -683,30 +683,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // ------------------------------------------------------------------ dispatch helpers
 
-bool is_float(int32_t d) { return d >= LW_F32 && d <= LW_F8_E5M2; }
-bool is_quant_input(int32_t d) { return d == LW_F32 || d == LW_F16 || d == LW_BF16; }
-
-size_t dtype_size(int32_t d) {
-  switch (d) {
-    case LW_F32:
-    case LW_I32:
-      return 4;
-    case LW_F16:
-    case LW_BF16:
-      return 2;
-    case LW_I64:
-      return 8;
-    case LW_F8_E4M3FN:
-    case LW_F8_E5M2:
-    case LW_I8:
-    case LW_U8:
-    case LW_BOOL:
-      return 1;
-    default:
-      return 0;
-  }
-}
-
 /* Calls f(std::integral_constant<int, D>) for a floating dtype code D. */
 template <typename F>
 void with_float(int32_t d, F f) {
@@ -808,9 +784,9 @@ extern "C" {
 LW_API lw_status lw_cast(void *ctx, void *dst, int32_t dst_dtype, size_t dst_pitch,
                          const void *src, int32_t src_dtype, size_t src_pitch, size_t rows,
                          size_t cols) {
-  size_t ds = dtype_size(dst_dtype), ss = dtype_size(src_dtype);
+  size_t ds = lw_dtype_size(dst_dtype), ss = lw_dtype_size(src_dtype);
   if (ds == 0 || ss == 0) return einval("lw_cast: unknown dtype code");
-  if (dst_dtype != src_dtype && !(is_float(dst_dtype) && is_float(src_dtype))) {
+  if (dst_dtype != src_dtype && !(lw_dtype_is_float(dst_dtype) && lw_dtype_is_float(src_dtype))) {
     return einval("lw_cast: conversions exist between floating dtypes only");
   }
   if (rows > 1 && (dst_pitch < cols || src_pitch < cols)) {
@@ -902,7 +878,7 @@ LW_API lw_status lw_fill(void *ctx, void *dst, size_t n, int32_t elem_size, uint
 }
 
 LW_API lw_status lw_absmax(void *ctx, float *out, const void *src, int32_t dtype, size_t n) {
-  if (!is_float(dtype)) return einval("lw_absmax: dtype must be floating");
+  if (!lw_dtype_is_float(dtype)) return einval("lw_absmax: dtype must be floating");
   ENTER(ctx);
   CK(cudaMemsetAsync(out, 0, sizeof(float), c_->stream));
   if (n == 0) return LW_OK;
@@ -919,10 +895,10 @@ LW_API lw_status lw_absmax(void *ctx, float *out, const void *src, int32_t dtype
 
 LW_API lw_status lw_count_nonfinite(void *ctx, uint64_t *out, const void *src, int32_t dtype,
                                     size_t n) {
-  if (dtype_size(dtype) == 0) return einval("lw_count_nonfinite: unknown dtype code");
+  if (lw_dtype_size(dtype) == 0) return einval("lw_count_nonfinite: unknown dtype code");
   ENTER(ctx);
   CK(cudaMemsetAsync(out, 0, sizeof(uint64_t), c_->stream));
-  if (n == 0 || !is_float(dtype)) return LW_OK;
+  if (n == 0 || !lw_dtype_is_float(dtype)) return LW_OK;
   with_float(dtype, [&](auto d) {
     constexpr int DT = decltype(d)::value;
     using T = typename Ty<DT>::T;
@@ -936,7 +912,7 @@ LW_API lw_status lw_count_nonfinite(void *ctx, uint64_t *out, const void *src, i
 LW_API lw_status lw_quant_fp8(void *ctx, uint8_t *q, float *scale, const void *src,
                               int32_t src_dtype, size_t rows, size_t cols, int32_t granularity,
                               int32_t dynamic) {
-  if (!is_quant_input(src_dtype)) return einval("lw_quant_fp8: source must be f32, f16 or bf16");
+  if (!lw_dtype_is_quant_input(src_dtype)) return einval("lw_quant_fp8: source must be f32, f16 or bf16");
   if (granularity != LW_PER_TENSOR && granularity != LW_PER_ROW &&
       granularity != LW_PER_BLOCK128) {
     return einval("lw_quant_fp8: unknown granularity");
@@ -986,7 +962,7 @@ LW_API lw_status lw_quant_fp8(void *ctx, uint8_t *q, float *scale, const void *s
 
 LW_API lw_status lw_quant_int8_row(void *ctx, int8_t *q, float *scale, const void *src,
                                    int32_t src_dtype, size_t rows, size_t cols) {
-  if (!is_quant_input(src_dtype)) {
+  if (!lw_dtype_is_quant_input(src_dtype)) {
     return einval("lw_quant_int8_row: source must be f32, f16 or bf16");
   }
   ENTER(ctx);
@@ -1005,7 +981,7 @@ LW_API lw_status lw_quant_int8_row(void *ctx, int8_t *q, float *scale, const voi
 LW_API lw_status lw_dequant_fp8(void *ctx, void *dst, int32_t dst_dtype, const uint8_t *q,
                                 const float *scale, size_t rows, size_t cols,
                                 int32_t granularity) {
-  if (!is_quant_input(dst_dtype)) {
+  if (!lw_dtype_is_quant_input(dst_dtype)) {
     return einval("lw_dequant_fp8: destination must be f32, f16 or bf16");
   }
   if (granularity != LW_PER_TENSOR && granularity != LW_PER_ROW &&
@@ -1199,7 +1175,7 @@ LW_API lw_status lw_pread(int32_t fd, void *dst, size_t n, uint64_t offset) {
   return LW_OK;
 }
 
-/* ---------------------------------------------------------------- staged reads (issue 5) */
+/* ---------------------------------------------------------------- staged reads */
 
 // Waiting on a default event spins a CPU core; the staging pipeline waits on several at once
 // while file reads need every core, so its events sleep instead (and skip timing).

@@ -134,7 +134,7 @@ LW_API lw_status lw_event_sync(void *event);
 LW_API lw_status lw_event_elapsed(float *out_ms, void *start, void *end);
 /* pread n bytes at offset of fd into (pinned) host memory; fails with LW_EIO when short */
 LW_API lw_status lw_pread(int32_t fd, void *dst, size_t n, uint64_t offset);
-/* staged reads (issue 5): an event whose host waits sleep instead of spinning, without timing */
+/* staged reads: an event whose host waits sleep instead of spinning, without timing */
 LW_API lw_status lw_event_create_blocking(int32_t device, uint64_t *out_event);
 #endif
 
@@ -156,7 +156,7 @@ LW_API lw_status lw_graph_destroy(void *exec);
 LW_API lw_status lw_fp8_tensor_sums(void *ctx, const uint64_t *table, size_t n, size_t max_numel,
                                     int64_t *sums, double *dequant);
 
-/* ---------------------------------------------------------------- native staging (issue 5)
+/* ---------------------------------------------------------------- native staging
  * (CUDA only; cuda/stager.cu). Threads of the library pread file ranges into a pinned ring of
  * `slots` x `slot_bytes` at `pinned` and copy them to device addresses on copy_ctx's stream.
  * The plan, all uint64: reads[nreads][5] = {file, offset, slot_at, bytes, block}, ordered by

@@ -22,6 +22,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "layerwise.h"
+
 #ifdef __CUDACC__
 #define LW_HD __host__ __device__ __forceinline__
 #else
@@ -235,19 +237,49 @@ LW_HD int8_t lw_int8_quant(float x, float scale) {
 
 /* ------------------------------------------------------------------ dtype dispatch helpers */
 
-/* dtype codes as in layerwise.h (LW_F32 = 0, LW_F16 = 1, LW_BF16 = 2, LW_F8_E4M3FN = 3,
- * LW_F8_E5M2 = 4); other codes read as 0 and are not written */
+/* Whether a dtype code is floating point (f32, f16, bf16, fp8): what casts, absmax and
+ * non-finite counts accept. */
+LW_HD int lw_dtype_is_float(int32_t dtype) { return dtype >= LW_F32 && dtype <= LW_F8_E5M2; }
+
+/* Whether a dtype code is a quantization input (f32, f16, bf16). */
+LW_HD int lw_dtype_is_quant_input(int32_t dtype) {
+  return dtype == LW_F32 || dtype == LW_F16 || dtype == LW_BF16;
+}
+
+/* Bytes per element of a dtype code; 0 for a code the ABI does not know. */
+LW_HD size_t lw_dtype_size(int32_t dtype) {
+  switch (dtype) {
+  case LW_F32:
+  case LW_I32:
+    return 4;
+  case LW_F16:
+  case LW_BF16:
+    return 2;
+  case LW_I64:
+    return 8;
+  case LW_F8_E4M3FN:
+  case LW_F8_E5M2:
+  case LW_I8:
+  case LW_U8:
+  case LW_BOOL:
+    return 1;
+  default:
+    return 0;
+  }
+}
+
+/* Floating dtypes only; other codes read as 0 and are not written. */
 LW_HD float lw_load_f32(const void *p, int dtype, size_t i) {
   switch (dtype) {
-  case 0:
+  case LW_F32:
     return ((const float *)p)[i];
-  case 1:
+  case LW_F16:
     return lw_f32_from_f16(((const uint16_t *)p)[i]);
-  case 2:
+  case LW_BF16:
     return lw_f32_from_bf16(((const uint16_t *)p)[i]);
-  case 3:
+  case LW_F8_E4M3FN:
     return lw_f32_from_e4m3(((const uint8_t *)p)[i]);
-  case 4:
+  case LW_F8_E5M2:
     return lw_f32_from_e5m2(((const uint8_t *)p)[i]);
   default:
     return 0.0f;
@@ -256,19 +288,19 @@ LW_HD float lw_load_f32(const void *p, int dtype, size_t i) {
 
 LW_HD void lw_store_f32(void *p, int dtype, size_t i, float v) {
   switch (dtype) {
-  case 0:
+  case LW_F32:
     ((float *)p)[i] = v;
     break;
-  case 1:
+  case LW_F16:
     ((uint16_t *)p)[i] = lw_f16_from_f32(v);
     break;
-  case 2:
+  case LW_BF16:
     ((uint16_t *)p)[i] = lw_bf16_from_f32(v);
     break;
-  case 3:
+  case LW_F8_E4M3FN:
     ((uint8_t *)p)[i] = lw_e4m3_from_f32_sat(v);
     break;
-  case 4:
+  case LW_F8_E5M2:
     ((uint8_t *)p)[i] = lw_e5m2_from_f32_sat(v);
     break;
   default:

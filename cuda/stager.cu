@@ -1,5 +1,5 @@
 /*
- * Native staging (issue 5; CUDA only; included at the end of kernels.cu, so it shares its
+ * Native staging (ARCHITECTURE.md, "Read paths"; CUDA only; included at the end of kernels.cu, so it shares its
  * contexts, error text and ENTER/CK macros): checkpoint bytes go from files to device memory
  * through a pinned ring, moved by threads of this library, not by the JavaScript event loop.
  *

@@ -1,6 +1,6 @@
 /**
  * Broadcast-reload bandwidth against raw NCCL broadcast bandwidth of the same bytes, in the
- * same run (issue 7: limit 0.7).
+ * same run (limit: 0.7 of the raw broadcast; BENCHMARKS.md has the runs).
  *
  *   NCCL_NVLS_ENABLE=0 LAYERWISE_NCCL_LIB=.../libnccl.so.2 \
  *     deno run -A scripts/bench_broadcast.ts [--ranks N] [--shape 8b|1b|small] [--layers L]

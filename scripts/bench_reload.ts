@@ -1,5 +1,5 @@
 /**
- * The reload bench (issue 5): writes a synthetic Llama-shaped bf16 checkpoint, first-loads it
+ * The reload bench: writes a synthetic Llama-shaped bf16 checkpoint, first-loads it
  * into an fp8 model, reloads it N times, then N times from a copy with the tensors shuffled
  * across shards; prints per run seconds, GB/s of checkpoint bytes and the ratio to a pinned
  * host-to-device copy of the same bytes measured in the same run (on WebAssembly: to a plain
@@ -21,7 +21,6 @@ import type { Backend } from "../src/backend/backend.ts";
 import { cudaHandle } from "../src/backend/cuda/device.ts";
 import { openBackend } from "../src/backend/select.ts";
 import { fileSource } from "../src/checkpoint/source.ts";
-import { releaseStaging } from "../src/backend/cuda/staging.ts";
 import {
   emptyStagingStats,
   flattenReads,
@@ -31,7 +30,7 @@ import {
   type StagingOptions,
   type StagingStats,
 } from "../src/backend/cuda/staging_plan.ts";
-import { stageTensors } from "../src/checkpoint/staging.ts";
+import { releaseStaging, stageTensors } from "../src/checkpoint/staging.ts";
 import { bf16Bits, rng, synthConfig, type SynthShape, synthTensorShapes } from "../testing.ts";
 import { loadModel, reloadWeights } from "../src/models/load.ts";
 import { READ_CHUNK_BYTES } from "../src/models/weights.ts";

@@ -1,4 +1,4 @@
-// Staging probe (issue 5): how fast can checkpoint bytes go from the page cache to the GPU on
+// Staging probe (ARCHITECTURE.md, "Read paths"): how fast can checkpoint bytes go from the page cache to the GPU on
 // this host, with no JavaScript in the way? Native threads only. Measures, on `files` x `gib`
 // GiB of random bytes in a tmpfs directory:
 //   host memcpy bandwidth, pinned H2D, preads alone into a pinned ring, a native read + H2D

@@ -28,9 +28,11 @@ export const NAME_SHOWN_MAX = 120;
 // C0 and C1 controls (ESC and CSI start terminal escape sequences), DEL, line and paragraph
 // separators, bidirectional overrides and isolates (they reorder what a terminal shows), the
 // byte order mark, and lone surrogates (not text at all).
-// deno-lint-ignore no-control-regex -- matching control characters is the point
-const UNSAFE =
-  /[\u0000-\u001f\u007f-\u009f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff\ud800-\udfff]/gu;
+// deno-lint-ignore no-control-regex -- control characters are what it looks for
+const UNSAFE = new RegExp(
+  "[\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029\\u200e\\u200f\\u202a-\\u202e\\u2066-\\u2069\\ufeff\\ud800-\\udfff]",
+  "gu",
+);
 const SHORT: Readonly<Record<string, string>> = { "\n": "\\n", "\r": "\\r", "\t": "\\t" };
 
 /**

@@ -7,9 +7,12 @@
  */
 
 import type { Backend } from "../src/backend/backend.ts";
-import { BackendError } from "../src/errors.ts";
+import { BackendError, type BackendErrorCode } from "../src/errors.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
 import { equalBytes, type HostWeight } from "../testing.ts";
+
+// A code no real backend throws, so that a test tells an injected failure from a real one.
+const INJECTED = "INJECTED" as BackendErrorCode;
 
 /** A Backend that delegates to another and fails on demand. */
 export interface FaultyBackend extends Backend {
@@ -43,7 +46,7 @@ export function faultyBackend(inner: Backend): FaultyBackend {
         method,
         left: n,
         error: error ??
-          (() => new BackendError("INJECTED", `injected failure of ${method} call ${n}`)),
+          (() => new BackendError(INJECTED, `injected failure of ${method} call ${n}`)),
       };
     },
     disarm() {

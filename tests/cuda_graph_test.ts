@@ -1,5 +1,5 @@
 /**
- * The CUDA graph proof (issue 6): why reloads are in place. A model is loaded in fp8; ONE CUDA
+ * The CUDA graph proof: why reloads are in place (ARCHITECTURE.md, "Tensor formats"). A model is loaded in fp8; ONE CUDA
  * graph is captured of a probe kernel that reads every fp8 kernel tensor through its device
  * pointer (cuda/graph.cu `lw_fp8_tensor_sums`: exact sums in units of 2^-9 and the dequantized
  * sums); new weights are reloaded; the SAME graph is replayed without capturing again, and its

@@ -166,3 +166,33 @@ Deno.test("layout: tests never import scripts, scripts never import tests", () =
   }
   assert.deepEqual(bad, []);
 });
+
+Deno.test("layout: code cites ARCHITECTURE.md, never a tracker number", () => {
+  const files = [
+    ...["src", "tests", "scripts", "cuda", "wasm"].flatMap(allFiles),
+    "README.md",
+    "ARCHITECTURE.md",
+    ...[...Deno.readDirSync(ROOT)].filter((e) => e.isFile && e.name.endsWith(".ts")).map((e) =>
+      e.name
+    ),
+  ].filter((f) => /\.(ts|md|sh|cu|h|c|py)$/.test(f) && !f.endsWith("kernels_wasm.ts"));
+  const bad: string[] = [];
+  for (const f of files) {
+    const text = Deno.readTextFileSync(new URL(f, ROOT));
+    text.split("\n").forEach((line, i) => {
+      if (/\bissues? #?\d+|\bDESIGN\.md\b/i.test(line)) bad.push(`${f}:${i + 1}: ${line.trim()}`);
+    });
+  }
+  assert.deepEqual(bad, []);
+});
+
+/** Every file under `dir`, recursively, relative to the repository root. */
+function allFiles(dir: string): string[] {
+  const out: string[] = [];
+  for (const e of Deno.readDirSync(new URL(dir, ROOT))) {
+    const p = `${dir}/${e.name}`;
+    if (e.isDirectory) out.push(...allFiles(p));
+    else out.push(p);
+  }
+  return out;
+}

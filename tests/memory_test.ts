@@ -1,5 +1,5 @@
 /**
- * Extra backend memory of a reload (issue 5, "peak extra device memory"), counted from the
+ * Extra backend memory of a reload (ARCHITECTURE.md, "Memory"), counted from the
  * backend's own allocation figure: in layer order a reload holds the model-format scratch of
  * one quantized layer at a time (plus the tiny attention scales, held to the end), layers
  * without quantization none at all, and processing allocates nothing beside the scratch; in any

@@ -1,5 +1,5 @@
 /**
- * The staged read path (src/checkpoint/staging.ts): the block plan, the device ring and the cut
+ * The staged read path (ARCHITECTURE.md, "Read paths"): the block plan, the device ring and the cut
  * of big tensors into row chunks on any machine; on a GPU, kernel bytes identical to the simple
  * path for every fixture checkpoint and for synthetic ones (sharded, shuffled across shards,
  * tiny slots so tensors span several slots and the device ring wraps, a ring so small that big
@@ -13,7 +13,6 @@ import { cudaHandle, openCudaBackend } from "../src/backend/cuda/device.ts";
 import { openWasmBackend } from "../src/backend/wasm.ts";
 import type { HostTensor } from "../src/checkpoint/safetensors.ts";
 import { fileSource } from "../src/checkpoint/source.ts";
-import { releaseStaging } from "../src/backend/cuda/staging.ts";
 import {
   DeviceRing,
   emptyStagingStats,
@@ -23,7 +22,7 @@ import {
   type StagingOptions,
   type StagingStats,
 } from "../src/backend/cuda/staging_plan.ts";
-import { canStage, stageTensors } from "../src/checkpoint/staging.ts";
+import { canStage, releaseStaging, stageTensors } from "../src/checkpoint/staging.ts";
 import { rng, type SynthShape, synthTensors, writeSynthCheckpoint } from "../testing.ts";
 import { downloadKernelTensors } from "../src/models/export.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";

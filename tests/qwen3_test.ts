@@ -10,7 +10,7 @@
  */
 import assert from "node:assert/strict";
 import type { Backend } from "../src/backend/backend.ts";
-import { releaseStaging } from "../src/backend/cuda/staging.ts";
+import { releaseStaging } from "../src/checkpoint/staging.ts";
 import { openBackend } from "../src/backend/select.ts";
 import {
   encodeSafetensors,

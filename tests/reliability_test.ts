@@ -6,6 +6,7 @@
  */
 
 import assert from "node:assert/strict";
+import type { Backend } from "../src/backend/backend.ts";
 import { CheckpointError, ReloadError } from "../src/errors.ts";
 import {
   inconsistentLayers,
@@ -16,6 +17,7 @@ import {
 import { loadWeights, reloadLayerwise } from "../src/reload/load.ts";
 import { validateTensors } from "../src/reload/validate.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
+import type { Module } from "../src/nn/module.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
 import { describe, differing, faultyBackend, layerOf } from "./_faulty_backend.ts";
 import {
@@ -36,6 +38,16 @@ import {
 
 const BACKENDS = await testBackends();
 const Q = "fp8-tensor";
+
+/** Kernel tensors of `model` whose bytes differ from a fresh load of `host` (none: equal). */
+async function differsFromFresh(b: Backend, model: Module, host: HostWeight[]): Promise<string[]> {
+  const fresh = await freshModel(b, TINY, Q, host);
+  try {
+    return differing(kernelBytes(b, model), kernelBytes(b, fresh));
+  } finally {
+    freeModule(b, fresh);
+  }
+}
 
 function withoutName(host: HostWeight[], name: string): HostWeight[] {
   const out = host.filter((h) => h.name !== name);
@@ -273,12 +285,7 @@ for (const [bn, b] of BACKENDS) {
       const r = await reloadHost(b, model, extra, { expected: describe(extra), strict: false });
       assert.deepEqual(r.validation?.unknown, ["model.layers.0.mlp.extra_proj.weight"]);
       assert.equal(r.tensorsSkipped, 1);
-      const fresh = await freshModel(b, TINY, Q, B);
-      try {
-        assert.deepEqual(differing(kernelBytes(b, model), kernelBytes(b, fresh)), []);
-      } finally {
-        freeModule(b, fresh);
-      }
+      assert.deepEqual(await differsFromFresh(b, model, B), []);
       // Lenient partial reload: the layer the checkpoint lacks keeps its weights.
       const noDown = withoutName(A, "model.layers.1.mlp.down_proj.weight");
       const p = await reloadHost(b, model, noDown, { expected: describe(noDown), strict: false });
@@ -386,12 +393,7 @@ for (const [bn, b] of BACKENDS) {
       assert.equal(b.allocatedBytes(), allocated, "the failed first load freed its memory");
       // A clean checkpoint passes the scan and reloads exactly.
       await reloadHost(b, model, B, { rejectNonFinite: true, atomic: true });
-      const fresh = await freshModel(b, TINY, Q, B);
-      try {
-        assert.deepEqual(differing(kernelBytes(b, model), kernelBytes(b, fresh)), []);
-      } finally {
-        freeModule(b, fresh);
-      }
+      assert.deepEqual(await differsFromFresh(b, model, B), []);
     } finally {
       freeModule(b, model);
     }
@@ -510,12 +512,7 @@ for (const [bn, b] of BACKENDS) {
       assert.equal(r2.inconsistent, false);
       assert.deepEqual(r2.inconsistentLayers, []);
       assert.equal(isInconsistent(model), false);
-      const fresh = await freshModel(b, TINY, Q, C);
-      try {
-        assert.deepEqual(differing(kernelBytes(b, model), kernelBytes(b, fresh)), []);
-      } finally {
-        freeModule(b, fresh);
-      }
+      assert.deepEqual(await differsFromFresh(b, model, C), []);
     } finally {
       freeModule(b, model);
     }
@@ -548,16 +545,7 @@ for (const [bn, b] of BACKENDS) {
       const r = await first;
       assert.equal(r.storageKept, true);
       assert.equal(isReloading(model), false);
-      const fresh = await freshModel(b, TINY, Q, B);
-      try {
-        assert.deepEqual(
-          differing(kernelBytes(b, model), kernelBytes(b, fresh)),
-          [],
-          "the first reload is unharmed",
-        );
-      } finally {
-        freeModule(b, fresh);
-      }
+      assert.deepEqual(await differsFromFresh(b, model, B), [], "the first reload is unharmed");
     } finally {
       freeWeights(b, ws);
       freeWeights(b, wa);
@@ -577,12 +565,7 @@ for (const [bn, b] of BACKENDS) {
       await assert.rejects(loadWeights(model, wa), rejectsWith("LOAD_ACTIVE", ReloadError));
       g.release();
       await first;
-      const fresh = await freshModel(b, TINY, Q, A);
-      try {
-        assert.deepEqual(differing(kernelBytes(b, model), kernelBytes(b, fresh)), []);
-      } finally {
-        freeModule(b, fresh);
-      }
+      assert.deepEqual(await differsFromFresh(b, model, A), []);
       // Once settled, a reload goes through.
       const r = await reloadLayerwise(model, wa);
       assert.equal(r.storageKept, true);

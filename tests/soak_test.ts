@@ -1,6 +1,6 @@
 /**
  * Soak: 1000 alternating reloads A/B of a tiny model on every available backend (see
- * scripts/soak.ts for the checks after each reload and for longer runs): always exact, no
+ * src/testing/soak.ts for the checks after each reload and for longer runs): always exact, no
  * storage moved, device and WebAssembly memory flat after the first few, host RSS flat within
  * a tolerance.
  */

@@ -23,7 +23,7 @@ import assert from "node:assert/strict";
 import type { Backend } from "../src/backend/backend.ts";
 import { openWasmBackend } from "../src/backend/wasm.ts";
 import type { HostTensor } from "../src/checkpoint/safetensors.ts";
-import { synthTensors, writeSynthCheckpoint } from "../testing.ts";
+import { quantizeFp8PerTensor, synthTensors, writeSynthCheckpoint } from "../testing.ts";
 import { readModelConfig } from "../src/models/config.ts";
 import { downloadKernelTensors } from "../src/models/export.ts";
 import { loadModel } from "../src/models/load.ts";
@@ -208,17 +208,9 @@ function quantizeOnItsOwn(b: Backend, t: Host): [Host, Host] {
   });
   const qs: Host[] = [], scales: Host[] = [];
   for (const m of mats) {
-    const src = b.empty(m.shape, m.dtype);
-    const q = b.empty(m.shape, DTYPES.f8_e4m3fn);
-    const s = b.empty([1], DTYPES.f32);
-    try {
-      b.upload(src, m.data);
-      b.quantizeFp8(q, s, src, "tensor", true);
-      qs.push({ dtype: DTYPES.f8_e4m3fn, shape: [1, ...m.shape], data: b.download(q) });
-      scales.push({ dtype: DTYPES.f32, shape: [1], data: b.download(s) });
-    } finally {
-      for (const x of [src, q, s]) b.free(x.storage!);
-    }
+    const { q, scale } = quantizeFp8PerTensor(b, m.shape, m.dtype, m.data);
+    qs.push({ dtype: DTYPES.f8_e4m3fn, shape: [1, ...m.shape], data: q });
+    scales.push({ dtype: DTYPES.f32, shape: [1], data: scale });
   }
   if (experts === 0) {
     return [{ ...qs[0], shape: qs[0].shape.slice(1) }, scales[0]];

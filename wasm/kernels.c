@@ -34,24 +34,6 @@ static lw_status refuse(const char *why) {
   return LW_EINVAL;
 }
 
-static int is_float(int32_t dt) { return dt >= LW_F32 && dt <= LW_F8_E5M2; }
-static int is_quant_input(int32_t dt) { return dt == LW_F32 || dt == LW_F16 || dt == LW_BF16; }
-
-static size_t dtype_size(int32_t dt) {
-  switch (dt) {
-  case LW_F32:
-  case LW_I32:
-    return 4;
-  case LW_F16:
-  case LW_BF16:
-    return 2;
-  case LW_I64:
-    return 8;
-  default:
-    return 1;
-  }
-}
-
 /* ------------------------------------------------------------------------------- copies */
 
 LW_API lw_status lw_copy(void *ctx, void *dst, const void *src, size_t n) {
@@ -146,10 +128,10 @@ LW_API lw_status lw_cast(void *ctx, void *dst, int32_t dst_dtype, size_t dst_pit
     return refuse("lw_cast: unknown dtype code");
   }
   if (dst_dtype == src_dtype) {
-    size_t e = dtype_size(dst_dtype);
+    size_t e = lw_dtype_size(dst_dtype);
     return lw_copy2d(ctx, dst, dst_pitch * e, src, src_pitch * e, cols * e, rows);
   }
-  if (!is_float(dst_dtype) || !is_float(src_dtype)) {
+  if (!lw_dtype_is_float(dst_dtype) || !lw_dtype_is_float(src_dtype)) {
     return refuse("lw_cast: conversions exist between floating dtypes only");
   }
   if (rows == 0 || cols == 0) return LW_OK;
@@ -222,7 +204,7 @@ static float absmax_of(const void *src, int32_t dt, size_t n) {
 
 LW_API lw_status lw_absmax(void *ctx, float *out, const void *src, int32_t dtype, size_t n) {
   (void)ctx;
-  if (!is_float(dtype)) return refuse("lw_absmax: the dtype must be floating");
+  if (!lw_dtype_is_float(dtype)) return refuse("lw_absmax: the dtype must be floating");
   *out = absmax_of(src, dtype, n);
   return LW_OK;
 }
@@ -302,7 +284,7 @@ static void q8_bf16(uint8_t *q, const uint16_t *x, size_t n, float s) {
 
 /* element i of a quantization input: x + i elements */
 static const void *at(const void *x, int32_t dt, size_t i) {
-  return (const uint8_t *)x + i * dtype_size(dt);
+  return (const uint8_t *)x + i * lw_dtype_size(dt);
 }
 
 static void quant_run(uint8_t *q, const void *x, int32_t dt, size_t n, float s) {
@@ -344,7 +326,7 @@ LW_API lw_status lw_quant_fp8(void *ctx, uint8_t *q, float *scale, const void *s
                               int32_t src_dtype, size_t rows, size_t cols, int32_t granularity,
                               int32_t dynamic) {
   (void)ctx;
-  if (!is_quant_input(src_dtype)) return refuse("lw_quant_fp8: the input must be f32, f16 or bf16");
+  if (!lw_dtype_is_quant_input(src_dtype)) return refuse("lw_quant_fp8: the input must be f32, f16 or bf16");
   if (granularity < LW_PER_TENSOR || granularity > LW_PER_BLOCK128) {
     return refuse("lw_quant_fp8: unknown granularity");
   }
@@ -377,7 +359,7 @@ static void qi8_bf16(int8_t *q, const uint16_t *x, size_t n, float s) {
 LW_API lw_status lw_quant_int8_row(void *ctx, int8_t *q, float *scale, const void *src,
                                    int32_t src_dtype, size_t rows, size_t cols) {
   (void)ctx;
-  if (!is_quant_input(src_dtype)) {
+  if (!lw_dtype_is_quant_input(src_dtype)) {
     return refuse("lw_quant_int8_row: the input must be f32, f16 or bf16");
   }
   for (size_t r = 0; r < rows && cols; r++) {
@@ -421,7 +403,7 @@ LW_API lw_status lw_dequant_fp8(void *ctx, void *dst, int32_t dst_dtype, const u
                                 const float *scale, size_t rows, size_t cols,
                                 int32_t granularity) {
   (void)ctx;
-  if (!is_quant_input(dst_dtype)) {
+  if (!lw_dtype_is_quant_input(dst_dtype)) {
     return refuse("lw_dequant_fp8: the output must be f32, f16 or bf16");
   }
   if (granularity < LW_PER_TENSOR || granularity > LW_PER_BLOCK128) {

@@ -6,6 +6,7 @@
 
 import type { DType } from "../tensor/dtype.ts";
 import type { Storage, Tensor } from "../tensor/tensor.ts";
+import type { StagedTensor, StagingOptions, StagingStats } from "./cuda/staging_plan.ts";
 
 /** Which implementation a backend is. */
 export type BackendKind = "cuda" | "wasm";
@@ -66,6 +67,43 @@ export interface Backend {
 
   /** Waits for all queued work. */
   synchronize(): void;
+
+  /**
+   * Present when the backend's memory is host memory (WebAssembly): a view of a contiguous
+   * tensor's bytes in place, so that file reads land there without a copy. The view is valid
+   * until the next allocation on the backend (memory may grow); use it at once.
+   */
+  readonly hostView?: (tensor: Tensor) => Uint8Array;
+  /**
+   * Present when the backend reads files itself (CUDA on Linux): staged reads through pinned
+   * memory (ARCHITECTURE.md, "Read paths").
+   */
+  readonly fileReader?: StagedReader;
   /** Releases everything; the backend is unusable afterwards. */
   close(): void;
 }
+
+/** Staged file reads of a backend; see {@link Backend.fileReader}. */
+export interface StagedReader {
+  /**
+   * Reads the `located` tensors of `files` (in that order) and yields each as a contiguous
+   * tensor in backend memory, borrowed until the consumer asks for the next one; a tensor
+   * larger than the staging ring allows comes as consecutive row chunks (`rowWindow`s) under
+   * its name. `infoOf` gives a tensor's shape and dtype. Returns true after the last tensor.
+   */
+  read(
+    files: readonly string[],
+    located: readonly StagedTensor[],
+    infoOf: (name: string) => { readonly shape: readonly number[]; readonly dtype: DType },
+    options?: StagingOptions,
+    stats?: StagingStats,
+  ): AsyncGenerator<[string, Tensor], boolean>;
+  /**
+   * Frees the pinned memory kept between reads (pinning is slow). Call before closing the
+   * backend; a later read pins again.
+   */
+  release(): void;
+}
+
+/** The optional parts of a {@link Backend}, given by the implementation that has them. */
+export type BackendCapabilities = Pick<Backend, "hostView" | "fileReader">;

@@ -7,16 +7,16 @@
  */
 
 import { BackendError } from "../errors.ts";
-import { type DType, DTYPES } from "../tensor/dtype.ts";
+import { type DType, DTYPES, isModelFloat } from "../tensor/dtype.ts";
 import { type Layout2D, shapeString, type Storage, Tensor } from "../tensor/tensor.ts";
-import type { Backend, BackendKind, Granularity } from "./backend.ts";
-
-/** Granularity codes of the ABI. */
-export const GRANULARITY_CODE: Readonly<Record<Granularity, number>> = {
-  tensor: 0,
-  row: 1,
-  block128: 2,
-};
+import { GRANULARITY_CODE, scaleCount, statusError } from "./abi.ts";
+import type {
+  Backend,
+  BackendCapabilities,
+  BackendKind,
+  Granularity,
+  StagedReader,
+} from "./backend.ts";
 
 /**
  * The kernel section of the C ABI (cuda/layerwise.h) as JS sees it: the context first, pointers
@@ -115,7 +115,6 @@ export interface RawDevice {
   close(): void;
 }
 
-const FLOATS = new Set(["f32", "f16", "bf16", "f8_e4m3fn", "f8_e5m2"]);
 // Integer fills must fit the dtype: silently wrapping 300 into a u8 would hide a caller's bug.
 const INT_RANGE: Readonly<Record<string, [number, number]>> = {
   i8: [-128, 127],
@@ -124,14 +123,6 @@ const INT_RANGE: Readonly<Record<string, [number, number]>> = {
   i32: [-(2 ** 31), 2 ** 31 - 1],
   i64: [Number.MIN_SAFE_INTEGER, Number.MAX_SAFE_INTEGER],
 };
-const QUANT_INPUTS = new Set(["f32", "f16", "bf16"]);
-
-/** Scale count for a rows x cols matrix at a granularity. */
-export function scaleCount(rows: number, cols: number, g: Granularity): number {
-  if (g === "tensor") return 1;
-  if (g === "row") return rows;
-  return Math.ceil(rows / 128) * Math.ceil(cols / 128);
-}
 
 /** A tensor seen as a matrix: all dimensions but the last are rows. */
 function matrixDims(t: Tensor): [number, number] {
@@ -150,12 +141,20 @@ export class KernelBackend implements Backend {
   #scratch: Storage;
   #closed = false;
 
-  /** Wraps a raw device. */
-  constructor(dev: RawDevice) {
+  /** See {@link Backend.hostView}. */
+  readonly hostView?: (tensor: Tensor) => Uint8Array;
+  /** See {@link Backend.fileReader}. */
+  readonly fileReader?: StagedReader;
+
+  /** Wraps a raw device; `capabilities` gives the optional parts, made for this backend. */
+  constructor(dev: RawDevice, capabilities?: (self: Backend) => BackendCapabilities) {
     this.#dev = dev;
     this.#k = dev.kernels;
     this.#ctx = dev.ctx;
     this.#scratch = this.alloc(64);
+    const caps = capabilities?.(this) ?? {};
+    if (caps.hostView) this.hostView = caps.hostView;
+    if (caps.fileReader) this.fileReader = caps.fileReader;
   }
 
   /** `cuda` or `wasm`. */
@@ -257,7 +256,7 @@ export class KernelBackend implements Backend {
       );
     }
     const same = dst.dtype === src.dtype;
-    if (!same && !(FLOATS.has(dst.dtype.name) && FLOATS.has(src.dtype.name))) {
+    if (!same && !(dst.dtype.floating && src.dtype.floating)) {
       throw new BackendError(
         "BAD_DTYPE",
         `copy: no conversion from ${src.dtype.name} to ${dst.dtype.name} (floating dtypes only)`,
@@ -542,7 +541,7 @@ export class KernelBackend implements Backend {
     g: Granularity,
   ): [number, number] {
     for (const t of [q, scale, x]) this.#contiguous(op, t);
-    if (!QUANT_INPUTS.has(x.dtype.name)) {
+    if (!isModelFloat(x.dtype)) {
       throw new BackendError(
         "BAD_DTYPE",
         `${op}: ${x} must be f32, f16 or bf16`,
@@ -589,7 +588,7 @@ export class KernelBackend implements Backend {
   #check(op: string, status: number): void {
     if (status !== 0) {
       throw new BackendError(
-        status === 1 ? "INVALID" : status === 3 ? "OUT_OF_MEMORY" : "DEVICE",
+        statusError(status)[0],
         `${op} on ${this.description}: ${this.#dev.errorText(status)}`,
       );
     }

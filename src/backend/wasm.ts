@@ -176,7 +176,7 @@ export async function openWasmBackend(): Promise<Backend> {
   const exports = instance.exports as unknown as KernelExports;
   exports._initialize?.();
   const dev = new WasmDevice(exports);
-  const backend = new KernelBackend(dev);
+  const backend = new KernelBackend(dev, (self) => ({ hostView: (t) => wasmView(self, t) }));
   devices.set(backend, dev);
   return backend;
 }

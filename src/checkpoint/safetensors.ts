@@ -10,7 +10,7 @@
  * @module
  */
 
-import { CheckpointError } from "../errors.ts";
+import { CheckpointError, type CheckpointErrorCode } from "../errors.ts";
 import { type DType, dtypeFromSafetensors } from "../tensor/dtype.ts";
 
 /** A tensor held in host memory: its bytes are little-endian, row-major and contiguous. */
@@ -72,7 +72,7 @@ const UNSUPPORTED_DTYPES: ReadonlySet<string> = new Set([
 
 const JSON_DEPTH_LIMIT = 128;
 
-function fail(code: string, message: string): never {
+function fail(code: CheckpointErrorCode, message: string): never {
   throw new CheckpointError(code, message);
 }
 
@@ -490,7 +490,7 @@ function checkLayout(file: string, entries: TensorEntry[], dataLength: number): 
   entries.sort((a, b) => a.begin - b.begin || a.end - b.end);
   let expected = 0;
   let prev: TensorEntry | null = null;
-  let tilingError: [string, string] | null = null;
+  let tilingError: [CheckpointErrorCode, string] | null = null;
   for (const e of entries) {
     if (e.begin < expected) {
       tilingError = [

@@ -11,7 +11,7 @@
  * @module
  */
 
-import { CheckpointError } from "../errors.ts";
+import { CheckpointError, type CheckpointErrorCode } from "../errors.ts";
 import { readSafetensorsHeader, type SafetensorsHeader, type TensorEntry } from "./safetensors.ts";
 
 /** Name of the index file of a sharded checkpoint. */
@@ -39,7 +39,7 @@ export interface Checkpoint {
   readPlan(order?: (name: string) => number): TensorEntry[];
 }
 
-function fail(code: string, message: string): never {
+function fail(code: CheckpointErrorCode, message: string): never {
   throw new CheckpointError(code, message);
 }
 

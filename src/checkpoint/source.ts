@@ -6,7 +6,7 @@
  * @module
  */
 
-import { CheckpointError } from "../errors.ts";
+import { CheckpointError, type CheckpointErrorCode } from "../errors.ts";
 import { type DType, dtypeFromSafetensors, dtypeOf } from "../tensor/dtype.ts";
 import {
   checkHostTensor,
@@ -81,7 +81,7 @@ export type TensorPairs =
   | Iterable<readonly [string, TensorLike]>
   | Iterable<{ name: string; tensor: TensorLike }>;
 
-function fail(code: string, message: string): never {
+function fail(code: CheckpointErrorCode, message: string): never {
   throw new CheckpointError(code, message);
 }
 

@@ -7,7 +7,6 @@
  */
 
 import type { Backend } from "../backend/backend.ts";
-import { canStageFiles, stageFiles } from "../backend/cuda/staging.ts";
 import {
   checkOptions,
   type StagedTensor,
@@ -53,15 +52,25 @@ async function locate(
   return { files, tensors };
 }
 
-/** Whether {@link stageTensors} can run for this backend (CUDA, Linux, libc loadable). */
+/** Whether {@link stageTensors} can run for this backend: it has a `fileReader` (CUDA, Linux). */
 export function canStage(backend: Backend): boolean {
-  return canStageFiles(backend);
+  return backend.fileReader !== undefined;
+}
+
+/**
+ * Frees the pinned memory `backend` keeps between staged reads (pinning is slow). Call before
+ * closing the backend; a later staged read pins again.
+ */
+export function releaseStaging(backend: Backend): void {
+  backend.fileReader?.release();
 }
 
 /**
  * Reads `names` of a file-backed `source` (in that order) through the backend's pinned ring
  * and yields each as a contiguous tensor in `backend` memory, borrowed until the consumer asks
- * for the next one (see `stageFiles` for row chunks and errors). Yields nothing and returns
+ * for the next one; a tensor larger than the staging ring allows comes as row chunks.
+ * Errors: CheckpointError `TRUNCATED` when a file came short, `MISSING_SHARD` when one vanished;
+ * BackendError from the device, `BAD_OPTION` for staging sizes that are not positive integers. Yields nothing and returns
  * false when the source is not file-backed or the backend cannot stage (call {@link canStage}
  * first); returns true after the last tensor.
  */
@@ -72,12 +81,12 @@ export async function* stageTensors(
   options: StagingOptions = {},
   stats?: StagingStats,
 ): AsyncGenerator<[string, Tensor], boolean> {
-  if (!canStageFiles(backend)) return false;
+  const reader = backend.fileReader;
+  if (!reader) return false;
   checkOptions({ ...STAGING_DEFAULTS, ...options });
   const where = await locate(source, names);
   if (where === null) return false;
-  return yield* stageFiles(
-    backend,
+  return yield* reader.read(
     where.files,
     where.tensors,
     (n) => source.tensors.get(n)!,

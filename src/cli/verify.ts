@@ -5,6 +5,7 @@
  * @module
  */
 
+import { blockScaleIndex, scaleCount } from "../backend/abi.ts";
 import type { HostTensor } from "../checkpoint/safetensors.ts";
 
 const F32 = new Float32Array(1);
@@ -87,9 +88,8 @@ export function compareKernelTensor(
     if (per === 1) scaleAt = () => s[0];
     else if (per === rows) scaleAt = (r) => s[r];
     else {
-      const bc = Math.ceil(cols / 128);
-      if (per !== Math.ceil(rows / 128) * bc) throw new Error(`scale has ${per} values`);
-      scaleAt = (r, c) => s[(r >> 7) * bc + (c >> 7)];
+      if (per !== scaleCount(rows, cols, "block128")) throw new Error(`scale has ${per} values`);
+      scaleAt = (r, c) => s[blockScaleIndex(r, c, cols)];
     }
   }
   const fp8 = q.dtype.name === "f8_e4m3fn";

@@ -5,7 +5,7 @@
  */
 
 import { CheckpointError } from "../errors.ts";
-import { type DType, dtypeOf } from "../tensor/dtype.ts";
+import { type DType, dtypeOf, isModelFloat } from "../tensor/dtype.ts";
 
 /** The architectures this package builds, as `config.json` names them. */
 export const ARCHITECTURES: readonly string[] = Object.freeze([
@@ -210,7 +210,7 @@ export function parseModelConfig(json: unknown, options: ParseConfigOptions = {}
     if (!present(cfg, field)) bad(file, "dtype", "is missing (nor is there a torch_dtype)");
     const name = cfg[field];
     const d = typeof name === "string" ? dtypeOf(name) : undefined;
-    if (d === undefined || !["f32", "f16", "bf16"].includes(d.name)) {
+    if (d === undefined || !isModelFloat(d)) {
       bad(file, field, `is ${JSON.stringify(name)}, expected bfloat16, float16 or float32`);
     }
     dtype = d;

@@ -8,7 +8,7 @@
  */
 
 import type { TensorInfo, WeightSource } from "../checkpoint/source.ts";
-import { CheckpointError } from "../errors.ts";
+import { CheckpointError, type CheckpointErrorCode } from "../errors.ts";
 import type { QuantScheme } from "../nn/quant_method.ts";
 import { quoteName } from "../messages.ts";
 import { DTYPES } from "../tensor/dtype.ts";
@@ -16,7 +16,7 @@ import { DTYPES } from "../tensor/dtype.ts";
 const INV = "_scale_inv";
 
 // The file and the tensor come first, as in every validation message; tensor names are quoted.
-function fail(code: string, t: TensorInfo, what: string): never {
+function fail(code: CheckpointErrorCode, t: TensorInfo, what: string): never {
   throw new CheckpointError(code, `${t.origin}: ${quoteName(t.name)}: ${what}`);
 }
 

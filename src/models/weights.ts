@@ -6,7 +6,6 @@
  */
 
 import type { Backend } from "../backend/backend.ts";
-import { wasmView } from "../backend/wasm.ts";
 import type { WeightSource } from "../checkpoint/source.ts";
 import type { StagingOptions } from "../backend/cuda/staging_plan.ts";
 import { canStage, stageTensors } from "../checkpoint/staging.ts";
@@ -178,7 +177,7 @@ async function* stream(
         if (rows) await source.readRowsInto!(name, rows[0], rows[1], dst);
         else await source.readInto(name, dst);
       };
-      if (backend.kind === "wasm") await into(wasmView(backend, t));
+      if (backend.hostView) await into(backend.hostView(t));
       else {
         const n = t.nbytes;
         if (buffer.byteLength < n) buffer = new Uint8Array(n);

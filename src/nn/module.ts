@@ -6,7 +6,7 @@
  */
 
 import type { Backend } from "../backend/backend.ts";
-import { CheckpointError, LayerwiseError } from "../errors.ts";
+import { CheckpointError, LayerwiseError, withMessage } from "../errors.ts";
 import type { Tensor } from "../tensor/tensor.ts";
 import type { QuantMethod } from "./quant_method.ts";
 import type { ShardId, TensorSlot } from "./slots.ts";
@@ -196,6 +196,5 @@ export class Module {
 /** Rethrows a LayerwiseError with `name: ` in front of its message; other errors unchanged. */
 export function prefixError(e: unknown, name: string): unknown {
   if (!(e instanceof LayerwiseError) || e.message.startsWith(`${name}:`)) return e;
-  const Ctor = e.constructor as new (code: string, message: string) => LayerwiseError;
-  return new Ctor(e.code, `${name}: ${e.message}`);
+  return withMessage(e, `${name}: ${e.message}`);
 }

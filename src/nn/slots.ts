@@ -11,6 +11,7 @@
 
 import type { Backend } from "../backend/backend.ts";
 import { CheckpointError, ReloadError } from "../errors.ts";
+import { isModelFloat } from "../tensor/dtype.ts";
 import { shapeString, Tensor } from "../tensor/tensor.ts";
 
 /** Identifies a shard of a fused tensor: `"q"`, `"k"`, `"v"`, `0..n-1`, `"w1"`, `"w2"`, `"w3"`. */
@@ -87,8 +88,6 @@ export function countWrites(fn: () => void): number {
   return counter.elements;
 }
 
-const CASTABLE = new Set(["f32", "f16", "bf16"]);
-
 /**
  * The only way loaders write: `dst = src` (casting between f32/f16/bf16). Shapes must match;
  * quantized dtypes (fp8, int8) must match exactly. When `dst` is a meta tensor, its element
@@ -106,7 +105,7 @@ export function copyInto(backend: Backend, dst: Tensor, src: Tensor): void {
       `expected ${shapeString(dst.shape)}, got ${shapeString(src.shape)}`,
     );
   }
-  if (dst.dtype !== src.dtype && !(CASTABLE.has(dst.dtype.name) && CASTABLE.has(src.dtype.name))) {
+  if (dst.dtype !== src.dtype && !(isModelFloat(dst.dtype) && isModelFloat(src.dtype))) {
     throw new CheckpointError(
       "DTYPE_MISMATCH",
       `expected ${dst.dtype.name}, got ${src.dtype.name}`,

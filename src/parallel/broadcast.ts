@@ -168,10 +168,55 @@ function deferred(): Deferred {
   return { promise, resolve, reject };
 }
 
-interface Bucket {
-  names: string[];
-  offsets: number[];
+/** One broadcast: tensors at aligned offsets of one device block. */
+export interface Bucket {
+  /** Tensor names, in read order. */
+  readonly names: string[];
+  /** Byte offset of each tensor in the bucket. */
+  readonly offsets: number[];
+  /** Bytes of the bucket up to the end of its last tensor. */
   bytes: number;
+}
+
+/** The buckets of a broadcast reload, from {@link planBuckets}. */
+export interface BucketPlan {
+  /** Buckets in read order. */
+  readonly buckets: readonly Bucket[];
+  /** Size of each bucket's device block: the bucket size asked for, or the largest tensor. */
+  readonly bucketBytes: number;
+  /** Bytes of all tensors. */
+  readonly bytes: number;
+}
+
+/**
+ * Cuts tensors `names` (read order; `bytesOf` gives their sizes) into buckets of at most
+ * `bucketBytes`, each tensor at an aligned offset; a tensor larger than that makes the blocks as
+ * large as it is. Pure: what broadcastReload then allocates and drives.
+ */
+export function planBuckets(
+  names: readonly string[],
+  bytesOf: (name: string) => number,
+  bucketBytes: number = 256 << 20,
+): BucketPlan {
+  let cap = bucketBytes;
+  for (const name of names) cap = Math.max(cap, alignUp(bytesOf(name)));
+  const buckets: Bucket[] = [];
+  let cur: Bucket = { names: [], offsets: [], bytes: 0 };
+  let total = 0;
+  for (const name of names) {
+    const bytes = bytesOf(name);
+    total += bytes;
+    if (cur.names.length > 0 && alignUp(cur.bytes) + bytes > cap) {
+      buckets.push(cur);
+      cur = { names: [], offsets: [], bytes: 0 };
+    }
+    const at = alignUp(cur.bytes);
+    cur.names.push(name);
+    cur.offsets.push(at);
+    cur.bytes = at + bytes;
+  }
+  if (cur.names.length > 0) buckets.push(cur);
+  return { buckets, bucketBytes: cap, bytes: total };
 }
 
 /** Rank r's description of a broadcast source, for validateWeights. */
@@ -223,25 +268,11 @@ export async function broadcastReload(
       throw new LayerwiseError("BAD_CONFIG", `rank ${r} loads other tensors than rank 0`);
     }
   }
-  // Buckets in read order.
-  let cap = options.bucketBytes ?? 256 << 20;
-  for (const name of names) cap = Math.max(cap, alignUp(source.tensors.get(name)!.bytes));
-  const buckets: Bucket[] = [];
-  let cur: Bucket = { names: [], offsets: [], bytes: 0 };
-  let total = 0;
-  for (const name of names) {
-    const bytes = source.tensors.get(name)!.bytes;
-    total += bytes;
-    if (cur.names.length > 0 && alignUp(cur.bytes) + bytes > cap) {
-      buckets.push(cur);
-      cur = { names: [], offsets: [], bytes: 0 };
-    }
-    const at = alignUp(cur.bytes);
-    cur.names.push(name);
-    cur.offsets.push(at);
-    cur.bytes = at + bytes;
-  }
-  if (cur.names.length > 0) buckets.push(cur);
+  const { buckets, bucketBytes: cap, bytes: total } = planBuckets(
+    names,
+    (name) => source.tensors.get(name)!.bytes,
+    options.bucketBytes,
+  );
 
   const handles = models.map((m, r) => {
     const h = cudaHandle(m.device);

@@ -12,16 +12,10 @@ import type { Module } from "../nn/module.ts";
 import { type DType, DTYPES } from "../tensor/dtype.ts";
 import { select0 } from "../nn/slots.ts";
 import type { Tensor } from "../tensor/tensor.ts";
+import { scaleShape } from "../backend/abi.ts";
 import { expertCount, matrices, matrixShape, putTensor } from "./common.ts";
 import type { KernelDestination, QuantMethod, WeightSpec } from "../nn/quant_method.ts";
 import { UnquantizedMethod } from "./unquantized.ts";
-
-/** Shape of the scales of one matrix. */
-export function scaleShape(rows: number, cols: number, g: Granularity): number[] {
-  if (g === "tensor") return [1];
-  if (g === "row") return [rows];
-  return [Math.ceil(rows / 128), Math.ceil(cols / 128)];
-}
 
 /** Quantizes model-dtype weights after loading, with dynamic scales. */
 export class OnlineQuantMethod implements QuantMethod {

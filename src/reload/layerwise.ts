@@ -1,5 +1,5 @@
 /**
- * The layerwise reload lifecycle (see DESIGN.md, "Lifecycle"):
+ * The layerwise reload lifecycle (ARCHITECTURE.md, "Lifecycle"):
  * {@link recordMetadataForReloading} after building, {@link initializeLayerwiseReload} before
  * new weights arrive, loads in any order through the wrapped loaders, then
  * {@link finalizeLayerwiseReload}. At a layer's first load the layer gets its model-format
@@ -30,7 +30,7 @@
  */
 
 import type { Backend } from "../backend/backend.ts";
-import { LayerwiseError, ReloadError } from "../errors.ts";
+import { LayerwiseError, ReloadError, withMessage } from "../errors.ts";
 import type { Module } from "../nn/module.ts";
 import type { TensorSlot, WeightLoader } from "../nn/slots.ts";
 import type { KernelDestination } from "../nn/quant_method.ts";
@@ -834,8 +834,7 @@ export function failReload(model: Module, e: unknown): never {
     note = inconsistencyNote(model);
   }
   if (note === "" && err === e) throw e;
-  const Ctor = err.constructor as new (code: string, message: string) => LayerwiseError;
-  const out = new Ctor(err.code, note === "" ? err.message : `${err.message} [${note}]`);
+  const out = withMessage(err, note === "" ? err.message : `${err.message} [${note}]`);
   const cause = err === e ? (e as { cause?: unknown }).cause : e;
   if (cause !== undefined) {
     Object.defineProperty(out, "cause", { value: cause, configurable: true, writable: true });

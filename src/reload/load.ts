@@ -9,6 +9,7 @@
  */
 
 import { CheckpointError, ReloadError } from "../errors.ts";
+import { qualifiedName } from "../messages.ts";
 import { type Module, prefixError } from "../nn/module.ts";
 import { countWrites, type TensorSlot } from "../nn/slots.ts";
 import { type Storage, Tensor } from "../tensor/tensor.ts";
@@ -102,16 +103,7 @@ export async function loadWeights(
   if (layers.some(([, m]) => !getLayerwiseInfo(m)?.restoreMetadata)) {
     recordMetadataForReloading(model); // also refuses a model that was loaded already
   }
-  for (const [path, m] of layers) {
-    for (const [name, slot] of m.ownSlots()) {
-      if (!slot.tensor.isMeta) {
-        throw new ReloadError(
-          "ALREADY_LOADED",
-          `${path}.${name} is loaded already: use reloadLayerwise for new weights`,
-        );
-      }
-    }
-  }
+  assertUnloaded(layers);
   const skip = options.expected
     ? new Set(validateTensors(model, options.expected, { strict: options.strict }).unknown)
     : new Set<string>();
@@ -164,16 +156,7 @@ export async function loadWeights(
       tensors.add(name);
       bytes += loaded.windowRows().nbytes;
     }
-    const missing: string[] = [];
-    for (const [path, m] of layers) {
-      if (m.processLast) continue; // attention scales are optional
-      const meta = getLayerwiseInfo(m)!.restoreMetadata!;
-      missing.push(
-        ...describeGaps(m, path, meta, (name) => {
-          return counts.get(m.getSlot(name)!) ?? { elements: 0, shards: [] };
-        }),
-      );
-    }
+    const missing = missingLoads(layers, counts);
     if (missing.length > 0) {
       throw new CheckpointError(
         "MISSING_WEIGHTS",
@@ -188,17 +171,7 @@ export async function loadWeights(
       }
     }
   } catch (e) {
-    for (const [, m] of layers) {
-      const freed = new Set<Storage>();
-      for (const [, slot] of m.ownSlots()) {
-        const s = slot.tensor.storage;
-        if (s && !s.freed && !freed.has(s)) {
-          freed.add(s);
-          m.backend!.free(s);
-        }
-      }
-      restoreLayerOnMeta(m, getLayerwiseInfo(m)!.restoreMetadata!);
-    }
+    unloadLayers(layers);
     throw e;
   } finally {
     setLoading(model, false);
@@ -211,6 +184,56 @@ export async function loadWeights(
     layersProcessed: layers.length,
     seconds: (performance.now() - t0) / 1000,
   };
+}
+
+/** Throws ReloadError `ALREADY_LOADED` when a slot of `layers` holds storage. */
+function assertUnloaded(layers: readonly [string, Module][]): void {
+  for (const [path, m] of layers) {
+    for (const [name, slot] of m.ownSlots()) {
+      if (!slot.tensor.isMeta) {
+        throw new ReloadError(
+          "ALREADY_LOADED",
+          `${qualifiedName(path, name)} is loaded already: use reloadLayerwise for new weights`,
+        );
+      }
+    }
+  }
+}
+
+/**
+ * What a first load left short, from the elements each slot received: one line per tensor
+ * that got less than all but its padding. Attention scales are optional and never listed.
+ */
+function missingLoads(
+  layers: readonly [string, Module][],
+  counts: ReadonlyMap<TensorSlot, { elements: number; shards: string[] }>,
+): string[] {
+  const missing: string[] = [];
+  for (const [path, m] of layers) {
+    if (m.processLast) continue;
+    const meta = getLayerwiseInfo(m)!.restoreMetadata!;
+    missing.push(
+      ...describeGaps(m, path, meta, (name) => {
+        return counts.get(m.getSlot(name)!) ?? { elements: 0, shards: [] };
+      }),
+    );
+  }
+  return missing;
+}
+
+/** Frees what a failed first load gave `layers` (tied storage once) and puts them back on meta. */
+function unloadLayers(layers: readonly [string, Module][]): void {
+  for (const [, m] of layers) {
+    const freed = new Set<Storage>();
+    for (const [, slot] of m.ownSlots()) {
+      const s = slot.tensor.storage;
+      if (s && !s.freed && !freed.has(s)) {
+        freed.add(s);
+        m.backend!.free(s);
+      }
+    }
+    restoreLayerOnMeta(m, getLayerwiseInfo(m)!.restoreMetadata!);
+  }
 }
 
 /** What {@link reloadLayerwise} did: the finalize summary plus what was loaded and checked. */
@@ -256,6 +279,7 @@ export async function reloadLayerwise(
   options: ReloadLayerwiseOptions = {},
 ): Promise<ReloadReport> {
   const t0 = performance.now();
+  // Named as the package root's reloadWeights, which is what almost every caller called.
   assertIdle(model, "reloadWeights");
   const validation = options.expected
     ? validateTensors(model, options.expected, { strict: options.strict })

@@ -8,7 +8,7 @@
  * @module
  */
 
-import { CheckpointError, LayerwiseError } from "../errors.ts";
+import { CheckpointError, type CheckpointErrorCode, LayerwiseError } from "../errors.ts";
 import { type Module, prefixError } from "../nn/module.ts";
 import { countWrites, type ShardId, TensorSlot, type WeightLoader } from "../nn/slots.ts";
 import type { DType } from "../tensor/dtype.ts";
@@ -135,7 +135,7 @@ export function validateTensors(
   const slotIds = new Map<Target, number>();
   const skipped: string[] = [], unknown: string[] = [], duplicates: string[] = [];
   const unknownWhere: string[] = [];
-  const misfits: LayerwiseError[] = [];
+  const misfits: CheckpointError[] = [];
   let tensors = 0;
   for (const e of entries) {
     const name = e.name;
@@ -172,8 +172,10 @@ export function validateTensors(
       const loaded = Tensor.meta(e.shape, e.dtype);
       n = countWrites(() => target.loader(slot, loaded, shardId, expertId));
     } catch (err) {
-      if (err instanceof LayerwiseError) {
-        const named = prefixError(err, name) as LayerwiseError;
+      // A checkpoint tensor that does not fit is listed; anything else is not the checkpoint's
+      // fault and goes up at once.
+      if (err instanceof CheckpointError) {
+        const named = prefixError(err, name) as CheckpointError;
         misfits.push(
           e.origin === undefined
             ? named
@@ -222,7 +224,7 @@ export function validateTensors(
     complete: unknown.length === 0 && missing.length === 0 && partial.length === 0,
   };
   const parts: string[] = [];
-  let code = "";
+  let code: CheckpointErrorCode | "" = "";
   if (misfits.length > 0) {
     code = misfits[0].code;
     parts.push(

@@ -78,6 +78,14 @@ export function dtypeOf(name: string): DType | undefined {
   return Object.hasOwn(DTYPES, key) ? DTYPES[key] : undefined;
 }
 
+/**
+ * Whether a dtype is f32, f16 or bf16: the dtypes of unquantized weights, which loaders cast
+ * between and quantization reads (`lw_dtype_is_quant_input` in cuda/lw_numeric.h).
+ */
+export function isModelFloat(dtype: DType): boolean {
+  return dtype.name === "f32" || dtype.name === "f16" || dtype.name === "bf16";
+}
+
 /** Looks a dtype up by its safetensors name (`BF16`, `F8_E4M3`...). */
 export function dtypeFromSafetensors(name: string): DType | undefined {
   return BY_SAFETENSORS.get(name);

@@ -21,7 +21,7 @@ export interface PeakTracker {
 /**
  * Tracks the peak allocation of `b` by wrapping its `alloc` on the instance (every allocation,
  * `empty` included, goes through it). The backend object itself stays the same, so code that
- * recognizes backends by identity (wasmView, storage ownership) keeps working.
+ * recognizes backends by identity (hostView, storage ownership) keeps working.
  */
 export function trackPeak(b: Backend): PeakTracker {
   let peak = b.allocatedBytes();

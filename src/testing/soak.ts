@@ -8,7 +8,6 @@
  */
 
 import type { Backend } from "../backend/backend.ts";
-import { wasmView } from "../backend/wasm.ts";
 import type { QuantScheme } from "../nn/quant_method.ts";
 import { loadWeights, reloadLayerwise } from "../reload/load.ts";
 import {
@@ -83,10 +82,7 @@ export async function soak(backend: Backend, options: SoakOptions): Promise<Soak
   const model = new TinyModel(b, config, quant);
   await loadWeights(model, sources[0]);
   const layout = kernelLayout(model);
-  const wasmMem =
-    () => (b.kind === "wasm"
-      ? wasmView(b, model.namedTensors()[0][1].tensor).buffer.byteLength
-      : 0);
+  const wasmMem = () => b.hostView?.(model.namedTensors()[0][1].tensor).buffer.byteLength ?? 0;
   const stats: SoakStats = {
     reloads: 0,
     seconds: 0,

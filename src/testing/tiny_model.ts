@@ -279,29 +279,38 @@ export function serializeFp8(backend: Backend, ckpt: HostWeight[]): HostWeight[]
       out.push(t);
       continue;
     }
-    const x = backend.empty(t.shape, t.dtype);
-    const q = backend.empty(t.shape, DTYPES.f8_e4m3fn);
-    const s = backend.empty([1], DTYPES.f32);
-    try {
-      backend.upload(x, t.bytes);
-      backend.quantizeFp8(q, s, x, "tensor", true);
-      out.push({
-        name: t.name,
-        dtype: DTYPES.f8_e4m3fn,
-        shape: t.shape,
-        bytes: backend.download(q),
-      });
-      out.push({
-        name: t.name.replace(/weight$/, "weight_scale"),
-        dtype: DTYPES.f32,
-        shape: [],
-        bytes: backend.download(s),
-      });
-    } finally {
-      for (const u of [x, q, s]) backend.free(u.storage!);
-    }
+    const { q, scale } = quantizeFp8PerTensor(backend, t.shape, t.dtype, t.bytes);
+    out.push({ name: t.name, dtype: DTYPES.f8_e4m3fn, shape: t.shape, bytes: q });
+    out.push({
+      name: t.name.replace(/weight$/, "weight_scale"),
+      dtype: DTYPES.f32,
+      shape: [],
+      bytes: scale,
+    });
   }
   return out;
+}
+
+/**
+ * fp8 (e4m3fn) per-tensor quantization of host bytes on `backend`, with a dynamic scale: the
+ * quantized bytes and the f32 scale's four bytes.
+ */
+export function quantizeFp8PerTensor(
+  backend: Backend,
+  shape: readonly number[],
+  dtype: DType,
+  bytes: Uint8Array,
+): { q: Uint8Array; scale: Uint8Array } {
+  const x = backend.empty(shape, dtype);
+  const q = backend.empty(shape, DTYPES.f8_e4m3fn);
+  const s = backend.empty([1], DTYPES.f32);
+  try {
+    backend.upload(x, bytes);
+    backend.quantizeFp8(q, s, x, "tensor", true);
+    return { q: backend.download(q), scale: backend.download(s) };
+  } finally {
+    for (const u of [x, q, s]) backend.free(u.storage!);
+  }
 }
 
 /** The checkpoint a model with `quant` loads (fp8-serialized wants fp8 weights). */

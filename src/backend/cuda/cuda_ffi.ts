@@ -21,6 +21,15 @@ import { BackendError } from "../../errors.ts";
 const PTR = "usize" as const;
 const STATUS = "i32" as const;
 
+/**
+ * The two symbols of the NVIDIA driver (libcuda.so.1) the backend calls itself, before loading
+ * the kernel library, to tell a missing driver from a missing device.
+ */
+export const DRIVER_SYMBOLS = {
+  cuInit: { parameters: ["u32"], result: "i32" },
+  cuDeviceGetCount: { parameters: ["buffer"], result: "i32" },
+} as const;
+
 /** The symbols of liblayerwise_cuda.so. */
 export const CUDA_SYMBOLS = {
   lw_cast: {
@@ -87,7 +96,7 @@ export const CUDA_SYMBOLS = {
     result: STATUS,
   },
 
-  // staged reads (issue 5)
+  // staged reads (ARCHITECTURE.md, "Read paths")
   lw_event_create_blocking: { parameters: ["i32", "buffer"], result: STATUS },
 
   // -------------------------------------------------- native staging (cuda/stager.cu)

@@ -6,23 +6,14 @@
  * @module
  */
 
-import { BackendError } from "../../errors.ts";
+import { BackendError, type BackendErrorCode } from "../../errors.ts";
 import type { Backend } from "../backend.ts";
+import { statusError } from "../abi.ts";
 import { type KernelAbi, KernelBackend, type RawDevice } from "../kernels.ts";
-import { type CudaLibrary, type CudaSymbols, loadCudaLibrary } from "./cuda_ffi.ts";
+import { type CudaLibrary, type CudaSymbols, DRIVER_SYMBOLS, loadCudaLibrary } from "./cuda_ffi.ts";
+import { haveLibc } from "./libc.ts";
 import { DevicePool } from "./pool.ts";
-
-const STATUS_NAMES: Readonly<Record<number, [string, string]>> = {
-  1: ["INVALID", "invalid argument"],
-  2: ["DEVICE", "CUDA error"],
-  3: ["OUT_OF_MEMORY", "out of memory"],
-  4: ["IO", "file read failed or came short"],
-};
-
-/** BackendError code and text of a library status. */
-function statusName(status: number): [string, string] {
-  return STATUS_NAMES[status] ?? ["DEVICE", `status ${status}`];
-}
+import { stagedFileReader } from "./staging.ts";
 
 function unavailable(message: string): BackendError {
   return new BackendError("CUDA_UNAVAILABLE", `CUDA backend unavailable: ${message}`);
@@ -33,15 +24,9 @@ function unavailable(message: string): BackendError {
  * message can say which of the two is missing.
  */
 function probeDriver(device: number): void {
-  let lib: Deno.DynamicLibrary<{
-    cuInit: { parameters: ["u32"]; result: "i32" };
-    cuDeviceGetCount: { parameters: ["buffer"]; result: "i32" };
-  }>;
+  let lib: Deno.DynamicLibrary<typeof DRIVER_SYMBOLS>;
   try {
-    lib = Deno.dlopen("libcuda.so.1", {
-      cuInit: { parameters: ["u32"], result: "i32" },
-      cuDeviceGetCount: { parameters: ["buffer"], result: "i32" },
-    });
+    lib = Deno.dlopen("libcuda.so.1", DRIVER_SYMBOLS);
   } catch (e) {
     if (e instanceof Deno.errors.NotCapable || e instanceof Deno.errors.PermissionDenied) {
       throw unavailable("it needs --allow-ffi");
@@ -104,7 +89,7 @@ export interface StagerPlan {
 /** Why a stager stopped (see {@link CudaDevice.stagerError}). */
 export interface StagerFailure {
   /** BackendError code of the status: `IO` for a failed or short read. */
-  readonly code: string;
+  readonly code: BackendErrorCode;
   /** File index of the failed read. */
   readonly file: number;
   /** Its file offset. */
@@ -172,7 +157,7 @@ export class CudaDevice {
   /** Throws a BackendError for a non-zero status. */
   check(op: string, status: number): void {
     if (status === 0) return;
-    const [code, what] = statusName(status);
+    const [code, what] = statusError(status);
     const text = this.lastError() || what;
     throw new BackendError(code, `${op} on cuda:${this.device}: ${text}`);
   }
@@ -369,7 +354,7 @@ export class CudaDevice {
     const status = this.#s.lw_stager_error(stager, where, buf, buf.length);
     if (status === 0) return null;
     const text = new TextDecoder().decode(buf.subarray(0, buf.indexOf(0)));
-    const [code, what] = statusName(status);
+    const [code, what] = statusError(status);
     return {
       code,
       file: Number(where[0]),
@@ -439,7 +424,7 @@ export class CudaDevice {
 
   // The library keeps error text per thread and nonblocking calls ran on another one.
   #asyncFail(op: string, status: number): never {
-    const [code, what] = statusName(status);
+    const [code, what] = statusError(status);
     throw new BackendError(code, `${op} on cuda:${this.device}: ${what}`);
   }
 }
@@ -508,7 +493,7 @@ class CudaRaw implements RawDevice {
   }
 
   errorText(status: number): string {
-    return this.#d.lastError() || statusName(status)[1];
+    return this.#d.lastError() || statusError(status)[1];
   }
 
   close(): void {
@@ -536,8 +521,12 @@ export interface CudaBackendOptions {
 export function openCudaBackend(options: CudaBackendOptions = {}): Backend {
   const dev = CudaDevice.open(options.device ?? 0);
   const raw = new CudaRaw(dev);
-  const backend = new KernelBackend(raw);
-  HANDLES.set(backend, { device: dev, ctx: raw.ctx, pool: raw.pool });
+  const handle: CudaHandle = { device: dev, ctx: raw.ctx, pool: raw.pool };
+  const backend = new KernelBackend(
+    raw,
+    (self) => (haveLibc() ? { fileReader: stagedFileReader(self, handle) } : {}),
+  );
+  HANDLES.set(backend, handle);
   return backend;
 }
 

@@ -20,30 +20,22 @@
  * @module
  */
 
-import type { Backend } from "../backend.ts";
+import type { Backend, StagedReader } from "../backend.ts";
 import { BackendError, CheckpointError } from "../../errors.ts";
 import type { DType } from "../../tensor/dtype.ts";
 import { rowWindow, type Storage, Tensor } from "../../tensor/tensor.ts";
-import { type CudaDevice, type CudaHandle, cudaHandle, type PinnedBuffer } from "./device.ts";
-import { closeFd, haveLibc, openFd } from "./libc.ts";
+import type { CudaDevice, CudaHandle, PinnedBuffer } from "./device.ts";
+import { closeFd, openFd } from "./libc.ts";
 import {
-  ALIGN,
   checkOptions,
-  DeviceRing,
   flattenPieces,
   flattenReads,
-  planBlocks,
-  splitRows,
+  planStaging,
   type StagedTensor,
   STAGING_DEFAULTS,
   type StagingOptions,
   type StagingStats,
 } from "./staging_plan.ts";
-
-/** Whether {@link stageFiles} can run for this backend (CUDA, Linux, libc loadable). */
-export function canStageFiles(backend: Backend): boolean {
-  return backend.kind === "cuda" && cudaHandle(backend) !== undefined && haveLibc();
-}
 
 interface HostRing {
   readonly slotBytes: number;
@@ -87,13 +79,21 @@ function ringFor(backend: Backend, h: CudaHandle, o: Required<StagingOptions>): 
 }
 
 /**
- * Frees the pinned staging ring kept for `backend` (kept between reloads because pinning
- * memory is slow). Call before closing the backend; a later staged read makes a new one.
+ * The staged reads of a CUDA backend (its {@link Backend.fileReader}): `h` is the backend's
+ * device, stream and memory pool.
  */
-export function releaseStaging(backend: Backend): void {
+export function stagedFileReader(backend: Backend, h: CudaHandle): StagedReader {
+  return {
+    read: (files, located, infoOf, options, stats) =>
+      stageFiles(backend, h, files, located, infoOf, options, stats),
+    release: () => releaseRing(backend, h),
+  };
+}
+
+/** Frees the pinned ring kept for `backend`, unless a read is using it. */
+function releaseRing(backend: Backend, h: CudaHandle): void {
   const ring = RINGS.get(backend);
-  const h = cudaHandle(backend);
-  if (!ring || !h || ring.busy) return;
+  if (!ring || ring.busy) return;
   RINGS.delete(backend);
   freeRing(h.device, ring);
 }
@@ -102,26 +102,23 @@ export function releaseStaging(backend: Backend): void {
  * Reads the `located` tensors of `files` (in that order) through the pinned ring and yields
  * each as a contiguous tensor in `backend` memory, borrowed: it is valid until the consumer
  * asks for the next one. A tensor larger than half the device ring (or `maxChunkBytes`) comes
- * as consecutive row chunks under its name, each a `rowWindow` of it. Yields nothing and
- * returns false when the backend cannot stage (see {@link canStageFiles}); returns true after
- * the last tensor.
+ * as consecutive row chunks under its name, each a `rowWindow` of it. Returns true after the
+ * last tensor.
  * Errors: CheckpointError `TRUNCATED` when a file came short, `MISSING_SHARD` when one
  * vanished; BackendError from the device, `BAD_OPTION` for sizes that are not positive
  * integers.
  */
-export async function* stageFiles(
+async function* stageFiles(
   backend: Backend,
+  h: CudaHandle,
   files: readonly string[],
   located: readonly StagedTensor[],
   infoOf: (name: string) => { readonly shape: readonly number[]; readonly dtype: DType },
   options: StagingOptions = {},
   stats?: StagingStats,
 ): AsyncGenerator<[string, Tensor], boolean> {
-  const h = cudaHandle(backend);
-  if (!h || !haveLibc()) return false;
   const o = { ...STAGING_DEFAULTS, ...options };
   checkOptions(o);
-  const where = { files, tensors: located };
   const d = h.device;
   const ring = ringFor(backend, h, o);
   const kept = RINGS.get(backend) === ring;
@@ -133,32 +130,21 @@ export async function* stageFiles(
   let ok = false;
   if (o.reuseAllocations) h.pool.hold();
   try {
-    for (const f of where.files) fds.push(openFd(f));
-    // Chunks of at most half the ring always fit in it (see the ring size below).
-    const tensors = splitRows(
-      where.tensors,
+    for (const f of files) fds.push(openFd(f));
+    const { tensors, blocks, ringBytes, ringOffsets, waitFor } = planStaging(
+      located,
       (n) => infoOf(n).shape,
-      Math.max(1, Math.min(o.maxChunkBytes, Math.floor(o.deviceRingBytes / 2))),
+      o,
     );
-    const blocks = planBlocks(tensors, o.slotBytes, o.chunkBytes);
-    const largest = tensors.reduce((m, t) => Math.max(m, t.bytes), 0);
-    const ringBytes = Math.min(o.deviceRingBytes, Math.ceil(2 * largest / ALIGN) * ALIGN + ALIGN);
     devRing = backend.alloc(ringBytes);
     if (stats) {
       stats.pinnedBytes = o.slotBytes * o.slots;
       stats.deviceRingBytes = ringBytes;
     }
-    // Every place is known before the first read: the library's copy thread then needs only
-    // "how many tensors must the consumer have finished" to know when a place is free.
-    const places = new DeviceRing(ringBytes);
     const base: [Storage, number][] = [];
-    const waitFor = new BigUint64Array(tensors.length);
     tensors.forEach((t, i) => {
-      if (places.fits(t.bytes)) {
-        const { offset, overwrites } = places.place(t.bytes, i);
-        base.push([devRing!, offset]);
-        waitFor[i] = BigInt(overwrites.reduce((m, w) => Math.max(m, w + 1), 0));
-      } else {
+      if (ringOffsets[i] >= 0) base.push([devRing!, ringOffsets[i]]);
+      else {
         const s = backend.alloc(t.bytes);
         dedicated.set(i, s);
         base.push([s, 0]);
@@ -183,7 +169,7 @@ export async function* stageFiles(
         ? d.stagerNext(stager, i)
         : await d.stagerNextAsync(stager, i);
       if (stats) stats.readWaitSeconds += (performance.now() - t0) / 1000;
-      if (st !== 0) throw stagingFailure(d, stager, where.files);
+      if (st !== 0) throw stagingFailure(d, stager, files);
       const [storage, off] = base[i];
       const info = infoOf(t.name);
       let tensor: Tensor;

@@ -332,3 +332,52 @@ export function flattenPieces(
   });
   return pieces;
 }
+
+/** Everything a staged read does, decided before the first byte moves: see {@link planStaging}. */
+export interface StagingPlan {
+  /** The read order, big tensors cut into row chunks. */
+  readonly tensors: readonly StagedTensor[];
+  /** The pinned-slot blocks: reads into each slot and pieces copied out of it. */
+  readonly blocks: readonly Block[];
+  /** Bytes of the device ring. */
+  readonly ringBytes: number;
+  /** Per tensor: its offset in the device ring, or -1 when it gets a block of its own. */
+  readonly ringOffsets: readonly number[];
+  /** Per tensor: how many tensors the consumer must have finished before it may be copied. */
+  readonly waitFor: BigUint64Array;
+}
+
+/**
+ * Plans a staged read of `located` (in read order) with sizes `o`: cuts tensors larger than half
+ * the device ring (or `maxChunkBytes`) into row chunks (`shapeOf` gives a tensor's shape), cuts
+ * the order into pinned-slot blocks, sizes the device ring (twice the largest tensor, at most
+ * `deviceRingBytes`) and places every tensor in it. Every place is known before the first read,
+ * so the library's copy thread needs only "how many tensors has the consumer finished" to know
+ * when a place is free. Pure: no file, no device.
+ */
+export function planStaging(
+  located: readonly StagedTensor[],
+  shapeOf: (name: string) => readonly number[],
+  o: Required<StagingOptions>,
+): StagingPlan {
+  // Chunks of at most half the ring always fit in it (see the ring size below).
+  const tensors = splitRows(
+    located,
+    shapeOf,
+    Math.max(1, Math.min(o.maxChunkBytes, Math.floor(o.deviceRingBytes / 2))),
+  );
+  const blocks = planBlocks(tensors, o.slotBytes, o.chunkBytes);
+  const largest = tensors.reduce((m, t) => Math.max(m, t.bytes), 0);
+  const ringBytes = Math.min(o.deviceRingBytes, Math.ceil(2 * largest / ALIGN) * ALIGN + ALIGN);
+  const places = new DeviceRing(ringBytes);
+  const ringOffsets: number[] = [];
+  const waitFor = new BigUint64Array(tensors.length);
+  tensors.forEach((t, i) => {
+    if (places.fits(t.bytes)) {
+      const { offset, overwrites } = places.place(t.bytes, i);
+      ringOffsets.push(offset);
+      waitFor[i] = BigInt(overwrites.reduce((m, w) => Math.max(m, w + 1), 0));
+    } else ringOffsets.push(-1);
+  });
+  return { tensors, blocks, ringBytes, ringOffsets, waitFor };
+}
