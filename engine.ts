@@ -74,11 +74,16 @@ export { fileSource, memorySource, type NamedTensor } from "./src/checkpoint/sou
 // Model configs
 export {
   type Architecture,
+  checkConfigAgainstCheckpoint,
   type CheckpointQuantization,
+  DIM_PRODUCTS,
   type ModelConfig,
   type ParseConfigOptions,
   parseModelConfig,
   readModelConfig,
+  SIZE_FIELDS,
+  type SizeField,
+  type TensorShapeInfo,
 } from "./src/models/config.ts";
 
 // The module tree and its slots

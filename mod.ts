@@ -49,6 +49,8 @@ export {
   type BackendErrorCode,
   CheckpointError,
   type CheckpointErrorCode,
+  ConfigError,
+  type ConfigErrorCode,
   type ErrorCode,
   LayerwiseError,
   ReloadError,

@@ -20,6 +20,8 @@
  * - `BAD_METADATA`: `__metadata__` is not a string-to-string map.
  * - `BAD_NAME`: a tensor name cannot be written to a safetensors header.
  * - `BAD_OFFSETS`: `data_offsets` are not two ordered integers inside the file.
+ * - `BAD_OUTPUT`: an output path (`--export`, `--json`) cannot be written, names one file twice, or
+ *   is a file the run reads; checked before the run.
  * - `BAD_OPTION`: an option of a checkpoint reader is out of range.
  * - `BAD_ROWS`: `readRowsInto` was asked for rows outside the tensor.
  * - `BAD_SCALE`: a block-fp8 scale is not positive and finite (found when its layer is
@@ -28,6 +30,7 @@
  * - `BAD_SHARD`: a shard id the fused layer does not have.
  * - `BLOCK_ALIGNMENT`: a block-fp8 tensor whose shards or tensor-parallel cuts do not start on
  *   128x128 blocks, so its bytes cannot be kept as stored.
+ * - `CONFIG_CHECKPOINT_MISMATCH`: a `config.json` size is larger than the checkpoint can hold.
  * - `DTYPE_MISMATCH`: a tensor's dtype is not the one the model wants.
  * - `DUPLICATE`: a tensor name appears twice.
  * - `GAP`: bytes of the data area belong to no tensor.
@@ -40,7 +43,10 @@
  * - `MISSING_WEIGHTS`: model tensors the checkpoint does not cover (or covers in part).
  * - `NO_CHECKPOINT`: the path is neither a safetensors file nor a directory holding one.
  * - `NO_CONFIG`: the model directory has no `config.json`.
+ * - `NON_CANONICAL_NAME`: a tensor name holds an id with leading zeros (`experts.01`).
+ * - `NOT_A_FILE`: an input path is a FIFO, a device, a directory or missing where a file belongs.
  * - `NOT_LOADABLE`: the tensor is computed by processing; a checkpoint cannot set it.
+ * - `NOT_SAFETENSORS`: the file is not safetensors at all (its first bytes are shown).
  * - `OVERLAP`: two tensors share bytes of the data area.
  * - `OVERLAPPING_ROWS`: two row chunks of one tensor overlap.
  * - `QUANT_MISMATCH`: fp8 tensors (F8_E4M3 weights, block scales) that the model's
@@ -51,6 +57,7 @@
  * - `UNINDEXED_TENSOR`: a shard holds a tensor the index does not list.
  * - `UNKNOWN_TENSOR`: with `strict`, the checkpoint has tensors the model does not.
  * - `UNSUPPORTED_DTYPE`: a dtype this package does not read.
+ * - `WRITE_FAILED`: an output file could not be written (the target is left as it was).
  */
 export type CheckpointErrorCode =
   | "BAD_CONFIG"
@@ -64,11 +71,13 @@ export type CheckpointErrorCode =
   | "BAD_NAME"
   | "BAD_OFFSETS"
   | "BAD_OPTION"
+  | "BAD_OUTPUT"
   | "BAD_ROWS"
   | "BAD_SCALE"
   | "BAD_SHAPE"
   | "BAD_SHARD"
   | "BLOCK_ALIGNMENT"
+  | "CONFIG_CHECKPOINT_MISMATCH"
   | "DTYPE_MISMATCH"
   | "DUPLICATE"
   | "GAP"
@@ -81,7 +90,10 @@ export type CheckpointErrorCode =
   | "MISSING_WEIGHTS"
   | "NO_CHECKPOINT"
   | "NO_CONFIG"
+  | "NON_CANONICAL_NAME"
+  | "NOT_A_FILE"
   | "NOT_LOADABLE"
+  | "NOT_SAFETENSORS"
   | "OVERLAP"
   | "OVERLAPPING_ROWS"
   | "QUANT_MISMATCH"
@@ -90,7 +102,8 @@ export type CheckpointErrorCode =
   | "TRUNCATED"
   | "UNINDEXED_TENSOR"
   | "UNKNOWN_TENSOR"
-  | "UNSUPPORTED_DTYPE";
+  | "UNSUPPORTED_DTYPE"
+  | "WRITE_FAILED";
 
 /**
  * Codes of {@link ReloadError}: a load or reload could not complete, or was called out of
@@ -278,6 +291,26 @@ export class ReloadError extends LayerwiseError {
   declare readonly code: ReloadErrorCode;
   /** Creates an error with a code and a one-line message. */
   constructor(code: ReloadErrorCode, message: string) {
+    super(code, message);
+  }
+}
+
+/**
+ * Codes of {@link ConfigError}: `BAD_CONFIG` (a field missing, of the wrong type, out of its
+ * limit or unsupported), `NO_CONFIG` (no readable regular file), `CONFIG_CHECKPOINT_MISMATCH`
+ * (a size larger than the checkpoint beside it can hold).
+ */
+export type ConfigErrorCode = "BAD_CONFIG" | "NO_CONFIG" | "CONFIG_CHECKPOINT_MISMATCH";
+
+/**
+ * `config.json` is missing, malformed, or does not fit the checkpoint beside it (a
+ * CheckpointError: a config is part of a checkpoint).
+ */
+export class ConfigError extends CheckpointError {
+  /** What went wrong; see {@link ConfigErrorCode}. */
+  declare readonly code: ConfigErrorCode;
+  /** Creates an error with a code and a one-line message. */
+  constructor(code: ConfigErrorCode, message: string) {
     super(code, message);
   }
 }

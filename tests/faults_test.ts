@@ -8,7 +8,7 @@
  */
 
 import assert from "node:assert/strict";
-import type { Backend } from "../src/backend/backend.ts";
+import type { Backend, Granularity } from "../src/backend/backend.ts";
 import { writeSafetensors } from "../src/checkpoint/safetensors.ts";
 import { fileSource, type WeightSource } from "../src/checkpoint/source.ts";
 import { BackendError, CheckpointError, LayerwiseError, ReloadError } from "../src/errors.ts";
@@ -366,6 +366,51 @@ for (const [bn, b] of BACKENDS) {
     } finally {
       h.tearDown();
       await Deno.remove(dir, { recursive: true });
+    }
+  });
+
+  Deno.test(`${bn}: a quantization that leaves an infinite scale: NON_FINITE, atomic restores`, async () => {
+    // The run backend quantizes as usual, then (while poisoned) overwrites the scales with
+    // +Inf: what a kernel overflow would leave from finite weights.
+    let poison = false;
+    const run = new Proxy(b, {
+      get(target, p) {
+        if (p === "quantizeFp8") {
+          return (q: Tensor, scale: Tensor, src: Tensor, g: Granularity, dynamic: boolean) => {
+            target.quantizeFp8(q, scale, src, g, dynamic);
+            if (poison) target.fill(scale, Infinity);
+          };
+        }
+        const v = Reflect.get(target, p, target);
+        return typeof v === "function" ? v.bind(target) : v;
+      },
+    });
+    const h = await new Harness(b, run, "fp8-tensor").setUp();
+    const ws = uploadWeights(b, h.B);
+    h.allocated = b.allocatedBytes();
+    try {
+      for (const atomic of [true, false]) {
+        poison = true;
+        await assert.rejects(
+          reloadLayerwise(h.model, ws, { atomic, rejectNonFinite: true }),
+          (e) => {
+            assert.ok(e instanceof ReloadError && e.code === "NON_FINITE", String(e));
+            assert.match(e.message, /processing \(fp8-tensor\) left 1 of 1 elements .* infinite/);
+            h.afterFailure(e, atomic, `inf scale atomic=${atomic}`);
+            return true;
+          },
+        );
+        poison = false;
+        if (!atomic) await h.recover(false);
+      }
+      // Without the check the same kernels are let through: the check is what refused them.
+      poison = true;
+      await reloadLayerwise(h.model, ws, {});
+      poison = false;
+      await h.recover(true);
+    } finally {
+      freeWeights(b, ws);
+      h.tearDown();
     }
   });
 }

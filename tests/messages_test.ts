@@ -5,7 +5,20 @@
 
 import assert from "node:assert/strict";
 import fc from "fast-check";
-import { firstOf, NAME_SHOWN_MAX, plural, qualifiedName, quoteName } from "../src/messages.ts";
+import {
+  cutText,
+  describeValue,
+  escapeText,
+  firstOf,
+  listNames,
+  NAME_SHOWN_MAX,
+  NAMES_LISTED_MAX,
+  oneLine,
+  pathText,
+  plural,
+  qualifiedName,
+  quoteName,
+} from "../src/messages.ts";
 
 Deno.test("messages: firstOf lists the first n and marks the rest", () => {
   assert.equal(firstOf([], 3), "");
@@ -75,4 +88,39 @@ Deno.test("messages: quoteName output is one line with no raw control character,
     ),
   );
   assert.equal(NAME_SHOWN_MAX, 120);
+});
+
+Deno.test("messages: escapeText, cutText and pathText on long and hostile input", () => {
+  assert.equal(escapeText("a\rb\nc\td\x07"), "a\\rb\\nc\\td\\u0007");
+  assert.equal(
+    escapeText("model.layers.0.self_attn.q_proj.weight"),
+    "model.layers.0.self_attn.q_proj.weight",
+  );
+  // A 90 MB name: cut without being read whole, both ends kept.
+  const huge = `start.${"m".repeat(90_000_000)}.end`;
+  const q = quoteName(huge);
+  assert.ok(q.startsWith('"start.mmm') && q.endsWith('m.end"') && q.includes("..."), q);
+  assert.equal([...q].length, NAME_SHOWN_MAX + 2);
+  assert.equal(cutText("short"), "short");
+  assert.ok(cutText("😀".repeat(200), 11).isWellFormed());
+  assert.equal(pathText("dir/\x1b[2Jmodel.safetensors"), "dir/\\u001b[2Jmodel.safetensors");
+});
+
+Deno.test("messages: listNames shows a few quoted names then how many more; describeValue by kind", () => {
+  assert.equal(listNames(["a", "b"]), '"a", "b"');
+  assert.equal(listNames(["a", "b", "c", "d", "e", "f", "g"], 3), '"a", "b", "c" and 4 more');
+  assert.ok(listNames(Array.from({ length: 1e5 }, (_, i) => `n${i}`)).length < 200);
+  assert.equal(NAMES_LISTED_MAX, 5);
+  assert.equal(describeValue("Llama"), '"Llama" (a string)');
+  assert.equal(describeValue([1, 2, 3]), "a list of 3");
+  assert.equal(describeValue({ a: 1 }), "an object");
+  assert.equal(describeValue(1e21), "1e+21");
+  assert.equal(describeValue(undefined), "missing");
+});
+
+Deno.test("messages: oneLine is one escaped line of bounded length", () => {
+  assert.equal(oneLine("first\n  second\r\nthird"), "first second third");
+  const l = oneLine(`${"a".repeat(5000)}\x1b${"b".repeat(5000)}`);
+  assert.ok(l.length <= 2000 && l.startsWith("aaa") && l.endsWith("bbb"), l.slice(-40));
+  assert.ok(!l.includes("\x1b"));
 });

@@ -26,7 +26,7 @@ import { type QuantName, quantScheme } from "../src/models/quant_names.ts";
 import { freeModel, loadTensorParallel, openRankBackends } from "../src/parallel/tp.ts";
 import { catHost, expectedShard, narrowHost, shardRule } from "../src/parallel/shards.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
-import { equalBytes } from "../testing.ts";
+import { bf16Bits, equalBytes, rng } from "../testing.ts";
 
 const FIXTURES = new URL("../../shared/fixtures/", import.meta.url);
 const CKPT = new URL("ckpt/", FIXTURES).pathname;
@@ -627,6 +627,78 @@ Deno.test("qwen3-moe: a reload from transformers 5's merged expert names equals 
       freeModel(model);
     }
   }
+});
+
+Deno.test("qwen3-moe: a first load of many experts under merged names (more experts than tensors)", async () => {
+  await withTemp(async (tmp) => {
+    // 2 layers x 64 experts, held in 25 tensors when merged: the config's sizes are bounded by
+    // the checkpoint all the same (a stacked tensor counts as its experts).
+    const raw = JSON.parse(await Deno.readTextFile(`${CKPT}qwen3-moe-tiny/config.json`));
+    const cfg = {
+      ...raw,
+      hidden_size: 64,
+      num_attention_heads: 2,
+      num_key_value_heads: 1,
+      head_dim: 32,
+      intermediate_size: 64,
+      moe_intermediate_size: 16,
+      num_local_experts: 64,
+      mlp_only_layers: [],
+      vocab_size: 64,
+    };
+    const c = parseModelConfig(cfg);
+    const next = rng(5);
+    const t = (shape: number[]): HostTensor => {
+      const n = shape.reduce((a, b) => a * b, 1);
+      const bits = new Uint16Array(n).map(() => bf16Bits(0.05 * (next() - 0.5)));
+      return { dtype: DTYPES.bf16, shape, data: new Uint8Array(bits.buffer) };
+    };
+    const perExpert = new Map<string, HostTensor>();
+    for (const name of expectedCheckpointNames(c)) {
+      const [h, i, e, d] = [64, 16, 64, 32];
+      const shape = name.endsWith("norm.weight")
+        ? [/q_norm|k_norm/.test(name) ? d : h]
+        : /embed_tokens|lm_head/.test(name)
+        ? [64, h]
+        : /q_proj/.test(name)
+        ? [2 * d, h]
+        : /[kv]_proj/.test(name)
+        ? [d, h]
+        : /o_proj/.test(name)
+        ? [h, 2 * d]
+        : /mlp\.gate\./.test(name)
+        ? [e, h]
+        : /(gate|up)_proj/.test(name)
+        ? [i, h]
+        : [h, i];
+      perExpert.set(name, t(shape));
+    }
+    const experts = (l: number) => `model.layers.${l}.mlp.experts`;
+    const merged = mergeExperts(perExpert, [0, 1], 64, experts, [
+      "gate_proj",
+      "up_proj",
+      "down_proj",
+    ], experts);
+    assert.ok(merged.size < 2 * 64, `${merged.size} tensors`);
+    const write = async (name: string, ts: Tensors) => {
+      const dir = `${tmp}/${name}`;
+      await Deno.mkdir(dir);
+      await Deno.writeFile(
+        `${dir}/model.safetensors`,
+        encodeSafetensors([...ts], { format: "pt" }),
+      );
+      await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify(cfg));
+      return dir;
+    };
+    const a = await load(await write("merged", merged), "fp8");
+    const b = await load(await write("per-expert", perExpert), "fp8");
+    try {
+      assertSame(downloadKernelTensors(a), downloadKernelTensors(b), "merged vs per-expert");
+    } finally {
+      freeModel(a);
+      freeModel(b);
+    }
+  });
 });
 
 Deno.test("mixtral: merged expert names (block_sparse_moe or transformers 5's mlp) equal per-expert names", async () => {

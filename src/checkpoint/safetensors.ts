@@ -11,7 +11,11 @@
  */
 
 import { CheckpointError, type CheckpointErrorCode } from "../errors.ts";
+import { quoteName } from "../messages.ts";
 import { type DType, dtypeFromSafetensors } from "../tensor/dtype.ts";
+import { openRegularFile } from "./files.ts";
+import { writeFileAtomic } from "./atomic_write.ts";
+import { JsonNumber, JsonObject, type JsonValue, parseStrictJson } from "./json.ts";
 
 /** A tensor held in host memory: its bytes are little-endian, row-major and contiguous. */
 export interface HostTensor {
@@ -70,235 +74,15 @@ const UNSUPPORTED_DTYPES: ReadonlySet<string> = new Set([
   "F4",
 ]);
 
-const JSON_DEPTH_LIMIT = 128;
-
 function fail(code: CheckpointErrorCode, message: string): never {
   throw new CheckpointError(code, message);
 }
 
 // Messages stay one short line even when a hostile header holds megabyte-long strings.
-function quote(name: string): string {
-  return JSON.stringify(name.length > 200 ? `${name.slice(0, 200)}...` : name);
-}
+const quote = quoteName;
 
 function shapeText(shape: readonly number[]): string {
   return `[${shape.join(", ")}]`;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Strict JSON
-
-/** A JSON number kept as its source text, so integer rules can be checked exactly. */
-class JsonNumber {
-  constructor(readonly raw: string) {}
-}
-
-/** A JSON object with its keys in source order; duplicates are rejected while parsing. */
-class JsonObject {
-  constructor(readonly entries: Map<string, JsonValue>) {}
-}
-
-type JsonValue = string | JsonNumber | boolean | null | JsonValue[] | JsonObject;
-
-class JsonParser {
-  private pos = 0;
-  constructor(
-    private readonly text: string,
-    private readonly file: string,
-  ) {}
-
-  parseDocument(): JsonValue {
-    this.skipWs();
-    const v = this.value(0, null);
-    this.skipWs();
-    if (this.pos !== this.text.length) this.syntax("unexpected text after the JSON value");
-    return v;
-  }
-
-  private syntax(what: string): never {
-    fail(
-      "HEADER_NOT_JSON",
-      `${this.file}: header is not valid JSON: ${what} at offset ${this.pos}`,
-    );
-  }
-
-  private skipWs(): void {
-    const t = this.text;
-    while (this.pos < t.length) {
-      const c = t.charCodeAt(this.pos);
-      if (c === 0x20 || c === 0x0a || c === 0x0d || c === 0x09) this.pos++;
-      else break;
-    }
-  }
-
-  // `owner` names the top-level entry being parsed, so a duplicate key inside it can be named.
-  private value(depth: number, owner: string | null): JsonValue {
-    if (depth > JSON_DEPTH_LIMIT) this.syntax(`nesting deeper than ${JSON_DEPTH_LIMIT}`);
-    const t = this.text;
-    if (this.pos >= t.length) this.syntax("unexpected end");
-    const c = t[this.pos];
-    if (c === "{") return this.object(depth, owner);
-    if (c === "[") return this.array(depth, owner);
-    if (c === '"') return this.string();
-    if (c === "-" || (c >= "0" && c <= "9")) return this.number();
-    if (t.startsWith("true", this.pos)) {
-      this.pos += 4;
-      return true;
-    }
-    if (t.startsWith("false", this.pos)) {
-      this.pos += 5;
-      return false;
-    }
-    if (t.startsWith("null", this.pos)) {
-      this.pos += 4;
-      return null;
-    }
-    this.syntax(`unexpected character ${quote(c)}`);
-  }
-
-  private object(depth: number, owner: string | null): JsonObject {
-    const entries = new Map<string, JsonValue>();
-    this.pos++; // {
-    this.skipWs();
-    if (this.text[this.pos] === "}") {
-      this.pos++;
-      return new JsonObject(entries);
-    }
-    for (;;) {
-      this.skipWs();
-      if (this.text[this.pos] !== '"') this.syntax("expected a string key");
-      const key = this.string();
-      if (entries.has(key)) {
-        if (depth === 0) {
-          fail("DUPLICATE", `${this.file}: tensor ${quote(key)} appears twice in the header`);
-        }
-        fail(
-          "DUPLICATE",
-          `${this.file}: key ${quote(key)} appears twice in the header entry of ${
-            quote(owner ?? "")
-          }`,
-        );
-      }
-      this.skipWs();
-      if (this.text[this.pos] !== ":") this.syntax("expected ':'");
-      this.pos++;
-      this.skipWs();
-      entries.set(key, this.value(depth + 1, depth === 0 ? key : owner));
-      this.skipWs();
-      const c = this.text[this.pos];
-      if (c === ",") {
-        this.pos++;
-        continue;
-      }
-      if (c === "}") {
-        this.pos++;
-        return new JsonObject(entries);
-      }
-      this.syntax("expected ',' or '}'");
-    }
-  }
-
-  private array(depth: number, owner: string | null): JsonValue[] {
-    const out: JsonValue[] = [];
-    this.pos++; // [
-    this.skipWs();
-    if (this.text[this.pos] === "]") {
-      this.pos++;
-      return out;
-    }
-    for (;;) {
-      this.skipWs();
-      out.push(this.value(depth + 1, owner));
-      this.skipWs();
-      const c = this.text[this.pos];
-      if (c === ",") {
-        this.pos++;
-        continue;
-      }
-      if (c === "]") {
-        this.pos++;
-        return out;
-      }
-      this.syntax("expected ',' or ']'");
-    }
-  }
-
-  private number(): JsonNumber {
-    const re = /-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?/y;
-    re.lastIndex = this.pos;
-    const m = re.exec(this.text);
-    if (m === null) this.syntax("malformed number");
-    this.pos += m[0].length;
-    return new JsonNumber(m[0]);
-  }
-
-  private string(): string {
-    const t = this.text;
-    this.pos++; // opening quote
-    let out = "";
-    let runStart = this.pos;
-    for (;;) {
-      if (this.pos >= t.length) this.syntax("unterminated string");
-      const c = t.charCodeAt(this.pos);
-      if (c === 0x22) {
-        out += t.slice(runStart, this.pos);
-        this.pos++;
-        break;
-      }
-      if (c < 0x20) this.syntax("control character in string");
-      if (c !== 0x5c) {
-        this.pos++;
-        continue;
-      }
-      out += t.slice(runStart, this.pos);
-      const e = t[this.pos + 1];
-      this.pos += 2;
-      switch (e) {
-        case '"':
-          out += '"';
-          break;
-        case "\\":
-          out += "\\";
-          break;
-        case "/":
-          out += "/";
-          break;
-        case "b":
-          out += "\b";
-          break;
-        case "f":
-          out += "\f";
-          break;
-        case "n":
-          out += "\n";
-          break;
-        case "r":
-          out += "\r";
-          break;
-        case "t":
-          out += "\t";
-          break;
-        case "u":
-          out += String.fromCharCode(this.hex4());
-          break;
-        default:
-          this.pos -= 2;
-          this.syntax("invalid escape in string");
-      }
-      runStart = this.pos;
-    }
-    // serde_json, behind the reference reader, rejects lone surrogates; so do we, which also
-    // keeps every accepted name representable in UTF-8 when we write it back.
-    if (!out.isWellFormed()) this.syntax("lone surrogate in string");
-    return out;
-  }
-
-  private hex4(): number {
-    const h = this.text.slice(this.pos, this.pos + 4);
-    if (!/^[0-9a-fA-F]{4}$/.test(h)) this.syntax("invalid \\u escape");
-    this.pos += 4;
-    return parseInt(h, 16);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -306,25 +90,20 @@ class JsonParser {
 
 const UTF8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
 
-function readU64(prefix: Uint8Array, file: string): number {
-  const view = new DataView(prefix.buffer, prefix.byteOffset, 8);
-  const lo = view.getUint32(0, true);
-  const hi = view.getUint32(4, true);
-  if (hi !== 0) {
-    fail(
-      "HEADER_TOO_LARGE",
-      `${file}: header length ${
-        view.getBigUint64(0, true)
-      } exceeds the ${MAX_HEADER_LENGTH}-byte limit`,
-    );
-  }
-  return lo;
+// The first bytes of a file in hex and as text, for a file that is not safetensors at all.
+function firstBytes(prefix: Uint8Array): string {
+  const b = prefix.subarray(0, 16);
+  const hex = [...b].map((x) => x.toString(16).padStart(2, "0")).join(" ");
+  const text = String.fromCharCode(...b).replace(/[^\x20-\x7e]/g, ".");
+  return `${hex} (${quote(text)})`;
 }
 
 /**
- * Reads and bounds-checks N, the header length, from the first 8 bytes of a file of
- * `fileSize` bytes. Throws CheckpointError `TRUNCATED` when the file is shorter than 8 bytes or
- * than 8 + N, and `HEADER_TOO_LARGE` past {@link MAX_HEADER_LENGTH}.
+ * Reads and bounds-checks N, the header length, from the first bytes of a file of `fileSize`
+ * bytes. Throws CheckpointError `TRUNCATED` when the file is shorter than 8 bytes or than
+ * 8 + N, `HEADER_TOO_LARGE` past {@link MAX_HEADER_LENGTH}, and `NOT_SAFETENSORS` when N is
+ * out of bounds and the byte after it (when `prefix` holds it) does not open a JSON header:
+ * the file is something else, and its first bytes are shown.
  */
 export function safetensorsHeaderLength(
   prefix: Uint8Array,
@@ -337,13 +116,26 @@ export function safetensorsHeaderLength(
   if (prefix.byteLength < 8) {
     fail("TRUNCATED", `${file}: got ${prefix.byteLength} bytes, the header length needs 8`);
   }
-  const n = readU64(prefix, file);
-  if (n > MAX_HEADER_LENGTH) {
+  const view = new DataView(prefix.buffer, prefix.byteOffset, 8);
+  const big = view.getBigUint64(0, true);
+  const inBounds = big <= BigInt(MAX_HEADER_LENGTH) && 8n + big <= BigInt(fileSize);
+  // `{` or JSON whitespace: what every safetensors header starts with.
+  const opensJson = prefix.byteLength <= 8 || [0x7b, 0x20, 0x0a, 0x0d, 0x09].includes(prefix[8]);
+  if (!inBounds && !opensJson) {
     fail(
-      "HEADER_TOO_LARGE",
-      `${file}: header length ${n} exceeds the ${MAX_HEADER_LENGTH}-byte limit`,
+      "NOT_SAFETENSORS",
+      `${file}: not a safetensors file: its first bytes are ${
+        firstBytes(prefix)
+      }, where a safetensors file starts with an 8-byte header length (little-endian) and a JSON header`,
     );
   }
+  if (big > BigInt(MAX_HEADER_LENGTH)) {
+    fail(
+      "HEADER_TOO_LARGE",
+      `${file}: header length ${big} exceeds the ${MAX_HEADER_LENGTH}-byte limit`,
+    );
+  }
+  const n = Number(big);
   if (8 + n > fileSize) {
     fail(
       "TRUNCATED",
@@ -567,7 +359,19 @@ export function parseSafetensorsHeader(
   }
   // Leading whitespace is accepted: the reference reader's "must start with '{'" check is still
   // disabled, and we are exactly as strict as it is.
-  const root = new JsonParser(text, file).parseDocument();
+  const root = parseStrictJson(text, file, {
+    syntaxCode: "HEADER_NOT_JSON",
+    what: "header",
+    duplicate: (key, owner, depth) => {
+      if (depth === 0) {
+        fail("DUPLICATE", `${file}: tensor ${quote(key)} appears twice in the header`);
+      }
+      fail(
+        "DUPLICATE",
+        `${file}: key ${quote(key)} appears twice in the header entry of ${quote(owner ?? "")}`,
+      );
+    },
+  });
   if (!(root instanceof JsonObject)) {
     fail("HEADER_NOT_OBJECT", `${file}: header is ${describe(root)}, expected a JSON object`);
   }
@@ -612,12 +416,12 @@ async function readFully(f: Deno.FsFile, dst: Uint8Array, at: number): Promise<n
  * bytes (not the tensors).
  */
 export async function readSafetensorsHeader(path: string): Promise<SafetensorsHeader> {
-  const f = await Deno.open(path, { read: true });
+  // A FIFO or a device would block or never end: only regular files are opened.
+  const { file: f, size } = await openRegularFile(path, "NOT_A_FILE", "a safetensors file");
   try {
-    const size = (await f.stat()).size;
-    const head = new Uint8Array(Math.min(8, size));
-    const got8 = await readFully(f, head, 0);
-    const n = safetensorsHeaderLength(head.subarray(0, got8), size, path);
+    const head = new Uint8Array(Math.min(16, size));
+    const got16 = await readFully(f, head, 0);
+    const n = safetensorsHeaderLength(head.subarray(0, got16), size, path);
     const prefix = new Uint8Array(8 + n);
     const got = await readFully(f, prefix, 0);
     return parseSafetensorsHeader(prefix.subarray(0, got), size, path);
@@ -647,11 +451,13 @@ export async function readTensorInto(
   }
   const got = await readFully(file, dst, entry.begin);
   if (got !== bytes) {
+    // The size now, not begin + got: a file cut before `begin` reads nothing at all.
+    const now = (await file.stat()).size;
     fail(
       "TRUNCATED",
       `${entry.file}: tensor ${
         quote(entry.name)
-      } needs bytes [${entry.begin}, ${entry.end}) but the file ends at ${entry.begin + got}`,
+      } needs bytes [${entry.begin}, ${entry.end}) but the file now ends at ${now}`,
     );
   }
 }
@@ -661,7 +467,15 @@ export async function readTensorInto(
  * into its own buffer (so typed-array views of it are aligned).
  */
 export async function loadSafetensors(path: string): Promise<Map<string, HostTensor>> {
-  const bytes = await Deno.readFile(path);
+  const { file, size } = await openRegularFile(path, "NOT_A_FILE", "a safetensors file");
+  const bytes = new Uint8Array(size);
+  let got: number;
+  try {
+    got = await readFully(file, bytes, 0);
+  } finally {
+    file.close();
+  }
+  if (got !== size) fail("TRUNCATED", `${path}: shrank to ${got} bytes while being read`);
   const header = parseSafetensorsHeader(bytes, bytes.byteLength, path);
   const out = new Map<string, HostTensor>();
   for (const e of header.tensors.values()) {
@@ -785,11 +599,15 @@ export function encodeSafetensors(
   return out;
 }
 
-/** Encodes tensors with {@link encodeSafetensors} and writes them to `path`. */
+/**
+ * Encodes tensors with {@link encodeSafetensors} and writes them to `path` atomically (a
+ * temporary file beside it, then a rename: see `writeFileAtomic`), so an interrupted write
+ * never leaves a truncated file where the previous one was.
+ */
 export async function writeSafetensors(
   path: string,
   tensors: Iterable<[string, HostTensor]>,
   metadata?: Record<string, string>,
 ): Promise<void> {
-  await Deno.writeFile(path, encodeSafetensors(tensors, metadata));
+  await writeFileAtomic(path, encodeSafetensors(tensors, metadata));
 }

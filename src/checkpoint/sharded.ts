@@ -12,12 +12,22 @@
  */
 
 import { CheckpointError, type CheckpointErrorCode } from "../errors.ts";
-import { readSafetensorsHeader, type SafetensorsHeader, type TensorEntry } from "./safetensors.ts";
+import { escapeText, pathText, quoteName } from "../messages.ts";
+import { fileKind, readBoundedText, statOrNull } from "./files.ts";
+import { JsonObject, parseStrictJson } from "./json.ts";
+import {
+  MAX_HEADER_LENGTH,
+  readSafetensorsHeader,
+  type SafetensorsHeader,
+  type TensorEntry,
+} from "./safetensors.ts";
 
 /** Name of the index file of a sharded checkpoint. */
 export const INDEX_FILE = "model.safetensors.index.json";
 /** Name of the file of a single-file checkpoint directory. */
 export const SINGLE_FILE = "model.safetensors";
+/** Largest index file read (an index lists every tensor once: far below this). */
+export const MAX_INDEX_BYTES: number = MAX_HEADER_LENGTH;
 
 /** A validated checkpoint: every tensor with the file and byte range it is read from. */
 export interface Checkpoint {
@@ -25,6 +35,11 @@ export interface Checkpoint {
   readonly path: string;
   /** The index file, or null when the checkpoint is a single file. */
   readonly index: string | null;
+  /**
+   * An index that was not used because the directory also holds `model.safetensors` (the
+   * single file wins, as in Hugging Face `from_pretrained`); null otherwise.
+   */
+  readonly unusedIndex: string | null;
   /** The safetensors files (paths), in the order reads prefer when keys tie. */
   readonly files: readonly string[];
   /** Each file's validated header, by path. */
@@ -47,15 +62,6 @@ function join(dir: string, name: string): string {
   return dir.endsWith("/") ? dir + name : `${dir}/${name}`;
 }
 
-async function statOrNull(path: string): Promise<Deno.FileInfo | null> {
-  try {
-    return await Deno.stat(path);
-  } catch (e) {
-    if (e instanceof Deno.errors.NotFound) return null;
-    throw e;
-  }
-}
-
 /** Sorts entries by a caller key, then file rank, then offset. */
 export function sortForReading(
   entries: Iterable<TensorEntry>,
@@ -76,11 +82,13 @@ function makeCheckpoint(
   index: string | null,
   headers: Map<string, SafetensorsHeader>,
   tensors: Map<string, TensorEntry>,
+  unusedIndex: string | null = null,
 ): Checkpoint {
   const files = [...headers.keys()];
   return {
     path,
     index,
+    unusedIndex,
     files,
     headers,
     tensors,
@@ -89,65 +97,115 @@ function makeCheckpoint(
   };
 }
 
-async function openSingle(path: string, file: string): Promise<Checkpoint> {
+async function openSingle(
+  path: string,
+  file: string,
+  unusedIndex: string | null = null,
+): Promise<Checkpoint> {
   const header = await readSafetensorsHeader(file);
-  return makeCheckpoint(path, null, new Map([[file, header]]), new Map(header.tensors));
+  return makeCheckpoint(
+    path,
+    null,
+    new Map([[file, header]]),
+    new Map(header.tensors),
+    unusedIndex,
+  );
+}
+
+/**
+ * A shard name of an index as a plain relative path: `./` and empty segments dropped, so
+ * `./x` and `x` name one shard. Null for a name that would leave the directory (absolute,
+ * `..`) or that holds control characters.
+ */
+export function normalizeShardName(shard: string): string | null {
+  if (shard.startsWith("/") || shard.includes("\\") || escapeText(shard) !== shard) return null;
+  const parts = shard.split("/").filter((p) => p !== "" && p !== ".");
+  if (parts.length === 0 || parts.includes("..")) return null;
+  return parts.join("/");
 }
 
 function parseIndex(index: string, text: string): Map<string, string> {
-  let json: unknown;
-  try {
-    json = JSON.parse(text);
-  } catch (e) {
-    fail("BAD_INDEX", `${index}: not valid JSON (${(e as Error).message})`);
+  const where = pathText(index);
+  // Strict: a tensor listed twice would otherwise silently take its last place.
+  const json = parseStrictJson(text, index, {
+    syntaxCode: "BAD_INDEX",
+    what: "index",
+    duplicate: (key, owner, depth) => {
+      if (depth === 1 && owner === "weight_map") {
+        fail("DUPLICATE", `${where}: weight_map lists tensor ${quoteName(key)} twice`);
+      }
+      fail(
+        "BAD_INDEX",
+        `${where}: key ${quoteName(key)} appears twice${
+          owner === null ? "" : ` under ${quoteName(owner)}`
+        }`,
+      );
+    },
+  });
+  if (!(json instanceof JsonObject)) {
+    fail("BAD_INDEX", `${where}: expected a JSON object with a "weight_map"`);
   }
-  if (typeof json !== "object" || json === null || Array.isArray(json)) {
-    fail("BAD_INDEX", `${index}: expected a JSON object with a "weight_map"`);
-  }
-  const map = (json as Record<string, unknown>).weight_map;
-  if (typeof map !== "object" || map === null || Array.isArray(map)) {
-    fail("BAD_INDEX", `${index}: "weight_map" is missing or not an object of tensor -> shard`);
+  const map = json.entries.get("weight_map");
+  if (!(map instanceof JsonObject)) {
+    fail("BAD_INDEX", `${where}: "weight_map" is missing or not an object of tensor -> shard`);
   }
   const out = new Map<string, string>();
-  for (const [name, shard] of Object.entries(map)) {
+  for (const [name, shard] of map.entries) {
     if (typeof shard !== "string" || shard.length === 0) {
       fail(
         "BAD_INDEX",
-        `${index}: tensor ${JSON.stringify(name)} maps to ${
-          JSON.stringify(shard)
+        `${where}: tensor ${quoteName(name)} maps to ${
+          typeof shard === "string" ? '""' : "a non-string"
         }, expected a shard file name`,
       );
     }
     // Shards live next to the index; refuse names that would reach elsewhere.
-    if (shard.startsWith("/") || shard.split(/[\\/]/).includes("..")) {
+    const norm = normalizeShardName(shard);
+    if (norm === null) {
       fail(
         "BAD_INDEX",
-        `${index}: tensor ${JSON.stringify(name)} maps to shard ${
-          JSON.stringify(shard)
-        } outside the checkpoint directory`,
+        `${where}: tensor ${quoteName(name)} maps to shard ${
+          quoteName(shard)
+        }, outside the checkpoint directory (or not a plain file name)`,
       );
     }
-    out.set(name, shard);
+    out.set(name, norm);
   }
   return out;
 }
 
 async function openSharded(path: string, index: string): Promise<Checkpoint> {
   const dir = index.includes("/") ? index.slice(0, index.lastIndexOf("/")) : ".";
-  const weightMap = parseIndex(index, await Deno.readTextFile(index));
+  const text = await readBoundedText(index, MAX_INDEX_BYTES, "BAD_INDEX", "an index file");
+  const weightMap = parseIndex(index, text);
   // Sorted by name so that file order follows the shard numbering, whatever order the index
   // lists tensors in.
   const shardNames = [...new Set(weightMap.values())].sort();
   const headers = new Map<string, SafetensorsHeader>();
+  // Two names of one file (a link): its tensors would be "in both"; name both instead.
+  const byInode = new Map<string, string>();
   for (const shard of shardNames) {
     const file = join(dir, shard);
     const info = await statOrNull(file);
     if (info === null || !info.isFile) {
       fail(
         "MISSING_SHARD",
-        `${index}: shard ${JSON.stringify(shard)} is missing (${file} not found)`,
+        `${pathText(index)}: shard ${quoteName(shard)} ${
+          info === null
+            ? `is missing (${pathText(file)} not found)`
+            : `is ${fileKind(info)}, expected a safetensors file`
+        }`,
       );
     }
+    const id = `${info.dev}:${info.ino}`;
+    const twin = byInode.get(id);
+    if (info.ino !== null && twin !== undefined) {
+      fail(
+        "DUPLICATE",
+        `${pathText(index)}: shards ${quoteName(twin)} and ${quoteName(shard)} are the same file`,
+      );
+    }
+    byInode.set(id, shard);
     headers.set(shard, await readSafetensorsHeader(file));
   }
   // Duplicates first: a tensor in two shards is the more specific diagnosis than the index
@@ -160,7 +218,9 @@ async function openSharded(path: string, index: string): Promise<Checkpoint> {
       if (other !== undefined) {
         fail(
           "DUPLICATE",
-          `${index}: tensor ${JSON.stringify(name)} is in both ${other} and ${shard}`,
+          `${pathText(index)}: tensor ${quoteName(name)} is in both ${quoteName(other)} and ${
+            quoteName(shard)
+          }`,
         );
       }
       owner.set(name, shard);
@@ -172,13 +232,17 @@ async function openSharded(path: string, index: string): Promise<Checkpoint> {
     if (listed === undefined) {
       fail(
         "UNINDEXED_TENSOR",
-        `${headers.get(shard)!.file}: tensor ${JSON.stringify(name)} is not in ${index}`,
+        `${pathText(headers.get(shard)!.file)}: tensor ${quoteName(name)} is not in ${
+          pathText(index)
+        }`,
       );
     }
     if (listed !== shard) {
       fail(
         "INDEX_MISMATCH",
-        `${index}: tensor ${JSON.stringify(name)} is listed in ${listed} but found in ${shard}`,
+        `${pathText(index)}: tensor ${quoteName(name)} is listed in ${
+          quoteName(listed)
+        } but found in ${quoteName(shard)}`,
       );
     }
   }
@@ -186,9 +250,9 @@ async function openSharded(path: string, index: string): Promise<Checkpoint> {
     if (!tensors.has(name)) {
       fail(
         "MISSING_TENSOR",
-        `${index}: tensor ${
-          JSON.stringify(name)
-        } is listed in ${shard} but that shard does not hold it`,
+        `${pathText(index)}: tensor ${quoteName(name)} is listed in ${
+          quoteName(shard)
+        } but that shard does not hold it`,
       );
     }
   }
@@ -199,19 +263,43 @@ async function openSharded(path: string, index: string): Promise<Checkpoint> {
 
 /**
  * Opens and validates a checkpoint: a `.safetensors` file, a `model.safetensors.index.json`
- * file, or a directory holding either (the index wins). Every shard header is read and
- * validated; throws CheckpointError `MISSING_SHARD`, `MISSING_TENSOR`, `UNINDEXED_TENSOR`,
- * `INDEX_MISMATCH`, `DUPLICATE`, `BAD_INDEX`, `NO_CHECKPOINT` or any header error.
+ * file, or a directory holding either. A directory holding both is read from
+ * `model.safetensors`, as Hugging Face `from_pretrained` does (the index is then
+ * `unusedIndex`). Only regular files are opened (a FIFO or device is refused before it is
+ * read). Every shard header is read and validated; throws CheckpointError `MISSING_SHARD`,
+ * `MISSING_TENSOR`, `UNINDEXED_TENSOR`, `INDEX_MISMATCH`, `DUPLICATE`, `BAD_INDEX`,
+ * `NO_CHECKPOINT`, `NOT_A_FILE` or any header error.
  */
 export async function openCheckpoint(path: string): Promise<Checkpoint> {
   const info = await statOrNull(path);
-  if (info === null) fail("NO_CHECKPOINT", `${path}: no such file or directory`);
+  if (info === null) fail("NO_CHECKPOINT", `${pathText(path)}: no such file or directory`);
   if (info.isDirectory) {
     const index = join(path, INDEX_FILE);
-    if ((await statOrNull(index))?.isFile) return await openSharded(path, index);
     const single = join(path, SINGLE_FILE);
-    if ((await statOrNull(single))?.isFile) return await openSingle(path, single);
-    fail("NO_CHECKPOINT", `${path}: directory holds neither ${INDEX_FILE} nor ${SINGLE_FILE}`);
+    const [indexInfo, singleInfo] = [await statOrNull(index), await statOrNull(single)];
+    if (singleInfo?.isFile) {
+      return await openSingle(path, single, indexInfo === null ? null : index);
+    }
+    if (indexInfo?.isFile) return await openSharded(path, index);
+    const odd = singleInfo ?? indexInfo;
+    if (odd !== null) {
+      fail(
+        "NOT_A_FILE",
+        `${pathText(singleInfo ? single : index)}: is ${fileKind(odd)}, expected a file`,
+      );
+    }
+    fail(
+      "NO_CHECKPOINT",
+      `${pathText(path)}: directory holds neither ${INDEX_FILE} nor ${SINGLE_FILE}`,
+    );
+  }
+  if (!info.isFile) {
+    fail(
+      "NOT_A_FILE",
+      `${pathText(path)}: is ${
+        fileKind(info)
+      }, expected a safetensors file, an index or a directory`,
+    );
   }
   if (path.endsWith(".index.json")) return await openSharded(path, path);
   return await openSingle(path, path);

@@ -15,6 +15,8 @@ import {
   type TensorEntry,
 } from "./safetensors.ts";
 import { openCheckpoint, sortForReading } from "./sharded.ts";
+import { openRegularFile } from "./files.ts";
+import { quoteName } from "../messages.ts";
 
 /** What a source knows about a tensor before reading it. */
 export interface TensorInfo {
@@ -85,9 +87,7 @@ function fail(code: CheckpointErrorCode, message: string): never {
   throw new CheckpointError(code, message);
 }
 
-function quote(s: string): string {
-  return JSON.stringify(s);
-}
+const quote = quoteName;
 
 function checkDestination(info: TensorInfo, dst: Uint8Array): void {
   if (dst.byteLength !== info.bytes) {
@@ -146,12 +146,9 @@ class FileLane {
   read(entry: TensorEntry, dst: Uint8Array): Promise<void> {
     const run = async (): Promise<void> => {
       if (this.handle === null) {
-        try {
-          this.handle = await Deno.open(this.path, { read: true });
-        } catch (e) {
-          if (!(e instanceof Deno.errors.NotFound)) throw e;
-          fail("MISSING_SHARD", `${this.path}: file vanished after its header was validated`);
-        }
+        // Checked again: the file could have been replaced by a FIFO since its header was read.
+        this.handle =
+          (await openRegularFile(this.path, "MISSING_SHARD", "a safetensors file")).file;
       }
       await readTensorInto(this.handle, entry, dst);
     };
@@ -193,7 +190,7 @@ export async function fileSource(path: string): Promise<WeightSource> {
   }
   const lanes = new Map<string, FileLane>(ckpt.files.map((f) => [f, new FileLane(f)]));
   const source: WeightSource = {
-    description: path,
+    description: ckpt.index ?? (ckpt.files.length === 1 ? ckpt.files[0] : path),
     tensors: infos,
     plan: (order) => ckpt.readPlan(order).map((e) => e.name),
     readInto: async (name, dst) => {

@@ -5,6 +5,7 @@
  */
 
 import { parseArgs } from "node:util";
+import { oneLine } from "../messages.ts";
 import { QUANT_NAMES, type QuantName } from "../models/quant_names.ts";
 
 /** Backend choices on the command line. */
@@ -68,7 +69,7 @@ Options:
   --strict           tensors the model does not have are errors (default: reported)
   --allow-non-finite accept NaN/Inf in incoming weights (default: refused; the check costs one
                      extra read of every incoming tensor on the device)
-  --repeat N         reload N times (default 1; 0 only loads)
+  --repeat N         reload N times (default 1; 0 only loads and checks --weights)
   --quiet            no progress bar, no report on stdout
   --help             show this help
 
@@ -77,9 +78,48 @@ Exit status: 0 success, 1 failed load or reload (one line "error: ..." on stderr
 
 function choice<T extends string>(flag: string, value: string, allowed: readonly string[]): T {
   if (!allowed.includes(value)) {
-    throw new UsageError(`--${flag} ${value}: expected one of ${allowed.join(", ")}`);
+    throw new UsageError(`--${flag} ${oneLine(value, 40)}: expected one of ${allowed.join(", ")}`);
   }
   return value as T;
+}
+
+const OPTIONS = {
+  model: { type: "string" },
+  weights: { type: "string" },
+  quant: { type: "string" },
+  backend: { type: "string" },
+  export: { type: "string" },
+  json: { type: "string" },
+  atomic: { type: "boolean" },
+  strict: { type: "boolean" },
+  "allow-non-finite": { type: "boolean" },
+  repeat: { type: "string" },
+  quiet: { type: "boolean" },
+  help: { type: "boolean", short: "h" },
+} as const;
+
+/**
+ * `--flag VALUE` where VALUE starts with `-` becomes `--flag=VALUE` (node's parser calls it
+ * "ambiguous", which hides the real problem, e.g. `--repeat -1`), unless VALUE is itself one
+ * of our flags: then the flag lacks its value.
+ */
+function joinDashValues(argv: readonly string[]): string[] {
+  const out: string[] = [];
+  const isFlag = (a: string) =>
+    /^--?[a-zA-Z]/.test(a) &&
+    (Object.hasOwn(OPTIONS, a.replace(/^--?/, "").split("=")[0]) || a === "-h");
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const name = a.startsWith("--") ? a.slice(2) : "";
+    const spec = Object.hasOwn(OPTIONS, name) ? OPTIONS[name as keyof typeof OPTIONS] : null;
+    if (spec?.type === "string" && i + 1 < argv.length && argv[i + 1].startsWith("-")) {
+      if (isFlag(argv[i + 1])) throw new UsageError(`${a} needs a value`);
+      out.push(`${a}=${argv[++i]}`);
+      continue;
+    }
+    out.push(a);
+  }
+  return out;
 }
 
 /** Parses the arguments (without the program name). Throws {@link UsageError}. */
@@ -87,27 +127,15 @@ export function parseCliArgs(argv: readonly string[]): CliOptions {
   let parsed;
   try {
     parsed = parseArgs({
-      args: [...argv],
+      args: joinDashValues(argv),
       strict: true,
       allowPositionals: false,
-      options: {
-        model: { type: "string" },
-        weights: { type: "string" },
-        quant: { type: "string" },
-        backend: { type: "string" },
-        export: { type: "string" },
-        json: { type: "string" },
-        atomic: { type: "boolean" },
-        strict: { type: "boolean" },
-        "allow-non-finite": { type: "boolean" },
-        repeat: { type: "string" },
-        quiet: { type: "boolean" },
-        help: { type: "boolean", short: "h" },
-      },
+      options: OPTIONS,
     });
   } catch (e) {
-    // node:util's messages are multi-line in places; keep the first line.
-    throw new UsageError(String((e as Error).message).split("\n")[0]);
+    // node:util's messages are multi-line in places; keep the first line, escaped (it can
+    // quote an argument).
+    throw new UsageError(oneLine(String((e as Error).message).split("\n")[0], 300));
   }
   const v = parsed.values;
   for (const flag of ["model", "weights", "export", "json"] as const) {
@@ -116,7 +144,9 @@ export function parseCliArgs(argv: readonly string[]): CliOptions {
   let repeat = 1;
   if (v.repeat !== undefined) {
     if (!/^\d+$/.test(v.repeat) || !Number.isSafeInteger(Number(v.repeat))) {
-      throw new UsageError(`--repeat ${v.repeat}: expected a whole number`);
+      throw new UsageError(
+        `--repeat ${oneLine(v.repeat, 40)}: expected a whole number (0 or more)`,
+      );
     }
     repeat = Number(v.repeat);
   }

@@ -13,6 +13,8 @@ import { loadModel, reloadWeights } from "../models/load.ts";
 import { ReloadError } from "../errors.ts";
 import type { CliOptions } from "./args.ts";
 import { describeReload } from "./run.ts";
+import { writeJsonReport } from "./outputs.ts";
+import { checkWritable } from "../checkpoint/atomic_write.ts";
 import { createProgressBar } from "./progress.ts";
 import { DEMO_SHAPE, synthTensors, writeSynthCheckpoint } from "../testing/synth.ts";
 import { compareKernelTensor, type Comparison, stackRows } from "./verify.ts";
@@ -97,6 +99,9 @@ export async function runDemo(o: CliOptions): Promise<DemoReport> {
   const say = (s: string) => {
     if (!o.quiet) console.log(s);
   };
+  // Before minutes of work: an output that cannot be written is known now.
+  if (o.export !== undefined) await checkWritable(o.export, "--export");
+  if (o.json !== undefined) await checkWritable(o.json, "--json");
   const tmp = await Deno.makeTempDir({ prefix: "layerwise-demo-" });
   const backend = await openBackend({ backend: o.backend });
   try {
@@ -159,7 +164,7 @@ export async function runDemo(o: CliOptions): Promise<DemoReport> {
     );
     say(`demo done in ${report.seconds.toFixed(1)} s`);
     if (o.json !== undefined) {
-      await Deno.writeTextFile(o.json, JSON.stringify(report, null, 2) + "\n");
+      await writeJsonReport(o.json, report);
     }
     if (o.export !== undefined) {
       await exportKernelTensors(model, o.export);

@@ -8,14 +8,19 @@
 import { type CliOptions, HELP, parseCliArgs, UsageError } from "./args.ts";
 import { runDemo } from "./demo.ts";
 import { runReload } from "./run.ts";
+import { oneLine } from "../messages.ts";
 
 /** Exit status of a run. */
 export type ExitCode = 0 | 1 | 2;
 
-/** One line for any error: its message without a stack, newlines folded. */
+/**
+ * One line for any error: its message without a stack, newlines folded, control characters
+ * escaped and the whole cut to a terminal line's worth (names from input are escaped and cut
+ * where messages are made; this is the last guard).
+ */
 export function errorLine(e: unknown): string {
   const msg = e instanceof Error ? e.message : String(e);
-  return msg.replace(/\s*\n\s*/g, " ").trim() || (e instanceof Error ? e.name : "unknown error");
+  return oneLine(msg) || (e instanceof Error ? e.name : "unknown error");
 }
 
 function say(line: string): void {

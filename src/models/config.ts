@@ -4,7 +4,9 @@
  * @module
  */
 
-import { CheckpointError } from "../errors.ts";
+import { readBoundedText } from "../checkpoint/files.ts";
+import { CheckpointError, ConfigError } from "../errors.ts";
+import { describeValue, listNames, pathText } from "../messages.ts";
 import { type DType, dtypeOf, isModelFloat } from "../tensor/dtype.ts";
 
 /** The architectures this package builds, as `config.json` names them. */
@@ -84,8 +86,78 @@ export interface ModelConfig {
 
 type Json = Record<string, unknown>;
 
+/**
+ * A size field of `config.json`. Sizes decide how much a model costs to build before any
+ * checkpoint byte is read, so each is bounded twice before building: by a plain limit `max`
+ * when the config is parsed, and by the checkpoint's headers (see
+ * {@link checkConfigAgainstCheckpoint}) so that building costs time and memory in proportion
+ * to the checkpoint, never to a number someone typed.
+ */
+export interface SizeField {
+  /** The field's name in `config.json`. */
+  readonly field: string;
+  /** The {@link ModelConfig} property it sets. */
+  readonly key: keyof ModelConfig;
+  /** Largest value accepted at all (far above any real model). */
+  readonly max: number;
+  /**
+   * How the checkpoint bounds it. `dim`: the value is (a part of) a tensor dimension, so it is
+   * at most the largest dimension of any checkpoint tensor. `count`: the model holds at least
+   * one checkpoint tensor per unit (per layer, per expert of a layer), so the product of the
+   * count fields is at most the number of checkpoint tensors. `none`: bounded by another field.
+   */
+  readonly bound: "dim" | "count" | "none";
+  /** For a `count` field, what one unit is, for messages (`layer`, `expert`). */
+  readonly unit?: string;
+}
+
+/** The size fields, in the order they are checked (a field is read only when present). */
+export const SIZE_FIELDS: readonly SizeField[] = Object.freeze(
+  [
+    { field: "hidden_size", key: "hiddenSize", max: 1 << 20, bound: "dim" },
+    { field: "num_attention_heads", key: "numHeads", max: 1 << 14, bound: "dim" },
+    { field: "num_key_value_heads", key: "numKvHeads", max: 1 << 14, bound: "dim" },
+    { field: "head_dim", key: "headDim", max: 1 << 16, bound: "dim" },
+    { field: "intermediate_size", key: "intermediateSize", max: 1 << 22, bound: "dim" },
+    { field: "vocab_size", key: "vocabSize", max: 1 << 24, bound: "dim" },
+    {
+      field: "num_hidden_layers",
+      key: "numLayers",
+      max: 1 << 14,
+      bound: "count",
+      unit: "layer",
+    },
+    {
+      field: "num_local_experts",
+      key: "numExperts",
+      max: 1 << 16,
+      bound: "count",
+      unit: "expert",
+    },
+    // Released Qwen3-MoE configs name the same number num_experts: bounded with it.
+    { field: "num_experts", key: "numExperts", max: 1 << 16, bound: "none" },
+    { field: "num_experts_per_tok", key: "numExpertsPerToken", max: 1 << 16, bound: "none" },
+    {
+      field: "moe_intermediate_size",
+      key: "moeIntermediateSize",
+      max: 1 << 22,
+      bound: "dim",
+    },
+  ] as const,
+);
+
+/** Products of size fields that are one tensor dimension (q_proj's rows, k_proj's rows). */
+export const DIM_PRODUCTS: readonly (readonly [string, string])[] = Object.freeze(
+  [
+    ["num_attention_heads", "head_dim"],
+    ["num_key_value_heads", "head_dim"],
+  ] as const,
+);
+
+const SIZE_LIMITS: ReadonlyMap<string, SizeField> = new Map(SIZE_FIELDS.map((f) => [f.field, f]));
+
 function bad(file: string, field: string, what: string): never {
-  throw new CheckpointError("BAD_CONFIG", `${file}: field ${field} ${what}`);
+  throw new ConfigError("BAD_CONFIG", `${pathText(file)}: field ${field} ${what}`);
 }
 
 function present(cfg: Json, field: string): boolean {
@@ -98,8 +170,12 @@ function int(cfg: Json, field: string, file: string, fallback?: number): number 
     bad(file, field, "is missing");
   }
   const v = cfg[field];
+  const max = SIZE_LIMITS.get(field)?.max ?? Number.MAX_SAFE_INTEGER;
+  if (typeof v === "number" && Number.isInteger(v) && v > max) {
+    bad(file, field, `is ${v}, more than the limit of ${max}`);
+  }
   if (typeof v !== "number" || !Number.isSafeInteger(v) || v <= 0) {
-    bad(file, field, `is ${JSON.stringify(v)}, expected a positive integer`);
+    bad(file, field, `is ${describeValue(v)}, expected a positive integer`);
   }
   return v;
 }
@@ -107,7 +183,7 @@ function int(cfg: Json, field: string, file: string, fallback?: number): number 
 function bool(cfg: Json, field: string, file: string, fallback: boolean): boolean {
   if (!present(cfg, field)) return fallback;
   const v = cfg[field];
-  if (typeof v !== "boolean") bad(file, field, `is ${JSON.stringify(v)}, expected true or false`);
+  if (typeof v !== "boolean") bad(file, field, `is ${describeValue(v)}, expected true or false`);
   return v;
 }
 
@@ -115,7 +191,7 @@ function num(cfg: Json, field: string, file: string, fallback: number): number {
   if (!present(cfg, field)) return fallback;
   const v = cfg[field];
   if (typeof v !== "number" || !Number.isFinite(v)) {
-    bad(file, field, `is ${JSON.stringify(v)}, expected a number`);
+    bad(file, field, `is ${describeValue(v)}, expected a number`);
   }
   return v;
 }
@@ -186,12 +262,19 @@ export interface ParseConfigOptions {
 export function parseModelConfig(json: unknown, options: ParseConfigOptions = {}): ModelConfig {
   const file = options.file ?? "config.json";
   if (typeof json !== "object" || json === null || Array.isArray(json)) {
-    throw new CheckpointError("BAD_CONFIG", `${file}: expected a JSON object`);
+    throw new ConfigError("BAD_CONFIG", `${pathText(file)}: expected a JSON object`);
   }
   const cfg = json as Json;
   const archs = cfg.architectures;
-  if (!Array.isArray(archs) || archs.length === 0 || typeof archs[0] !== "string") {
-    bad(file, "architectures", 'is missing or empty, expected e.g. ["LlamaForCausalLM"]');
+  if (!present(cfg, "architectures")) {
+    bad(file, "architectures", 'is missing, expected e.g. ["LlamaForCausalLM"]');
+  }
+  if (!Array.isArray(archs) || archs.length === 0 || !archs.every((a) => typeof a === "string")) {
+    bad(
+      file,
+      "architectures",
+      `is ${describeValue(archs)}, expected a non-empty list of names such as ["LlamaForCausalLM"]`,
+    );
   }
   const architecture = archs.find((a) => ARCHITECTURES.includes(a as string)) as
     | Architecture
@@ -200,7 +283,9 @@ export function parseModelConfig(json: unknown, options: ParseConfigOptions = {}
     bad(
       file,
       "architectures",
-      `is ${JSON.stringify(archs)}: not supported (supported: ${ARCHITECTURES.join(", ")})`,
+      `is [${listNames(archs as string[], 3)}]: not supported (supported: ${
+        ARCHITECTURES.join(", ")
+      })`,
     );
   }
 
@@ -211,7 +296,7 @@ export function parseModelConfig(json: unknown, options: ParseConfigOptions = {}
     const name = cfg[field];
     const d = typeof name === "string" ? dtypeOf(name) : undefined;
     if (d === undefined || !isModelFloat(d)) {
-      bad(file, field, `is ${JSON.stringify(name)}, expected bfloat16, float16 or float32`);
+      bad(file, field, `is ${describeValue(name)}, expected bfloat16, float16 or float32`);
     }
     dtype = d;
   }
@@ -292,7 +377,14 @@ export function parseModelConfig(json: unknown, options: ParseConfigOptions = {}
   });
 }
 
-/** Reads `<dir>/config.json` and parses it with {@link parseModelConfig}. */
+/** Largest `config.json` read (real ones are a few kilobytes). */
+export const MAX_CONFIG_BYTES: number = 16 << 20;
+
+/**
+ * Reads `<dir>/config.json` and parses it with {@link parseModelConfig}. Only a regular file of
+ * at most {@link MAX_CONFIG_BYTES} is read (a FIFO or `/dev/zero` is refused before reading).
+ * Throws ConfigError `NO_CONFIG` or `BAD_CONFIG`.
+ */
 export async function readModelConfig(
   dir: string,
   options: Omit<ParseConfigOptions, "file"> = {},
@@ -300,16 +392,91 @@ export async function readModelConfig(
   const file = `${dir.replace(/\/+$/, "")}/config.json`;
   let text: string;
   try {
-    text = await Deno.readTextFile(file);
+    text = await readBoundedText(file, MAX_CONFIG_BYTES, "NO_CONFIG", "a JSON file");
   } catch (e) {
-    const why = e instanceof Deno.errors.NotFound ? "not found" : (e as Error).message;
-    throw new CheckpointError("NO_CONFIG", `${file}: ${why}`);
+    // Whatever the reader found (missing, a FIFO, too large, not UTF-8): no usable config.
+    if (e instanceof CheckpointError) throw new ConfigError("NO_CONFIG", e.message);
+    throw e;
   }
   let json: unknown;
   try {
     json = JSON.parse(text);
   } catch (e) {
-    throw new CheckpointError("BAD_CONFIG", `${file}: not valid JSON (${(e as Error).message})`);
+    throw new ConfigError(
+      "BAD_CONFIG",
+      `${pathText(file)}: not valid JSON (${(e as Error).message.slice(0, 200)})`,
+    );
   }
   return parseModelConfig(json, { ...options, file });
+}
+
+/** What {@link checkConfigAgainstCheckpoint} needs of each checkpoint tensor. */
+export interface TensorShapeInfo {
+  /** Sizes of each dimension. */
+  readonly shape: readonly number[];
+}
+
+/**
+ * Checks the config's size fields against the checkpoint it will load ({@link SIZE_FIELDS}):
+ * every `dim` field (and product in {@link DIM_PRODUCTS}) is at most the largest dimension of
+ * any checkpoint tensor, and the product of the `count` fields is at most the number of
+ * checkpoint tensors (a 3-D tensor counting as its first dimension: stacked experts). Run
+ * before building the model, it makes building cost in proportion to the checkpoint. Throws
+ * ConfigError `CONFIG_CHECKPOINT_MISMATCH` naming the file, the field and the checkpoint. Costs
+ * one pass over the tensors' shapes.
+ */
+export function checkConfigAgainstCheckpoint(
+  config: ModelConfig,
+  tensors: Iterable<TensorShapeInfo>,
+  checkpoint: string,
+  file = "config.json",
+): void {
+  let count = 0, maxDim = 0;
+  for (const t of tensors) {
+    // A 3-D tensor stacks one unit per row of its first dimension (transformers 5's merged
+    // experts hold every expert of a layer in two tensors), which its bytes pay for.
+    count += t.shape.length === 3 ? t.shape[0] : 1;
+    for (const d of t.shape) if (d > maxDim) maxDim = d;
+  }
+  const fail = (what: string): never => {
+    throw new ConfigError("CONFIG_CHECKPOINT_MISMATCH", `${pathText(file)}: ${what}`);
+  };
+  const value = (f: SizeField): number => config[f.key] as number;
+  const byField = new Map(SIZE_FIELDS.map((f) => [f.field, f]));
+  for (const f of SIZE_FIELDS) {
+    if (f.bound === "dim" && value(f) > maxDim) {
+      fail(
+        `field ${f.field} is ${value(f)}, larger than any dimension of a tensor in ${
+          pathText(checkpoint)
+        } (largest: ${maxDim})`,
+      );
+    }
+  }
+  for (const [a, b] of DIM_PRODUCTS) {
+    const fa = byField.get(a), fb = byField.get(b);
+    if (fa === undefined || fb === undefined) continue;
+    const p = value(fa) * value(fb);
+    if (p > maxDim) {
+      fail(
+        `fields ${a} x ${b} are ${value(fa)} x ${
+          value(fb)
+        } = ${p}, larger than any dimension of a tensor in ${
+          pathText(checkpoint)
+        } (largest: ${maxDim})`,
+      );
+    }
+  }
+  const counts = SIZE_FIELDS.filter((f) => f.bound === "count" && value(f) > 0);
+  const product = counts.reduce((a, f) => a * value(f), 1);
+  if (product > count) {
+    fail(
+      `${counts.length === 1 ? "field" : "fields"} ${counts.map((f) => f.field).join(" x ")} ${
+        counts.length === 1 ? "is" : "are"
+      } ${counts.map(value).join(" x ")}, but ${pathText(checkpoint)} holds ${count} tensor${
+        count === 1 ? "" : "s"
+      } (the model needs at least one per ${
+        counts.map((f) => f.unit ?? f.field).join(" of each ")
+      })`,
+    );
+  }
 }

@@ -17,7 +17,7 @@ import { prefixError } from "../nn/module.ts";
 import type { DType } from "../tensor/dtype.ts";
 import type { Tensor } from "../tensor/tensor.ts";
 import type { BuildOptions, CausalLM } from "./causal_lm.ts";
-import { type ModelConfig, readModelConfig } from "./config.ts";
+import { checkConfigAgainstCheckpoint, type ModelConfig, readModelConfig } from "./config.ts";
 import { buildLlama } from "./llama.ts";
 import { buildMixtral, buildQwen3Moe } from "./mixtral.ts";
 import { type QuantName, quantScheme } from "./quant_names.ts";
@@ -58,8 +58,9 @@ export interface LoadModelOptions {
   /** Tensors the model does not have are errors (default: ignored, see the report). */
   strict?: boolean;
   /**
-   * Refuse NaN or infinite values in the checkpoint (ReloadError `NON_FINITE`). Default off
-   * in the API (the CLI turns it on); it costs one extra device read of every tensor.
+   * Refuse NaN or infinite values in the checkpoint, also values that become infinite in the
+   * model's dtype or in a layer's kernel tensors (ReloadError `NON_FINITE`). Default off in the
+   * API (the CLI turns it on); it costs one extra device read of every tensor.
    */
   rejectNonFinite?: boolean;
   /** Tensor-parallel rank to build and load (default 0); see src/parallel/tp.ts. */
@@ -96,18 +97,25 @@ async function open(weights: WeightsInput): Promise<[WeightSource, boolean]> {
  */
 export async function loadModel(dir: string, options: LoadModelOptions = {}): Promise<CausalLM> {
   const config = await readModelConfig(dir, { dtype: options.dtype });
-  const backend = typeof options.backend === "object"
-    ? options.backend
-    : await openBackend({ backend: options.backend });
-  const model = buildModel(config, {
-    backend,
-    quant: quantScheme(options.quant ?? "auto", config),
-    tpRank: options.tpRank,
-    tpSize: options.tpSize,
-  });
-  recordMetadataForReloading(model);
   const [source, own] = await open(options.weights ?? dir);
   try {
+    // Before building: what building costs is then bounded by the checkpoint's size.
+    checkConfigAgainstCheckpoint(
+      config,
+      source.tensors.values(),
+      source.description,
+      `${dir.replace(/\/+$/, "")}/config.json`,
+    );
+    const backend = typeof options.backend === "object"
+      ? options.backend
+      : await openBackend({ backend: options.backend });
+    const model = buildModel(config, {
+      backend,
+      quant: quantScheme(options.quant ?? "auto", config),
+      tpRank: options.tpRank,
+      tpSize: options.tpSize,
+    });
+    recordMetadataForReloading(model);
     const plan = validateWeights(model, source, options);
     const stream = streamWeights(backend, source, plan, model.readOrder, options);
     await namingFile(
@@ -115,10 +123,10 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
       stream,
       (s) => loadWeights(model, s, { rejectNonFinite: options.rejectNonFinite }),
     );
+    return model;
   } finally {
     if (own) source.close();
   }
-  return model;
 }
 
 /**

@@ -58,8 +58,9 @@ export function denseNameMapper(options: DenseMapperOptions): NameMapper {
   };
 }
 
-const EXPERT = /^(.*\.experts)\.(\d+)\.(w[123])\.(\w+)$/;
-const NAMED_EXPERT = /^(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.(\w+)$/;
+// Ids in canonical decimal only: `experts.01` must not land on the slot of `experts.1`.
+const EXPERT = /^(.*\.experts)\.(0|[1-9]\d*)\.(w[123])\.(\w+)$/;
+const NAMED_EXPERT = /^(.*\.experts)\.(0|[1-9]\d*)\.(gate|up|down)_proj\.(\w+)$/;
 const NAMED_SHARD = { gate: "w1", up: "w3", down: "w2" } as const;
 // transformers 5 holds every expert of a layer in two parameters (no `.weight` suffix):
 // gate_up_proj [E, 2I, H] (gate rows, then up) and down_proj [E, H, I].
@@ -126,7 +127,7 @@ export function qwen3MoeNameMapper(options: DenseMapperOptions): NameMapper {
   };
 }
 
-const LAYER = /^model\.layers\.(\d+)\./;
+const LAYER = /^model\.layers\.(0|[1-9]\d*)\./;
 
 /**
  * A read-order key for a checkpoint (or model) name: the embedding first, then each decoder
@@ -210,4 +211,14 @@ export function expectedCheckpointNames(
   out.push("model.norm.weight");
   if (!c.tieWordEmbeddings) out.push("lm_head.weight");
   return out;
+}
+
+/**
+ * The canonical spelling of a checkpoint name: leading zeros dropped from every numeric
+ * component (`model.layers.01.x` -> `model.layers.1.x`). A name that differs from its canonical
+ * spelling would alias another tensor's slot wherever an id is parsed as a number.
+ */
+export function canonicalName(name: string): string {
+  if (!/(^|\.)0\d/.test(name)) return name;
+  return name.split(".").map((c) => (/^\d+$/.test(c) ? c.replace(/^0+(?=\d)/, "") : c)).join(".");
 }

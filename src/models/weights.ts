@@ -14,8 +14,54 @@ import { validateTensors as checkAgainstModel } from "../reload/validate.ts";
 import { rowWindow, type Tensor } from "../tensor/tensor.ts";
 import type { CausalLM } from "./causal_lm.ts";
 import { checkFp8Checkpoint } from "./fp8_checkpoint.ts";
-import { expectedCheckpointNames } from "./names.ts";
-import { firstOf, plural } from "../messages.ts";
+import { canonicalName, expectedCheckpointNames } from "./names.ts";
+import { listNames, plural, quoteName } from "../messages.ts";
+
+function refuseDuplicate(
+  model: CausalLM,
+  source: WeightSource,
+  order: readonly string[],
+  duplicate: string,
+): never {
+  const key = (name: string): string => {
+    const t = model.mapCheckpointName(name);
+    return t === null ? "" : `${t.path}|${t.param}|${t.shardId ?? ""}|${t.expertId ?? ""}`;
+  };
+  const k = key(duplicate);
+  const first = order.find((n) => n !== duplicate && key(n) === k) ?? duplicate;
+  throw new CheckpointError(
+    "DUPLICATE",
+    `${source.tensors.get(duplicate)!.origin}: tensors ${quoteName(first)} and ${
+      quoteName(duplicate)
+    } load the same model tensor`,
+  );
+}
+
+/**
+ * Refuses names that are not in canonical decimal (`experts.01`): each would alias the tensor
+ * with the canonical spelling. Names both when both are there.
+ */
+function refuseAliases(source: WeightSource): void {
+  for (const [name, info] of source.tensors) {
+    const canonical = canonicalName(name);
+    if (canonical === name) continue;
+    const twin = source.tensors.get(canonical);
+    if (twin !== undefined) {
+      throw new CheckpointError(
+        "DUPLICATE",
+        `${info.origin}: tensors ${quoteName(name)} and ${quoteName(canonical)}${
+          twin.origin === info.origin ? "" : ` (in ${twin.origin})`
+        } name the same tensor (ids are compared as numbers)`,
+      );
+    }
+    throw new CheckpointError(
+      "NON_CANONICAL_NAME",
+      `${info.origin}: tensor ${quoteName(name)} has an id with leading zeros (expected ${
+        quoteName(canonical)
+      })`,
+    );
+  }
+}
 
 /** What validation found: the names to load, and what it leaves out. */
 export interface ValidatedWeights {
@@ -49,20 +95,24 @@ export function validateWeights(
   source: WeightSource,
   options: { strict?: boolean; partial?: boolean } = {},
 ): ValidatedWeights {
-  checkFp8Checkpoint(source, model.quant);
   const present = new Set(source.tensors.keys());
+  refuseAliases(source);
+  checkFp8Checkpoint(source, model.quant);
   const absent = expectedCheckpointNames(model.config, present).filter((n) => !present.has(n));
   if (absent.length > 0 && !options.partial) {
     throw new CheckpointError(
       "MISSING_TENSOR",
-      `${source.description}: ${plural(absent.length, "tensor")} missing: ${firstOf(absent, 8)}`,
+      `${source.description}: ${plural(absent.length, "tensor")} missing: ${listNames(absent)}`,
     );
   }
   const order = source.plan(model.readOrder);
   const report = checkAgainstModel(model, order.map((n) => source.tensors.get(n)!), {
     strict: options.strict ?? false,
   });
-  const left = new Set([...report.skipped, ...report.unknown, ...report.duplicates]);
+  // Two checkpoint names that load the same part of one parameter alias each other: a load
+  // would silently keep one of them. Hugging Face names never do, so it is refused.
+  if (report.duplicates.length > 0) refuseDuplicate(model, source, order, report.duplicates[0]);
+  const left = new Set([...report.skipped, ...report.unknown]);
   const names = order.filter((n) => !left.has(n));
   let bytes = 0;
   const layers = new Map<number, number>();

@@ -10,7 +10,7 @@ import { CheckpointError, LayerwiseError, withMessage } from "../errors.ts";
 import type { Tensor } from "../tensor/tensor.ts";
 import type { QuantMethod } from "./quant_method.ts";
 import type { ShardId, TensorSlot } from "./slots.ts";
-import { qualifiedName } from "../messages.ts";
+import { pathText, qualifiedName } from "../messages.ts";
 
 /** Where a checkpoint tensor goes: a module path, a slot name, and its shard and expert. */
 export interface WeightTarget {
@@ -195,6 +195,8 @@ export class Module {
 
 /** Rethrows a LayerwiseError with `name: ` in front of its message; other errors unchanged. */
 export function prefixError(e: unknown, name: string): unknown {
-  if (!(e instanceof LayerwiseError) || e.message.startsWith(`${name}:`)) return e;
-  return withMessage(e, `${name}: ${e.message}`);
+  // The name comes from a checkpoint: escaped and cut like any name from input.
+  const shown = pathText(name);
+  if (!(e instanceof LayerwiseError) || e.message.startsWith(`${shown}:`)) return e;
+  return withMessage(e, `${shown}: ${e.message}`);
 }

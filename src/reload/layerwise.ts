@@ -21,8 +21,9 @@
  * tensor bit-exactly from host copies taken before the first write into each layer; without
  * it, the model is marked inconsistent ({@link isInconsistent}) until the layers the failed
  * reload wrote (a layer loaded straight into its kernel tensors counts as written from its
- * first load) are written again; `rejectNonFinite` scans incoming tensors for NaN/Inf before
- * anything is written; a second reload (or a first load) of a model while one runs is refused
+ * first load) are written again; `rejectNonFinite` scans incoming tensors (as they come and as
+ * the model's dtype holds them) for NaN/Inf before anything is written, and kernel tensors after
+ * processing; a second reload (or a first load) of a model while one runs is refused
  * (`RELOAD_ACTIVE`, `LOAD_ACTIVE`).
  *
  * Bookkeeping lives in WeakMaps keyed by module: it goes away with the model.
@@ -35,6 +36,7 @@ import type { Module } from "../nn/module.ts";
 import type { TensorSlot, WeightLoader } from "../nn/slots.ts";
 import type { KernelDestination } from "../nn/quant_method.ts";
 import { countWrites } from "../nn/slots.ts";
+import type { DType } from "../tensor/dtype.ts";
 import type { Storage, Tensor } from "../tensor/tensor.ts";
 import {
   captureLayerToMeta,
@@ -70,9 +72,13 @@ export interface ReloadOptions {
   /**
    * Scan every incoming tensor on the backend (`countNonFinite`) before it is written, and
    * fail with ReloadError `NON_FINITE` naming the tensor and the count of NaN/Inf elements.
-   * Default false in the API (the CLI turns it on). Costs one extra read of every
-   * incoming tensor on the device (about the checkpoint's size in memory bandwidth) and, for a
-   * non-contiguous tensor, a temporary contiguous copy. Integer tensors are never scanned.
+   * The check holds for what the model ends up holding: an incoming tensor of another dtype
+   * than the model's is also counted after conversion to the model's dtype (finite f32 values
+   * can overflow bf16 or f16), and a layer's kernel tensors are counted after its quant method
+   * ran. Default false in the API (the CLI turns it on). Costs one extra read of every
+   * incoming tensor on the device (about the checkpoint's size in memory bandwidth), a
+   * converted temporary when the dtypes differ, one read of each quantized layer's kernel
+   * tensors, and, for a non-contiguous tensor, a temporary contiguous copy.
    */
   rejectNonFinite?: boolean;
   /** Receives debug messages (ignored loads, delayed processing). */
@@ -430,7 +436,9 @@ function makeOnlineProcessLoader(
       state.log(`${where}: load writes nothing on this rank`);
       return;
     }
-    if (state.rejectNonFinite) rejectNonFinite(layer.backend!, loaded, where);
+    if (state.rejectNonFinite) {
+      rejectNonFinite(layer.backend!, loaded, where, info.restoreMetadata!.get(param)!.meta.dtype);
+    }
     if (!info.started) startLayer(layer, info, where);
     // `loaded` is borrowed: it is written now and not referenced after this call.
     original(slot, loaded, shardId, expertId);
@@ -507,28 +515,76 @@ function startLayer(layer: Module, info: LayerInfo, where: string): void {
 
 /**
  * Throws ReloadError `NON_FINITE` when `t` holds NaN or infinite elements (counted on the
- * backend; a non-contiguous view is compacted into a temporary first). `where` names it.
+ * backend; a non-contiguous view is compacted into a temporary first). With `as`, the dtype
+ * the loader will write `t` into (the model format), finite values that become infinite in
+ * that dtype are refused too (an f32 3.4e38 is +Inf in bf16; a bf16 1e5 is +Inf in f16): they
+ * are converted into a temporary of that dtype and counted there. `where` names the tensor.
  */
-export function rejectNonFinite(b: Backend, t: Tensor, where: string): void {
+export function rejectNonFinite(b: Backend, t: Tensor, where: string, as?: DType): void {
   // A row chunk is scanned on the rows it holds.
   t = t.windowRows();
-  if (!t.dtype.floating || t.numel === 0) return;
-  let n: number;
-  if (t.isContiguous) n = b.countNonFinite(t);
-  else {
-    const tmp = b.empty(t.shape, t.dtype);
-    try {
-      b.copy(tmp, t);
-      n = b.countNonFinite(tmp);
-    } finally {
-      b.free(tmp.storage!);
+  if (t.numel === 0) return;
+  if (t.dtype.floating) {
+    const n = countNonFiniteOf(b, t);
+    if (n > 0) {
+      throw new ReloadError(
+        "NON_FINITE",
+        `${where}: ${n} of ${t.numel} elements of the incoming ${t} are NaN or infinite (rejectNonFinite is set)`,
+      );
     }
+  }
+  if (as === undefined || !as.floating || as === t.dtype) return;
+  const tmp = b.empty(t.shape, as);
+  let n: number;
+  try {
+    b.copy(tmp, t);
+    n = b.countNonFinite(tmp);
+  } finally {
+    b.free(tmp.storage!);
   }
   if (n > 0) {
     throw new ReloadError(
       "NON_FINITE",
-      `${where}: ${n} of ${t.numel} elements of the incoming ${t} are NaN or infinite (rejectNonFinite is set)`,
+      `${where}: ${n} of ${t.numel} elements of the incoming ${t} are finite but overflow to infinity in the model's dtype ${as.name} (rejectNonFinite is set)`,
     );
+  }
+}
+
+function countNonFiniteOf(b: Backend, t: Tensor): number {
+  if (t.isContiguous) return b.countNonFinite(t);
+  const tmp = b.empty(t.shape, t.dtype);
+  try {
+    b.copy(tmp, t);
+    return b.countNonFinite(tmp);
+  } finally {
+    b.free(tmp.storage!);
+  }
+}
+
+/**
+ * Throws ReloadError `NON_FINITE` when processing left a NaN or infinite element in one of a
+ * layer's kernel tensors (an fp8 code that is NaN, an infinite scale), though every value that
+ * came in was finite in the model's dtype: what the check promises holds for what the model
+ * ends up holding, whatever the path. Called after a quant method ran; costs one read of the
+ * layer's kernel tensors.
+ */
+export function rejectNonFiniteKernel(
+  layer: Module,
+  path: string,
+  tensors: Iterable<readonly [string, Tensor]> = layer.ownSlots().map(([n, s]) => [n, s.tensor]),
+): void {
+  const b = layer.backend!;
+  for (const [name, t] of tensors) {
+    if (t.isMeta || !t.dtype.floating || t.numel === 0) continue;
+    const n = countNonFiniteOf(b, t);
+    if (n > 0) {
+      throw new ReloadError(
+        "NON_FINITE",
+        `${
+          qualifiedName(path, name)
+        }: processing (${layer.quantMethod?.name}) left ${n} of ${t.numel} elements of ${t} NaN or infinite from finite weights (rejectNonFinite is set)`,
+      );
+    }
   }
 }
 
@@ -612,6 +668,14 @@ function processLayer(layer: Module, info: LayerInfo): void {
       if (r === k.tensor) continue;
       beginWrite(layer, info);
       b.copy(k.tensor, r);
+    }
+    if (state.rejectNonFinite && layer.quantMethod !== undefined && !info.direct) {
+      // Checked in the kernel tensors, as the slots hold them again only after `finally`.
+      rejectNonFiniteKernel(
+        layer,
+        info.path,
+        [...info.kernelTensors!].map(([n, k]) => [n, k.tensor]),
+      );
     }
     state.partial.delete(info.path);
     state.processed.push(info.path);

@@ -23,6 +23,7 @@ import {
   initializeLayerwiseReload,
   recordMetadataForReloading,
   rejectNonFinite,
+  rejectNonFiniteKernel,
   type ReloadOptions,
   setLoading,
 } from "./layerwise.ts";
@@ -74,7 +75,8 @@ export interface LoadOptions extends ExpectOptions {
   /** Receives debug messages. */
   log?: (message: string) => void;
   /**
-   * Scan every incoming tensor on the backend for NaN/Inf before loading it; a hit is
+   * Scan every incoming tensor on the backend for NaN/Inf before loading it, as it comes and
+   * converted to the model's dtype, and each layer's kernel tensors after processing; a hit is
    * ReloadError `NON_FINITE` naming the tensor and the count. Default false (the CLI turns it
    * on); costs one extra device read of every incoming tensor.
    */
@@ -135,7 +137,7 @@ export async function loadWeights(
       const real = r.slot.tensor;
       let n: number;
       try {
-        if (options.rejectNonFinite) rejectNonFinite(r.module.backend!, loaded, name);
+        if (options.rejectNonFinite) rejectNonFinite(r.module.backend!, loaded, name, real.dtype);
         r.slot.tensor = Tensor.meta(real.shape, real.dtype);
         try {
           n = countWrites(() => r.slot.weightLoader(r.slot, loaded, r.shardId, r.expertId));
@@ -166,8 +168,10 @@ export async function loadWeights(
       );
     }
     for (const last of [false, true]) {
-      for (const [, m] of layers) {
-        if (m.processLast === last) m.quantMethod?.processWeightsAfterLoading(m);
+      for (const [path, m] of layers) {
+        if (m.processLast !== last || m.quantMethod === undefined) continue;
+        m.quantMethod.processWeightsAfterLoading(m);
+        if (options.rejectNonFinite) rejectNonFiniteKernel(m, path);
       }
     }
   } catch (e) {

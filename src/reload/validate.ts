@@ -15,7 +15,7 @@ import type { DType } from "../tensor/dtype.ts";
 import { Tensor } from "../tensor/tensor.ts";
 import { describeGaps, getLayerwiseInfo } from "./layerwise.ts";
 import type { LayerMeta } from "./meta.ts";
-import { firstOf, plural, qualifiedName } from "../messages.ts";
+import { firstOf, pathText, plural, qualifiedName } from "../messages.ts";
 
 /** What a checkpoint header says about a tensor (a `TensorInfo` of a weight source fits). */
 export interface TensorDescriptor {
@@ -153,7 +153,9 @@ export function validateTensors(
     }
     if (!target) {
       unknown.push(name);
-      unknownWhere.push(e.origin === undefined ? name : `${e.origin}: ${name}`);
+      unknownWhere.push(
+        e.origin === undefined ? pathText(name) : `${e.origin}: ${pathText(name)}`,
+      );
       continue;
     }
     const shardId: ShardId | undefined = mapped.shardId;

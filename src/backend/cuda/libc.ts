@@ -7,6 +7,10 @@
 import { CheckpointError } from "../../errors.ts";
 
 const O_RDONLY = 0;
+// Linux's value on x86-64 and arm64. A FIFO swapped in for a shard since its header was read
+// would block open() until a writer came; non-blocking, it opens at once and its first pread
+// fails (a read error naming the file). Regular files ignore the flag.
+const O_NONBLOCK = 0o4000;
 let libc:
   | Deno.DynamicLibrary<{
     open: { parameters: ["buffer", "i32"]; result: "i32" };
@@ -31,7 +35,10 @@ function posix(): NonNullable<typeof libc> | null {
 
 /** Opens `path` read-only; CheckpointError `MISSING_SHARD` when it cannot. */
 export function openFd(path: string): number {
-  const fd = posix()!.symbols.open(new TextEncoder().encode(`${path}\0`), O_RDONLY);
+  const fd = posix()!.symbols.open(
+    new TextEncoder().encode(`${path}\0`),
+    O_RDONLY | O_NONBLOCK,
+  );
   if (fd < 0) {
     throw new CheckpointError("MISSING_SHARD", `${path}: cannot open for reading`);
   }
