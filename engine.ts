@@ -54,7 +54,13 @@ export {
 // Backends
 export type { Granularity, StagedReader } from "./src/backend/backend.ts";
 export type { StagedTensor, StagingStats } from "./src/backend/cuda/staging_plan.ts";
-export { openWasmBackend, WASM_MAX_MEMORY_BYTES, wasmView } from "./src/backend/wasm.ts";
+export {
+  openWasmBackend,
+  WASM_MAX_MEMORY_BYTES,
+  type WasmBackendOptions,
+  wasmThreadCount,
+  wasmView,
+} from "./src/backend/wasm.ts";
 export { type CudaBackendOptions, openCudaBackend } from "./src/backend/cuda/device.ts";
 
 // Checkpoints

@@ -12,7 +12,7 @@
  * be undefined behaviour (unknown dtype codes, unsupported combinations) and writes nothing
  * when it returns an error.
  *
- * Sizes are size_t: 32-bit on wasm32 (memory is at most 4 GiB), 64-bit on CUDA.
+ * Sizes are size_t: 64-bit on both (the WebAssembly module is built for wasm64, memory64).
  */
 #ifndef LAYERWISE_H
 #define LAYERWISE_H
@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#if defined(__EMSCRIPTEN__)
+#if defined(__wasm__)
 #define LW_API __attribute__((used, visibility("default")))
 #else
 #define LW_API __attribute__((visibility("default")))
@@ -106,7 +106,7 @@ LW_API lw_status lw_dequant_fp8(void *ctx, void *dst, int32_t dst_dtype, const u
                                 int32_t granularity);
 
 /* ---------------------------------------------------------------- CUDA only (cuda/kernels.cu) */
-#ifndef __EMSCRIPTEN__
+#ifndef __wasm__
 /* text of the last error on this thread (empty when none); returns the full length */
 LW_API size_t lw_last_error(char *buf, size_t len);
 LW_API lw_status lw_device_count(int32_t *out);
@@ -141,7 +141,7 @@ LW_API lw_status lw_event_create_blocking(int32_t device, uint64_t *out_event);
 /* ---------------------------------------------------------------- CUDA graphs, streams, probe
  * (CUDA only; cuda/graph.cu). Capture on a ctx's stream: lw_graph_begin, then any entry points
  * on that ctx, then lw_graph_end gives an executable graph to launch any number of times. */
-#ifndef __EMSCRIPTEN__
+#ifndef __wasm__
 /* the cudaStream_t of ctx (NULL: device 0's default context), for libraries such as NCCL */
 LW_API lw_status lw_ctx_stream(void *ctx, uint64_t *out_stream);
 LW_API lw_status lw_graph_begin(void *ctx);

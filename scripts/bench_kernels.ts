@@ -1,12 +1,14 @@
 /**
  * Kernel throughput: each kernel of the ABI on the same random bf16 matrix, timed on one
- * backend, next to a plain copy of the same bytes measured in the same run. On WASM the same C
- * compiled natively with -O3 is timed too (when a C compiler is present), since the bar there is
- * half the native rate.
+ * backend, next to a plain copy of the same bytes measured in the same run. On WASM each kernel
+ * is timed on 1 thread and on the backend's N threads, and the same C compiled natively with -O3
+ * (and -fopenmp, split the same way, for N threads) is timed too when a C compiler is present,
+ * since the bar there is half the native rate at every thread count.
  * @module
  */
 
 import type { Backend } from "../src/backend/backend.ts";
+import { openWasmBackend, wasmThreadCount } from "../src/backend/wasm.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
 
@@ -14,6 +16,8 @@ import type { Tensor } from "../src/tensor/tensor.ts";
 export interface KernelResult {
   /** Kernel name (as the native harness knows it). */
   name: string;
+  /** Threads the kernel ran on (WASM; 1 on CUDA). */
+  threads: number;
   /** Elements processed per call. */
   elements: number;
   /** Bytes a call must move at least (each input read as the kernel needs it, outputs written). */
@@ -53,20 +57,29 @@ function time(backend: Backend, reps: number, fn: () => void): number {
   return best;
 }
 
-async function nativeTimes(names: string[], n: number, reps: number): Promise<Map<string, number>> {
+async function nativeTimes(
+  names: string[],
+  n: number,
+  reps: number,
+  threads: number,
+): Promise<Map<string, number>> {
   const out = new Map<string, number>();
   const cc = Deno.env.get("CC") ?? "cc";
   const dir = await Deno.makeTempDir({ prefix: "layerwise-bench-" });
   const bin = `${dir}/bench_native`;
   const src = new URL("./bench_native.c", import.meta.url).pathname;
   try {
-    const build = await new Deno.Command(cc, { args: ["-O3", "-o", bin, src, "-lm"] }).output();
+    const build = await new Deno.Command(cc, {
+      args: ["-O3", "-fopenmp", "-o", bin, src, "-lm"],
+    }).output();
     if (!build.success) {
       console.error(`native reference not built: ${new TextDecoder().decode(build.stderr)}`);
       return out;
     }
     for (const name of names) {
-      const r = await new Deno.Command(bin, { args: [name, String(n), String(reps)] }).output();
+      const r = await new Deno.Command(bin, {
+        args: [name, String(n), String(reps), String(threads)],
+      }).output();
       if (r.success) out.set(name, Number(new TextDecoder().decode(r.stdout).trim()));
     }
   } catch (e) {
@@ -77,9 +90,33 @@ async function nativeTimes(names: string[], n: number, reps: number): Promise<Ma
   return out;
 }
 
-/** Times every kernel on `elements` bf16 elements (a multiple of 4096). */
+/**
+ * Times every kernel on `elements` bf16 elements (a multiple of 4096). On WASM: on 1 thread (a
+ * backend of its own) and on `backend`'s threads, each beside the native build on as many.
+ */
 export async function benchKernels(
   backend: Backend,
+  elements: number,
+  reps: number,
+): Promise<KernelResult[]> {
+  if (backend.kind !== "wasm") return await benchOn(backend, 1, elements, reps);
+  const threads = wasmThreadCount(backend);
+  const results: KernelResult[] = [];
+  if (threads > 1) {
+    const one = await openWasmBackend({ threads: 1 });
+    try {
+      results.push(...await benchOn(one, 1, elements, reps));
+    } finally {
+      one.close();
+    }
+  }
+  results.push(...await benchOn(backend, threads, elements, reps));
+  return results;
+}
+
+async function benchOn(
+  backend: Backend,
+  threads: number,
   elements: number,
   reps: number,
 ): Promise<KernelResult[]> {
@@ -116,13 +153,13 @@ export async function benchKernels(
   const results: KernelResult[] = [];
   try {
     for (const [name, bytes, fn] of cases) {
-      results.push({ name, elements: n, bytes, seconds: time(backend, reps, fn) });
+      results.push({ name, threads, elements: n, bytes, seconds: time(backend, reps, fn) });
     }
   } finally {
     for (const t of owned) backend.free(t.storage!);
   }
   if (backend.kind === "wasm") {
-    const native = await nativeTimes(results.map((r) => r.name), n, reps);
+    const native = await nativeTimes(results.map((r) => r.name), n, reps, threads);
     for (const r of results) r.nativeSeconds = native.get(r.name);
   }
   return results;
@@ -144,12 +181,11 @@ function fmt(x: number, unit: string): string {
  * 0.5 x the native rate.
  */
 export function kernelTable(backend: Backend, results: KernelResult[]): string {
-  const copy = results.find((r) => r.name === "copy")!;
-  const copyRate = copy.bytes / copy.seconds;
   const lines = [
     `kernels on ${backend.description}, ${results[0].elements} bf16 elements (best of runs)`,
     [
       "kernel".padEnd(16),
+      "threads".padStart(8),
       "elements/s".padStart(12),
       "bytes/s".padStart(11),
       "vs copy".padStart(8),
@@ -158,9 +194,12 @@ export function kernelTable(backend: Backend, results: KernelResult[]): string {
     ].join(""),
   ];
   for (const r of results) {
+    const copy = results.find((c) => c.name === "copy" && c.threads === r.threads)!;
+    const copyRate = copy.bytes / copy.seconds;
     const rate = r.bytes / r.seconds;
     const vsCopy = rate / copyRate;
-    let row = r.name.padEnd(16) + fmt(r.elements / r.seconds, "").padStart(12) +
+    let row = r.name.padEnd(16) + String(r.threads).padStart(8) +
+      fmt(r.elements / r.seconds, "").padStart(12) +
       fmt(rate, "B").padStart(11) + vsCopy.toFixed(2).padStart(8);
     if (backend.kind === "wasm") {
       if (r.nativeSeconds) {

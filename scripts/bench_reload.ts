@@ -34,6 +34,7 @@ import { releaseStaging, stageTensors } from "../src/checkpoint/staging.ts";
 import { bf16Bits, rng, synthConfig, type SynthShape, synthTensorShapes } from "../testing.ts";
 import { loadModel, reloadWeights } from "../src/models/load.ts";
 import { READ_CHUNK_BYTES } from "../src/models/weights.ts";
+import type { Tensor } from "../src/tensor/tensor.ts";
 import { trackPeak } from "../testing.ts";
 
 /** Llama-3-8B's shape, untied (16.06 GB of bf16). */
@@ -223,6 +224,35 @@ function h2dSeconds(b: Backend, bytes: number): number {
     d.free(dev);
     d.hostFree(host);
   }
+}
+
+/**
+ * SHA-256 of every kernel tensor of `model` (name order; tied names once), and one digest over
+ * those: the figure to compare between backends for the same checkpoint (CUDA and WebAssembly
+ * must give the same bytes).
+ */
+async function kernelDigests(
+  backend: Backend,
+  model: { namedTensors(): [string, { tensor: Tensor | null }][] },
+): Promise<{ digest: string; tensors: Record<string, string>; bytes: number }> {
+  const hex = (b: ArrayBuffer) =>
+    Array.from(new Uint8Array(b), (x) => x.toString(16).padStart(2, "0")).join("");
+  const seen = new Set<Tensor>();
+  const tensors: Record<string, string> = {};
+  let bytes = 0;
+  const named = model.namedTensors().sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+  for (const [name, slot] of named) {
+    const t = slot.tensor;
+    if (!t || !t.storage || seen.has(t)) continue;
+    seen.add(t);
+    const data = backend.download(t) as Uint8Array<ArrayBuffer>;
+    bytes += data.byteLength;
+    tensors[name] = hex(await crypto.subtle.digest("SHA-256", data));
+  }
+  const all = new TextEncoder().encode(
+    Object.entries(tensors).map(([n, d]) => `${n} ${d}\n`).join(""),
+  );
+  return { digest: hex(await crypto.subtle.digest("SHA-256", all)), tensors, bytes };
 }
 
 /** Seconds for a plain memcpy (Uint8Array.set) of `bytes`, 64 MiB at a time. */
@@ -442,8 +472,9 @@ export async function benchReload(
     }
 
     const limitLayer = layerModelBytes(shape);
-    // The staged path's device ring, or the simple path's one row chunk of a big tensor.
-    const limitExtra = limitLayer + (cuda ? st.deviceRingBytes : READ_CHUNK_BYTES);
+    // The staged path's device ring, or the simple path's row chunk of a big tensor and, on
+    // WebAssembly, the chunk read ahead while it is processed.
+    const limitExtra = limitLayer + (cuda ? st.deviceRingBytes : 2 * READ_CHUNK_BYTES);
     const runsOut: ReloadRun[] = [];
     log(
       `\n  ${"checkpoint".padEnd(9)} ${"run".padStart(3)} ${"s".padStart(7)} ${
@@ -499,7 +530,7 @@ export async function benchReload(
       }; peak extra <= one decoder layer in model format (${(limitLayer / MiB).toFixed(0)} MiB) + ${
         cuda
           ? `the device staging ring (${st.deviceRingBytes / MiB} MiB)`
-          : `one read chunk (${READ_CHUNK_BYTES / MiB} MiB)`
+          : `one read chunk and one read ahead (2 x ${READ_CHUNK_BYTES / MiB} MiB)`
       } = ${(limitExtra / MiB).toFixed(0)} MiB${
         cuda ? `; pinned host ring ${(st.slotBytes * st.slots) / MiB} MiB` : ""
       }`,
@@ -510,6 +541,17 @@ export async function benchReload(
       } MiB each in model format)`,
     );
     result.limitExtraBytes = limitExtra;
+    t0 = performance.now();
+    const digests = await kernelDigests(backend, model);
+    log(
+      `  kernel tensors after the reloads: sha256 ${digests.digest} over ${
+        Object.keys(digests.tensors).length
+      } tensors, ${(digests.bytes / GB).toFixed(2)} GB (${
+        ((performance.now() - t0) / 1000).toFixed(1)
+      } s; the same checkpoint on another backend must print the same digest)`,
+    );
+    result.kernelDigest = digests.digest;
+    result.kernelTensorDigests = digests.tensors;
     result.runs = runsOut;
     for (const alt of cuda ? options.sweep ?? [] : []) {
       const o = { ...st, ...alt };

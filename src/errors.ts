@@ -173,6 +173,8 @@ export type ReloadErrorCode =
  * - `SHAPE_MISMATCH`: source and destination shapes differ.
  * - `SIZE_MISMATCH`: a host buffer of another length than the tensor.
  * - `WASM_IMPORT`: the WebAssembly module imports something the host does not provide.
+ * - `WASM_THREADS`: the WebAssembly worker threads could not be started.
+ * - `WASM_TRAP`: a WebAssembly kernel trapped on a worker thread.
  * - `WINDOWED`: a row window where a plain view is needed.
  */
 export type BackendErrorCode =
@@ -205,6 +207,8 @@ export type BackendErrorCode =
   | "SHAPE_MISMATCH"
   | "SIZE_MISMATCH"
   | "WASM_IMPORT"
+  | "WASM_THREADS"
+  | "WASM_TRAP"
   | "WINDOWED";
 
 /**

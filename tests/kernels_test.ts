@@ -281,7 +281,15 @@ function kernelTests(kind: string, open: () => Promise<Backend | null>): void {
   });
 }
 
-kernelTests("wasm", openWasmBackend);
+kernelTests("wasm", () => openWasmBackend());
+// The same vectors split across threads: every call is cut into parts however small, so each
+// kernel's parts and reductions are exercised on inputs of every fixture's size.
+for (const threads of [1, 2, 4]) {
+  kernelTests(
+    `wasm ${threads} thread${threads > 1 ? "s" : ""}`,
+    () => openWasmBackend({ threads, minBytesPerThread: 0 }),
+  );
+}
 
 // CUDA runs when it opens (library built, driver and GPU present); otherwise one ignored test
 // says why, so the run shows that the GPU half was not exercised.

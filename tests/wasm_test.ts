@@ -11,6 +11,15 @@ import { type DType, DTYPES } from "../src/tensor/dtype.ts";
 import { Tensor } from "../src/tensor/tensor.ts";
 import { loadSafetensors } from "../src/checkpoint/safetensors.ts";
 import { kernelsWasmBytes } from "../wasm/kernels_wasm.ts";
+import fc from "fast-check";
+import { HEAP_ALIGN, WasmHeap } from "../src/backend/wasm_heap.ts";
+import {
+  instantiateKernels,
+  numberExports,
+  readModuleInfo,
+  sharedMemory64,
+  wasmGlobals,
+} from "../src/backend/wasm_abi.ts";
 
 /** Seeded values in [-range, range): reproducible, no fixtures needed for layout tests. */
 function randomF32(n: number, seed: number, range = 4): Float32Array {
@@ -137,37 +146,53 @@ wasmTest("views out of range, freed storage, foreign tensors and a closed backen
   throwsBackend(() => b.download(t), "CLOSED", /closed/);
 });
 
-wasmTest("an allocation past 4 GiB is refused with the limit and the bytes in use", (b) => {
+wasmTest("an allocation past the memory maximum is refused with the numbers", (b) => {
   b.empty([1024], DTYPES.f32);
   assert.equal(b.allocatedBytes(), 4096);
+  const held = b.allocatedBytes();
   throwsBackend(
     () => b.alloc(WASM_MAX_MEMORY_BYTES + 1),
     "OUT_OF_MEMORY",
-    /cannot allocate 4294967297 bytes .*limited to 4 GiB.* 4160 bytes .* in use/,
+    /cannot allocate 17179869185 bytes .*maximum is \d+ bytes .* \d+ bytes .* in use/,
   );
-  // The backend is still usable afterwards.
+  // Nothing changed, and the backend is still usable afterwards.
+  assert.equal(b.allocatedBytes(), held);
   const t = upload(b, [2], DTYPES.f32, new Float32Array([1, -2]));
   assert.equal(b.absmax(t), 2);
 });
 
-Deno.test("wasm: the raw module refuses bad arguments by itself and writes nothing", async () => {
-  const module = await WebAssembly.compile(kernelsWasmBytes());
-  const imports: WebAssembly.Imports = {};
-  for (const imp of WebAssembly.Module.imports(module)) {
-    ((imports[imp.module] ??= {}) as Record<string, () => void>)[imp.name] = () => {};
+Deno.test("wasm: past a small maximum, growth stops with OUT_OF_MEMORY; freed space is reused", async () => {
+  const b = await openWasmBackend({ maxMemoryBytes: 64 * 2 ** 20 });
+  try {
+    const a = b.alloc(40 * 2 ** 20);
+    throwsBackend(
+      () => b.alloc(40 * 2 ** 20),
+      "OUT_OF_MEMORY",
+      /cannot allocate 41943040 bytes \(0\.04 GiB\): .*maximum is 67108864 bytes .*in use/,
+    );
+    b.free(a);
+    b.free(b.alloc(40 * 2 ** 20));
+  } finally {
+    b.close();
   }
-  const inst = await WebAssembly.instantiate(module, imports);
-  const x = inst.exports as Record<string, CallableFunction> & { memory: WebAssembly.Memory };
-  (x._initialize as (() => void) | undefined)?.();
-  const p = x.malloc(64) >>> 0;
-  const mem = () => new Uint8Array(x.memory.buffer);
+});
+
+Deno.test("wasm: the raw module refuses bad arguments by itself and writes nothing", async () => {
+  const bytes = kernelsWasmBytes();
+  const module = await WebAssembly.compile(bytes);
+  const { signatures } = readModuleInfo(bytes);
+  const memory = sharedMemory64(2 ** 20, 2 ** 24);
+  const inst = instantiateKernels(module, memory);
+  const x = numberExports(inst, signatures);
+  const p = wasmGlobals(inst).heapBase;
+  const mem = () => new Uint8Array(memory.buffer);
   mem().fill(0x5a, p, p + 64);
   const lastError = () => {
-    const at = x.lw_wasm_last_error() >>> 0;
+    const at = x.lw_wasm_last_error();
     const m = mem();
     let end = at;
     while (m[end] !== 0) end++;
-    return new TextDecoder().decode(m.subarray(at, end));
+    return new TextDecoder().decode(m.slice(at, end));
   };
   const calls: [string, () => number, RegExp][] = [
     ["lw_cast dtype 42", () => x.lw_cast(0, p, 42, 4, p + 32, 0, 4, 1, 4), /unknown dtype/],
@@ -328,7 +353,7 @@ wasmTest("kernels at element offsets 1..3 give what they give at offset 0", (b) 
 
 // --------------------------------------------------------------------------- memory growth
 
-wasmTest("memory growth keeps earlier tensors and pointers; old views are detached", (b) => {
+wasmTest("memory growth keeps earlier tensors, pointers and views (the memory is shared)", (b) => {
   const first = upload(b, [1000], DTYPES.f32, randomF32(1000, 3));
   const before = b.download(first);
   const ptr = first.ptr;
@@ -344,7 +369,8 @@ wasmTest("memory growth keeps earlier tensors and pointers; old views are detach
   }
   const now = wasmView(b, first);
   assert.ok(now.buffer.byteLength >= initial + 4 * 32 * 1024 * 1024 - 2 ** 24, "memory grew");
-  assert.equal(view.byteLength, 0, "a view made before growth is detached");
+  assert.equal(view.byteLength, 4000, "a view made before growth keeps its length");
+  assert.deepEqual(new Uint8Array(view), before, "and its bytes");
   assert.equal(first.ptr, ptr, "pointers are stable across growth");
   assert.deepEqual(b.download(first), before);
   assert.deepEqual(new Uint8Array(now), before);
@@ -358,29 +384,27 @@ wasmTest("memory growth keeps earlier tensors and pointers; old views are detach
   assert.equal(b.absmax(first), 7.5);
 });
 
-wasmTest("pointers past 2 GiB work (unsigned offsets)", (b) => {
-  // About 2 GiB in two pieces (one allocation is limited to 2 GiB): cheap, since growth
-  // reserves address space rather than copying.
-  const pads = [b.alloc(2 ** 30), b.alloc(2 ** 30)];
+wasmTest("pointers past 4 GiB work (64-bit offsets), one allocation may exceed 4 GiB", (b) => {
+  // Growth reserves address space rather than copying, and untouched pages cost nothing.
+  const pad = b.alloc(2 ** 32 + 2 ** 20);
   const t = upload(b, [3, 4], DTYPES.bf16, exactBf16(12, 5).bf16);
-  assert.ok(t.ptr >= 2 ** 31, `pointer ${t.ptr} is above 2 GiB`);
+  assert.ok(t.ptr >= 2 ** 32, `pointer ${t.ptr} is above 4 GiB`);
   const f = b.empty([3, 4], DTYPES.f32);
   b.copy(f, t);
-  assert.ok(f.ptr >= 2 ** 31);
+  assert.ok(f.ptr >= 2 ** 32);
   assert.deepEqual(b.download(f), bytesOf(exactBf16(12, 5).f32));
   assert.equal(wasmView(b, f).byteLength, 48);
-  for (const p of pads) b.free(p);
-  // Freed space is reused: the same request fits again without growing past 4 GiB.
-  const again = [b.alloc(2 ** 30), b.alloc(2 ** 30)];
-  for (const p of again) b.free(p);
-});
-
-wasmTest("one allocation over 2 GiB is refused with the reason", (b) => {
-  throwsBackend(
-    () => b.alloc(2 ** 31 + 2 ** 20),
-    "OUT_OF_MEMORY",
-    /cannot allocate 2148532224 bytes.*one allocation is limited to 2 GiB/,
-  );
+  // A kernel split across threads above 4 GiB: quantize 2 MiB of bf16 there.
+  const n = 2 ** 20;
+  const x = upload(b, [n], DTYPES.bf16, exactBf16(n, 6).bf16);
+  const q = b.empty([n], DTYPES.f8_e4m3fn);
+  const s = b.empty([1], DTYPES.f32);
+  b.quantizeFp8(q, s, x, "tensor", true);
+  assert.ok(x.ptr > 2 ** 32 && q.ptr > 2 ** 32);
+  assert.equal(new Float32Array(b.download(s).buffer)[0], Math.fround(b.absmax(x) / 448));
+  b.free(pad);
+  // Freed space is reused: the same request fits again.
+  b.free(b.alloc(2 ** 32 + 2 ** 20));
 });
 
 // -------------------------------------------------------------------------------- fill
@@ -519,4 +543,52 @@ wasmTest("countNonFinite and absmax on random bit patterns of every floating dty
       b.free(t.storage!);
     }
   }
+});
+
+Deno.test("wasm heap: live ranges never overlap, stay aligned and within the limit; freed space is reused", () => {
+  fc.assert(
+    fc.property(
+      fc.array(fc.tuple(fc.boolean(), fc.integer({ min: 1, max: 5000 }), fc.nat()), {
+        maxLength: 200,
+      }),
+      (ops) => {
+        let size = 4096;
+        const heap = new WasmHeap(1000, 200_000, size, (b) => {
+          assert.ok(b > size && b <= 200_000, `growth to ${b}`);
+          size = b;
+        });
+        const live = new Map<number, number>();
+        for (const [alloc, bytes, pick] of ops) {
+          if (alloc || live.size === 0) {
+            const p = heap.alloc(bytes);
+            if (p === 0) {
+              // Refused only when no gap between live ranges (or above them) fits.
+              const need = Math.ceil(bytes / HEAP_ALIGN) * HEAP_ALIGN;
+              const ends = [...live].sort(([a], [b]) => a - b);
+              let at = 1024;
+              for (const [q, n] of ends) {
+                assert.ok(q - at < need, `a gap of ${q - at} at ${at} fits ${bytes}`);
+                at = q + Math.ceil(n / HEAP_ALIGN) * HEAP_ALIGN;
+              }
+              assert.ok(200_000 - at < need, `the top fits ${bytes}`);
+              continue;
+            }
+            assert.equal(p % HEAP_ALIGN, 0);
+            assert.ok(p >= 1000 && p + bytes <= size);
+            for (const [q, n] of live) assert.ok(p + bytes <= q || q + n <= p, "overlap");
+            live.set(p, bytes);
+          } else {
+            const p = [...live.keys()][pick % live.size];
+            heap.free(p);
+            live.delete(p);
+          }
+        }
+        for (const p of [...live.keys()]) heap.free(p);
+        assert.equal(heap.inUse, 0);
+        // Everything merged back: one allocation of all the space used so far fits again.
+        const all = heap.alloc(size - 1024);
+        assert.equal(all, 1024);
+      },
+    ),
+  );
 });

@@ -6,9 +6,6 @@
  * contiguous elements with branch-free bodies, which clang turns into simd128 code. No loop
  * body switches on a dtype.
  */
-#include <stdlib.h>
-#include <string.h>
-
 #include "../cuda/layerwise.h"
 #include "../cuda/lw_numeric.h"
 
@@ -38,7 +35,7 @@ static lw_status refuse(const char *why) {
 
 LW_API lw_status lw_copy(void *ctx, void *dst, const void *src, size_t n) {
   (void)ctx;
-  if (n) memcpy(dst, src, n);
+  if (n) __builtin_memcpy(dst, src, n);
   return LW_OK;
 }
 
@@ -46,11 +43,11 @@ LW_API lw_status lw_copy2d(void *ctx, void *dst, size_t dst_pitch, const void *s
                            size_t src_pitch, size_t width, size_t rows) {
   (void)ctx;
   if (dst_pitch == width && src_pitch == width) {
-    if (width != 0 && rows != 0) memcpy(dst, src, width * rows);
+    if (width != 0 && rows != 0) __builtin_memcpy(dst, src, width * rows);
     return LW_OK;
   }
   for (size_t r = 0; r < rows; r++) {
-    memcpy((uint8_t *)dst + r * dst_pitch, (const uint8_t *)src + r * src_pitch, width);
+    __builtin_memcpy((uint8_t *)dst + r * dst_pitch, (const uint8_t *)src + r * src_pitch, width);
   }
   return LW_OK;
 }
@@ -60,7 +57,7 @@ LW_API lw_status lw_fill(void *ctx, void *dst, size_t n, int32_t elem_size, uint
   (void)ctx;
   switch (elem_size) {
   case 1:
-    memset(dst, (int)(lo & 0xFFu), n);
+    __builtin_memset(dst, (int)(lo & 0xFFu), n);
     return LW_OK;
   case 2: {
     uint16_t *p = (uint16_t *)dst, v = (uint16_t)lo;

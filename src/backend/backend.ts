@@ -70,8 +70,9 @@ export interface Backend {
 
   /**
    * Present when the backend's memory is host memory (WebAssembly): a view of a contiguous
-   * tensor's bytes in place, so that file reads land there without a copy. The view is valid
-   * until the next allocation on the backend (memory may grow); use it at once.
+   * tensor's bytes in place, so that file reads land there without a copy. The memory is
+   * shared, so growth never detaches the view: it stays valid until the tensor is freed, and
+   * reads into it may run while other tensors are allocated.
    */
   readonly hostView?: (tensor: Tensor) => Uint8Array;
   /**

@@ -1,120 +1,183 @@
 /**
- * The WebAssembly backend: tensors live in the memory of one instance of the kernels module
- * (wasm/kernels.c, embedded in wasm/kernels_wasm.ts), so the package runs anywhere Deno runs,
- * with no build step and no native library. A pointer is an offset into that memory; it stays
- * valid when the memory grows, but every `ArrayBuffer` view of it does not, so views are made
- * afresh for each access.
+ * The WebAssembly backend: tensors live in one shared 64-bit memory (memory64, up to 16 GiB)
+ * that the kernels module (wasm/kernels.c, embedded in wasm/kernels_wasm.ts) is instantiated on
+ * by the calling thread and by N - 1 worker threads, so the package runs anywhere Deno runs,
+ * with no build step and no native library, and a kernel runs on every core. A pointer is an
+ * offset into that memory, stable across growth; being shared, the memory's buffer is never
+ * detached by growth either: a view made before growth keeps its bytes and length.
+ *
+ * Threads: `threads` option, else `LAYERWISE_WASM_THREADS`, else the cores Deno reports; 1
+ * runs everything on the calling thread. Calls on small tensors stay on the calling thread.
+ * Results are bit-identical whatever the thread count (src/backend/wasm_split.ts).
+ *
+ * ```ts
+ * import { openWasmBackend } from "./wasm.ts";
+ * import { DTYPES } from "../tensor/dtype.ts";
+ * const b = await openWasmBackend({ threads: 2 });
+ * const t = b.empty([2], DTYPES.f32);
+ * b.upload(t, new Uint8Array(new Float32Array([1, -3]).buffer));
+ * console.log(b.absmax(t)); // 3
+ * b.close();
+ * ```
  * @module
  */
 
 import { BackendError } from "../errors.ts";
+import { quoteName } from "../messages.ts";
 import type { Tensor } from "../tensor/tensor.ts";
 import { kernelsWasmBytes } from "../../wasm/kernels_wasm.ts";
 import type { Backend } from "./backend.ts";
 import { type KernelAbi, KernelBackend, type RawDevice } from "./kernels.ts";
+import {
+  growMemory64,
+  instantiateKernels,
+  numberExports,
+  type NumberFn,
+  readModuleInfo,
+  sharedMemory64,
+  wasmGlobals,
+  type WasmModuleInfo,
+} from "./wasm_abi.ts";
+import { WasmHeap } from "./wasm_heap.ts";
+import { WasmPool, WORKER_STACK_BYTES } from "./wasm_pool.ts";
+import { splitKernels, splitMultiTensor } from "./wasm_split.ts";
 
-/** The most memory a wasm32 instance can address (the module is built with this maximum). */
-export const WASM_MAX_MEMORY_BYTES: number = 4 * 1024 ** 3;
+/** The most memory V8 lets a memory64 hold (the module is built with this maximum). */
+export const WASM_MAX_MEMORY_BYTES: number = 16 * 1024 ** 3;
 
-/** The largest single allocation: Emscripten's sbrk takes a signed 32-bit increment. */
-export const WASM_MAX_ALLOCATION_BYTES: number = 2 * 1024 ** 3;
+/** A call is split across threads only into parts of at least this many input bytes. */
+export const WASM_MIN_BYTES_PER_THREAD: number = 256 * 1024;
 
-/** What the kernels module exports (see scripts/build-wasm.sh); pointers and sizes are i32. */
-interface KernelExports extends KernelAbi {
-  memory: WebAssembly.Memory;
-  _initialize?: () => void;
-  malloc(bytes: number): number;
-  free(ptr: number): void;
-  lw_wasm_last_error(): number;
+/** Options of {@link openWasmBackend}. */
+export interface WasmBackendOptions {
+  /**
+   * Threads that run kernels, the caller's included (default: `LAYERWISE_WASM_THREADS`, else
+   * `navigator.hardwareConcurrency`). 1 runs every kernel on the calling thread.
+   */
+  threads?: number;
+  /**
+   * The memory maximum in bytes (default: the host's memory, at most
+   * {@link WASM_MAX_MEMORY_BYTES}). Allocations past it are `OUT_OF_MEMORY`.
+   */
+  maxMemoryBytes?: number;
+  /** Split calls only into parts of at least this many bytes (default {@link WASM_MIN_BYTES_PER_THREAD}). */
+  minBytesPerThread?: number;
 }
 
-let compiled: Promise<WebAssembly.Module> | undefined;
+let compiled: Promise<{ module: WebAssembly.Module; info: WasmModuleInfo }> | undefined;
 
-function compileKernels(): Promise<WebAssembly.Module> {
-  // Compile once per process; each backend gets its own instance (and memory).
-  compiled ??= WebAssembly.compile(kernelsWasmBytes());
+function compileKernels(): Promise<{ module: WebAssembly.Module; info: WasmModuleInfo }> {
+  // Compile once per process; each backend gets its own memory and instances.
+  compiled ??= (async () => {
+    const bytes = kernelsWasmBytes();
+    return { module: await WebAssembly.compile(bytes), info: readModuleInfo(bytes) };
+  })();
   return compiled;
-}
-
-/**
- * Imports for the standalone module. It only asks to be told about memory growth, which needs
- * no action because views are re-made on every access; anything else it might import in a
- * later build fails loudly when called instead of at instantiation.
- */
-function importsFor(module: WebAssembly.Module): WebAssembly.Imports {
-  const imports: Record<string, Record<string, WebAssembly.ImportValue>> = {};
-  for (const imp of WebAssembly.Module.imports(module)) {
-    if (imp.kind !== "function") {
-      throw new BackendError(
-        "WASM_IMPORT",
-        `the kernels module imports ${imp.kind} ${imp.module}.${imp.name}, which is not provided`,
-      );
-    }
-    const known = imp.module === "env" && imp.name === "emscripten_notify_memory_growth";
-    (imports[imp.module] ??= {})[imp.name] = known ? () => {} : () => {
-      throw new BackendError(
-        "WASM_IMPORT",
-        `the kernels module called ${imp.module}.${imp.name}, which this host does not provide`,
-      );
-    };
-  }
-  return imports;
 }
 
 function gib(bytes: number): string {
   return `${(bytes / 1024 ** 3).toFixed(2)} GiB`;
 }
 
-/** The RawDevice over one instance of the kernels module. */
+/** Threads from the option, else the environment, else the cores. */
+export function wasmThreads(option?: number): number {
+  let v: number | string | undefined = option;
+  let from = "the threads option";
+  if (v === undefined) {
+    try {
+      v = Deno.env.get("LAYERWISE_WASM_THREADS");
+      from = "LAYERWISE_WASM_THREADS";
+    } catch {
+      // No env permission: the cores decide.
+    }
+  }
+  if (v === undefined || v === "") return Math.max(1, navigator.hardwareConcurrency || 1);
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1 || n > 256) {
+    throw new BackendError(
+      "BAD_OPTION",
+      `${from} must be a whole number of threads from 1 to 256, not ${quoteName(String(v), 40)}`,
+    );
+  }
+  return n;
+}
+
+function hostMemoryBytes(): number {
+  try {
+    return Deno.systemMemoryInfo().total;
+  } catch {
+    // No sys permission: V8's limit stands.
+    return WASM_MAX_MEMORY_BYTES;
+  }
+}
+
+/** The RawDevice over one shared memory and its threads. */
 class WasmDevice implements RawDevice {
   readonly kind = "wasm" as const;
-  readonly description = "wasm (simd128)";
-  #x: KernelExports | null;
-  /** Size of each live allocation, so a bad free is refused instead of corrupting the heap. */
-  readonly #sizes = new Map<number, number>();
-  #inUse = 0;
+  readonly description: string;
+  /** Threads, the caller's included. */
+  readonly threads: number;
+  readonly #memory: WebAssembly.Memory;
+  readonly #heap: WasmHeap;
+  readonly #local: Record<string, NumberFn>;
+  #pool: WasmPool | null;
+  #kernels: KernelAbi;
+  #closed = false;
 
-  constructor(exports: KernelExports) {
-    this.#x = exports;
+  constructor(
+    memory: WebAssembly.Memory,
+    heap: WasmHeap,
+    local: Record<string, NumberFn>,
+    pool: WasmPool,
+    minBytesPerThread: number,
+  ) {
+    this.#memory = memory;
+    this.#heap = heap;
+    this.#local = local;
+    this.#pool = pool;
+    this.threads = pool.threads;
+    this.description = `wasm (simd128, memory64, ${pool.threads} thread${
+      pool.threads > 1 ? "s" : ""
+    })`;
+    // Kernels the pool does not split (added to the ABI later) run on the calling thread.
+    this.#kernels = {
+      ...local,
+      ...splitKernels(pool, { minBytesPerThread }),
+      ...splitMultiTensor(pool, { minBytesPerThread }, new Set(Object.keys(local))),
+    } as unknown as KernelAbi;
   }
 
-  get exports(): KernelExports {
-    if (!this.#x) throw new BackendError("CLOSED", "the wasm backend is closed");
-    return this.#x;
+  /** The current buffer of the memory (a new object after each growth; old ones stay valid). */
+  get buffer(): SharedArrayBuffer {
+    this.#open();
+    return this.#memory.buffer as unknown as SharedArrayBuffer;
   }
 
-  /** The current buffer of the instance memory (a new object after each growth). */
-  get buffer(): ArrayBuffer {
-    return this.exports.memory.buffer as ArrayBuffer;
+  #open(): void {
+    if (this.#closed) throw new BackendError("CLOSED", "the wasm backend is closed");
   }
 
   malloc(bytes: number): number {
-    // wasm32 sizes are 32 bits: a larger request must not wrap around into a small one.
-    const ptr = bytes < WASM_MAX_MEMORY_BYTES ? this.exports.malloc(bytes) >>> 0 : 0;
+    this.#open();
+    const ptr = this.#heap.alloc(bytes);
     if (ptr === 0) {
-      const single = bytes > WASM_MAX_ALLOCATION_BYTES
-        ? "; one allocation is limited to 2 GiB"
-        : "";
+      const h = this.#heap;
       throw new BackendError(
         "OUT_OF_MEMORY",
-        `wasm: cannot allocate ${bytes} bytes (${gib(bytes)}): WebAssembly memory is limited to ` +
-          `4 GiB and ${this.#inUse} bytes (${gib(this.#inUse)}) are in use by this backend ` +
-          `(memory size ${gib(this.buffer.byteLength)})${single}`,
+        `wasm: cannot allocate ${bytes} bytes (${gib(bytes)}): the WebAssembly memory maximum ` +
+          `is ${h.limit} bytes (${gib(h.limit)}) and ${h.inUse} bytes (${gib(h.inUse)}) are in ` +
+          `use by this backend (memory size ${gib(h.memoryBytes)})`,
       );
     }
-    this.#sizes.set(ptr, bytes);
-    this.#inUse += bytes;
     return ptr;
   }
 
   free(ptr: number): void {
-    const bytes = this.#sizes.get(ptr);
-    if (bytes === undefined) {
+    this.#open();
+    if (this.#heap.sizeOf(ptr) === undefined) {
       throw new BackendError("BAD_FREE", `wasm: free of ${ptr}, which is not a live allocation`);
     }
-    this.#sizes.delete(ptr);
-    this.#inUse -= bytes;
-    this.exports.free(ptr);
+    this.#heap.free(ptr);
   }
 
   #span(op: string, ptr: number, n: number): void {
@@ -137,56 +200,106 @@ class WasmDevice implements RawDevice {
     dst.set(new Uint8Array(this.buffer, ptr, dst.byteLength));
   }
 
-  /** The module's kernel exports; the context argument is ignored (always 0). */
+  /** The kernels, split across the threads where that pays; the context argument is 0. */
   get kernels(): KernelAbi {
-    return this.exports;
+    return this.#kernels;
   }
 
-  /** WebAssembly kernels run synchronously on the caller's thread: no context. */
+  /** WebAssembly kernels are synchronous calls (the pool waits for its workers): no context. */
   readonly ctx = 0;
 
   sync(): void {
-    // Kernels run synchronously on the calling thread: nothing is ever queued.
+    // Every kernel call returns when all its threads are done: nothing is ever queued.
   }
 
   errorText(status: number): string {
     if (status === 3) return "out of WebAssembly memory";
     if (status !== 1) return `kernel status ${status}`;
-    const ptr = this.exports.lw_wasm_last_error() >>> 0;
+    const ptr = this.#local.lw_wasm_last_error();
     const bytes = new Uint8Array(this.buffer);
     let end = ptr;
     while (end < bytes.length && bytes[end] !== 0) end++;
-    return new TextDecoder().decode(bytes.subarray(ptr, end)) || "invalid argument";
+    return new TextDecoder().decode(bytes.slice(ptr, end)) || "invalid argument";
   }
 
   close(): void {
-    // Dropping the instance lets the engine reclaim its memory.
-    this.#x = null;
-    this.#sizes.clear();
-    this.#inUse = 0;
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#pool?.close();
+    this.#pool = null;
+    this.#heap.clear();
+    // Dropping the memory and the instances lets the engine reclaim them.
+    this.#kernels = {} as KernelAbi;
   }
 }
 
 const devices = new WeakMap<Backend, WasmDevice>();
 
-/** Opens a WebAssembly backend: a fresh instance of the kernels module with its own memory. */
-export async function openWasmBackend(): Promise<Backend> {
-  const module = await compileKernels();
-  const instance = await WebAssembly.instantiate(module, importsFor(module));
-  const exports = instance.exports as unknown as KernelExports;
-  exports._initialize?.();
-  const dev = new WasmDevice(exports);
+/**
+ * Opens a WebAssembly backend: a fresh shared memory, the kernels module instantiated on it by
+ * the calling thread and by `threads - 1` workers. Throws BackendError `BAD_OPTION` for a bad
+ * thread count or memory maximum.
+ */
+export async function openWasmBackend(options: WasmBackendOptions = {}): Promise<Backend> {
+  const threads = wasmThreads(options.threads);
+  const max = options.maxMemoryBytes ??
+    Math.min(WASM_MAX_MEMORY_BYTES, Math.floor(hostMemoryBytes() / 65536) * 65536);
+  if (!Number.isSafeInteger(max) || max < 2 ** 24 || max > WASM_MAX_MEMORY_BYTES) {
+    throw new BackendError(
+      "BAD_OPTION",
+      `maxMemoryBytes must be from 16 MiB to ${WASM_MAX_MEMORY_BYTES} bytes (16 GiB), not ${max}`,
+    );
+  }
+  const minBytes = options.minBytesPerThread ?? WASM_MIN_BYTES_PER_THREAD;
+  if (!(minBytes >= 0)) {
+    throw new BackendError("BAD_OPTION", `minBytesPerThread must be >= 0, not ${minBytes}`);
+  }
+  const { module, info } = await compileKernels();
+  const memory = sharedMemory64(Math.max(info.memoryMinBytes, 65536), max);
+  const instance = instantiateKernels(module, memory);
+  const local = numberExports(instance, info.signatures);
+  const heap = new WasmHeap(
+    wasmGlobals(instance).heapBase,
+    max,
+    memory.buffer.byteLength,
+    (bytes) => growMemory64(memory, bytes - memory.buffer.byteLength),
+  );
+  const stacks: number[] = [];
+  for (let i = 1; i < threads; i++) {
+    stacks.push(heap.alloc(WORKER_STACK_BYTES) + WORKER_STACK_BYTES);
+  }
+  const partials = heap.alloc(16 * (threads + 2));
+  const pool = await WasmPool.start(
+    threads,
+    { module, memory, signatures: info.signatures },
+    local,
+    stacks,
+    partials,
+  );
+  const dev = new WasmDevice(memory, heap, local, pool, minBytes);
   const backend = new KernelBackend(dev, (self) => ({ hostView: (t) => wasmView(self, t) }));
   devices.set(backend, dev);
   return backend;
+}
+
+/** Threads a WebAssembly backend runs kernels on (the caller's included). */
+export function wasmThreadCount(backend: Backend): number {
+  const dev = devices.get(backend);
+  if (!dev) {
+    throw new BackendError(
+      "NOT_WASM",
+      `wasmThreadCount: the ${backend.kind} backend is not a wasm one`,
+    );
+  }
+  return dev.threads;
 }
 
 /**
  * A view of a contiguous tensor's bytes inside the WebAssembly memory of the backend that owns
  * it, so that file reads and uploads can go straight into place without an extra copy.
  *
- * The view is invalidated (detached, length 0) as soon as the memory grows, which any
- * allocation on that backend may do: use it at once and do not keep it across `alloc`/`empty`.
+ * The memory is shared, so growth never detaches the view: it stays a window onto the tensor's
+ * bytes (for example across the awaits of a file read) until the tensor is freed.
  */
 export function wasmView(backend: Backend, tensor: Tensor): Uint8Array {
   const dev = devices.get(backend);

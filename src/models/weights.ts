@@ -240,31 +240,67 @@ async function* stream(
     }
     return t;
   };
-  for (const name of plan.names) {
-    const info = source.tensors.get(name)!;
-    const rows = info.shape.length >= 2 ? info.shape[0] : 0;
-    const per = rows > 0 ? Math.max(1, Math.floor(chunkBytes / (info.bytes / rows))) : 0;
-    if (source.readRowsInto && info.bytes > chunkBytes && per < rows) {
-      // A big tensor (the embedding, the LM head) a row chunk at a time, as the staged path does.
-      for (let start = 0; start < rows; start += per) {
-        const end = Math.min(rows, start + per);
-        const t = await read(name, [end - start, ...info.shape.slice(1)], [start, end]);
-        try {
-          const w = rowWindow(t, start, rows);
-          progress(name, w);
-          yield [name, w];
-        } finally {
-          backend.free(t.storage!);
+  // The units read: whole tensors, or row chunks of big ones (the embedding, the LM head), as
+  // the staged path does.
+  type Unit = { name: string; shape: number[]; rows: [number, number] | null; bytes: number };
+  function* units(): Generator<Unit> {
+    for (const name of plan.names) {
+      const info = source.tensors.get(name)!;
+      const rows = info.shape.length >= 2 ? info.shape[0] : 0;
+      const per = rows > 0 ? Math.max(1, Math.floor(chunkBytes / (info.bytes / rows))) : 0;
+      if (source.readRowsInto && info.bytes > chunkBytes && per < rows) {
+        for (let start = 0; start < rows; start += per) {
+          const end = Math.min(rows, start + per);
+          const shape = [end - start, ...info.shape.slice(1)];
+          yield { name, shape, rows: [start, end], bytes: (info.bytes / rows) * (end - start) };
         }
-      }
-      continue;
+      } else yield { name, shape: [...info.shape], rows: null, bytes: info.bytes };
     }
-    const t = await read(name, [...info.shape], null);
-    try {
-      progress(name, t);
-      yield [name, t];
-    } finally {
-      backend.free(t.storage!);
+  }
+  // With a host view (WebAssembly) the reads go straight into the backend's memory, so the next
+  // units are read while the consumer processes the current one (reads run on Deno's I/O
+  // threads while the kernels hold this one), at most one chunk of bytes ahead; elsewhere one
+  // unit at a time through the one host buffer.
+  const overlap = backend.hostView !== undefined;
+  type Pending = { unit: Unit; tensor: Promise<Tensor> };
+  const pending: Pending[] = [];
+  let pendingBytes = 0;
+  const queue = units();
+  let next = queue.next();
+  const startReads = () => {
+    while (!next.done && (pending.length === 0 || pendingBytes + next.value.bytes <= chunkBytes)) {
+      const unit = next.value;
+      const tensor = read(unit.name, unit.shape, unit.rows);
+      // Awaited in turn; a failure before then must not count as an unhandled rejection.
+      tensor.catch(() => {});
+      pending.push({ unit, tensor });
+      pendingBytes += unit.bytes;
+      next = queue.next();
+    }
+  };
+  try {
+    startReads();
+    while (pending.length > 0) {
+      const { unit, tensor } = pending.shift()!;
+      pendingBytes -= unit.bytes;
+      const t = await tensor;
+      try {
+        if (overlap) startReads();
+        const out = unit.rows
+          ? rowWindow(t, unit.rows[0], source.tensors.get(unit.name)!.shape[0])
+          : t;
+        progress(unit.name, out);
+        yield [unit.name, out];
+      } finally {
+        backend.free(t.storage!);
+      }
+      if (!overlap) startReads();
+    }
+  } finally {
+    // Stopped early (an error, or the consumer returned): free what was read ahead.
+    for (const { tensor } of pending.splice(0)) {
+      const t = await tensor.catch(() => null);
+      if (t) backend.free(t.storage!);
     }
   }
 }

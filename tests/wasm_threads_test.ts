@@ -1,0 +1,280 @@
+/**
+ * WebAssembly kernels on several threads: the split of a call into parts (pure), every kernel
+ * giving the same bytes on 1, 2, 3 and 4 threads on inputs with NaN, Inf and -0, the parts
+ * really being run as parts, the thread count from the environment, and a backend left open
+ * not keeping the process alive.
+ */
+import assert from "node:assert/strict";
+import fc from "fast-check";
+import type { Backend, Granularity } from "../src/backend/backend.ts";
+import { openWasmBackend, wasmThreadCount, wasmThreads } from "../src/backend/wasm.ts";
+import {
+  instantiateKernels,
+  numberExports,
+  readModuleInfo,
+  sharedMemory64,
+  wasmGlobals,
+} from "../src/backend/wasm_abi.ts";
+import {
+  partCount,
+  splitKernels,
+  splitRange,
+  type ThreadRunner,
+} from "../src/backend/wasm_split.ts";
+import { BackendError } from "../src/errors.ts";
+import { type DType, DTYPES } from "../src/tensor/dtype.ts";
+import type { Tensor } from "../src/tensor/tensor.ts";
+import { kernelsWasmBytes } from "../wasm/kernels_wasm.ts";
+
+Deno.test("splitRange covers [0, n) in order with aligned starts, at most `parts` pieces", () => {
+  fc.assert(
+    fc.property(
+      fc.integer({ min: 0, max: 1e6 }),
+      fc.integer({ min: 1, max: 17 }),
+      fc.integer({ min: 1, max: 300 }),
+      (n, parts, unit) => {
+        const r = splitRange(n, parts, unit);
+        assert.ok(r.length <= parts);
+        let at = 0;
+        for (const [a, b] of r) {
+          assert.equal(a, at);
+          assert.ok(b > a);
+          assert.equal(a % unit, 0);
+          at = b;
+        }
+        assert.equal(at, n === 0 ? 0 : n);
+      },
+    ),
+  );
+  assert.deepEqual(splitRange(10, 3), [[0, 3], [3, 6], [6, 10]]);
+  assert.deepEqual(splitRange(300, 4, 128), [[0, 128], [128, 256], [256, 300]]);
+  assert.equal(partCount(1000, 4, 300), 3);
+  assert.equal(partCount(100, 4, 300), 1);
+  assert.equal(partCount(10 ** 9, 1, 0), 1);
+});
+
+/** Seeded bits for `dtype` with NaN, +-Inf and -0 sprinkled in (floating dtypes). */
+function randomBits(n: number, dtype: DType, seed: number): Uint8Array {
+  const out = new Uint8Array(n * dtype.size);
+  const dv = new DataView(out.buffer);
+  let s = seed >>> 0;
+  const next = () => (s = (Math.imul(s, 1664525) + 1013904223) >>> 0);
+  const f = new Float32Array(1);
+  const u = new Uint32Array(f.buffer);
+  for (let i = 0; i < n; i++) {
+    f[0] = ((next() >>> 8) / 16777216 - 0.5) * 2 ** ((next() % 24) - 8);
+    const special = next() % 997;
+    if (special === 0) u[0] = 0x7fc00000;
+    else if (special === 1) u[0] = 0xff800000;
+    else if (special === 2) u[0] = 0x80000000;
+    if (dtype.size === 4) dv.setUint32(4 * i, u[0], true);
+    else if (dtype.name === "bf16") dv.setUint16(2 * i, u[0] >>> 16, true);
+    else if (dtype.size === 2) dv.setUint16(2 * i, next() & 0xffff, true);
+    else out[i] = next() & 0xff;
+  }
+  return out;
+}
+
+const ROWS = 300, COLS = 520; // not multiples of 128: the last band and block are partial
+const FLOATS = [DTYPES.f32, DTYPES.f16, DTYPES.bf16, DTYPES.f8_e4m3fn, DTYPES.f8_e5m2];
+const QUANT_IN = [DTYPES.f32, DTYPES.f16, DTYPES.bf16];
+const GRANS: Granularity[] = ["tensor", "row", "block128"];
+
+/** Every kernel's output bytes on `b`, by case name, for inputs `finite` (no NaN) or not. */
+function outputs(b: Backend, finite: boolean): Map<string, Uint8Array> {
+  const out = new Map<string, Uint8Array>();
+  const put = (dtype: DType, seed: number, shape = [ROWS, COLS]) => {
+    const t = b.empty(shape, dtype);
+    let bits = randomBits(ROWS * COLS, dtype, seed).subarray(0, t.nbytes);
+    if (finite && dtype.size === 4) {
+      const f = new Float32Array(bits.slice().buffer).map((x) => (Number.isFinite(x) ? x : 1.5));
+      bits = new Uint8Array(f.buffer);
+    }
+    b.upload(t, bits);
+    return t;
+  };
+  for (const src of FLOATS) {
+    const x = put(src, 11 + src.code);
+    out.set(`absmax ${src.name}`, new Uint8Array(new Float32Array([b.absmax(x)]).buffer));
+    out.set(
+      `nonfinite ${src.name}`,
+      new Uint8Array(new Float64Array([b.countNonFinite(x)]).buffer),
+    );
+    for (const dst of FLOATS) {
+      const y = b.empty([ROWS, COLS], dst);
+      b.copy(y, x);
+      out.set(`cast ${src.name}->${dst.name}`, b.download(y));
+      // A strided (narrowed) source and destination: the row split.
+      const z = b.empty([ROWS, 200], dst);
+      b.copy(z, x.narrow(1, 17, 200));
+      out.set(`cast narrow ${src.name}->${dst.name}`, b.download(z));
+    }
+  }
+  for (const src of QUANT_IN) {
+    const x = put(src, 31 + src.code);
+    for (const g of GRANS) {
+      const q = b.empty([ROWS, COLS], DTYPES.f8_e4m3fn);
+      const n = g === "tensor"
+        ? 1
+        : g === "row"
+        ? ROWS
+        : Math.ceil(ROWS / 128) * Math.ceil(COLS / 128);
+      const sc = b.empty([n], DTYPES.f32);
+      b.quantizeFp8(q, sc, x, g, true);
+      out.set(`fp8 ${g} ${src.name} q`, b.download(q));
+      out.set(`fp8 ${g} ${src.name} scale`, b.download(sc));
+      b.quantizeFp8(q, sc, x, g, false);
+      out.set(`fp8 static ${g} ${src.name} q`, b.download(q));
+      for (const dst of QUANT_IN) {
+        const d = b.empty([ROWS, COLS], dst);
+        b.dequantizeFp8(d, q, sc, g);
+        out.set(`dequant ${g} ${dst.name}`, b.download(d));
+      }
+    }
+    const qi = b.empty([ROWS, COLS], DTYPES.i8);
+    const si = b.empty([ROWS], DTYPES.f32);
+    b.quantizeInt8(qi, si, x);
+    out.set(`int8 ${src.name} q`, b.download(qi));
+    out.set(`int8 ${src.name} scale`, b.download(si));
+  }
+  for (const dt of [DTYPES.u8, DTYPES.bf16, DTYPES.f32, DTYPES.i64]) {
+    const t = b.empty([ROWS, COLS], dt);
+    b.fill(t, 3);
+    out.set(`fill ${dt.name}`, b.download(t));
+  }
+  return out;
+}
+
+for (const finite of [false, true]) {
+  Deno.test(
+    `wasm threads: every kernel gives the same bytes on 1, 2, 3 and 4 threads (${
+      finite ? "finite inputs" : "with NaN, Inf and -0"
+    })`,
+    async () => {
+      const ref = await openWasmBackend({ threads: 1 });
+      const want = outputs(ref, finite);
+      ref.close();
+      for (const threads of [2, 3, 4]) {
+        const b = await openWasmBackend({ threads, minBytesPerThread: 0 });
+        try {
+          assert.equal(wasmThreadCount(b), threads);
+          const got = outputs(b, finite);
+          assert.equal(got.size, want.size);
+          for (const [name, bytes] of want) {
+            assert.deepEqual(got.get(name), bytes, `${name} on ${threads} threads`);
+          }
+        } finally {
+          b.close();
+        }
+      }
+    },
+  );
+}
+
+/** splitKernels over one instance, running each part in turn and recording it. */
+async function recordingRunner(threads: number) {
+  const bytes = kernelsWasmBytes();
+  const { signatures } = readModuleInfo(bytes);
+  const memory = sharedMemory64(2 ** 24, 2 ** 26);
+  const inst = instantiateKernels(await WebAssembly.compile(bytes), memory);
+  const fns = numberExports(inst, signatures);
+  let top = Math.ceil(wasmGlobals(inst).heapBase / 64) * 64;
+  const alloc = (n: number) => ((top += Math.ceil(n / 64) * 64), top - Math.ceil(n / 64) * 64);
+  const log: { fn: string; parts: number }[] = [];
+  const runner: ThreadRunner = {
+    threads,
+    partials: alloc(16 * (threads + 2)),
+    call: (fn, args) => (log.push({ fn, parts: 1 }), fns[fn](...args)),
+    run: (fn, calls) => {
+      log.push({ fn, parts: calls.length });
+      let st = 0;
+      for (const c of calls) st ||= fns[fn](...c);
+      return st;
+    },
+    view: () => new DataView(memory.buffer),
+  };
+  return { fns, runner, alloc, memory, log };
+}
+
+Deno.test("wasm threads: a big call runs as one part per thread, a small one whole", async () => {
+  const { fns, runner, alloc, memory, log } = await recordingRunner(4);
+  const k = splitKernels(runner, { minBytesPerThread: 4096 });
+  const rows = 256, cols = 1000, n = rows * cols;
+  const x = alloc(2 * n), q1 = alloc(n), q4 = alloc(n), s1 = alloc(4), s4 = alloc(4);
+  new Uint8Array(memory.buffer, x, 2 * n).set(randomBits(n, DTYPES.bf16, 5));
+  assert.equal(fns.lw_quant_fp8(0, q1, s1, x, DTYPES.bf16.code, rows, cols, 0, 1), 0);
+  assert.equal(k.lw_quant_fp8(0, q4, s4, x, DTYPES.bf16.code, rows, cols, 0, 1), 0);
+  // absmax parts, the scale from the combined absmax, then the quantization parts.
+  assert.deepEqual(log, [
+    { fn: "lw_absmax", parts: 4 },
+    { fn: "lw_quant_fp8", parts: 1 },
+    { fn: "lw_quant_fp8", parts: 4 },
+  ]);
+  const m = new Uint8Array(memory.buffer);
+  assert.deepEqual(m.slice(q4, q4 + n), m.slice(q1, q1 + n));
+  assert.deepEqual(m.slice(s4, s4 + 4), m.slice(s1, s1 + 4));
+  log.length = 0;
+  assert.equal(k.lw_quant_fp8(0, q4, s4, x, DTYPES.bf16.code, 1, 1000, 0, 1), 0);
+  assert.deepEqual(log, [{ fn: "lw_quant_fp8", parts: 1 }], "2000 bytes stay on the caller");
+  log.length = 0;
+  // Block-128 bands: 256 rows make 2 parts of 128 rows, however many threads.
+  assert.equal(k.lw_quant_fp8(0, q4, s4, x, DTYPES.bf16.code, rows, cols, 2, 1), 0);
+  assert.deepEqual(log, [{ fn: "lw_quant_fp8", parts: 2 }]);
+});
+
+Deno.test("wasm threads: LAYERWISE_WASM_THREADS sets the count; a bad value is BAD_OPTION", () => {
+  const old = Deno.env.get("LAYERWISE_WASM_THREADS");
+  try {
+    Deno.env.set("LAYERWISE_WASM_THREADS", "3");
+    assert.equal(wasmThreads(), 3);
+    assert.equal(wasmThreads(1), 1, "the option wins");
+    Deno.env.delete("LAYERWISE_WASM_THREADS");
+    assert.equal(wasmThreads(), navigator.hardwareConcurrency);
+    for (const bad of ["0", "two", "1.5", "9999"]) {
+      Deno.env.set("LAYERWISE_WASM_THREADS", bad);
+      assert.throws(() => wasmThreads(), (e: unknown) => {
+        assert.ok(e instanceof BackendError);
+        assert.equal(e.code, "BAD_OPTION");
+        assert.match(e.message, /LAYERWISE_WASM_THREADS must be a whole number of threads/);
+        return true;
+      });
+    }
+  } finally {
+    if (old === undefined) Deno.env.delete("LAYERWISE_WASM_THREADS");
+    else Deno.env.set("LAYERWISE_WASM_THREADS", old);
+  }
+});
+
+Deno.test("wasm threads: a backend never closed does not keep the process alive", async () => {
+  const url = new URL("../src/backend/wasm.ts", import.meta.url).href;
+  const code = `import { openWasmBackend } from ${JSON.stringify(url)};
+const b = await openWasmBackend({ threads: 3, minBytesPerThread: 0 });
+const t = b.empty([4096], (await import(${
+    JSON.stringify(new URL("../src/tensor/dtype.ts", import.meta.url).href)
+  })).DTYPES.f32);
+b.fill(t, -2);
+console.log(b.absmax(t));`;
+  const r = await new Deno.Command(Deno.execPath(), {
+    args: ["eval", "--ext=ts", code],
+    stdout: "piped",
+    stderr: "piped",
+    signal: AbortSignal.timeout(120_000),
+  }).output();
+  assert.equal(new TextDecoder().decode(r.stdout).trim(), "2", new TextDecoder().decode(r.stderr));
+  assert.equal(r.code, 0, "the process ended by itself");
+});
+
+Deno.test("wasm threads: tensors used by the threads stay intact across growth", async () => {
+  const b = await openWasmBackend({ threads: 2, minBytesPerThread: 0 });
+  try {
+    const ts: Tensor[] = [];
+    for (let i = 0; i < 6; i++) {
+      const t = b.empty([4 * 2 ** 20], DTYPES.f32);
+      b.fill(t, -(i + 1));
+      ts.push(t);
+    }
+    ts.forEach((t, i) => assert.equal(b.absmax(t), i + 1));
+  } finally {
+    b.close();
+  }
+});
