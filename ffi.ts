@@ -2,7 +2,8 @@
  * The raw device layer, for callers that batch their own device calls: the FFI symbol tables
  * of the CUDA kernel library (cuda/layerwise.h) and of NCCL, their loaders, and
  * {@link CudaDevice}, which wraps one GPU (memory, pinned host buffers, streams, events,
- * asynchronous copies, the file stager). Everything here is CUDA-only.
+ * asynchronous copies, the file stager), and CUDA IPC mappings ({@link cudaIpcMapper}).
+ * Everything here is CUDA-only.
  *
  * @example Open the kernel library where a GPU is present
  * ```ts
@@ -38,3 +39,6 @@ export {
   type NcclSymbols,
 } from "./src/backend/cuda/nccl_ffi.ts";
 export type { Wide, WideFn, WideSymbols } from "./src/backend/cuda/ffi_types.ts";
+// CUDA IPC: another process's device memory, as the weight-update server maps it
+export { IPC_HANDLE_BYTES, type IpcMapper, type IpcMapping } from "./src/backend/ipc.ts";
+export { cudaIpcMapper } from "./src/backend/cuda/ipc.ts";

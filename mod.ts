@@ -55,6 +55,7 @@ export {
   LayerwiseError,
   ReloadError,
   type ReloadErrorCode,
+  type ServerErrorCode,
 } from "./src/errors.ts";
 
 // Load, reload, export

@@ -27,3 +27,4 @@ export * from "./src/testing/synth.ts";
 export * from "./src/testing/tiny_model.ts";
 export * from "./src/testing/soak.ts";
 export * from "./src/testing/memory.ts";
+export * from "./src/testing/fake_ipc.ts";

@@ -1064,6 +1064,56 @@ LW_API lw_status lw_free(int32_t device, uint64_t ptr) {
   return LW_OK;
 }
 
+/* CUDA IPC: maps another process's allocation (a 64-byte cudaIpcMemHandle_t) into this one and
+ * reports the allocation's size, so that a caller can refuse reads past its end before any kernel
+ * runs (a fault there would poison the context). The mapping stays valid until lw_ipc_close; the
+ * other process must keep the allocation alive. The size comes from the driver's
+ * cuMemGetAddressRange, reached through the runtime's entry-point query (no link to libcuda). */
+typedef int (*lw_mem_range_fn)(unsigned long long *base, size_t *size, unsigned long long ptr);
+
+static lw_mem_range_fn mem_range_fn() {
+  static lw_mem_range_fn fn = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void *p = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &p, 12000, cudaEnableDefault, &q) ==
+            cudaSuccess &&
+        q == cudaDriverEntryPointSuccess) {
+      fn = (lw_mem_range_fn)p;
+    }
+  });
+  return fn;
+}
+
+LW_API lw_status lw_ipc_open(int32_t device, const uint8_t *handle, uint64_t *out_ptr,
+                             uint64_t *out_bytes) {
+  CK(cudaSetDevice(device));
+  cudaIpcMemHandle_t h;
+  static_assert(sizeof(h) == 64, "cudaIpcMemHandle_t is 64 bytes");
+  memcpy(&h, handle, sizeof(h));
+  void *p = nullptr;
+  CK(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess));
+  lw_mem_range_fn range = mem_range_fn();
+  unsigned long long base = 0;
+  size_t size = 0;
+  if (range == nullptr || range(&base, &size, (unsigned long long)(uintptr_t)p) != 0) {
+    cudaIpcCloseMemHandle(p);
+    return fail(LW_ECUDA,
+                "lw_ipc_open: cuMemGetAddressRange is unavailable or failed on the mapped handle");
+  }
+  *out_ptr = (uint64_t)(uintptr_t)p;
+  /* Bytes from the mapped address to the end of its allocation. */
+  *out_bytes = (uint64_t)(base + size - (unsigned long long)(uintptr_t)p);
+  return LW_OK;
+}
+
+LW_API lw_status lw_ipc_close(int32_t device, uint64_t ptr) {
+  CK(cudaSetDevice(device));
+  CK(cudaIpcCloseMemHandle((void *)(uintptr_t)ptr));
+  return LW_OK;
+}
+
 LW_API lw_status lw_host_alloc(uint64_t *out_ptr, size_t bytes) {
   void *p = nullptr;
   // Portable: usable by every device and context; pinned for full-speed asynchronous copies.

@@ -115,6 +115,11 @@ LW_API lw_status lw_device_info(int32_t device, char *name, size_t name_len, uin
                                 uint64_t *free_bytes);
 LW_API lw_status lw_malloc(int32_t device, uint64_t *out_ptr, size_t bytes);
 LW_API lw_status lw_free(int32_t device, uint64_t ptr);
+/* CUDA IPC: open a 64-byte cudaIpcMemHandle_t of another process on `device` (the mapped address
+ * and the bytes from it to the end of the allocation); close the mapping */
+LW_API lw_status lw_ipc_open(int32_t device, const uint8_t *handle, uint64_t *out_ptr,
+                             uint64_t *out_bytes);
+LW_API lw_status lw_ipc_close(int32_t device, uint64_t ptr);
 /* pinned (page-locked) host memory */
 LW_API lw_status lw_host_alloc(uint64_t *out_ptr, size_t bytes);
 LW_API lw_status lw_host_free(uint64_t ptr);

@@ -2,10 +2,11 @@
  * `deno task bench`: kernel throughput on the chosen backend, then the reload bench
  * (scripts/bench_reload.ts: a synthetic Llama-shaped checkpoint reloaded into fp8), each
  * figure printed beside the limit it is measured against, as a ratio from the same run.
- * `--only block-fp8` runs the block-fp8 reload bench instead (scripts/bench_block_fp8.ts).
+ * `--only block-fp8` runs the block-fp8 reload bench (scripts/bench_block_fp8.ts), `--only serve`
+ * the weight-update server's bench (scripts/bench_serve.ts), instead.
  *
- *   deno task bench [--backend auto|cuda|wasm] [--only kernels|reload|block-fp8] [--elements N]
- *       [--reps N] [--json FILE] [--shape 8b|small] [--runs N] [--dir DIR] [--keep] [--simple]
+ *   deno task bench [--backend auto|cuda|wasm] [--only kernels|reload|block-fp8|serve]
+ *       [--elements N] [--reps N] [--json FILE] [--shape 8b|small] [--runs N] [--dir DIR] [--keep] [--simple]
  *       [--slot-mb N] [--slots N] [--chunk-mb N] [--readers N] [--ring-mb N] [--sweep RxSxC,...]
  * @module
  */
@@ -21,6 +22,7 @@ import {
   SHAPE_8B,
   SHAPE_SMALL,
 } from "./bench_reload.ts";
+import { benchServe } from "./bench_serve.ts";
 
 const { values } = parseArgs({
   args: Deno.args,
@@ -37,7 +39,7 @@ const { values } = parseArgs({
 
 if (values.help) {
   console.log(
-    "usage: deno task bench [--backend auto|cuda|wasm] [--only kernels|reload|block-fp8] " +
+    "usage: deno task bench [--backend auto|cuda|wasm] [--only kernels|reload|block-fp8|serve] " +
       "[--elements N] " +
       "[--reps N] [--json FILE] [--shape 8b|small] [--runs N] [--dir DIR] [--keep] [--simple] " +
       "[--slot-mb N] [--slots N] [--chunk-mb N] [--readers N] [--ring-mb N] [--sweep RxSxC,...]",
@@ -46,9 +48,20 @@ if (values.help) {
 }
 
 const only = values.only;
-if (only !== undefined && !["kernels", "reload", "block-fp8"].includes(only)) {
-  console.error(`bench: --only takes kernels, reload or block-fp8, not ${only}`);
+if (only !== undefined && !["kernels", "reload", "block-fp8", "serve"].includes(only)) {
+  console.error(`bench: --only takes kernels, reload, block-fp8 or serve, not ${only}`);
   Deno.exit(2);
+}
+
+if (only === "serve") {
+  // The server opens (and closes) its own backend.
+  const out = await benchServe({
+    backend: values.backend as "auto" | "cuda" | "wasm",
+    runs: values.runs === undefined ? undefined : Number(values.runs),
+    dir: values.dir,
+  });
+  if (values.json) await Deno.writeTextFile(values.json, JSON.stringify(out, null, 2));
+  Deno.exit(0);
 }
 
 const backend = await openBackend({ backend: values.backend as "auto" | "cuda" | "wasm" });

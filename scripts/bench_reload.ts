@@ -148,6 +148,15 @@ async function writeCheckpoint(
   return total;
 }
 
+/**
+ * Writes the bench's synthetic checkpoint of `shape` into `dir` (config.json, shards of up to
+ * 5 GB, tensors in model order); returns the bytes of tensor data.
+ */
+export async function writeBenchCheckpoint(dir: string, shape: SynthShape): Promise<number> {
+  const order = synthTensorShapes(shape).map((_, i) => i);
+  return await writeCheckpoint(dir, shape, order, 5e9, randomBlock(64 * MiB));
+}
+
 async function writeAll(f: Deno.FsFile, data: Uint8Array): Promise<void> {
   for (let k = 0; k < data.length;) k += await f.write(data.subarray(k));
 }

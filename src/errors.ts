@@ -48,6 +48,7 @@
  * - `NOT_LOADABLE`: the tensor is computed by processing; a checkpoint cannot set it.
  * - `NOT_SAFETENSORS`: the file is not safetensors at all (its first bytes are shown).
  * - `OVERLAP`: two tensors share bytes of the data area.
+ * - `OUT_OF_ORDER`: a streamed source was asked for bytes its stream has already passed.
  * - `OVERLAPPING_ROWS`: two row chunks of one tensor overlap.
  * - `QUANT_MISMATCH`: fp8 tensors (F8_E4M3 weights, block scales) that the model's
  *   quantization cannot take exactly (e.g. a block-fp8 checkpoint into an fp8 per-tensor model).
@@ -95,6 +96,7 @@ export type CheckpointErrorCode =
   | "NOT_LOADABLE"
   | "NOT_SAFETENSORS"
   | "OVERLAP"
+  | "OUT_OF_ORDER"
   | "OVERLAPPING_ROWS"
   | "QUANT_MISMATCH"
   | "SHAPE_MISMATCH"
@@ -240,12 +242,59 @@ export type ArgumentErrorCode =
   | "NO_SLOT"
   | "OUT_OF_RANGE";
 
+/**
+ * Codes of the weight-update server's own errors (`deno task serve`; its `ServerError` also
+ * carries CheckpointError codes for a malformed streamed body). Each answers with an HTTP status:
+ *
+ * - 400: `BAD_FIELD`, `BAD_JSON`, `BAD_QUERY`, `MISSING_FIELD`, `UNKNOWN_FIELD` (a JSON body or
+ *   query that does not fit the endpoint), `BAD_IPC_HANDLE`, `BAD_IPC_TABLE`, `IPC_UNAVAILABLE`
+ *   (an IPC table that is not valid, or a server without CUDA IPC), `DISCONNECTED`,
+ *   `LENGTH_MISMATCH`, `TRAILING_BYTES`, `TRUNCATED_BODY` (a body that broke off, ended early or
+ *   went on past its header), `BAD_TOKEN_FILE`, `INSECURE_BIND`, `USAGE` (the server's own
+ *   configuration, before it serves);
+ * - 401 `UNAUTHORIZED`, 403 `FORBIDDEN_PATH`, 404 `NOT_FOUND` and `PATH_NOT_FOUND`, 405
+ *   `METHOD_NOT_ALLOWED`, 408 `IDLE_TIMEOUT`, 409 `UPDATE_RUNNING`, 413 `BODY_TOO_LARGE`;
+ * - 422 `IPC_OPEN_FAILED`, `IPC_BUCKET_TOO_LARGE` (a handle this GPU cannot open, a bucket
+ *   larger than its allocation);
+ * - 503 `NOT_READY`, `LOAD_FAILED`, `SHUTTING_DOWN`.
+ */
+export type ServerErrorCode =
+  | "BAD_FIELD"
+  | "BAD_IPC_HANDLE"
+  | "BAD_IPC_TABLE"
+  | "BAD_JSON"
+  | "BAD_QUERY"
+  | "BAD_TOKEN_FILE"
+  | "BODY_TOO_LARGE"
+  | "DISCONNECTED"
+  | "FORBIDDEN_PATH"
+  | "IDLE_TIMEOUT"
+  | "INSECURE_BIND"
+  | "IPC_BUCKET_TOO_LARGE"
+  | "IPC_OPEN_FAILED"
+  | "IPC_UNAVAILABLE"
+  | "LENGTH_MISMATCH"
+  | "LOAD_FAILED"
+  | "METHOD_NOT_ALLOWED"
+  | "MISSING_FIELD"
+  | "NOT_FOUND"
+  | "NOT_READY"
+  | "PATH_NOT_FOUND"
+  | "SHUTTING_DOWN"
+  | "TRAILING_BYTES"
+  | "TRUNCATED_BODY"
+  | "UNAUTHORIZED"
+  | "UNKNOWN_FIELD"
+  | "UPDATE_RUNNING"
+  | "USAGE";
+
 /** Every code a {@link LayerwiseError} may carry. */
 export type ErrorCode =
   | CheckpointErrorCode
   | ReloadErrorCode
   | BackendErrorCode
-  | ArgumentErrorCode;
+  | ArgumentErrorCode
+  | ServerErrorCode;
 
 /** Base class of every error this package throws on purpose. */
 export class LayerwiseError extends Error {

@@ -537,26 +537,44 @@ function writeRank(d: DType): number {
   return WRITE_ORDER.indexOf(d.safetensors);
 }
 
+/** What {@link layoutSafetensors} needs of a tensor: its dtype, shape and byte length. */
+export interface TensorLayoutInput {
+  /** Element type. */
+  dtype: DType;
+  /** Sizes of each dimension. */
+  shape: readonly number[];
+  /** numel x dtype size. */
+  bytes: number;
+}
+
+/** A safetensors file's layout: its first bytes and the order of the tensors' data after them. */
+export interface SafetensorsLayout {
+  /** The 8-byte header length and the JSON header, padded with spaces to a multiple of 8. */
+  prefix: Uint8Array;
+  /** Tensor names in the order their bytes follow the prefix. */
+  order: string[];
+  /** Bytes of the whole file. */
+  totalBytes: number;
+}
+
 /**
- * Encodes tensors as a safetensors file. Like the reference writer, tensors are laid out by
- * dtype (wider first, so every tensor stays aligned to its element size) then by name,
- * and the header is padded with spaces to a multiple of 8 bytes. Throws CheckpointError on a
- * duplicate or non-UTF-8-representable name, a `__metadata__` tensor name, or a tensor whose
- * byte length does not fit its shape.
+ * Lays tensors out as the reference writer does: by dtype (wider first, so every tensor stays
+ * aligned to its element size) then by name; the header is padded with spaces to a multiple of
+ * 8 bytes. Lets a writer stream a file tensor by tensor. Throws CheckpointError on a duplicate
+ * or non-UTF-8-representable name, a `__metadata__` tensor name or bad metadata.
  */
-export function encodeSafetensors(
-  tensors: Iterable<[string, HostTensor]>,
+export function layoutSafetensors(
+  tensors: Iterable<[string, TensorLayoutInput]>,
   metadata?: Record<string, string>,
-): Uint8Array {
-  const where = "encodeSafetensors";
+  where = "layoutSafetensors",
+): SafetensorsLayout {
   const seen = new Set<string>();
-  const list: [string, HostTensor][] = [];
+  const list: [string, TensorLayoutInput][] = [];
   for (const [name, t] of tensors) {
     if (seen.has(name)) fail("DUPLICATE", `${where}: tensor ${quote(name)} given twice`);
     if (name === "__metadata__" || !name.isWellFormed()) {
       fail("BAD_NAME", `${where}: tensor name ${quote(name)} cannot be written`);
     }
-    checkHostTensor(name, t, where);
     seen.add(name);
     list.push([name, t]);
   }
@@ -574,7 +592,7 @@ export function encodeSafetensors(
   }
   let offset = 0;
   for (const [name, t] of list) {
-    const end = offset + t.data.byteLength;
+    const end = offset + t.bytes;
     parts.push(
       `${JSON.stringify(name)}:{"dtype":"${t.dtype.safetensors}","shape":[${
         t.shape.join(",")
@@ -587,12 +605,36 @@ export function encodeSafetensors(
   if (n > MAX_HEADER_LENGTH) {
     fail("HEADER_TOO_LARGE", `${where}: header of ${n} bytes exceeds ${MAX_HEADER_LENGTH}`);
   }
-  const out = new Uint8Array(8 + n + offset);
-  new DataView(out.buffer).setBigUint64(0, BigInt(n), true);
-  out.set(json, 8);
-  out.fill(0x20, 8 + json.byteLength, 8 + n);
-  let at = 8 + n;
-  for (const [, t] of list) {
+  const prefix = new Uint8Array(8 + n);
+  new DataView(prefix.buffer).setBigUint64(0, BigInt(n), true);
+  prefix.set(json, 8);
+  prefix.fill(0x20, 8 + json.byteLength, 8 + n);
+  return { prefix, order: list.map(([name]) => name), totalBytes: 8 + n + offset };
+}
+
+/**
+ * Encodes tensors as a safetensors file laid out by {@link layoutSafetensors}. Throws
+ * CheckpointError as it does, and on a tensor whose byte length does not fit its shape.
+ */
+export function encodeSafetensors(
+  tensors: Iterable<[string, HostTensor]>,
+  metadata?: Record<string, string>,
+): Uint8Array {
+  const where = "encodeSafetensors";
+  const held = new Map<string, HostTensor>();
+  const list: [string, TensorLayoutInput][] = [];
+  for (const [name, t] of tensors) {
+    if (held.has(name)) fail("DUPLICATE", `${where}: tensor ${quote(name)} given twice`);
+    checkHostTensor(name, t, where);
+    held.set(name, t);
+    list.push([name, { dtype: t.dtype, shape: t.shape, bytes: t.data.byteLength }]);
+  }
+  const layout = layoutSafetensors(list, metadata, where);
+  const out = new Uint8Array(layout.totalBytes);
+  out.set(layout.prefix);
+  let at = layout.prefix.byteLength;
+  for (const name of layout.order) {
+    const t = held.get(name)!;
     out.set(t.data, at);
     at += t.data.byteLength;
   }

@@ -56,6 +56,9 @@ export const CUDA_SYMBOLS = {
   lw_device_info: { parameters: ["i32", "buffer", "usize", "buffer", "buffer"], result: STATUS },
   lw_malloc: { parameters: ["i32", "buffer", "usize"], result: STATUS },
   lw_free: { parameters: ["i32", "u64"], result: STATUS },
+  /** CUDA IPC (server): a 64-byte handle in; the mapped address and the allocation's bytes out */
+  lw_ipc_open: { parameters: ["i32", "buffer", "buffer", "buffer"], result: STATUS },
+  lw_ipc_close: { parameters: ["i32", "u64"], result: STATUS },
   lw_host_alloc: { parameters: ["buffer", "usize"], result: STATUS },
   lw_host_free: { parameters: ["u64"], result: STATUS },
   lw_ctx_create: { parameters: ["i32", "buffer"], result: STATUS },

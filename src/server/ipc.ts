@@ -1,0 +1,296 @@
+/**
+ * CUDA IPC updates: a trainer on the same GPU sends a table of buckets (an IPC memory handle,
+ * base64, and the bucket's byte size) and tensors (name, dtype, shape, bucket, byte offset).
+ * The whole table is checked first (handles of 64 bytes, sizes, every tensor inside its
+ * bucket and aligned to its element size, no name twice), then against the model (names,
+ * dtypes, shapes, coverage, as for any source), before any handle is opened or any byte
+ * written. Handles stay open in a cache while the trainer keeps sending the same buckets and
+ * are closed on request or when the server stops.
+ *
+ * The reload itself is {@link reloadFromMapped}, the one function that reads mapped memory:
+ * today each tensor (big ones as row chunks) is copied device to device into a scratch tensor of
+ * the backend ({@link mappedTensors}) and handed to the layerwise reload; a device-resident
+ * reload that reads the buckets in place can replace it without touching the protocol.
+ * @module
+ */
+
+import { quoteName } from "../messages.ts";
+import { IPC_HANDLE_BYTES, type IpcMapper, type IpcMapping } from "../backend/ipc.ts";
+import type { Backend } from "../backend/backend.ts";
+import type { NamedTensor, TensorInfo, WeightSource } from "../checkpoint/source.ts";
+import { CheckpointError } from "../errors.ts";
+import { type DType, dtypeFromSafetensors, dtypeOf } from "../tensor/dtype.ts";
+import { rowWindow, type Tensor } from "../tensor/tensor.ts";
+import type { Module } from "../nn/module.ts";
+import { reloadLayerwise, type ReloadLayerwiseOptions, type ReloadReport } from "../reload/load.ts";
+import { checkFields } from "./json_body.ts";
+import { serverError } from "./http_errors.ts";
+
+/** One bucket of the table: a device allocation of the trainer. */
+export interface IpcBucket {
+  /** The CUDA IPC memory handle, base64 of 64 bytes. */
+  readonly handle: string;
+  /** Bytes of the bucket the tensors may use. */
+  readonly bytes: number;
+}
+
+/** One tensor of the table. */
+export interface IpcTensor {
+  /** Checkpoint-format name. */
+  readonly name: string;
+  /** Element type. */
+  readonly dtype: DType;
+  /** Sizes of each dimension. */
+  readonly shape: readonly number[];
+  /** Index into the buckets. */
+  readonly bucket: number;
+  /** Byte offset inside the bucket. */
+  readonly offset: number;
+  /** numel x dtype size. */
+  readonly bytes: number;
+}
+
+/** A checked `POST /v1/update/ipc` body. */
+export interface IpcUpdate {
+  /** The buckets. */
+  readonly buckets: readonly IpcBucket[];
+  /** The tensors, in the order given. */
+  readonly tensors: readonly IpcTensor[];
+  /** Restore every kernel tensor if the update fails. */
+  readonly atomic: boolean;
+  /** Unknown names are errors. */
+  readonly strict: boolean;
+  /** Modules not covered keep their weights. */
+  readonly partial: boolean;
+  /** The caller's tag for the new version. */
+  readonly tag?: string;
+  /** Close every cached handle of this table after the update. */
+  readonly release: boolean;
+}
+
+const BASE64_64 = /^[A-Za-z0-9+/]{86}==$/;
+
+/** Decodes a base64 handle of exactly 64 bytes, else ServerError `BAD_IPC_HANDLE` (400). */
+export function decodeHandle(handle: string, where: string): Uint8Array {
+  if (!BASE64_64.test(handle)) {
+    throw serverError(
+      "BAD_IPC_HANDLE",
+      `${where}: a handle is the base64 of ${IPC_HANDLE_BYTES} bytes (88 characters), got ${
+        quoteName(handle, 24)
+      }`,
+    );
+  }
+  return Uint8Array.from(atob(handle), (c) => c.charCodeAt(0));
+}
+
+function bad(message: string): never {
+  throw serverError("BAD_IPC_TABLE", message);
+}
+
+/** Checks a `POST /v1/update/ipc` body (see the module doc); throws ServerError 400. */
+export function parseIpcUpdate(body: unknown): IpcUpdate {
+  const where = "ipc update";
+  const b = checkFields<{
+    buckets: unknown[];
+    tensors: unknown[];
+    atomic?: boolean;
+    strict?: boolean;
+    partial?: boolean;
+    tag?: string;
+    release?: boolean;
+  }>(body, {
+    buckets: { type: "array", required: true },
+    tensors: { type: "array", required: true },
+    atomic: { type: "boolean" },
+    strict: { type: "boolean" },
+    partial: { type: "boolean" },
+    tag: { type: "string", nullable: true },
+    release: { type: "boolean" },
+  }, where);
+  const buckets: IpcBucket[] = b.buckets.map((raw, i) => {
+    const at = `${where}: buckets[${i}]`;
+    const x = checkFields<IpcBucket>(raw, {
+      handle: { type: "string", required: true },
+      bytes: { type: "integer", required: true },
+    }, at);
+    decodeHandle(x.handle, at);
+    if (x.bytes <= 0) bad(`${at}: bytes must be positive, got ${x.bytes}`);
+    return x;
+  });
+  // Two buckets may share a handle: an allocator can place both in one allocation.
+  const names = new Set<string>();
+  const tensors: IpcTensor[] = b.tensors.map((raw, i) => {
+    const at = `${where}: tensors[${i}]`;
+    const x = checkFields<
+      { name: string; dtype: string; shape: unknown[]; bucket: number; offset: number }
+    >(raw, {
+      name: { type: "string", required: true },
+      dtype: { type: "string", required: true },
+      shape: { type: "array", required: true },
+      bucket: { type: "integer", required: true },
+      offset: { type: "integer", required: true },
+    }, at);
+    const label = `${at} (${quoteName(x.name)})`;
+    if (names.has(x.name)) bad(`${label}: the name appears twice`);
+    names.add(x.name);
+    const dtype = dtypeFromSafetensors(x.dtype) ?? dtypeOf(x.dtype);
+    if (dtype === undefined) bad(`${label}: unknown dtype ${quoteName(x.dtype, 24)}`);
+    if (!x.shape.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)) {
+      bad(`${label}: shape must be an array of non-negative integers`);
+    }
+    const shape = x.shape as number[];
+    const numel = shape.reduce((a, d) => a * d, 1);
+    const bytes = numel * dtype.size;
+    if (!Number.isSafeInteger(bytes)) bad(`${label}: shape [${shape}] is too large`);
+    if (x.bucket < 0 || x.bucket >= buckets.length) {
+      bad(`${label}: bucket ${x.bucket} does not exist (${buckets.length} buckets)`);
+    }
+    if (x.offset < 0 || x.offset % dtype.size !== 0) {
+      bad(`${label}: offset ${x.offset} must be a non-negative multiple of ${dtype.size}`);
+    }
+    const size = buckets[x.bucket].bytes;
+    if (x.offset + bytes > size) {
+      bad(
+        `${label}: bytes ${x.offset}-${
+          x.offset + bytes
+        } run past the end of bucket ${x.bucket} (${size} bytes)`,
+      );
+    }
+    return { name: x.name, dtype, shape, bucket: x.bucket, offset: x.offset, bytes };
+  });
+  return {
+    buckets,
+    tensors,
+    atomic: b.atomic ?? false,
+    strict: b.strict ?? false,
+    partial: b.partial ?? false,
+    tag: b.tag,
+    release: b.release ?? false,
+  };
+}
+
+/**
+ * The table as a weight source that only describes (for validation against the model): its
+ * reads fail, the bytes are reached through {@link mappedTensors}.
+ */
+export function describedSource(update: IpcUpdate): WeightSource {
+  const description = "ipc update";
+  const infos = new Map<string, TensorInfo>(
+    update.tensors.map((t) => [t.name, {
+      name: t.name,
+      dtype: t.dtype,
+      shape: t.shape,
+      bytes: t.bytes,
+      origin: `${description} bucket ${t.bucket}`,
+    }]),
+  );
+  const unreadable = (): Promise<void> =>
+    Promise.reject(new CheckpointError("NOT_LOADABLE", `${description}: read through the mapper`));
+  return {
+    description,
+    tensors: infos,
+    plan: () => [...infos.keys()],
+    readInto: unreadable,
+    readRowsInto: unreadable,
+    close: () => {},
+    [Symbol.asyncIterator]: (): AsyncIterator<NamedTensor> => ({
+      next: () => Promise.reject(new CheckpointError("NOT_LOADABLE", description)),
+    }),
+  };
+}
+
+/** Open IPC mappings by handle, reused while the trainer sends the same buckets. */
+export class IpcHandleCache {
+  readonly #mapper: IpcMapper;
+  readonly #open = new Map<string, IpcMapping>();
+
+  /** A cache over `mapper`. */
+  constructor(mapper: IpcMapper) {
+    this.#mapper = mapper;
+  }
+
+  /** Handles open now. */
+  get size(): number {
+    return this.#open.size;
+  }
+
+  /** The mapping of a handle, opening it on first use. */
+  map(handle: string): IpcMapping {
+    let m = this.#open.get(handle);
+    if (m === undefined) {
+      m = this.#mapper.open(decodeHandle(handle, "ipc"));
+      this.#open.set(handle, m);
+    }
+    return m;
+  }
+
+  /** Closes the given handles (all when omitted); returns how many were open. */
+  release(handles?: readonly string[]): number {
+    let n = 0;
+    for (const h of handles ?? [...this.#open.keys()]) {
+      const m = this.#open.get(h);
+      if (m === undefined) continue;
+      this.#open.delete(h);
+      n++;
+      this.#mapper.close(m.address);
+    }
+    return n;
+  }
+}
+
+/**
+ * The tensors of `names` (validated, in read order) out of mapped memory, for the layerwise
+ * reload: each (or each row chunk of at most `chunkBytes`, for a tensor with rows) copied
+ * device to device into a scratch tensor that is freed when the next one is asked for.
+ * The replaceable step of the IPC path (see the module doc).
+ */
+export async function* mappedTensors(
+  backend: Backend,
+  mapper: IpcMapper,
+  update: IpcUpdate,
+  addresses: readonly number[],
+  names: readonly string[],
+  chunkBytes: number,
+): AsyncGenerator<[string, Tensor]> {
+  const byName = new Map(update.tensors.map((t) => [t.name, t]));
+  for (const name of names) {
+    const t = byName.get(name)!;
+    const base = addresses[t.bucket] + t.offset;
+    const rows = t.shape.length >= 2 ? t.shape[0] : 0;
+    const rowBytes = rows > 0 ? t.bytes / rows : 0;
+    const per = rows > 0 ? Math.max(1, Math.floor(chunkBytes / rowBytes)) : 0;
+    const whole = !(t.bytes > chunkBytes && per < rows);
+    for (let start = 0; start < (whole ? 1 : rows); start += whole ? 1 : per) {
+      const end = whole ? rows : Math.min(rows, start + per);
+      const shape = whole ? [...t.shape] : [end - start, ...t.shape.slice(1)];
+      const scratch = backend.empty(shape, t.dtype);
+      try {
+        mapper.copyIn(scratch, base + start * rowBytes);
+        yield [name, whole ? scratch : rowWindow(scratch, start, rows)];
+      } finally {
+        backend.free(scratch.storage!);
+      }
+    }
+  }
+}
+
+/**
+ * Reloads `model` from the mapped buckets (`addresses[i]` is bucket i's address) for the
+ * validated `names`, in order; returns once the engine is done (the caller synchronizes the
+ * mapper before telling the trainer its buckets are free).
+ */
+export function reloadFromMapped(
+  model: Module,
+  backend: Backend,
+  mapper: IpcMapper,
+  update: IpcUpdate,
+  addresses: readonly number[],
+  names: readonly string[],
+  options: ReloadLayerwiseOptions & { readChunkBytes: number },
+): Promise<ReloadReport> {
+  return reloadLayerwise(
+    model,
+    mappedTensors(backend, mapper, update, addresses, names, options.readChunkBytes),
+    options,
+  );
+}

@@ -1,0 +1,422 @@
+/**
+ * The model behind the server and the updates it takes: the first load, the version counter
+ * and tag, the report of the last update, one update at a time (see lock.ts), the metrics and
+ * a progress line per update on stderr. Routes parse requests; this module runs them.
+ * @module
+ */
+
+import type { Backend } from "../backend/backend.ts";
+import type { IpcMapper } from "../backend/ipc.ts";
+import { openBackend } from "../backend/select.ts";
+import { quoteName } from "../messages.ts";
+import { fileSource } from "../checkpoint/source.ts";
+import type { CausalLM } from "../models/causal_lm.ts";
+import {
+  loadModel,
+  type LoadModelOptions,
+  type ModelReloadOptions,
+  type ModelReloadReport,
+  reloadWeights,
+} from "../models/load.ts";
+import { READ_CHUNK_BYTES, validateWeights } from "../models/weights.ts";
+import { inconsistentLayers } from "../reload/layerwise.ts";
+import type { BodyReader } from "./body.ts";
+import { errorLine, serverError } from "./http_errors.ts";
+import { describedSource, IpcHandleCache, type IpcUpdate, reloadFromMapped } from "./ipc.ts";
+import { type RunningUpdate, UpdateLock } from "./lock.ts";
+import { ServerMetrics } from "./metrics.ts";
+import { openStreamSource } from "./stream_source.ts";
+
+const DTYPE_BYTES: Readonly<Record<string, number>> = {
+  F32: 4,
+  F16: 2,
+  BF16: 2,
+  F8_E4M3: 1,
+  I8: 1,
+};
+
+/** A checkpoint-format tensor the model expects: what a client needs to build an update. */
+export interface ExpectedTensor {
+  /** Checkpoint name. */
+  readonly name: string;
+  /** safetensors dtype name (`BF16`...). */
+  readonly dtype: string;
+  /** Sizes of each dimension. */
+  readonly shape: readonly number[];
+}
+
+/** Options every update shares. */
+export interface UpdateOptions {
+  /** Restore every kernel tensor bit-exactly if the update fails. */
+  atomic?: boolean;
+  /** Tensors the model does not have are errors. */
+  strict?: boolean;
+  /** Modules the update does not cover keep their weights. */
+  partial?: boolean;
+  /** The caller's tag of the version the update makes. */
+  tag?: string;
+}
+
+/** What an update did, as answered and kept for `GET /v1/model`. */
+export interface UpdateSummary {
+  /** The update's id. */
+  readonly id: string;
+  /** `disk`, `stream` or `ipc`. */
+  readonly path: string;
+  /** The model version after it. */
+  readonly version: number;
+  /** The caller's tag, or null. */
+  readonly tag: string | null;
+  /** Where the weights came from (a path, `request body`, `ipc update`). */
+  readonly source: string;
+  /** Wall time from request to reply, in seconds. */
+  readonly seconds: number;
+  /** Checkpoint bytes loaded. */
+  readonly bytes: number;
+  /** Checkpoint tensors loaded. */
+  readonly tensors: number;
+  /** Weight modules written. */
+  readonly layersProcessed: number;
+  /** Every kernel tensor kept its storage and address. */
+  readonly storageKept: boolean;
+  /** Most model-format scratch held at once by layers waiting for tensors. */
+  readonly peakScratchBytes: number;
+  /** Tensors the model does not have (ignored unless strict). */
+  readonly unexpected: readonly string[];
+  /** Model tensors not covered (partial updates). */
+  readonly missing: readonly string[];
+}
+
+/** How the service runs. */
+export interface ServiceOptions {
+  /** Scan incoming weights for NaN/Inf (default true). */
+  rejectNonFinite?: boolean;
+  /**
+   * Bound on model-format scratch held by layers waiting for tensors (see ReloadOptions);
+   * default two decoder layers' checkpoint bytes, at least 64 MiB. A body so far out of layer
+   * order that it needs more fails with ReloadError `BUFFER_LIMIT` (422).
+   */
+  maxBufferedBytes?: number;
+  /** Largest row chunk read at once (default READ_CHUNK_BYTES). */
+  readChunkBytes?: number;
+  /** Where progress lines go (default: nowhere). */
+  log?: (line: string) => void;
+  /** Maps CUDA IPC handles on the model's backend; without it IPC updates answer 400. */
+  ipcMapper?: (model: CausalLM) => IpcMapper | undefined;
+}
+
+/** The service; see the module doc. */
+export class WeightService {
+  /** One update at a time. */
+  readonly lock: UpdateLock = new UpdateLock();
+  /** The Prometheus metrics. */
+  readonly metrics: ServerMetrics = new ServerMetrics();
+  /** Aborted when the server stops and a running update must give up. */
+  readonly abort: AbortController = new AbortController();
+  #model: CausalLM | null = null;
+  #loadError: string | null = null;
+  #expected: ExpectedTensor[] = [];
+  #version = 0;
+  #tag: string | null = null;
+  #last: UpdateSummary | null = null;
+  #ipc: IpcHandleCache | null = null;
+  #mapper: IpcMapper | undefined;
+  #maxBufferedBytes: number | undefined;
+  readonly #options: ServiceOptions;
+
+  /** A service with no model yet (see {@link WeightService.load}). */
+  constructor(options: ServiceOptions = {}) {
+    this.#options = options;
+  }
+
+  /** The model once loaded. */
+  get model(): CausalLM | null {
+    return this.#model;
+  }
+
+  /** The first load's error line, if it failed. */
+  get loadError(): string | null {
+    return this.#loadError;
+  }
+
+  /** Successful updates so far. */
+  get version(): number {
+    return this.#version;
+  }
+
+  /** The tag of the current version, or null. */
+  get tag(): string | null {
+    return this.#tag;
+  }
+
+  /** The last successful update. */
+  get lastUpdate(): UpdateSummary | null {
+    return this.#last;
+  }
+
+  /** The checkpoint-format tensors the model takes. */
+  get expected(): readonly ExpectedTensor[] {
+    return this.#expected;
+  }
+
+  /** Whether IPC updates can be taken (a mapper exists for the model's backend). */
+  get ipcAvailable(): boolean {
+    return this.#mapper !== undefined;
+  }
+
+  /** IPC handles open now. */
+  get ipcHandlesOpen(): number {
+    return this.#ipc?.size ?? 0;
+  }
+
+  /**
+   * The first load from `dir`; records the checkpoint tensors the model took (names, dtypes,
+   * shapes) as what later updates must send. A failure is kept (`loadError`) and thrown.
+   */
+  async load(dir: string, options: LoadModelOptions): Promise<CausalLM> {
+    // Opened here (unless given) so that a failed load does not leave it open.
+    let owned: Backend | null = null;
+    try {
+      const backend = typeof options.backend === "object"
+        ? options.backend
+        : (owned = await openBackend({ backend: options.backend }));
+      const model = await loadModel(dir, { ...options, backend });
+      const source = await fileSource(dir);
+      try {
+        const plan = validateWeights(model, source);
+        this.#expected = plan.names.map((n) => {
+          const t = source.tensors.get(n)!;
+          return { name: n, dtype: t.dtype.safetensors, shape: [...t.shape] };
+        });
+      } finally {
+        source.close();
+      }
+      // Model-format scratch of layers that wait for more tensors is what a body out of layer
+      // order costs; it is bounded (default: two decoder layers' checkpoint bytes, at least
+      // 64 MiB) so that no order can make an update hold a copy of the model.
+      const layer0 = this.#expected.filter((t) => t.name.startsWith("model.layers.0."));
+      const layerBytes = layer0.reduce(
+        (a, t) => a + t.shape.reduce((x, y) => x * y, 1) * (DTYPE_BYTES[t.dtype] ?? 2),
+        0,
+      );
+      this.#maxBufferedBytes = this.#options.maxBufferedBytes ??
+        Math.max(64 * 1024 ** 2, 2 * layerBytes);
+      this.#mapper = this.#options.ipcMapper?.(model);
+      if (this.#mapper) this.#ipc = new IpcHandleCache(this.#mapper);
+      this.#model = model;
+      return model;
+    } catch (e) {
+      this.#loadError = errorLine(e);
+      owned?.close();
+      throw e;
+    }
+  }
+
+  /** The model, or ServerError `NOT_READY` / `LOAD_FAILED` (503). */
+  requireModel(): CausalLM {
+    if (this.#model !== null) return this.#model;
+    if (this.#loadError !== null) {
+      throw serverError("LOAD_FAILED", `the first load failed: ${this.#loadError}`);
+    }
+    throw serverError("NOT_READY", "the model is still loading");
+  }
+
+  /** Layers holding weights of a failed non-atomic update (empty when consistent). */
+  inconsistentLayers(): string[] {
+    return this.#model === null ? [] : inconsistentLayers(this.#model);
+  }
+
+  #reloadOptions(o: UpdateOptions): ModelReloadOptions {
+    return {
+      atomic: o.atomic ?? false,
+      strict: o.strict ?? false,
+      partial: o.partial ?? false,
+      rejectNonFinite: this.#options.rejectNonFinite ?? true,
+      maxBufferedBytes: this.#maxBufferedBytes,
+      readChunkBytes: this.#options.readChunkBytes,
+    };
+  }
+
+  /**
+   * Runs one update under the lock (409 while another runs): raises the version on success,
+   * records metrics, writes the progress line. `run` gets the model.
+   */
+  async #update(
+    path: string,
+    o: UpdateOptions,
+    run: (model: CausalLM, held: RunningUpdate) => Promise<ModelReloadReport>,
+  ): Promise<UpdateSummary> {
+    const model = this.requireModel();
+    const held = this.lock.acquire(path);
+    const t0 = performance.now();
+    this.metrics.begin();
+    try {
+      const r = await run(model, held);
+      const seconds = (performance.now() - t0) / 1000;
+      this.#version++;
+      this.#tag = o.tag ?? null;
+      const summary: UpdateSummary = {
+        id: held.id,
+        path,
+        version: this.#version,
+        tag: this.#tag,
+        source: r.source,
+        seconds,
+        bytes: r.bytesLoaded,
+        tensors: r.tensorsLoaded,
+        layersProcessed: r.layersProcessed,
+        storageKept: r.storageKept,
+        peakScratchBytes: r.peakBufferedBytes,
+        unexpected: r.unexpected,
+        missing: r.missing,
+      };
+      this.#last = summary;
+      this.metrics.end(
+        path,
+        true,
+        seconds,
+        r.bytesLoaded,
+        this.#version,
+        r.inconsistentLayers.length,
+      );
+      this.#options.log?.(
+        `update ${held.id} ${path}: ${(r.bytesLoaded / 1e9).toFixed(3)} GB in ${
+          seconds.toFixed(3)
+        } s (${
+          (seconds > 0 ? r.bytesLoaded / seconds / 1e9 : 0).toFixed(2)
+        } GB/s), version ${this.#version}${
+          this.#tag === null ? "" : ` tag ${quoteName(this.#tag)}`
+        }`,
+      );
+      return summary;
+    } catch (e) {
+      const seconds = (performance.now() - t0) / 1000;
+      this.metrics.end(path, false, seconds, 0, this.#version, this.inconsistentLayers().length);
+      this.#options.log?.(
+        `update ${held.id} ${path} failed after ${seconds.toFixed(3)} s: ${errorLine(e, 300)}`,
+      );
+      throw e;
+    } finally {
+      this.lock.release(held);
+    }
+  }
+
+  /** A reload from a file or directory (already resolved inside the allowed roots). */
+  updateFromDisk(path: string, o: UpdateOptions): Promise<UpdateSummary> {
+    return this.#update("disk", o, (model) => reloadWeights(model, path, this.#reloadOptions(o)));
+  }
+
+  /**
+   * A reload from a safetensors body: header first (validated against the model before any
+   * write), then tensors as their bytes arrive. `maxBytes` bounds the body.
+   */
+  updateFromStream(
+    body: BodyReader,
+    o: UpdateOptions & { maxBytes: number; contentLength?: number },
+  ): Promise<UpdateSummary> {
+    return this.#update("stream", o, async (model) => {
+      try {
+        const source = await openStreamSource(body, {
+          maxBytes: o.maxBytes,
+          contentLength: o.contentLength,
+        });
+        const plan = validateWeights(model, source, o);
+        source.willRead(plan.names);
+        if (plan.names.length === 0) await source.finish();
+        // The body is no file: never let the staged path look for one under its description.
+        return await reloadWeights(model, source, { ...this.#reloadOptions(o), staging: false });
+      } finally {
+        body.cancel();
+      }
+    });
+  }
+
+  /**
+   * A reload from the trainer's device memory through CUDA IPC: the table is checked against
+   * the model before any handle is opened; the answer comes once the buckets are no longer
+   * read.
+   */
+  updateFromIpc(update: IpcUpdate): Promise<UpdateSummary> {
+    const mapper = this.#mapper;
+    const cache = this.#ipc;
+    if (mapper === undefined || cache === null) {
+      const backend = this.#model?.device.kind ?? "unknown";
+      return Promise.reject(
+        serverError(
+          "IPC_UNAVAILABLE",
+          `CUDA IPC updates need the cuda backend on the trainer's GPU; this server runs on ${backend}`,
+        ),
+      );
+    }
+    return this.#update("ipc", update, async (model) => {
+      const t0 = performance.now();
+      const source = describedSource(update);
+      const plan = validateWeights(model, source, update);
+      const addresses = update.buckets.map((b, i) => {
+        let m;
+        try {
+          m = cache.map(b.handle);
+        } catch (e) {
+          throw serverError(
+            "IPC_OPEN_FAILED",
+            `ipc update: bucket ${i}: the handle could not be opened on this GPU (${
+              errorLine(e, 300)
+            })`,
+            422,
+          );
+        }
+        if (b.bytes > m.bytes) {
+          throw serverError(
+            "IPC_BUCKET_TOO_LARGE",
+            `ipc update: bucket ${i} claims ${b.bytes} bytes, its allocation has ${m.bytes} from the mapped address`,
+            422,
+          );
+        }
+        return m.address;
+      });
+      const opts = this.#reloadOptions(update);
+      try {
+        const r = await reloadFromMapped(
+          model,
+          model.device,
+          mapper,
+          update,
+          addresses,
+          plan.names,
+          {
+            ...opts,
+            readChunkBytes: this.#options.readChunkBytes ?? READ_CHUNK_BYTES,
+          },
+        );
+        const seconds = (performance.now() - t0) / 1000;
+        return {
+          ...r,
+          source: source.description,
+          unexpected: plan.unexpected,
+          skipped: plan.skipped,
+          missing: plan.missing,
+          bytesPerSecond: seconds > 0 ? r.bytesLoaded / seconds : 0,
+        };
+      } finally {
+        // The reply promises the trainer that its buckets are no longer read.
+        mapper.synchronize();
+        if (update.release) cache.release(update.buckets.map((b) => b.handle));
+      }
+    });
+  }
+
+  /** Closes cached IPC handles (the given ones, or all); returns how many were open. */
+  releaseIpc(handles?: readonly string[]): number {
+    return this.#ipc?.release(handles) ?? 0;
+  }
+
+  /** Closes IPC handles and the model's backend. */
+  close(): void {
+    try {
+      this.#ipc?.release();
+    } finally {
+      this.#model?.device.close();
+      this.#model = null;
+    }
+  }
+}
