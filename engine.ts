@@ -52,7 +52,12 @@ export {
 } from "./src/tensor/tensor.ts";
 
 // Backends
-export type { Granularity, StagedReader } from "./src/backend/backend.ts";
+export type {
+  Granularity,
+  MultiTensorKind,
+  MultiTensorLaunch,
+  StagedReader,
+} from "./src/backend/backend.ts";
 export type { StagedTensor, StagingStats } from "./src/backend/cuda/staging_plan.ts";
 export {
   openWasmBackend,
@@ -160,6 +165,22 @@ export {
   type ReloadReport,
   type TensorStream,
 } from "./src/reload/load.ts";
+export {
+  type DeviceArrival,
+  type DevicePlanReport,
+  DeviceReload,
+  type DeviceReloadOptions,
+  type DeviceReloadReport,
+  releaseDevicePlan,
+} from "./src/reload/device.ts";
+export {
+  type DevicePhase,
+  type DevicePlan,
+  layoutKey,
+  type PlanArrival,
+  planDeviceReload,
+  type PlannedLaunch,
+} from "./src/reload/device_plan.ts";
 export {
   type TensorDescriptor,
   type ValidateOptions,

@@ -74,6 +74,9 @@ export { QUANT_NAMES, type QuantName } from "./src/models/quant_names.ts";
 export { type ProgressCallback, READ_CHUNK_BYTES } from "./src/models/weights.ts";
 export { isInconsistent } from "./src/reload/layerwise.ts";
 
+// Reload from tensors already in backend memory (IPC or NCCL buckets, a staged checkpoint)
+export { type DeviceTensorView, reloadFromDevice } from "./src/reload/device.ts";
+
 // Backend selection
 export type { Backend, BackendKind } from "./src/backend/backend.ts";
 export { type BackendChoice, openBackend, type OpenBackendOptions } from "./src/backend/select.ts";

@@ -1244,3 +1244,366 @@ LW_API lw_status lw_event_create_blocking(int32_t device, uint64_t *out_event) {
 
 // ================================================================== staging (cuda/stager.cu)
 #include "stager.cu"
+
+// ================================================================== multi-tensor kernels
+// The tables of cuda/layerwise.h ("multi-tensor kernels"); wasm/kernels.c is the reference.
+// One CUDA block per work item (grid-stride over items). A row's source address comes from the
+// target's pieces (a short scan: a fused module has two or three). Rows of one piece that are
+// contiguous in both source and destination are worked as one span, so 16-byte vector access
+// covers whole row runs. Per-tensor absmax: each item writes a partial (no shared atomic on
+// the data path); the last item of a target to finish, counted by one atomic per item, folds the
+// target's partials into its scale and resets the counter, so the launch can be replayed.
+
+namespace {
+
+/* Source address of row r, column c of target t, and the rows left in its piece from r. */
+__device__ __forceinline__ const uint8_t *mt_src(const uint64_t *t, const uint64_t *pieces,
+                                                 const uint64_t *bases, size_t r, size_t c,
+                                                 size_t esz, size_t *left, size_t *pitch) {
+  const uint64_t *p = pieces + t[5] * LW_MT_PIECE_FIELDS;
+  for (uint64_t k = 0; k < t[6]; k++, p += LW_MT_PIECE_FIELDS) {
+    uint64_t r0 = __ldg(p + 3), nr = __ldg(p + 4);
+    if (r >= r0 && r < r0 + nr) {
+      *left = r0 + nr - r;
+      *pitch = __ldg(p + 2);
+      return reinterpret_cast<const uint8_t *>(__ldg(bases + __ldg(p)) + __ldg(p + 1)) +
+             ((r - r0) * *pitch + c) * esz;
+    }
+  }
+  *left = 0;
+  return nullptr;
+}
+
+/* Calls f(src, dst_row_index, elements) for runs of the item's rows: several rows at once when
+ * they are contiguous in the source and the item spans every column of a packed target. */
+template <int DT, typename F>
+__device__ __forceinline__ void mt_runs(const uint64_t *t, const uint64_t *pieces,
+                                        const uint64_t *bases, const uint64_t *it, F f) {
+  using T = typename Ty<DT>::T;
+  size_t r = it[1], r1 = it[1] + it[2], c0 = it[3], w = it[4], cols = t[4];
+  bool whole = c0 == 0 && w == cols && t[2] == cols;
+  while (r < r1) {
+    size_t left, pitch;
+    const uint8_t *x = mt_src(t, pieces, bases, r, c0, sizeof(T), &left, &pitch);
+    if (x == nullptr) return;
+    size_t k = left < r1 - r ? left : r1 - r;
+    if (!(whole && pitch == cols)) k = 1;
+    f(reinterpret_cast<const T *>(x), r, k * w);
+    r += k;
+  }
+}
+
+template <int DT>
+__global__ void __launch_bounds__(kThreads)
+    k_mt_absmax(const uint64_t *targets, const uint64_t *pieces, const uint64_t *items,
+                size_t first, size_t n, const uint64_t *bases, uint32_t *partials,
+                uint32_t *counters) {
+  using T = typename Ty<DT>::T;
+  __shared__ bool last;
+  for (size_t i = first + blockIdx.x; i < first + n; i += gridDim.x) {
+    const uint64_t *it = items + i * LW_MT_ITEM_FIELDS;
+    const uint64_t *t = targets + it[0] * LW_MT_TARGET_FIELDS;
+    uint32_t m = 0;
+    mt_runs<DT>(t, pieces, bases, it, [&](const T *x, size_t, size_t len) {
+      m = fold_span(x, len, threadIdx.x, blockDim.x, m,
+                    [](uint32_t a, T v) { return max(a, Ty<DT>::abits(v)); });
+    });
+    m = block_max(m);
+    if (threadIdx.x == 0) {
+      partials[i] = m;
+      __threadfence();
+      unsigned done = atomicAdd(reinterpret_cast<unsigned *>(counters + it[0]), 1u);
+      last = done + 1 == t[8];
+    }
+    __syncthreads();
+    if (last) {
+      __threadfence();
+      uint32_t all = 0;
+      for (size_t k = t[7] + threadIdx.x; k < t[7] + t[8]; k += blockDim.x) {
+        all = max(all, __ldcg(partials + k));
+      }
+      all = block_max(all);
+      if (threadIdx.x == 0) {
+        *reinterpret_cast<float *>(t[1]) = lw_fp8_scale(absmax_value<DT>(all));
+        counters[it[0]] = 0;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <int DT, int KIND, bool HW>
+__global__ void __launch_bounds__(kThreads)
+    k_mt_quant(const uint64_t *targets, const uint64_t *pieces, const uint64_t *items,
+               size_t first, size_t n, const uint64_t *bases) {
+  using T = typename Ty<DT>::T;
+  for (size_t i = first + blockIdx.x; i < first + n; i += gridDim.x) {
+    const uint64_t *it = items + i * LW_MT_ITEM_FIELDS;
+    const uint64_t *t = targets + it[0] * LW_MT_TARGET_FIELDS;
+    uint8_t *q = reinterpret_cast<uint8_t *>(t[0]);
+    float *scale = reinterpret_cast<float *>(t[1]);
+    size_t cols = t[4], c0 = it[3], w = it[4];
+    auto quant = [&](const T *x, uint8_t *dst, size_t len, size_t tid, size_t nth, float s) {
+      Divisor d = divisor_of(s);
+      if constexpr (KIND == LW_MT_INT8_ROW) {
+        map_span2(
+            x, reinterpret_cast<int8_t *>(dst), len, tid, nth,
+            [d](T v, size_t, bool &slow) { return quant_int8(Ty<DT>::to(v), d, slow); },
+            [d](T v, size_t) { return exact_int8(Ty<DT>::to(v), d.s); });
+      } else {
+        map_span2(
+            x, dst, len, tid, nth,
+            [d](T v, size_t, bool &slow) { return quant_e4m3<HW>(Ty<DT>::to(v), d, slow); },
+            [d](T v, size_t) { return exact_e4m3(Ty<DT>::to(v), d.s); });
+      }
+    };
+    if constexpr (KIND == LW_MT_FP8_TENSOR) {
+      float s = *scale;
+      mt_runs<DT>(t, pieces, bases, it, [&](const T *x, size_t r, size_t len) {
+        quant(x, q + r * cols + c0, len, threadIdx.x, blockDim.x, s);
+      });
+    } else if constexpr (KIND == LW_MT_FP8_BLOCK128) {
+      // Groups of 16 threads take one tile row each (as k_quant_fp8_block); with the block's 16
+      // groups, each group has 8 of the tile's 128 rows. A full-width row whose source is
+      // 16-byte aligned is read once, into registers (all 8 rows' loads in flight together),
+      // and quantized from them; other rows are read twice, element-exact at any alignment.
+      constexpr int kGroup = 16, kRows = 128 / (kThreads / kGroup);
+      constexpr int E = 16 / sizeof(T);                      // elements per 16-byte vector
+      constexpr int V = 128 * (int)sizeof(T) / (16 * kGroup);  // vectors per lane per row
+      int g = threadIdx.x / kGroup, lane = threadIdx.x % kGroup, ng = blockDim.x / kGroup;
+      size_t r0 = it[1], h = it[2];
+      const T *xs[kRows];
+      bool held[kRows];
+      uint4 raw[kRows][V];  // the held rows as loaded: 16 bytes per vector
+      uint32_t m = 0;
+#pragma unroll
+      for (int j = 0; j < kRows; j++) {
+        size_t r = g + (size_t)j * ng;
+        xs[j] = nullptr;
+        held[j] = false;
+        if (ng * kRows != 128 || r >= h) continue;
+        size_t left, pitch;
+        xs[j] = reinterpret_cast<const T *>(
+            mt_src(t, pieces, bases, r0 + r, c0, sizeof(T), &left, &pitch));
+        held[j] = xs[j] != nullptr && w == 128 && aligned_for<E>(xs[j]);
+        if (held[j]) {
+#pragma unroll
+          for (int v = 0; v < V; v++) {
+            raw[j][v] = __ldg(reinterpret_cast<const uint4 *>(xs[j] + (v * kGroup + lane) * E));
+          }
+        }
+      }
+      if (ng * kRows != 128) {
+        // Another block size: the generic loop over the tile's rows.
+        for (size_t r = g; r < h; r += ng) {
+          size_t left, pitch;
+          const T *x = reinterpret_cast<const T *>(
+              mt_src(t, pieces, bases, r0 + r, c0, sizeof(T), &left, &pitch));
+          if (x != nullptr) {
+            m = fold_span(x, w, lane, kGroup, m,
+                          [](uint32_t a, T v) { return max(a, Ty<DT>::abits(v)); });
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kRows; j++) {
+        if (held[j]) {
+#pragma unroll
+          for (int v = 0; v < V; v++) {
+            T in[E];
+            memcpy(in, &raw[j][v], 16);
+#pragma unroll
+            for (int k = 0; k < E; k++) m = max(m, Ty<DT>::abits(in[k]));
+          }
+        } else if (xs[j] != nullptr) {
+          m = fold_span(xs[j], w, lane, kGroup, m,
+                        [](uint32_t a, T v) { return max(a, Ty<DT>::abits(v)); });
+        }
+      }
+      m = block_max(m);
+      float s = lw_fp8_scale(absmax_value<DT>(m));
+      if (threadIdx.x == 0) scale[(r0 / 128) * ((cols + 127) / 128) + c0 / 128] = s;
+      if (ng * kRows != 128) {
+        for (size_t r = g; r < h; r += ng) {
+          size_t left, pitch;
+          const T *x = reinterpret_cast<const T *>(
+              mt_src(t, pieces, bases, r0 + r, c0, sizeof(T), &left, &pitch));
+          if (x != nullptr) quant(x, q + (r0 + r) * cols + c0, w, lane, kGroup, s);
+        }
+      } else {
+        Divisor d = divisor_of(s);
+#pragma unroll
+        for (int j = 0; j < kRows; j++) {
+          uint8_t *dst = q + (r0 + g + (size_t)j * ng) * cols + c0;
+          if (held[j]) {
+#pragma unroll
+            for (int v = 0; v < V; v++) {
+              T in[E];
+              memcpy(in, &raw[j][v], 16);
+              uint8_t out[E];
+#pragma unroll
+              for (int k = 0; k < E; k++) {
+                float x = Ty<DT>::to(in[k]);
+                bool slow = false;
+                uint8_t f = quant_e4m3<HW>(x, d, slow);
+                out[k] = slow ? exact_e4m3(x, d.s) : f;
+              }
+              uint8_t *o = dst + (v * kGroup + lane) * E;
+              if (aligned_for<E>(o)) {
+                storev<E>(o, out);
+              } else {
+#pragma unroll
+                for (int k = 0; k < E; k++) o[k] = out[k];
+              }
+            }
+          } else if (xs[j] != nullptr) {
+            quant(xs[j], dst, w, lane, kGroup, s);
+          }
+        }
+      }
+    } else {
+      // Per row (fp8 or int8): one warp per row, so rows need no block-wide barrier and eight
+      // rows of a block are in flight at once; the second read of a row comes from L1/L2.
+      int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+      for (size_t r = it[1] + warp; r < it[1] + it[2]; r += nw) {
+        size_t left, pitch;
+        const T *x = reinterpret_cast<const T *>(
+            mt_src(t, pieces, bases, r, c0, sizeof(T), &left, &pitch));
+        if (x == nullptr) continue;
+        uint32_t m = fold_span(x, w, lane, 32, 0u,
+                               [](uint32_t a, T v) { return max(a, Ty<DT>::abits(v)); });
+        m = warp_max(m);
+        float amax = absmax_value<DT>(m);
+        float s = KIND == LW_MT_INT8_ROW ? lw_int8_scale(amax) : lw_fp8_scale(amax);
+        if (lane == 0) scale[r] = s;
+        quant(x, q + r * cols + c0, w, lane, 32, s);
+      }
+    }
+  }
+}
+
+/* Copies and casts; equal dtypes move bytes (SD == DD == -1: bytes of width esz). */
+template <int SD, int DD>
+__global__ void __launch_bounds__(kThreads)
+    k_mt_cast(const uint64_t *targets, const uint64_t *pieces, const uint64_t *items,
+              size_t first, size_t n, const uint64_t *bases) {
+  using ST = typename Ty<SD>::T;
+  using DT = typename Ty<DD>::T;
+  for (size_t i = first + blockIdx.x; i < first + n; i += gridDim.x) {
+    const uint64_t *it = items + i * LW_MT_ITEM_FIELDS;
+    const uint64_t *t = targets + it[0] * LW_MT_TARGET_FIELDS;
+    DT *dst = reinterpret_cast<DT *>(t[0]);
+    mt_runs<SD>(t, pieces, bases, it, [&](const ST *x, size_t r, size_t len) {
+      map_span(x, dst + r * t[2] + it[3], len, threadIdx.x, blockDim.x,
+               [](ST v, size_t) { return Ty<DD>::from(Ty<SD>::to(v)); });
+    });
+  }
+}
+
+/* Equal dtypes: bytes, esz per element. */
+__global__ void __launch_bounds__(kThreads)
+    k_mt_bytes(const uint64_t *targets, const uint64_t *pieces, const uint64_t *items,
+               size_t first, size_t n, const uint64_t *bases, size_t esz) {
+  for (size_t i = first + blockIdx.x; i < first + n; i += gridDim.x) {
+    const uint64_t *it = items + i * LW_MT_ITEM_FIELDS;
+    const uint64_t *t = targets + it[0] * LW_MT_TARGET_FIELDS;
+    size_t r = it[1], r1 = it[1] + it[2], c0 = it[3], w = it[4], cols = t[4];
+    bool whole = c0 == 0 && w == cols && t[2] == cols;
+    while (r < r1) {
+      size_t left, pitch;
+      const uint8_t *x = mt_src(t, pieces, bases, r, c0, esz, &left, &pitch);
+      if (x == nullptr) break;
+      size_t k = left < r1 - r ? left : r1 - r;
+      if (!(whole && pitch == cols)) k = 1;
+      uint8_t *d = reinterpret_cast<uint8_t *>(t[0]) + (r * t[2] + c0) * esz;
+      map_span(x, d, k * w * esz, threadIdx.x, blockDim.x, [](uint8_t v, size_t) { return v; });
+      r += k;
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+LW_API lw_status lw_mt_absmax(void *ctx, const uint64_t *targets, const uint64_t *pieces,
+                              const uint64_t *items, size_t first, size_t n,
+                              const uint64_t *bases, int32_t src_dtype, uint32_t *partials,
+                              uint32_t *counters) {
+  if (!lw_dtype_is_quant_input(src_dtype)) return einval("lw_mt_absmax: source must be f32, f16 or bf16");
+  ENTER(ctx);
+  if (n == 0) return LW_OK;
+  with_quant_input(src_dtype, [&](auto d) {
+    constexpr int DT = decltype(d)::value;
+    k_mt_absmax<DT><<<grid<k_mt_absmax<DT>>(c_, n), kThreads, 0, c_->stream>>>(
+        targets, pieces, items, first, n, bases, partials, counters);
+  });
+  CK_LAUNCH("lw_mt_absmax");
+  return LW_OK;
+}
+
+LW_API lw_status lw_mt_quant(void *ctx, int32_t kind, const uint64_t *targets,
+                             const uint64_t *pieces, const uint64_t *items, size_t first,
+                             size_t n, const uint64_t *bases, int32_t src_dtype) {
+  if (!lw_dtype_is_quant_input(src_dtype)) return einval("lw_mt_quant: source must be f32, f16 or bf16");
+  if (kind < LW_MT_FP8_TENSOR || kind > LW_MT_INT8_ROW) return einval("lw_mt_quant: unknown kind");
+  ENTER(ctx);
+  if (n == 0) return LW_OK;
+  with_quant_input(src_dtype, [&](auto d) {
+    constexpr int DT = decltype(d)::value;
+    with_bool(c_->hw_e4m3, [&](auto hw) {
+      constexpr bool HW = decltype(hw)::value;
+      auto go = [&](auto k) {
+        constexpr int K = decltype(k)::value;
+        k_mt_quant<DT, K, HW><<<grid<k_mt_quant<DT, K, HW>>(c_, n), kThreads, 0, c_->stream>>>(
+            targets, pieces, items, first, n, bases);
+      };
+      switch (kind) {
+      case LW_MT_FP8_TENSOR:
+        go(std::integral_constant<int, LW_MT_FP8_TENSOR>());
+        break;
+      case LW_MT_FP8_ROW:
+        go(std::integral_constant<int, LW_MT_FP8_ROW>());
+        break;
+      case LW_MT_FP8_BLOCK128:
+        go(std::integral_constant<int, LW_MT_FP8_BLOCK128>());
+        break;
+      default:
+        go(std::integral_constant<int, LW_MT_INT8_ROW>());
+        break;
+      }
+    });
+  });
+  CK_LAUNCH("lw_mt_quant");
+  return LW_OK;
+}
+
+LW_API lw_status lw_mt_copy(void *ctx, const uint64_t *targets, const uint64_t *pieces,
+                            const uint64_t *items, size_t first, size_t n, const uint64_t *bases,
+                            int32_t src_dtype, int32_t dst_dtype) {
+  size_t ds = lw_dtype_size(dst_dtype), ss = lw_dtype_size(src_dtype);
+  if (ds == 0 || ss == 0) return einval("lw_mt_copy: unknown dtype code");
+  if (dst_dtype != src_dtype && !(lw_dtype_is_float(dst_dtype) && lw_dtype_is_float(src_dtype))) {
+    return einval("lw_mt_copy: conversions exist between floating dtypes only");
+  }
+  ENTER(ctx);
+  if (n == 0) return LW_OK;
+  if (dst_dtype == src_dtype) {
+    k_mt_bytes<<<grid<k_mt_bytes>(c_, n), kThreads, 0, c_->stream>>>(targets, pieces, items,
+                                                                       first, n, bases, ss);
+  } else {
+    with_float(src_dtype, [&](auto sd) {
+      with_float(dst_dtype, [&](auto dd) {
+        constexpr int SD = decltype(sd)::value, DD = decltype(dd)::value;
+        if constexpr (SD != DD) {
+          k_mt_cast<SD, DD><<<grid<k_mt_cast<SD, DD>>(c_, n), kThreads, 0, c_->stream>>>(
+              targets, pieces, items, first, n, bases);
+        }
+      });
+    });
+  }
+  CK_LAUNCH("lw_mt_copy");
+  return LW_OK;
+}
+
+}  // extern "C"

@@ -188,6 +188,41 @@ LW_API lw_status lw_stager_stats(void *stager, double *out);
 LW_API lw_status lw_stager_finish(void *stager);
 #endif
 
+/* ---------------------------------------------------------------- multi-tensor kernels
+ * (both backends; the device-source reload, src/reload/device_plan.ts). One launch covers many
+ * kernel tensors. The work is described by tables in backend memory, every field a uint64:
+ *   targets[t][LW_MT_TARGET_FIELDS] = {dst, scale, dst_pitch, rows, cols, piece0, npieces,
+ *       item0, nitems, 0}: a rows x cols matrix at dst (dst_pitch elements between rows), its
+ *       f32 scales at scale (0 for copies), filled row-wise by pieces [piece0, piece0+npieces)
+ *       and worked on by items [item0, item0+nitems);
+ *   pieces[p][LW_MT_PIECE_FIELDS] = {source, offset, pitch, row0, rows}: rows [row0, row0+rows)
+ *       of its target come from bases[source] + offset bytes, pitch elements between rows,
+ *       every column;
+ *   items[i][LW_MT_ITEM_FIELDS] = {target, row0, rows, col0, cols}: one block of work.
+ * bases[] holds the source addresses, so a plan serves any buffers of the same layout. The
+ * pieces of a target cover each of its rows exactly once and share one source dtype. A launch
+ * takes items [first, first+n) of the table (all items of each target it touches).
+ * lw_mt_absmax: for per-tensor fp8, scale[0] of each target = max(absmax/448, 1/(448*512)),
+ *   the absmax over all its pieces; partials[item] and counters[target] are work space (uint32;
+ *   counters zero before and after each launch).
+ * lw_mt_quant: kind LW_MT_FP8_TENSOR reads scale[0]; LW_MT_FP8_ROW, LW_MT_INT8_ROW and
+ *   LW_MT_FP8_BLOCK128 (items are 128x128 tiles) compute and write their scales as lw_quant_fp8
+ *   and lw_quant_int8_row do; the quantized values go to dst (rows x cols, dst_pitch = cols).
+ * lw_mt_copy: dst rows = convert(source rows) as lw_cast. The same bytes as the one-tensor
+ * kernels on the same values. */
+enum { LW_MT_TARGET_FIELDS = 10, LW_MT_PIECE_FIELDS = 5, LW_MT_ITEM_FIELDS = 5 };
+enum { LW_MT_FP8_TENSOR = 0, LW_MT_FP8_ROW = 1, LW_MT_FP8_BLOCK128 = 2, LW_MT_INT8_ROW = 3 };
+LW_API lw_status lw_mt_absmax(void *ctx, const uint64_t *targets, const uint64_t *pieces,
+                              const uint64_t *items, size_t first, size_t n,
+                              const uint64_t *bases, int32_t src_dtype, uint32_t *partials,
+                              uint32_t *counters);
+LW_API lw_status lw_mt_quant(void *ctx, int32_t kind, const uint64_t *targets,
+                             const uint64_t *pieces, const uint64_t *items, size_t first,
+                             size_t n, const uint64_t *bases, int32_t src_dtype);
+LW_API lw_status lw_mt_copy(void *ctx, const uint64_t *targets, const uint64_t *pieces,
+                            const uint64_t *items, size_t first, size_t n, const uint64_t *bases,
+                            int32_t src_dtype, int32_t dst_dtype);
+
 #ifdef __cplusplus
 }
 #endif

@@ -2,11 +2,13 @@
  * `deno task bench`: kernel throughput on the chosen backend, then the reload bench
  * (scripts/bench_reload.ts: a synthetic Llama-shaped checkpoint reloaded into fp8), each
  * figure printed beside the limit it is measured against, as a ratio from the same run.
- * `--only block-fp8` runs the block-fp8 reload bench (scripts/bench_block_fp8.ts), `--only serve`
- * the weight-update server's bench (scripts/bench_serve.ts), instead.
+ * Instead: `--only block-fp8` the block-fp8 reload bench (scripts/bench_block_fp8.ts), `--only
+ * serve` the weight-update server's bench (scripts/bench_serve.ts),
+ * `--only device` the device-source reload bench (scripts/bench_device.ts).
  *
- *   deno task bench [--backend auto|cuda|wasm] [--only kernels|reload|block-fp8|serve]
- *       [--elements N] [--reps N] [--json FILE] [--shape 8b|small] [--runs N] [--dir DIR] [--keep] [--simple]
+ *   deno task bench [--backend auto|cuda|wasm] [--only kernels|reload|block-fp8|serve|device]
+ *       [--elements N] [--reps N] [--json FILE] [--shape 8b|small] [--runs N] [--dir DIR] [--keep]
+ *       [--simple]
  *       [--slot-mb N] [--slots N] [--chunk-mb N] [--readers N] [--ring-mb N] [--sweep RxSxC,...]
  * @module
  */
@@ -14,6 +16,7 @@
 import { parseArgs } from "node:util";
 import { openBackend } from "../src/backend/select.ts";
 import { benchBlockFp8 } from "./bench_block_fp8.ts";
+import { benchDevice } from "./bench_device.ts";
 import { benchKernels, kernelTable } from "./bench_kernels.ts";
 import {
   benchReload,
@@ -39,7 +42,8 @@ const { values } = parseArgs({
 
 if (values.help) {
   console.log(
-    "usage: deno task bench [--backend auto|cuda|wasm] [--only kernels|reload|block-fp8|serve] " +
+    "usage: deno task bench [--backend auto|cuda|wasm] " +
+      "[--only kernels|reload|block-fp8|serve|device] " +
       "[--elements N] " +
       "[--reps N] [--json FILE] [--shape 8b|small] [--runs N] [--dir DIR] [--keep] [--simple] " +
       "[--slot-mb N] [--slots N] [--chunk-mb N] [--readers N] [--ring-mb N] [--sweep RxSxC,...]",
@@ -48,8 +52,8 @@ if (values.help) {
 }
 
 const only = values.only;
-if (only !== undefined && !["kernels", "reload", "block-fp8", "serve"].includes(only)) {
-  console.error(`bench: --only takes kernels, reload, block-fp8 or serve, not ${only}`);
+if (only !== undefined && !["kernels", "reload", "block-fp8", "serve", "device"].includes(only)) {
+  console.error(`bench: --only takes kernels, reload, block-fp8, serve or device, not ${only}`);
   Deno.exit(2);
 }
 
@@ -73,6 +77,12 @@ try {
       ? SHAPE_8B
       : SHAPE_SMALL;
     out.blockFp8 = await benchBlockFp8(backend, { ...o, shape, runs: o.runs ?? 3 });
+  }
+  if (only === "device") {
+    out.device = await benchDevice(backend, {
+      shape: values.shape as "8b" | "small" | undefined,
+      runs: values.runs === undefined ? undefined : Number(values.runs),
+    });
   }
   if (only === undefined || only === "kernels") {
     const elements = Number(values.elements ?? (backend.kind === "cuda" ? 2 ** 28 : 2 ** 24));

@@ -4,7 +4,10 @@
  *
  *   NCCL_NVLS_ENABLE=0 LAYERWISE_NCCL_LIB=.../libnccl.so.2 \
  *     deno run -A scripts/bench_broadcast.ts [--ranks N] [--shape 8b|1b|small] [--layers L]
- *       [--quant fp8|none|...] [--bucket-mib M] [--repeat R] [--verify]
+ *       [--quant fp8|none|...] [--bucket-mib M] [--repeat R] [--verify] [--lifecycle]
+ *
+ * --lifecycle: every rank takes its tensors through the layerwise lifecycle (scratch per layer)
+ * instead of the device path's multi-tensor launches from the buckets (the default).
  *
  * --verify (with --quant none): after the timed runs, a TP=1 model is loaded on cuda:0 from the
  * same source, and every rank's kernel tensors must equal, byte for byte, the matching shard of
@@ -170,10 +173,11 @@ let rawBest = Infinity;
 for (let i = 0; i < repeat; i++) rawBest = Math.min(rawBest, rawOnce());
 
 const src = deviceBroadcastSource(source, "root GPU bf16 tensors");
-await broadcastReload(models, comms, src, { bucketBytes }); // warm-up
+const devicePath = !Deno.args.includes("--lifecycle");
+await broadcastReload(models, comms, src, { bucketBytes, devicePath }); // warm-up
 let best = Infinity, buckets = 0;
 for (let i = 0; i < repeat; i++) {
-  const r = await broadcastReload(models, comms, src, { bucketBytes });
+  const r = await broadcastReload(models, comms, src, { bucketBytes, devicePath });
   if (!r.ranks.every((x) => x.storageKept)) throw new Error("a kernel tensor moved");
   best = Math.min(best, r.seconds);
   buckets = r.buckets;
@@ -185,7 +189,9 @@ console.log(
     `${raw.toFixed(1)} GB/s  (best of ${repeat})`,
 );
 console.log(
-  `broadcast reload (${buckets} buckets, TP=${ranks}, ${quant}): ${reload.toFixed(1)} GB/s` +
+  `broadcast reload (${buckets} buckets, TP=${ranks}, ${quant}, ${
+    devicePath ? "device path" : "lifecycle"
+  }): ${reload.toFixed(1)} GB/s` +
     `  ratio ${(reload / raw).toFixed(3)} (limit 0.7)${
       ranks === 1 ? "  [1 rank: NCCL sends nothing; the ratio needs 2+ GPUs]" : ""
     }`,

@@ -28,6 +28,8 @@
  *   processed: with `atomic` the model is restored).
  * - `BAD_SHAPE`: a shape is not a list of non-negative integers, or its byte size overflows.
  * - `BAD_SHARD`: a shard id the fused layer does not have.
+ * - `BAD_VIEW`: a device view without a name, not a whole contiguous tensor in the model's backend
+ *   memory, or at an address that cannot be backend memory.
  * - `BLOCK_ALIGNMENT`: a block-fp8 tensor whose shards or tensor-parallel cuts do not start on
  *   128x128 blocks, so its bytes cannot be kept as stored.
  * - `CONFIG_CHECKPOINT_MISMATCH`: a `config.json` size is larger than the checkpoint can hold.
@@ -77,6 +79,7 @@ export type CheckpointErrorCode =
   | "BAD_SCALE"
   | "BAD_SHAPE"
   | "BAD_SHARD"
+  | "BAD_VIEW"
   | "BLOCK_ALIGNMENT"
   | "CONFIG_CHECKPOINT_MISMATCH"
   | "DTYPE_MISMATCH"
@@ -112,6 +115,7 @@ export type CheckpointErrorCode =
  * order. The message says what was and was not written.
  *
  * - `ALREADY_LOADED`: `loadWeights` on a layer that holds weights: reload instead.
+ * - `BAD_PHASE`: the phases of a device reload run out of order, or it finished before the last.
  * - `BUFFER_LIMIT`: the scratch of layers waiting for tensors would pass `maxBufferedBytes`.
  * - `DEMO_CHECK`: the CLI demo found kernel tensors other than expected.
  * - `KERNEL_MISMATCH`: processing gave a kernel tensor of another shape or dtype than the kept one.
@@ -128,6 +132,7 @@ export type CheckpointErrorCode =
  */
 export type ReloadErrorCode =
   | "ALREADY_LOADED"
+  | "BAD_PHASE"
   | "BUFFER_LIMIT"
   | "DEMO_CHECK"
   | "KERNEL_MISMATCH"

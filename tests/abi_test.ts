@@ -9,6 +9,8 @@ import assert from "node:assert/strict";
 import {
   blockScaleIndex,
   GRANULARITY_CODE,
+  MULTI_TENSOR_FIELDS,
+  MULTI_TENSOR_KIND_CODE,
   QUANT_BLOCK,
   scaleCount,
   scaleShape,
@@ -75,6 +77,20 @@ Deno.test("abi: granularity codes and the block size match the header", () => {
   );
   assert.ok(layout, "the header documents the block scale layout");
   assert.deepEqual(layout.slice(1).map(Number), [QUANT_BLOCK, QUANT_BLOCK, QUANT_BLOCK]);
+});
+
+Deno.test("abi: multi-tensor kinds and table widths match the header", () => {
+  assert.deepEqual(MULTI_TENSOR_KIND_CODE, {
+    "fp8-tensor": ENUMS.get("LW_MT_FP8_TENSOR"),
+    "fp8-row": ENUMS.get("LW_MT_FP8_ROW"),
+    "fp8-block128": ENUMS.get("LW_MT_FP8_BLOCK128"),
+    "int8-row": ENUMS.get("LW_MT_INT8_ROW"),
+  });
+  assert.deepEqual(MULTI_TENSOR_FIELDS, {
+    target: ENUMS.get("LW_MT_TARGET_FIELDS"),
+    piece: ENUMS.get("LW_MT_PIECE_FIELDS"),
+    item: ENUMS.get("LW_MT_ITEM_FIELDS"),
+  });
 });
 
 Deno.test("abi: scale shapes, counts and block indices", () => {

@@ -8,7 +8,9 @@
  *
  * The comparison is bit-exact: finite e4m3fn values are multiples of 2^-9, so their sums are
  * exact in any order, on the device (64-bit integer atomics) and on the host (f64). Runs where
- * the CUDA backend opens; registered as ignored otherwise.
+ * the CUDA backend opens; registered as ignored otherwise. Each fixture runs twice: reloads
+ * from host tensors (reloadWeights) and from tensors already on the device (reloadFromDevice,
+ * whose multi-tensor launches write the same kernel tensors in place).
  */
 import assert from "node:assert/strict";
 import type { Backend } from "../src/backend/backend.ts";
@@ -18,6 +20,7 @@ import { loadSafetensors } from "../src/checkpoint/safetensors.ts";
 import type { TensorLike } from "../src/checkpoint/source.ts";
 import { downloadKernelTensors, kernelTensors } from "../src/models/export.ts";
 import { type CausalLM, loadModel, reloadWeights } from "../src/models/load.ts";
+import { reloadFromDevice } from "../src/reload/device.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
 
@@ -94,9 +97,41 @@ async function perturbed(dir: string, seed: number): Promise<[string, TensorLike
   return out;
 }
 
-for (const fixture of ["llama-tiny", "mixtral-tiny"]) {
+/** Reloads `model` from `pairs`: through reloadWeights, or uploaded first and reloadFromDevice. */
+async function reloadVia(
+  path: "host" | "device",
+  b: Backend,
+  model: CausalLM,
+  pairs: [string, TensorLike][],
+): Promise<boolean> {
+  if (path === "host") return (await reloadWeights(model, pairs)).storageKept;
+  const views = pairs.map(([name, t]) => {
+    const d = b.empty(t.shape, t.dtype as typeof DTYPES.bf16);
+    b.upload(d, new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength));
+    return { name, tensor: d };
+  });
+  try {
+    const r = await reloadFromDevice(model, views, { atomic: true });
+    assert.equal(r.plan.hostLoads, 0, "every tensor went through the device plan");
+    return r.storageKept;
+  } finally {
+    for (const v of views) b.free(v.tensor.storage!);
+  }
+}
+
+async function original(dir: string): Promise<[string, TensorLike][]> {
+  return [...await loadSafetensors(`${dir}/model.safetensors`)].map((
+    [name, t],
+  ) => [name, { dtype: t.dtype, shape: t.shape, data: t.data }]);
+}
+
+for (
+  const [fixture, path] of ["llama-tiny", "mixtral-tiny"].flatMap((f) =>
+    (["host", "device"] as const).map((p) => [f, p] as const)
+  )
+) {
   Deno.test({
-    name: `cuda graph: one captured graph follows reloaded fp8 weights (${fixture})${
+    name: `cuda graph: one captured graph follows reloaded fp8 weights (${fixture}, ${path})${
       cuda ? "" : ` [not run: ${why}]`
     }`,
     ignore: cuda === undefined,
@@ -144,8 +179,7 @@ for (const fixture of ["llama-tiny", "mixtral-tiny"]) {
         assert.deepEqual(u0, hu0, "first replay: exact sums equal the host's");
         assert.deepEqual(d0, hd0, "first replay: dequantized sums equal the host's");
 
-        const r = await reloadWeights(model, await perturbed(dir, 1234));
-        assert.equal(r.storageKept, true);
+        assert.equal(await reloadVia(path, b, model, await perturbed(dir, 1234)), true);
         b.synchronize();
         assert.deepEqual(pointers(model), before, "every kernel tensor pointer is unchanged");
 
@@ -157,7 +191,8 @@ for (const fixture of ["llama-tiny", "mixtral-tiny"]) {
           assert.notEqual(d1[i], d0[i], `${probes[i].name}: the sum follows the new weights`);
         }
         // And back: a reload of the original weights brings the first results back exactly.
-        await reloadWeights(model, dir);
+        if (path === "host") await reloadWeights(model, dir);
+        else await reloadVia(path, b, model, await original(dir));
         b.synchronize();
         const [u2, d2] = replay();
         assert.deepEqual([u2, d2], [u0, d0], "reloading the first weights restores the sums");

@@ -422,3 +422,145 @@ LW_API lw_status lw_dequant_fp8(void *ctx, void *dst, int32_t dst_dtype, const u
   }
   return LW_OK;
 }
+
+/* --------------------------------------------------------------- multi-tensor kernels
+ * The reference semantics of the tables in cuda/layerwise.h, one item after another. Absmax is
+ * the maximum of the magnitude bits (as absmax_of), so per-piece maxima compose exactly. */
+
+#define MT_PTR(a) ((uint8_t *)(uintptr_t)(a))
+
+/* magnitude bits of the largest element of n contiguous elements of a quantization input */
+static uint32_t absbits_of(const void *src, int32_t dt, size_t n) {
+  if (dt == LW_F32) return max_abs32((const uint32_t *)src, n);
+  return max_abs16((const uint16_t *)src, n);
+}
+
+/* the f32 absmax of magnitude bits of dtype dt, NaN canonical (as absmax_of) */
+static float absbits_value(int32_t dt, uint32_t m) {
+  const float nan = lw_float(LW_F32_CANONICAL_NAN);
+  if (dt == LW_F32) return m > LW_F32_INF_BITS ? nan : lw_float(m);
+  if (dt == LW_F16) return m > 0x7C00u ? nan : lw_f32_from_f16((uint16_t)m);
+  return m > 0x7F80u ? nan : lw_f32_from_bf16((uint16_t)m);
+}
+
+/* address of row r, column c of target t, from its pieces */
+static const uint8_t *mt_src(const uint64_t *t, const uint64_t *pieces, const uint64_t *bases,
+                             size_t r, size_t c, size_t esz) {
+  const uint64_t *p = pieces + t[5] * LW_MT_PIECE_FIELDS;
+  for (uint64_t k = 0; k < t[6]; k++, p += LW_MT_PIECE_FIELDS) {
+    if (r >= p[3] && r < p[3] + p[4]) {
+      return MT_PTR(bases[p[0]] + p[1]) + ((r - p[3]) * p[2] + c) * esz;
+    }
+  }
+  return NULL; /* the plan covers every row; unreachable */
+}
+
+LW_API lw_status lw_mt_absmax(void *ctx, const uint64_t *targets, const uint64_t *pieces,
+                              const uint64_t *items, size_t first, size_t n,
+                              const uint64_t *bases, int32_t src_dtype, uint32_t *partials,
+                              uint32_t *counters) {
+  (void)ctx;
+  (void)counters;
+  if (!lw_dtype_is_quant_input(src_dtype)) return refuse("lw_mt_absmax: the input must be f32, f16 or bf16");
+  size_t esz = lw_dtype_size(src_dtype);
+  for (size_t i = first; i < first + n; i++) {
+    const uint64_t *it = items + i * LW_MT_ITEM_FIELDS;
+    const uint64_t *t = targets + it[0] * LW_MT_TARGET_FIELDS;
+    uint32_t m = 0;
+    for (uint64_t r = it[1]; r < it[1] + it[2]; r++) {
+      const uint8_t *x = mt_src(t, pieces, bases, r, it[3], esz);
+      if (x) {
+        uint32_t a = absbits_of(x, src_dtype, it[4]);
+        m = a > m ? a : m;
+      }
+    }
+    partials[i] = m;
+    if (i == t[7] + t[8] - 1) { /* the target's last item: every partial is in */
+      uint32_t all = 0;
+      for (uint64_t k = t[7]; k < t[7] + t[8]; k++) all = partials[k] > all ? partials[k] : all;
+      *(float *)MT_PTR(t[1]) = lw_fp8_scale(absbits_value(src_dtype, all));
+    }
+  }
+  return LW_OK;
+}
+
+static void qi8_run(int8_t *q, const void *x, int32_t dt, size_t n, float s) {
+  if (dt == LW_F32) {
+    qi8_f32(q, (const float *)x, n, s);
+  } else if (dt == LW_F16) {
+    qi8_f16(q, (const uint16_t *)x, n, s);
+  } else {
+    qi8_bf16(q, (const uint16_t *)x, n, s);
+  }
+}
+
+LW_API lw_status lw_mt_quant(void *ctx, int32_t kind, const uint64_t *targets,
+                             const uint64_t *pieces, const uint64_t *items, size_t first,
+                             size_t n, const uint64_t *bases, int32_t src_dtype) {
+  (void)ctx;
+  if (!lw_dtype_is_quant_input(src_dtype)) return refuse("lw_mt_quant: the input must be f32, f16 or bf16");
+  if (kind < LW_MT_FP8_TENSOR || kind > LW_MT_INT8_ROW) return refuse("lw_mt_quant: unknown kind");
+  size_t esz = lw_dtype_size(src_dtype);
+  for (size_t i = first; i < first + n; i++) {
+    const uint64_t *it = items + i * LW_MT_ITEM_FIELDS;
+    const uint64_t *t = targets + it[0] * LW_MT_TARGET_FIELDS;
+    uint8_t *q = MT_PTR(t[0]);
+    float *scale = (float *)MT_PTR(t[1]);
+    size_t cols = t[4], r0 = it[1], r1 = it[1] + it[2], c0 = it[3], w = it[4];
+    if (kind == LW_MT_FP8_BLOCK128) {
+      uint32_t m = 0;
+      for (size_t r = r0; r < r1; r++) {
+        const uint8_t *x = mt_src(t, pieces, bases, r, c0, esz);
+        uint32_t a = x ? absbits_of(x, src_dtype, w) : 0;
+        m = a > m ? a : m;
+      }
+      float s = lw_fp8_scale(absbits_value(src_dtype, m));
+      scale[(r0 / 128) * ((cols + 127) / 128) + c0 / 128] = s;
+      for (size_t r = r0; r < r1; r++) {
+        const uint8_t *x = mt_src(t, pieces, bases, r, c0, esz);
+        if (x) quant_run(q + r * cols + c0, x, src_dtype, w, s);
+      }
+      continue;
+    }
+    for (size_t r = r0; r < r1; r++) {
+      const uint8_t *x = mt_src(t, pieces, bases, r, c0, esz);
+      if (!x) continue;
+      if (kind == LW_MT_FP8_TENSOR) {
+        quant_run(q + r * cols + c0, x, src_dtype, w, scale[0]);
+      } else if (kind == LW_MT_FP8_ROW) {
+        float s = lw_fp8_scale(absbits_value(src_dtype, absbits_of(x, src_dtype, w)));
+        scale[r] = s;
+        quant_run(q + r * cols + c0, x, src_dtype, w, s);
+      } else {
+        float s = lw_int8_scale(absbits_value(src_dtype, absbits_of(x, src_dtype, w)));
+        scale[r] = s;
+        qi8_run((int8_t *)q + r * cols + c0, x, src_dtype, w, s);
+      }
+    }
+  }
+  return LW_OK;
+}
+
+LW_API lw_status lw_mt_copy(void *ctx, const uint64_t *targets, const uint64_t *pieces,
+                            const uint64_t *items, size_t first, size_t n, const uint64_t *bases,
+                            int32_t src_dtype, int32_t dst_dtype) {
+  if (src_dtype < 0 || src_dtype > LW_BOOL || dst_dtype < 0 || dst_dtype > LW_BOOL) {
+    return refuse("lw_mt_copy: unknown dtype code");
+  }
+  if (src_dtype != dst_dtype && !(lw_dtype_is_float(src_dtype) && lw_dtype_is_float(dst_dtype))) {
+    return refuse("lw_mt_copy: conversions exist between floating dtypes only");
+  }
+  size_t se = lw_dtype_size(src_dtype), de = lw_dtype_size(dst_dtype);
+  for (size_t i = first; i < first + n; i++) {
+    const uint64_t *it = items + i * LW_MT_ITEM_FIELDS;
+    const uint64_t *t = targets + it[0] * LW_MT_TARGET_FIELDS;
+    for (uint64_t r = it[1]; r < it[1] + it[2]; r++) {
+      const uint8_t *x = mt_src(t, pieces, bases, r, it[3], se);
+      if (!x) continue;
+      lw_status s = lw_cast(ctx, MT_PTR(t[0]) + (r * t[2] + it[3]) * de, dst_dtype, it[4], x,
+                            src_dtype, it[4], 1, it[4]);
+      if (s != LW_OK) return s;
+    }
+  }
+  return LW_OK;
+}

@@ -8,7 +8,7 @@
  */
 
 import type { BackendErrorCode } from "../errors.ts";
-import type { Granularity } from "./backend.ts";
+import type { Granularity, MultiTensorKind } from "./backend.ts";
 
 /** `lw_status` values: `LW_OK`, `LW_EINVAL`, `LW_ECUDA`, `LW_ENOMEM`, `LW_EIO`. */
 export const STATUS: Readonly<{ OK: 0; EINVAL: 1; ECUDA: 2; ENOMEM: 3; EIO: 4 }> = Object.freeze({
@@ -57,3 +57,21 @@ export function scaleCount(rows: number, cols: number, g: Granularity): number {
 export function blockScaleIndex(r: number, c: number, cols: number): number {
   return Math.floor(r / QUANT_BLOCK) * Math.ceil(cols / QUANT_BLOCK) + Math.floor(c / QUANT_BLOCK);
 }
+
+/** Multi-tensor quantize kinds: `LW_MT_FP8_TENSOR`, `LW_MT_FP8_ROW`, `LW_MT_FP8_BLOCK128`, `LW_MT_INT8_ROW`. */
+export const MULTI_TENSOR_KIND_CODE: Readonly<Record<MultiTensorKind, number>> = Object.freeze({
+  "fp8-tensor": 0,
+  "fp8-row": 1,
+  "fp8-block128": 2,
+  "int8-row": 3,
+});
+
+/**
+ * uint64 fields of one row of each multi-tensor table: `LW_MT_TARGET_FIELDS`,
+ * `LW_MT_PIECE_FIELDS`, `LW_MT_ITEM_FIELDS`.
+ */
+export const MULTI_TENSOR_FIELDS: Readonly<{ target: 10; piece: 5; item: 5 }> = Object.freeze({
+  target: 10,
+  piece: 5,
+  item: 5,
+});

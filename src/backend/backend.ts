@@ -14,6 +14,44 @@ export type BackendKind = "cuda" | "wasm";
 /** Quantization granularity: one scale per tensor, per row, or per 128x128 block. */
 export type Granularity = "tensor" | "row" | "block128";
 
+/** What a multi-tensor quantize launch computes (cuda/layerwise.h, LW_MT_*). */
+export type MultiTensorKind = "fp8-tensor" | "fp8-row" | "fp8-block128" | "int8-row";
+
+/**
+ * One launch of the multi-tensor kernels over work tables held in backend memory (the layout
+ * of cuda/layerwise.h, "multi-tensor kernels"): `absmax` writes the per-tensor fp8 scale of
+ * every target, `quant` quantizes every target from its pieces (`kind`), `copy` copies or
+ * casts. Offsets are bytes into `table`.
+ */
+export interface MultiTensorLaunch {
+  /** `absmax`, `quant` or `copy`. */
+  readonly op: "absmax" | "quant" | "copy";
+  /** With `quant`: the scheme. */
+  readonly kind?: MultiTensorKind;
+  /** The storage holding every table. */
+  readonly table: Storage;
+  /** Byte offset of the targets table. */
+  readonly targets: number;
+  /** Byte offset of the pieces table. */
+  readonly pieces: number;
+  /** Byte offset of the items table. */
+  readonly items: number;
+  /** Byte offset of the source addresses (one uint64 per source). */
+  readonly bases: number;
+  /** With `absmax`: byte offsets of the uint32 partials (one per item) and counters (per target). */
+  readonly partials?: number;
+  /** See {@link MultiTensorLaunch.partials}. */
+  readonly counters?: number;
+  /** First item of this launch. */
+  readonly first: number;
+  /** Items in this launch. */
+  readonly count: number;
+  /** dtype of every source piece of the launch. */
+  readonly srcDtype: DType;
+  /** With `copy`: the destination dtype. */
+  readonly dstDtype?: DType;
+}
+
 /** Memory and kernels on one device. All kernels validate first and write nothing on error. */
 export interface Backend {
   /** `cuda` or `wasm`. */
@@ -29,6 +67,12 @@ export interface Backend {
   empty(shape: readonly number[], dtype: DType): Tensor;
   /** Bytes currently allocated through this backend. */
   allocatedBytes(): number;
+  /**
+   * Memory this backend does not own (a device pointer of another allocation, an IPC mapping,
+   * a WebAssembly memory offset) as a Storage that kernels accept; `free` forgets it without
+   * releasing it, and it is not counted by allocatedBytes.
+   */
+  borrow(ptr: number, bytes: number): Storage;
 
   /** Copies host bytes into a tensor (contiguous or 2-D strided); `src.length` must equal its nbytes. */
   upload(dst: Tensor, src: Uint8Array): void;
@@ -64,6 +108,9 @@ export interface Backend {
     scale: Tensor,
     granularity: Granularity,
   ): void;
+
+  /** Queues one multi-tensor kernel launch (see {@link MultiTensorLaunch}). */
+  launchMultiTensor(launch: MultiTensorLaunch): void;
 
   /** Waits for all queued work. */
   synchronize(): void;

@@ -9,12 +9,19 @@
 import { BackendError } from "../errors.ts";
 import { type DType, DTYPES, isModelFloat } from "../tensor/dtype.ts";
 import { type Layout2D, shapeString, type Storage, Tensor } from "../tensor/tensor.ts";
-import { GRANULARITY_CODE, scaleCount, statusError } from "./abi.ts";
+import {
+  GRANULARITY_CODE,
+  MULTI_TENSOR_FIELDS,
+  MULTI_TENSOR_KIND_CODE,
+  scaleCount,
+  statusError,
+} from "./abi.ts";
 import type {
   Backend,
   BackendCapabilities,
   BackendKind,
   Granularity,
+  MultiTensorLaunch,
   StagedReader,
 } from "./backend.ts";
 
@@ -89,6 +96,47 @@ export interface KernelAbi {
   ): number;
 }
 
+/** The multi-tensor section of the C ABI (cuda/layerwise.h), pointers as numbers. */
+export interface MultiTensorAbi {
+  /** lw_mt_absmax: per-tensor fp8 scales of the targets of items [first, first+n). */
+  lw_mt_absmax(
+    ctx: number,
+    targets: number,
+    pieces: number,
+    items: number,
+    first: number,
+    n: number,
+    bases: number,
+    srcDtype: number,
+    partials: number,
+    counters: number,
+  ): number;
+  /** lw_mt_quant: quantizes the targets of items [first, first+n). */
+  lw_mt_quant(
+    ctx: number,
+    kind: number,
+    targets: number,
+    pieces: number,
+    items: number,
+    first: number,
+    n: number,
+    bases: number,
+    srcDtype: number,
+  ): number;
+  /** lw_mt_copy: copies or casts the pieces of items [first, first+n) into their targets. */
+  lw_mt_copy(
+    ctx: number,
+    targets: number,
+    pieces: number,
+    items: number,
+    first: number,
+    n: number,
+    bases: number,
+    srcDtype: number,
+    dstDtype: number,
+  ): number;
+}
+
 /** Memory and kernels of one device as the C ABI exposes them; each kernel returns a status. */
 export interface RawDevice {
   /** `cuda` or `wasm`. */
@@ -104,7 +152,12 @@ export interface RawDevice {
   /** Device to host, synchronous. */
   read(ptr: number, dst: Uint8Array): void;
   /** The kernel entry points, each called with {@link RawDevice.ctx} first. */
-  readonly kernels: KernelAbi;
+  readonly kernels: KernelAbi & MultiTensorAbi;
+  /**
+   * Throws BackendError `OUT_OF_RANGE` when bytes [ptr, ptr+n) cannot be device memory of
+   * this device (WebAssembly: outside the memory); CUDA cannot tell and accepts them.
+   */
+  checkRange(op: string, ptr: number, n: number): void;
   /** The execution context passed to every kernel: a CUDA `lw_ctx*`, 0 on WASM. */
   readonly ctx: number;
   /** Waits for queued work. */
@@ -134,9 +187,10 @@ function matrixDims(t: Tensor): [number, number] {
 /** The Backend over a RawDevice; see the module doc. */
 export class KernelBackend implements Backend {
   readonly #dev: RawDevice;
-  readonly #k: KernelAbi;
+  readonly #k: KernelAbi & MultiTensorAbi;
   readonly #ctx: number;
   readonly #live = new Set<Storage>();
+  readonly #borrowed = new Set<Storage>();
   #allocated = 0;
   #scratch: Storage;
   #closed = false;
@@ -180,8 +234,29 @@ export class KernelBackend implements Backend {
     return s;
   }
 
+  borrow(ptr: number, bytes: number): Storage {
+    this.#open();
+    if (!Number.isSafeInteger(bytes) || bytes < 0 || !Number.isSafeInteger(ptr) || ptr <= 0) {
+      throw new BackendError(
+        "BAD_SIZE",
+        `borrow: invalid memory ${ptr} of ${bytes} bytes (a positive address and size)`,
+      );
+    }
+    this.#dev.checkRange("borrow", ptr, bytes);
+    const s: Storage = { backend: this, ptr, bytes, freed: false };
+    this.#live.add(s);
+    this.#borrowed.add(s);
+    return s;
+  }
+
   free(storage: Storage): void {
     this.#open();
+    if (this.#borrowed.delete(storage)) {
+      // Borrowed memory belongs to someone else: forget it, never release it.
+      this.#live.delete(storage);
+      storage.freed = true;
+      return;
+    }
     if (!this.#live.has(storage)) {
       throw new BackendError(
         storage.freed ? "FREED" : "FOREIGN",
@@ -448,6 +523,81 @@ export class KernelBackend implements Backend {
         GRANULARITY_CODE[granularity],
       ),
     );
+  }
+
+  launchMultiTensor(l: MultiTensorLaunch): void {
+    const s = this.#own("launchMultiTensor", new Tensor([l.table.bytes], DTYPES.u8, l.table));
+    const f = MULTI_TENSOR_FIELDS;
+    const inside = (what: string, off: number | undefined, bytes: number) => {
+      if (off === undefined || !Number.isSafeInteger(off) || off < 0 || off + bytes > s.bytes) {
+        throw new BackendError(
+          "OUT_OF_RANGE",
+          `launchMultiTensor: the ${what} table at ${off} (${bytes} bytes) is outside the ${s.bytes}-byte table storage`,
+        );
+      }
+    };
+    if (
+      !Number.isSafeInteger(l.first) || !Number.isSafeInteger(l.count) || l.first < 0 || l.count < 0
+    ) {
+      throw new BackendError(
+        "BAD_SIZE",
+        `launchMultiTensor: invalid items [${l.first}, +${l.count})`,
+      );
+    }
+    inside("items", l.items, (l.first + l.count) * f.item * 8);
+    inside("targets", l.targets, 0);
+    inside("pieces", l.pieces, 0);
+    inside("bases", l.bases, 0);
+    if (l.count === 0) return;
+    const p = s.ptr, src = l.srcDtype.code;
+    let status: number;
+    if (l.op === "absmax") {
+      inside("partials", l.partials, (l.first + l.count) * 4);
+      inside("counters", l.counters, 0);
+      status = this.#k.lw_mt_absmax(
+        this.#ctx,
+        p + l.targets,
+        p + l.pieces,
+        p + l.items,
+        l.first,
+        l.count,
+        p + l.bases,
+        src,
+        p + l.partials!,
+        p + l.counters!,
+      );
+    } else if (l.op === "quant") {
+      if (l.kind === undefined || !Object.hasOwn(MULTI_TENSOR_KIND_CODE, l.kind)) {
+        throw new BackendError("BAD_GRANULARITY", `launchMultiTensor: unknown kind ${l.kind}`);
+      }
+      status = this.#k.lw_mt_quant(
+        this.#ctx,
+        MULTI_TENSOR_KIND_CODE[l.kind],
+        p + l.targets,
+        p + l.pieces,
+        p + l.items,
+        l.first,
+        l.count,
+        p + l.bases,
+        src,
+      );
+    } else if (l.op === "copy") {
+      const dst = l.dstDtype ?? l.srcDtype;
+      status = this.#k.lw_mt_copy(
+        this.#ctx,
+        p + l.targets,
+        p + l.pieces,
+        p + l.items,
+        l.first,
+        l.count,
+        p + l.bases,
+        src,
+        dst.code,
+      );
+    } else {
+      throw new BackendError("BAD_VALUE", `launchMultiTensor: unknown op ${l.op}`);
+    }
+    this.#check(`launchMultiTensor ${l.op}`, status);
   }
 
   synchronize(): void {

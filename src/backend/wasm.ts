@@ -27,7 +27,7 @@ import { quoteName } from "../messages.ts";
 import type { Tensor } from "../tensor/tensor.ts";
 import { kernelsWasmBytes } from "../../wasm/kernels_wasm.ts";
 import type { Backend } from "./backend.ts";
-import { type KernelAbi, KernelBackend, type RawDevice } from "./kernels.ts";
+import { type KernelAbi, KernelBackend, type MultiTensorAbi, type RawDevice } from "./kernels.ts";
 import {
   growMemory64,
   instantiateKernels,
@@ -121,7 +121,7 @@ class WasmDevice implements RawDevice {
   readonly #heap: WasmHeap;
   readonly #local: Record<string, NumberFn>;
   #pool: WasmPool | null;
-  #kernels: KernelAbi;
+  #kernels: KernelAbi & MultiTensorAbi;
   #closed = false;
 
   constructor(
@@ -144,7 +144,7 @@ class WasmDevice implements RawDevice {
       ...local,
       ...splitKernels(pool, { minBytesPerThread }),
       ...splitMultiTensor(pool, { minBytesPerThread }, new Set(Object.keys(local))),
-    } as unknown as KernelAbi;
+    } as unknown as KernelAbi & MultiTensorAbi;
   }
 
   /** The current buffer of the memory (a new object after each growth; old ones stay valid). */
@@ -201,8 +201,12 @@ class WasmDevice implements RawDevice {
   }
 
   /** The kernels, split across the threads where that pays; the context argument is 0. */
-  get kernels(): KernelAbi {
+  get kernels(): KernelAbi & MultiTensorAbi {
     return this.#kernels;
+  }
+
+  checkRange(op: string, ptr: number, n: number): void {
+    this.#span(op, ptr, n);
   }
 
   /** WebAssembly kernels are synchronous calls (the pool waits for its workers): no context. */
@@ -229,7 +233,7 @@ class WasmDevice implements RawDevice {
     this.#pool = null;
     this.#heap.clear();
     // Dropping the memory and the instances lets the engine reclaim them.
-    this.#kernels = {} as KernelAbi;
+    this.#kernels = {} as KernelAbi & MultiTensorAbi;
   }
 }
 

@@ -88,6 +88,33 @@ export function countWrites(fn: () => void): number {
   return counter.elements;
 }
 
+/** One write a loader made under {@link recordWrites}: the destination and source views. */
+export interface RecordedWrite {
+  /** The destination view (of the slot's tensor). */
+  readonly dst: Tensor;
+  /** The source view (of the loaded tensor), same shape. */
+  readonly src: Tensor;
+}
+
+let activeRecorder: RecordedWrite[] | null = null;
+
+/**
+ * Runs `fn` (a loader call) and returns the writes it made instead of making them: every
+ * {@link copyInto} is recorded as its (destination, source) views, after the checks of a real
+ * write. Planning uses it to learn where each checkpoint tensor goes without moving a byte.
+ */
+export function recordWrites(fn: () => void): RecordedWrite[] {
+  const outer = activeRecorder;
+  const writes: RecordedWrite[] = [];
+  activeRecorder = writes;
+  try {
+    fn();
+  } finally {
+    activeRecorder = outer;
+  }
+  return writes;
+}
+
 /**
  * The only way loaders write: `dst = src` (casting between f32/f16/bf16). Shapes must match;
  * quantized dtypes (fp8, int8) must match exactly. When `dst` is a meta tensor, its element
@@ -114,7 +141,7 @@ export function copyInto(backend: Backend, dst: Tensor, src: Tensor): void {
   if (dst.window) {
     throw new ReloadError("WINDOWED", `a load into ${dst}: a destination holds every row`);
   }
-  if (dst.isMeta && !activeCounter) {
+  if (dst.isMeta && !activeCounter && !activeRecorder) {
     throw new ReloadError("META_WRITE", `a load into meta tensor ${dst} outside of counting`);
   }
   if (src.window) {
@@ -122,6 +149,10 @@ export function copyInto(backend: Backend, dst: Tensor, src: Tensor): void {
     if (end === start) return;
     dst = dst.narrow(0, start, end - start);
     src = src.windowRows();
+  }
+  if (activeRecorder) {
+    activeRecorder.push({ dst, src });
+    return;
   }
   if (dst.isMeta) {
     activeCounter!.elements += dst.numel;

@@ -4,13 +4,18 @@
  * feeds the tensors of each bucket it receives to its own layerwise reload (the models may be
  * tensor-parallel shards: each rank's loaders narrow the whole tensors to its shard).
  *
- * Pipeline, with two buckets per rank: while bucket i is filled on the root and broadcast (on a
- * stream of its own per rank), every rank's reload consumes bucket i-1 (its kernels on the
- * model backend's stream). A bucket is reused once every rank's reload has taken its tensors
- * and its backend has finished the work that reads them. The reload engine borrows tensors
- * only for the step that receives them, so nothing of a bucket is kept. The streams wait for
- * each other through events; the host only orders what it queues, so one JavaScript thread
- * keeps every GPU busy.
+ * Each rank reloads through the device path (reload/device.ts): one plan for the whole layout,
+ * in phases, one per bucket; when bucket i has arrived, the multi-tensor launches write every
+ * layer whose tensors are in buckets i-1 and i straight from the buckets into the kept kernel
+ * tensors (no scratch), and tensors of layers spread wider go through the layerwise lifecycle
+ * as they arrive. With `devicePath: false`, every tensor goes through the lifecycle.
+ *
+ * Pipeline, with three bucket slots per rank (two without the device path): while bucket i is
+ * filled on the root and broadcast (on a stream of its own per rank), every rank's reload works
+ * on buckets i-2 and i-1 (its kernels on the model backend's stream). A slot is reused once
+ * every rank's reload is done with its bucket and its backend has finished the work that reads
+ * it. Nothing of a bucket is kept. The streams wait for each other through events; the host
+ * only orders what it queues, so one JavaScript thread keeps every GPU busy.
  *
  * Validation first: every rank checks the whole checkpoint description against its model
  * before anything is read or written (as reloadWeights does).
@@ -24,6 +29,7 @@ import { LayerwiseError } from "../errors.ts";
 import type { CausalLM } from "../models/causal_lm.ts";
 import type { ModelReloadOptions } from "../models/load.ts";
 import { validateWeights } from "../models/weights.ts";
+import { DeviceReload } from "../reload/device.ts";
 import { reloadLayerwise as engineReload, type ReloadReport } from "../reload/load.ts";
 import type { Storage } from "../tensor/tensor.ts";
 import { Tensor } from "../tensor/tensor.ts";
@@ -134,6 +140,11 @@ export interface BroadcastReloadOptions extends ModelReloadOptions {
   root?: number;
   /** Bucket size in bytes (default 256 MiB; raised to the largest tensor). */
   bucketBytes?: number;
+  /**
+   * Write layers straight from the buckets with the device path's multi-tensor launches
+   * (default true); false: every tensor goes through the layerwise lifecycle.
+   */
+  devicePath?: boolean;
 }
 
 /** What {@link broadcastReload} did. */
@@ -282,6 +293,9 @@ export async function broadcastReload(
   const devs = comms.devices.map((d) => CudaDevice.open(d));
   const ctxs: number[] = [];
   const storages: Storage[][] = [];
+  // The device path keeps a bucket until the next one has arrived (a layer may span two).
+  const device = options.devicePath ?? true;
+  const nslots = device ? 3 : 2;
   // Per rank and bucket slot: "the broadcast into it arrived" (recorded on the rank's broadcast
   // stream) and "the model is done reading it" (recorded on the model's stream). The streams
   // wait for each other through these; the host never waits for a device mid-way.
@@ -292,9 +306,9 @@ export async function broadcastReload(
   try {
     for (let r = 0; r < n; r++) {
       ctxs.push(devs[r].createContext());
-      storages.push([models[r].device.alloc(cap), models[r].device.alloc(cap)]);
-      arrived.push([devs[r].createSyncEvent(), devs[r].createSyncEvent()]);
-      freed.push([devs[r].createSyncEvent(), devs[r].createSyncEvent()]);
+      storages.push(Array.from({ length: nslots }, () => models[r].device.alloc(cap)));
+      arrived.push(Array.from({ length: nslots }, () => devs[r].createSyncEvent()));
+      freed.push(Array.from({ length: nslots }, () => devs[r].createSyncEvent()));
       for (const e of freed[r]) devs[r].record(e, handles[r].ctx);
     }
     const streams = ctxs.map((c, r) => devs[r].stream(c));
@@ -310,8 +324,8 @@ export async function broadcastReload(
       for (let i = 0; i < buckets.length; i++) {
         // The broadcast of bucket i is queued; the model's stream waits for it to arrive.
         await ready[r][i].promise;
-        devs[r].wait(handles[r].ctx, arrived[r][i % 2]);
-        const b = buckets[i], storage = storages[r][i % 2];
+        devs[r].wait(handles[r].ctx, arrived[r][i % nslots]);
+        const b = buckets[i], storage = storages[r][i % nslots];
         for (let k = 0; k < b.names.length; k++) {
           const info = source.tensors.get(b.names[k])!;
           yield [
@@ -320,18 +334,59 @@ export async function broadcastReload(
           ];
         }
         // Every tensor of the bucket was taken; its reads are queued on the model's stream.
-        devs[r].record(freed[r][i % 2], handles[r].ctx);
+        devs[r].record(freed[r][i % nslots], handles[r].ctx);
         consumed[r][i].resolve();
       }
     };
 
+    // The device path: phase i when bucket i has arrived; bucket i-1 is done after it.
+    const descs = names.map((name) => {
+      const info = source.tensors.get(name)!;
+      return { name, dtype: info.dtype, shape: info.shape };
+    });
+    const phaseOf: number[] = [], offsetOf: number[] = [];
+    for (const [i, b] of buckets.entries()) {
+      for (const o of b.offsets) {
+        phaseOf.push(i);
+        offsetOf.push(o);
+      }
+    }
+    const rankDevice = async (r: number): Promise<ReloadReport> => {
+      const bases = descs.map((_, k) => storages[r][phaseOf[k] % nslots].ptr + offsetOf[k]);
+      const reload = DeviceReload.begin(models[r], descs, bases, options, { phaseOf, window: 2 });
+      const done = (i: number) => {
+        devs[r].record(freed[r][i % nslots], handles[r].ctx);
+        consumed[r][i].resolve();
+      };
+      try {
+        for (let i = 0; i < buckets.length; i++) {
+          await ready[r][i].promise;
+          devs[r].wait(handles[r].ctx, arrived[r][i % nslots]);
+          const storage = storages[r][i % nslots];
+          reload.runPhase(i, (k) => {
+            return new Tensor(
+              descs[k].shape,
+              descs[k].dtype,
+              storage,
+              offsetOf[k] / descs[k].dtype.size,
+            );
+          });
+          if (i > 0) done(i - 1);
+        }
+        if (buckets.length > 0) done(buckets.length - 1);
+      } catch (e) {
+        reload.abort(e);
+      }
+      return reload.finish();
+    };
+
     const coordinator = (async () => {
       for (let i = 0; i < buckets.length; i++) {
-        const slot = i % 2;
-        if (i >= 2) await Promise.all(consumed.map((c) => c[i - 2].promise));
+        const slot = i % nslots;
+        if (i >= nslots) await Promise.all(consumed.map((c) => c[i - nslots].promise));
         if (failed) return;
-        // The slot is overwritten only after each model has read bucket i - 2 out of it (for
-        // the first two buckets: after the model's work before the slot was allocated).
+        // The slot is overwritten only after each model is done with the bucket it held (for
+        // the first buckets: after the model's work before the slot was allocated).
         for (let r = 0; r < n; r++) devs[r].wait(ctxs[r], freed[r][slot]);
         const b = buckets[i];
         const rootBase = storages[root][slot].ptr;
@@ -353,7 +408,7 @@ export async function broadcastReload(
 
     const reports = await Promise.all(
       models.map((m, r) =>
-        engineReload(m, rankStream(r), options).catch((e) => {
+        (device ? rankDevice(r) : engineReload(m, rankStream(r), options)).catch((e) => {
           failAll(e);
           throw e;
         })

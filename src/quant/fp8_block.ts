@@ -17,7 +17,7 @@
  * @module
  */
 
-import type { Backend } from "../backend/backend.ts";
+import type { Backend, Granularity } from "../backend/backend.ts";
 import { CheckpointError } from "../errors.ts";
 import type { Module } from "../nn/module.ts";
 import { copyInto, select0, type ShardId, TensorSlot, type WeightLoader } from "../nn/slots.ts";
@@ -100,6 +100,29 @@ export class Fp8BlockMethod implements QuantMethod {
   // as it arrives, and processing needs no device read to tell (a read would synchronize).
   readonly #quantize = new WeakMap<Storage, Set<string>>();
 
+  /** The quantized dtype: f8_e4m3fn. */
+  get target(): DType {
+    return DTYPES.f8_e4m3fn;
+  }
+
+  /** One scale per 128x128 block. */
+  get granularity(): Granularity {
+    return "block128";
+  }
+
+  /** The weights this method quantizes (set by createWeights). */
+  get specs(): readonly WeightSpec[] {
+    return this.#specs;
+  }
+
+  /**
+   * The model-format slots that processing computes from the weights when they come in the
+   * model dtype (each weight's block scales); empty for a layer quantized whole.
+   */
+  get computedSlots(): readonly string[] {
+    return this.#online ? [] : this.#specs.map((s) => s.scaleName);
+  }
+
   /** A method on `backend`; `modelDtype` is the dtype of unquantized weights (bf16). */
   constructor(backend: Backend, modelDtype: DType) {
     this.#backend = backend;
@@ -180,7 +203,8 @@ export class Fp8BlockMethod implements QuantMethod {
         copyInto(b, blocksOf, blocksOf);
         return;
       }
-      const scratch = layer.slot(spec.scaleName).tensor.storage!;
+      const scratch = layer.slot(spec.scaleName).tensor.storage;
+      if (scratch === null) return; // a planner's dry run against kept tensors: nothing to note
       const shards = this.#quantize.get(scratch) ?? new Set<string>();
       shards.add(`${l.expert}:${l.dstRow}`);
       this.#quantize.set(scratch, shards);

@@ -27,6 +27,21 @@ export class OnlineQuantMethod implements QuantMethod {
   readonly #granularity: Granularity;
   #specs: readonly WeightSpec[] = [];
 
+  /** The quantized dtype: f8_e4m3fn or i8. */
+  get target(): DType {
+    return this.#target;
+  }
+
+  /** One scale per tensor, per row or per 128x128 block. */
+  get granularity(): Granularity {
+    return this.#granularity;
+  }
+
+  /** The weights this method quantizes (set by createWeights). */
+  get specs(): readonly WeightSpec[] {
+    return this.#specs;
+  }
+
   /** `target` is f8_e4m3fn (any granularity) or i8 (row only). */
   constructor(backend: Backend, modelDtype: DType, target: DType, granularity: Granularity) {
     this.#backend = backend;

@@ -687,6 +687,51 @@ function processLayer(layer: Module, info: LayerInfo): void {
   state.log(`${info.path}: processed`);
 }
 
+/**
+ * The device path's write (see device.ts): `layers` of the running reload of `model`, none of
+ * them begun, are written by `write` straight into their kept kernel tensors, with the same
+ * bookkeeping as a processed layer: each layer's atomic snapshot is taken first, each counts as
+ * partly written until `write` returns, then as processed. If `write` throws, the layers stay
+ * partly written for the abort to restore.
+ */
+export function writeLayersInPlace(
+  model: Module,
+  layers: readonly Module[],
+  write: () => void,
+): void {
+  const state = STATE.get(model);
+  if (!state) {
+    throw new ReloadError(
+      "NOT_RELOADING",
+      "writeLayersInPlace: no layerwise reload is in progress",
+    );
+  }
+  const infos = layers.map((layer) => {
+    const info = INFO.get(layer);
+    if (!info || info.state !== state || info.started || !info.canProcess()) {
+      throw new ReloadError(
+        "NOT_RELOADING",
+        `${info?.path ?? layer.typeName}: not a layer waiting in this reload`,
+      );
+    }
+    return info;
+  });
+  layers.forEach((layer, i) => {
+    const info = infos[i];
+    beginWrite(layer, info);
+    info.started = true;
+    // The kernel tensors go back into the slots now: writes may fill them (initValue).
+    placeKernelTensors(layer, info);
+  });
+  write();
+  for (const info of infos) {
+    state.partial.delete(info.path);
+    state.processed.push(info.path);
+    info.reset();
+    state.log(`${info.path}: written in place from the device source`);
+  }
+}
+
 function unwrapAll(model: Module): void {
   for (const [, info] of recordedLayers(model)) {
     for (const m of info.restoreMetadata!.values()) {

@@ -7,10 +7,9 @@
  * written. Handles stay open in a cache while the trainer keeps sending the same buckets and
  * are closed on request or when the server stops.
  *
- * The reload itself is {@link reloadFromMapped}, the one function that reads mapped memory:
- * today each tensor (big ones as row chunks) is copied device to device into a scratch tensor of
- * the backend ({@link mappedTensors}) and handed to the layerwise reload; a device-resident
- * reload that reads the buckets in place can replace it without touching the protocol.
+ * The reload itself is {@link reloadFromMapped}, the one function that reads mapped memory: the
+ * device-source reload reads the buckets in place ({@link mappedTensors}, the copy of each tensor
+ * into a scratch tensor of the backend, remains for callers that want the layerwise stream).
  * @module
  */
 
@@ -22,7 +21,8 @@ import { CheckpointError } from "../errors.ts";
 import { type DType, dtypeFromSafetensors, dtypeOf } from "../tensor/dtype.ts";
 import { rowWindow, type Tensor } from "../tensor/tensor.ts";
 import type { Module } from "../nn/module.ts";
-import { reloadLayerwise, type ReloadLayerwiseOptions, type ReloadReport } from "../reload/load.ts";
+import type { ReloadLayerwiseOptions, ReloadReport } from "../reload/load.ts";
+import { reloadFromDevice } from "../reload/device.ts";
 import { checkFields } from "./json_body.ts";
 import { serverError } from "./http_errors.ts";
 
@@ -276,21 +276,27 @@ export async function* mappedTensors(
 
 /**
  * Reloads `model` from the mapped buckets (`addresses[i]` is bucket i's address) for the
- * validated `names`, in order; returns once the engine is done (the caller synchronizes the
- * mapper before telling the trainer its buckets are free).
+ * validated `names`: the buckets are read in place by the device-source reload
+ * (reloadFromDevice: a plan kept for the next update of the same layout, multi-tensor launches,
+ * no scratch), since a mapping's address is memory of the model's backend. Returns once the
+ * engine is done (the caller synchronizes the mapper before telling the trainer its buckets
+ * are free).
  */
 export function reloadFromMapped(
   model: Module,
-  backend: Backend,
-  mapper: IpcMapper,
+  _backend: Backend,
+  _mapper: IpcMapper,
   update: IpcUpdate,
   addresses: readonly number[],
   names: readonly string[],
   options: ReloadLayerwiseOptions & { readChunkBytes: number },
 ): Promise<ReloadReport> {
-  return reloadLayerwise(
-    model,
-    mappedTensors(backend, mapper, update, addresses, names, options.readChunkBytes),
-    options,
-  );
+  const byName = new Map(update.tensors.map((t) => [t.name, t]));
+  const views = names.map((name) => {
+    const t = byName.get(name)!;
+    return { name, dtype: t.dtype, shape: t.shape, ptr: addresses[t.bucket] + t.offset };
+  });
+  // The table was validated against the model already (names, shapes, coverage, strictness):
+  // `names` are the tensors to load, and what they leave out was accepted there.
+  return reloadFromDevice(model, views, { ...options, strict: false, partial: true });
 }

@@ -50,6 +50,18 @@ export const CUDA_SYMBOLS = {
     parameters: [PTR, PTR, "i32", PTR, PTR, "usize", "usize", "i32"],
     result: STATUS,
   },
+  lw_mt_absmax: {
+    parameters: [PTR, PTR, PTR, PTR, "usize", "usize", PTR, "i32", PTR, PTR],
+    result: STATUS,
+  },
+  lw_mt_quant: {
+    parameters: [PTR, "i32", PTR, PTR, PTR, "usize", "usize", PTR, "i32"],
+    result: STATUS,
+  },
+  lw_mt_copy: {
+    parameters: [PTR, PTR, PTR, PTR, "usize", "usize", PTR, "i32", "i32"],
+    result: STATUS,
+  },
 
   lw_last_error: { parameters: ["buffer", "usize"], result: "usize" },
   lw_device_count: { parameters: ["buffer"], result: STATUS },

@@ -9,7 +9,7 @@
 import { BackendError, type BackendErrorCode } from "../../errors.ts";
 import type { Backend } from "../backend.ts";
 import { statusError } from "../abi.ts";
-import { type KernelAbi, KernelBackend, type RawDevice } from "../kernels.ts";
+import { type KernelAbi, KernelBackend, type MultiTensorAbi, type RawDevice } from "../kernels.ts";
 import { type CudaLibrary, type CudaSymbols, DRIVER_SYMBOLS, loadCudaLibrary } from "./cuda_ffi.ts";
 import { haveLibc } from "./libc.ts";
 import { DevicePool } from "./pool.ts";
@@ -484,9 +484,12 @@ class CudaRaw implements RawDevice {
   }
 
   /** The library's kernel entry points, called with {@link CudaRaw.ctx}. */
-  get kernels(): KernelAbi {
+  get kernels(): KernelAbi & MultiTensorAbi {
     return this.#s;
   }
+
+  /** A device pointer cannot be checked from the host: any range is accepted. */
+  checkRange(_op: string, _ptr: number, _n: number): void {}
 
   sync(): void {
     this.#d.sync(this.#ctx);
