@@ -23,7 +23,7 @@ import type { Module } from "../nn/module.ts";
 import { copyInto, select0, type ShardId, TensorSlot, type WeightLoader } from "../nn/slots.ts";
 import { type DType, DTYPES } from "../tensor/dtype.ts";
 import { shapeString, type Storage, Tensor } from "../tensor/tensor.ts";
-import { expertCount, matrices, matrixShape, putTensor } from "./common.ts";
+import { expertCount, fillKernelTensors, matrices, matrixShape, putTensor } from "./common.ts";
 import type {
   KernelDestination,
   QuantMethod,
@@ -300,18 +300,10 @@ export class Fp8BlockMethod implements QuantMethod {
       return { spec, w, given, stored };
     });
     for (const { spec, w, given, stored } of plans) {
-      const own: Tensor[] = [];
-      const dest = (name: string, shape: readonly number[], dtype: DType): Tensor => {
-        const t = into?.(name, shape, dtype);
-        if (t) return t;
-        const n = b.empty(shape, dtype);
-        own.push(n);
-        return n;
-      };
-      let q: Tensor, s: Tensor;
-      try {
-        q = dest(spec.name, w.shape, DTYPES.f8_e4m3fn);
-        s = dest(spec.scaleName, given.shape, DTYPES.f32);
+      const [q, s] = fillKernelTensors(b, into, [
+        [spec.name, w.shape, DTYPES.f8_e4m3fn],
+        [spec.scaleName, given.shape, DTYPES.f32],
+      ], ([q, s]) => {
         const qs = matrices(q), ws = matrices(w), ss = matrices(s), gs = matrices(given);
         let k = 0;
         for (let e = 0; e < qs.length; e++) {
@@ -327,10 +319,7 @@ export class Fp8BlockMethod implements QuantMethod {
             row += rows;
           }
         }
-      } catch (e) {
-        for (const t of own) b.free(t.storage!);
-        throw e;
-      }
+      });
       b.free(w.storage!);
       b.free(given.storage!);
       putTensor(layer, spec.name, q);
