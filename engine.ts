@@ -86,6 +86,7 @@ export { fileSource, memorySource, type NamedTensor } from "./src/checkpoint/sou
 export {
   type Architecture,
   checkConfigAgainstCheckpoint,
+  type CheckpointQuantization,
   DIM_PRODUCTS,
   type ModelConfig,
   type ParseConfigOptions,
@@ -135,6 +136,8 @@ export {
   type QuantMethodFactory,
   type QuantScheme,
   type ScaleIndex,
+  type ShardLayout,
+  type SplitLoad,
   type WeightSpec,
 } from "./src/nn/quant_method.ts";
 export { createQuantMethod } from "./src/quant/create.ts";

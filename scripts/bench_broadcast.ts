@@ -79,7 +79,7 @@ const GB = 1e9;
 const devices = Array.from({ length: ranks }, (_, r) => r);
 const backends: Backend[] = await openRankBackends(ranks, "cuda", devices);
 const config = parseModelConfig(synthConfig(shape));
-const models = buildTensorParallel(config, backends, quantScheme(quant));
+const models = buildTensorParallel(config, backends, quantScheme(quant, config));
 const comms = NcclComms.initAll(devices);
 const cuda0 = CudaDevice.open(0);
 console.log(
@@ -200,7 +200,7 @@ console.log(
 if (Deno.args.includes("--verify")) {
   if (quant !== "none") throw new Error("--verify compares bytes: use it with --quant none");
   const t0 = performance.now();
-  const [tp1] = buildTensorParallel(config, [root], quantScheme(quant));
+  const [tp1] = buildTensorParallel(config, [root], quantScheme(quant, config));
   await loadWeights(tp1, source);
   const full = new Map(kernelTensors(tp1));
   let compared = 0, bytes = 0;

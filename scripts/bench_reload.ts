@@ -201,7 +201,8 @@ async function warm(dir: string): Promise<[number, number]> {
   return [bytes, (performance.now() - t0) / 1000];
 }
 
-function availableBytes(path: string): number {
+/** Bytes free on the file system holding `path` (0 when `df` cannot tell). */
+export function availableBytes(path: string): number {
   try {
     const out = new Deno.Command("df", { args: ["-B1", "--output=avail", path] }).outputSync();
     return Number(new TextDecoder().decode(out.stdout).trim().split("\n").pop());

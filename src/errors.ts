@@ -24,10 +24,14 @@
  *   is a file the run reads; checked before the run.
  * - `BAD_OPTION`: an option of a checkpoint reader is out of range.
  * - `BAD_ROWS`: `readRowsInto` was asked for rows outside the tensor.
+ * - `BAD_SCALE`: a block-fp8 scale is not positive and finite (found when its layer is
+ *   processed: with `atomic` the model is restored).
  * - `BAD_SHAPE`: a shape is not a list of non-negative integers, or its byte size overflows.
  * - `BAD_SHARD`: a shard id the fused layer does not have.
  * - `BAD_VIEW`: a device view without a name, not a whole contiguous tensor in the model's backend
  *   memory, or at an address that cannot be backend memory.
+ * - `BLOCK_ALIGNMENT`: a block-fp8 tensor whose shards or tensor-parallel cuts do not start on
+ *   128x128 blocks, so its bytes cannot be kept as stored.
  * - `CONFIG_CHECKPOINT_MISMATCH`: a `config.json` size is larger than the checkpoint can hold.
  * - `DTYPE_MISMATCH`: a tensor's dtype is not the one the model wants.
  * - `DUPLICATE`: a tensor name appears twice.
@@ -48,6 +52,8 @@
  * - `OVERLAP`: two tensors share bytes of the data area.
  * - `OUT_OF_ORDER`: a streamed source was asked for bytes its stream has already passed.
  * - `OVERLAPPING_ROWS`: two row chunks of one tensor overlap.
+ * - `QUANT_MISMATCH`: fp8 tensors (F8_E4M3 weights, block scales) that the model's
+ *   quantization cannot take exactly (e.g. a block-fp8 checkpoint into an fp8 per-tensor model).
  * - `SHAPE_MISMATCH`: a tensor's shape is not the one the model wants.
  * - `SIZE_MISMATCH`: a tensor's byte length is not its shape times its dtype size.
  * - `TRUNCATED`: a file is shorter than its header says, or a read came short.
@@ -70,9 +76,11 @@ export type CheckpointErrorCode =
   | "BAD_OPTION"
   | "BAD_OUTPUT"
   | "BAD_ROWS"
+  | "BAD_SCALE"
   | "BAD_SHAPE"
   | "BAD_SHARD"
   | "BAD_VIEW"
+  | "BLOCK_ALIGNMENT"
   | "CONFIG_CHECKPOINT_MISMATCH"
   | "DTYPE_MISMATCH"
   | "DUPLICATE"
@@ -93,6 +101,7 @@ export type CheckpointErrorCode =
   | "OVERLAP"
   | "OUT_OF_ORDER"
   | "OVERLAPPING_ROWS"
+  | "QUANT_MISMATCH"
   | "SHAPE_MISMATCH"
   | "SIZE_MISMATCH"
   | "TRUNCATED"

@@ -17,7 +17,7 @@ const CKPT = new URL("../../shared/fixtures/ckpt/", import.meta.url).pathname;
 Deno.test("args: defaults, every option, and --help", () => {
   const d = parseCliArgs([]);
   assert.equal(d.model, undefined);
-  assert.equal(d.quant, "fp8");
+  assert.equal(d.quant, "auto");
   assert.equal(d.backend, "auto");
   assert.equal(d.repeat, 1);
   assert.equal(d.atomic || d.strict || d.quiet || d.help, false);
@@ -64,7 +64,10 @@ Deno.test("args: bad usage is a one-line UsageError", () => {
   const bad: [string[], RegExp][] = [
     [["--bogus"], /bogus/],
     [["positional"], /positional/],
-    [["--quant", "fp4"], /--quant fp4: expected one of none, fp8, fp8-channel, fp8-block, int8/],
+    [
+      ["--quant", "fp4"],
+      /--quant fp4: expected one of auto, none, fp8, fp8-channel, fp8-block, int8/,
+    ],
     [["--backend", "tpu"], /--backend tpu/],
     [["--repeat", "two"], /--repeat two/],
     [["--repeat", "1.5"], /--repeat 1\.5/],

@@ -107,9 +107,15 @@ Deno.test("every size field of the table is bounded: 2^63 is refused naming the 
       new URL("../../shared/fixtures/ckpt/mixtral-tiny/config.json", import.meta.url),
     ),
   );
+  const qwen3Moe = JSON.parse(
+    await Deno.readTextFile(
+      new URL("../../shared/fixtures/ckpt/qwen3-moe-tiny/config.json", import.meta.url),
+    ),
+  );
   for (const f of SIZE_FIELDS) {
     for (const big of ["9223372036854775808", String(f.max + 1)]) {
-      const base = f.field.includes("expert") ? mix : BASE;
+      // Each field in a config whose architecture reads it.
+      const base = f.field.startsWith("moe_") ? qwen3Moe : f.field.includes("expert") ? mix : BASE;
       const text = JSON.stringify({ ...base, [f.field]: 0 }).replace(
         `"${f.field}":0`,
         `"${f.field}":${big}`,

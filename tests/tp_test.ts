@@ -1,7 +1,8 @@
 /**
  * Tensor parallelism on WebAssembly: N simulated ranks (N = 2 and 4), each on its own backend,
  * loaded from the same unsharded checkpoint (the fixtures llama-tiny, llama-tiny-sharded,
- * qwen2-tiny, mixtral-tiny, and synthetic shapes with more KV heads and a vocabulary that
+ * qwen2-tiny, mixtral-tiny, qwen3-tiny (q_norm / k_norm replicated), qwen3-moe-tiny (experts
+ * in layer 0, a dense MLP in layer 1), and synthetic shapes with more KV heads and a vocabulary that
  * leaves the last rank without a real row).
  *
  * - quant `none`: the concatenation of the rank shards equals the unsharded kernel tensors, for
@@ -112,6 +113,8 @@ const MODELS: [string, string][] = [
   ["llama-tiny-sharded", `${CKPT}llama-tiny-sharded`],
   ["qwen2-tiny", `${CKPT}qwen2-tiny`],
   ["mixtral-tiny", `${CKPT}mixtral-tiny`],
+  ["qwen3-tiny", `${CKPT}qwen3-tiny`],
+  ["qwen3-moe-tiny", `${CKPT}qwen3-moe-tiny`],
   ["synthetic (8 heads, 4 KV heads, vocab 130)", synthDir],
   ["synthetic (tied, 2 KV heads, vocab 200)", synthTiedDir],
 ];

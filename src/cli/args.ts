@@ -17,7 +17,7 @@ export interface CliOptions {
   model?: string;
   /** File or directory of the reload; defaults to `model`. */
   weights?: string;
-  /** Quantization of the model (default fp8). */
+  /** Quantization of the model (default auto). */
   quant: QuantName;
   /** Backend (default auto). */
   backend: "auto" | "cuda" | "wasm";
@@ -59,7 +59,8 @@ Usage:
 Options:
   --model DIR        Hugging Face directory (config.json + safetensors) for the first load
   --weights PATH     safetensors file or directory to reload from (default: the --model directory)
-  --quant Q          none | fp8 | fp8-channel | fp8-block | int8 (default fp8)
+  --quant Q          auto | none | fp8 | fp8-channel | fp8-block | int8 (default auto: the
+                     checkpoint's own quantization when its config.json has one, else fp8)
   --backend B        auto | cuda | wasm (default auto: CUDA when usable, else WebAssembly)
   --export FILE      write the kernel tensors after the reload step as safetensors
                      (also after a failed reload, to inspect the state)
@@ -155,7 +156,7 @@ export function parseCliArgs(argv: readonly string[]): CliOptions {
   return {
     model: v.model,
     weights: v.weights,
-    quant: choice<QuantName>("quant", v.quant ?? "fp8", QUANT_NAMES),
+    quant: choice<QuantName>("quant", v.quant ?? "auto", QUANT_NAMES),
     backend: choice<CliOptions["backend"]>("backend", v.backend ?? "auto", BACKEND_CHOICES),
     export: v.export,
     json: v.json,

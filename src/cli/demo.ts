@@ -124,7 +124,11 @@ export async function runDemo(o: CliOptions): Promise<DemoReport> {
       rejectNonFinite: o.rejectNonFinite,
     });
     const loadSeconds = (performance.now() - t) / 1000;
-    say(`first load from A (${o.quant}): ${loadSeconds.toFixed(2)} s`);
+    say(
+      `first load from A (${o.quant === "auto" ? `auto: ${model.quant}` : o.quant}): ${
+        loadSeconds.toFixed(2)
+      } s`,
+    );
 
     const before = new Map(kernelTensors(model).map(([n, k]) => [n, k.ptr]));
     const bar = createProgressBar({ quiet: o.quiet, label: "reload" });

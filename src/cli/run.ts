@@ -78,14 +78,14 @@ export async function runReload(o: CliOptions): Promise<void> {
       model: dir,
       weights,
       checkpoint,
-      quant: o.quant,
+      quant: model.quant,
       load: { seconds: (performance.now() - t0) / 1000 },
       reloads: [],
     };
     print(
-      `loaded ${model.config.architecture} from ${checkpoint} on ${backend.description} (${o.quant}) in ${
-        report.load.seconds.toFixed(3)
-      } s`,
+      `loaded ${model.config.architecture} from ${checkpoint} on ${backend.description} (${
+        o.quant === "auto" ? `auto: ${model.quant}` : o.quant
+      }) in ${report.load.seconds.toFixed(3)} s`,
       o.quiet,
     );
     if (o.repeat === 0 && o.weights !== undefined) {

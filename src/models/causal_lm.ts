@@ -84,7 +84,10 @@ export function layerContext(config: ModelConfig, options: BuildOptions): LayerC
   };
 }
 
-/** `self_attn`: fused qkv_proj, o_proj and the attention layer (no KV-cache scales). */
+/**
+ * `self_attn`: fused qkv_proj, o_proj, the attention layer (no KV-cache scales), and Qwen3's
+ * q_norm / k_norm.
+ */
 export function buildAttention(ctx: LayerContext, c: ModelConfig, quant: QuantScheme): Module {
   const attn = new Module("Attention block");
   attn.addModule(
@@ -101,18 +104,23 @@ export function buildAttention(ctx: LayerContext, c: ModelConfig, quant: QuantSc
     new RowParallelLinear(ctx, c.numHeads * c.headDim, c.hiddenSize, { bias: c.oBias, quant }),
   );
   attn.addModule("attn", new Attention(ctx));
+  if (c.qkNorm) {
+    // Per-head norms (Qwen3): one weight of head_dim, the same on every rank.
+    attn.addModule("q_norm", new RMSNorm(ctx, c.headDim));
+    attn.addModule("k_norm", new RMSNorm(ctx, c.headDim));
+  }
   return attn;
 }
 
 /**
  * Builds `model.embed_tokens`, `model.layers.N.{input_layernorm, self_attn,
  * post_attention_layernorm, <mlp>}`, `model.norm` and `lm_head` (tied to the embedding when the
- * config says so). `mlp` returns the family's feed-forward block and its name.
+ * config says so). `mlp` returns the feed-forward block of decoder layer `layer` and its name.
  */
 export function buildCausalLM(
   root: CausalLM,
   options: BuildOptions,
-  mlp: (ctx: LayerContext, c: ModelConfig, quant: QuantScheme) => [string, Module],
+  mlp: (ctx: LayerContext, c: ModelConfig, quant: QuantScheme, layer: number) => [string, Module],
 ): CausalLM {
   const c = root.config;
   const ctx = layerContext(c, options);
@@ -127,7 +135,7 @@ export function buildCausalLM(
     layer.addModule("input_layernorm", new RMSNorm(ctx, c.hiddenSize));
     layer.addModule("self_attn", buildAttention(ctx, c, options.quant));
     layer.addModule("post_attention_layernorm", new RMSNorm(ctx, c.hiddenSize));
-    const [name, block] = mlp(ctx, c, options.quant);
+    const [name, block] = mlp(ctx, c, options.quant, i);
     layer.addModule(name, block);
   }
   model.addModule("norm", new RMSNorm(ctx, c.hiddenSize));

@@ -15,6 +15,8 @@ export const ARCHITECTURES: readonly string[] = Object.freeze([
   "Qwen2ForCausalLM",
   "MistralForCausalLM",
   "MixtralForCausalLM",
+  "Qwen3ForCausalLM",
+  "Qwen3MoeForCausalLM",
 ]);
 
 /** One of {@link ARCHITECTURES}. */
@@ -22,7 +24,21 @@ export type Architecture =
   | "LlamaForCausalLM"
   | "Qwen2ForCausalLM"
   | "MistralForCausalLM"
-  | "MixtralForCausalLM";
+  | "MixtralForCausalLM"
+  | "Qwen3ForCausalLM"
+  | "Qwen3MoeForCausalLM";
+
+/**
+ * How the checkpoint says its weights are stored (`quantization_config`): fp8 e4m3 with one
+ * scale per tensor (`weightBlockSize` null) or per block of `weightBlockSize` (DeepSeek-V3 and
+ * Qwen3-FP8 ship [128, 128], with `weight_scale_inv` tensors).
+ */
+export interface CheckpointQuantization {
+  /** `quant_method`; only fp8 is read. */
+  readonly method: "fp8";
+  /** `weight_block_size` as [rows, cols], or null for one scale per tensor. */
+  readonly weightBlockSize: readonly [number, number] | null;
+}
 
 /** The parts of a config that fix the model's tensors. */
 export interface ModelConfig {
@@ -58,6 +74,14 @@ export interface ModelConfig {
   readonly numExperts: number;
   /** Experts chosen per token; 0 for dense models. */
   readonly numExpertsPerToken: number;
+  /** Rows of one expert's gate/up (Qwen3-MoE's `moe_intermediate_size`; Mixtral's MLP width). */
+  readonly moeIntermediateSize: number;
+  /** Decoder layers with experts (the others have a dense MLP); empty for dense models. */
+  readonly moeLayers: readonly number[];
+  /** Whether attention has per-head `q_norm` / `k_norm` weights of `headDim` (Qwen3). */
+  readonly qkNorm: boolean;
+  /** The checkpoint's own quantization, or null for model-dtype weights. */
+  readonly quantization: CheckpointQuantization | null;
 }
 
 type Json = Record<string, unknown>;
@@ -110,7 +134,15 @@ export const SIZE_FIELDS: readonly SizeField[] = Object.freeze(
       bound: "count",
       unit: "expert",
     },
+    // Released Qwen3-MoE configs name the same number num_experts: bounded with it.
+    { field: "num_experts", key: "numExperts", max: 1 << 16, bound: "none" },
     { field: "num_experts_per_tok", key: "numExpertsPerToken", max: 1 << 16, bound: "none" },
+    {
+      field: "moe_intermediate_size",
+      key: "moeIntermediateSize",
+      max: 1 << 22,
+      bound: "dim",
+    },
   ] as const,
 );
 
@@ -162,6 +194,57 @@ function num(cfg: Json, field: string, file: string, fallback: number): number {
     bad(file, field, `is ${describeValue(v)}, expected a number`);
   }
   return v;
+}
+
+function intList(cfg: Json, field: string, file: string): number[] {
+  if (!present(cfg, field)) return [];
+  const v = cfg[field];
+  if (
+    !Array.isArray(v) || v.some((x) => typeof x !== "number" || !Number.isSafeInteger(x) || x < 0)
+  ) {
+    bad(file, field, `is ${JSON.stringify(v)}, expected a list of layer indices`);
+  }
+  return v as number[];
+}
+
+/** Experts per layer: `num_experts` (released Qwen3-MoE configs) or `num_local_experts`. */
+function expertCount(cfg: Json, file: string): number {
+  const a = present(cfg, "num_experts") ? int(cfg, "num_experts", file) : undefined;
+  const b = present(cfg, "num_local_experts") ? int(cfg, "num_local_experts", file) : undefined;
+  if (a !== undefined && b !== undefined && a !== b) {
+    bad(file, "num_local_experts", `is ${b} but num_experts is ${a}`);
+  }
+  const n = a ?? b;
+  if (n === undefined) bad(file, "num_experts", "is missing (nor is there a num_local_experts)");
+  return n;
+}
+
+function quantization(cfg: Json, file: string): CheckpointQuantization | null {
+  if (!present(cfg, "quantization_config")) return null;
+  const q = cfg.quantization_config as Json;
+  if (typeof q !== "object" || Array.isArray(q)) {
+    bad(file, "quantization_config", "is not an object");
+  }
+  if (q.quant_method !== "fp8") {
+    bad(
+      file,
+      "quantization_config.quant_method",
+      `is ${JSON.stringify(q.quant_method)}: only fp8 checkpoints are supported`,
+    );
+  }
+  if (present(q, "fmt") && q.fmt !== "e4m3") {
+    bad(file, "quantization_config.fmt", `is ${JSON.stringify(q.fmt)}, expected e4m3`);
+  }
+  if (!present(q, "weight_block_size")) return { method: "fp8", weightBlockSize: null };
+  const b = q.weight_block_size;
+  if (!Array.isArray(b) || b.length !== 2 || b[0] !== 128 || b[1] !== 128) {
+    bad(
+      file,
+      "quantization_config.weight_block_size",
+      `is ${JSON.stringify(b)}: only [128, 128] blocks are supported`,
+    );
+  }
+  return { method: "fp8", weightBlockSize: [128, 128] };
 }
 
 /** Options for {@link parseModelConfig}. */
@@ -237,24 +320,40 @@ export function parseModelConfig(json: unknown, options: ParseConfigOptions = {}
   }
   const headDim = int(cfg, "head_dim", file, hiddenSize / numHeads);
 
-  const moe = architecture === "MixtralForCausalLM";
+  const qwen3 = architecture === "Qwen3ForCausalLM" || architecture === "Qwen3MoeForCausalLM";
+  const moe = architecture === "MixtralForCausalLM" || architecture === "Qwen3MoeForCausalLM";
   const llamaLike = architecture === "LlamaForCausalLM";
-  const attentionBias = llamaLike ? bool(cfg, "attention_bias", file, false) : false;
-  const numExperts = moe ? int(cfg, "num_local_experts", file) : 0;
+  // Qwen3's attention_bias covers q/k/v and o, as Llama's does.
+  const attentionBias = llamaLike || qwen3 ? bool(cfg, "attention_bias", file, false) : false;
+  const numExperts = moe ? expertCount(cfg, file) : 0;
   const numExpertsPerToken = moe ? int(cfg, "num_experts_per_tok", file) : 0;
   if (numExpertsPerToken > numExperts) {
     bad(
       file,
       "num_experts_per_tok",
-      `is ${numExpertsPerToken}, more than num_local_experts ${numExperts}`,
+      `is ${numExpertsPerToken}, more than the ${numExperts} experts`,
+    );
+  }
+  const intermediateSize = int(cfg, "intermediate_size", file);
+  const numLayers = int(cfg, "num_hidden_layers", file);
+  let moeLayers: number[] = [];
+  if (architecture === "MixtralForCausalLM") {
+    moeLayers = Array.from({ length: numLayers }, (_, i) => i);
+  } else if (moe) {
+    // vLLM's and transformers' rule: experts unless listed in mlp_only_layers, every
+    // decoder_sparse_step-th layer.
+    const dense = new Set(intList(cfg, "mlp_only_layers", file));
+    const step = int(cfg, "decoder_sparse_step", file, 1);
+    moeLayers = Array.from({ length: numLayers }, (_, i) => i).filter((i) =>
+      !dense.has(i) && (i + 1) % step === 0
     );
   }
   return Object.freeze({
     architecture,
     dtype,
     hiddenSize,
-    intermediateSize: int(cfg, "intermediate_size", file),
-    numLayers: int(cfg, "num_hidden_layers", file),
+    intermediateSize,
+    numLayers,
     numHeads,
     numKvHeads,
     headDim,
@@ -267,6 +366,14 @@ export function parseModelConfig(json: unknown, options: ParseConfigOptions = {}
     rmsNormEps: num(cfg, "rms_norm_eps", file, 1e-6),
     numExperts,
     numExpertsPerToken,
+    moeIntermediateSize: architecture === "Qwen3MoeForCausalLM"
+      ? int(cfg, "moe_intermediate_size", file)
+      : moe
+      ? intermediateSize
+      : 0,
+    moeLayers: Object.freeze(moeLayers),
+    qkNorm: qwen3,
+    quantization: quantization(cfg, file),
   });
 }
 
@@ -313,9 +420,10 @@ export interface TensorShapeInfo {
  * Checks the config's size fields against the checkpoint it will load ({@link SIZE_FIELDS}):
  * every `dim` field (and product in {@link DIM_PRODUCTS}) is at most the largest dimension of
  * any checkpoint tensor, and the product of the `count` fields is at most the number of
- * checkpoint tensors. Run before building the model, it makes building cost in proportion to
- * the checkpoint. Throws ConfigError `CONFIG_CHECKPOINT_MISMATCH` naming the file, the field
- * and the checkpoint. Costs one pass over the tensors' shapes.
+ * checkpoint tensors (a 3-D tensor counting as its first dimension: stacked experts). Run
+ * before building the model, it makes building cost in proportion to the checkpoint. Throws
+ * ConfigError `CONFIG_CHECKPOINT_MISMATCH` naming the file, the field and the checkpoint. Costs
+ * one pass over the tensors' shapes.
  */
 export function checkConfigAgainstCheckpoint(
   config: ModelConfig,
@@ -325,7 +433,9 @@ export function checkConfigAgainstCheckpoint(
 ): void {
   let count = 0, maxDim = 0;
   for (const t of tensors) {
-    count++;
+    // A 3-D tensor stacks one unit per row of its first dimension (transformers 5's merged
+    // experts hold every expert of a layer in two tensors), which its bytes pay for.
+    count += t.shape.length === 3 ? t.shape[0] : 1;
     for (const d of t.shape) if (d > maxDim) maxDim = d;
   }
   const fail = (what: string): never => {

@@ -1,6 +1,7 @@
 /**
- * Llama, and the families with the same tensors: Mistral (identical) and Qwen2 (q/k/v biases,
- * which the config sets). The MLP is a fused gate_up_proj and a down_proj.
+ * Llama, and the families with the same tensors: Mistral (identical), Qwen2 (q/k/v biases)
+ * and Qwen3 (q_norm / k_norm, head_dim apart from hidden / heads), which the config sets. The
+ * MLP is a fused gate_up_proj and a down_proj.
  * @module
  */
 
@@ -33,7 +34,7 @@ export function buildDenseMlp(
   return ["mlp", mlp];
 }
 
-/** Builds a Llama, Mistral or Qwen2 model (meta tensors, nothing loaded). */
+/** Builds a Llama, Mistral, Qwen2 or Qwen3 model (meta tensors, nothing loaded). */
 export function buildLlama(config: ModelConfig, options: BuildOptions): CausalLM {
   const root = new CausalLM(config, options, denseNameMapper(config));
   return buildCausalLM(root, options, buildDenseMlp);

@@ -19,7 +19,7 @@ import type { Tensor } from "../tensor/tensor.ts";
 import type { BuildOptions, CausalLM } from "./causal_lm.ts";
 import { checkConfigAgainstCheckpoint, type ModelConfig, readModelConfig } from "./config.ts";
 import { buildLlama } from "./llama.ts";
-import { buildMixtral } from "./mixtral.ts";
+import { buildMixtral, buildQwen3Moe } from "./mixtral.ts";
 import { type QuantName, quantScheme } from "./quant_names.ts";
 import { type ProgressCallback, streamWeights, validateWeights } from "./weights.ts";
 
@@ -32,9 +32,12 @@ export function buildModel(config: ModelConfig, options: BuildOptions): CausalLM
     case "LlamaForCausalLM":
     case "MistralForCausalLM":
     case "Qwen2ForCausalLM":
+    case "Qwen3ForCausalLM":
       return buildLlama(config, options);
     case "MixtralForCausalLM":
       return buildMixtral(config, options);
+    case "Qwen3MoeForCausalLM":
+      return buildQwen3Moe(config, options);
   }
   throw new LayerwiseError("BAD_CONFIG", `no builder for ${config.architecture}`);
 }
@@ -43,7 +46,10 @@ export function buildModel(config: ModelConfig, options: BuildOptions): CausalLM
 export interface LoadModelOptions {
   /** A backend, or which one to open (default `auto`). */
   backend?: Backend | BackendChoice;
-  /** Quantization of the linear layers (default `fp8`, per tensor). */
+  /**
+   * Quantization of the linear layers (default `auto`: the checkpoint's own, else fp8 per
+   * tensor).
+   */
   quant?: QuantName | QuantScheme;
   /** Overrides the config's dtype. */
   dtype?: DType;
@@ -105,7 +111,7 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
       : await openBackend({ backend: options.backend });
     const model = buildModel(config, {
       backend,
-      quant: quantScheme(options.quant ?? "fp8"),
+      quant: quantScheme(options.quant ?? "auto", config),
       tpRank: options.tpRank,
       tpSize: options.tpSize,
     });

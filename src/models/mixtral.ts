@@ -1,6 +1,8 @@
 /**
- * Mixtral: Llama's attention with a sparse MoE block (`block_sparse_moe.gate`, a router that
- * stays in the model dtype, and `block_sparse_moe.experts`, stacked w13/w2 expert weights).
+ * Mixtral and Qwen3-MoE: Llama's attention (with Qwen3's q/k norms) and a sparse MoE block: a
+ * router `gate` that stays in the model dtype, and `experts`, stacked w13/w2 expert weights.
+ * Mixtral calls the block `block_sparse_moe` and has it in every layer; Qwen3-MoE calls it
+ * `mlp` and has a dense MLP in the layers its config leaves out of `moeLayers`.
  * @module
  */
 
@@ -9,13 +11,15 @@ import { Module } from "../nn/module.ts";
 import type { QuantScheme } from "../nn/quant_method.ts";
 import { buildCausalLM, type BuildOptions, CausalLM } from "./causal_lm.ts";
 import type { ModelConfig } from "./config.ts";
-import { mixtralNameMapper } from "./names.ts";
+import { buildDenseMlp } from "./llama.ts";
+import { mixtralNameMapper, qwen3MoeNameMapper } from "./names.ts";
 
-/** `block_sparse_moe`: the router (replicated, never quantized, as in vLLM) and the experts. */
+/** The router (replicated, never quantized, as in vLLM) and the experts, under `name`. */
 export function buildMoeBlock(
   ctx: LayerContext,
   c: ModelConfig,
   quant: QuantScheme,
+  name = "block_sparse_moe",
 ): [string, Module] {
   const moe = new Module("SparseMoeBlock");
   // The router is replicated on every rank: build it as a single-rank layer.
@@ -29,15 +33,27 @@ export function buildMoeBlock(
     new FusedMoE(ctx, {
       numExperts: c.numExperts,
       hiddenSize: c.hiddenSize,
-      intermediateSize: c.intermediateSize,
+      intermediateSize: c.moeIntermediateSize,
       quant,
     }),
   );
-  return ["block_sparse_moe", moe];
+  return [name, moe];
 }
 
 /** Builds a Mixtral model (meta tensors, nothing loaded). */
 export function buildMixtral(config: ModelConfig, options: BuildOptions): CausalLM {
   const root = new CausalLM(config, options, mixtralNameMapper(config));
-  return buildCausalLM(root, options, buildMoeBlock);
+  return buildCausalLM(root, options, (ctx, c, quant) => buildMoeBlock(ctx, c, quant));
+}
+
+/** Builds a Qwen3-MoE model (meta tensors, nothing loaded). */
+export function buildQwen3Moe(config: ModelConfig, options: BuildOptions): CausalLM {
+  const root = new CausalLM(config, options, qwen3MoeNameMapper(config));
+  const moe = new Set(config.moeLayers);
+  return buildCausalLM(
+    root,
+    options,
+    (ctx, c, quant, layer) =>
+      moe.has(layer) ? buildMoeBlock(ctx, c, quant, "mlp") : buildDenseMlp(ctx, c, quant),
+  );
 }

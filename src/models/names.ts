@@ -36,10 +36,20 @@ export interface DenseMapperOptions {
   tieWordEmbeddings: boolean;
 }
 
-/** The mapping of the dense families (Llama, Mistral, Qwen2). */
+/**
+ * Block-fp8 checkpoints (DeepSeek-V3, Qwen3-FP8) call a weight's block scales
+ * `weight_scale_inv`, though they multiply like every other scale: the model keeps them under
+ * `weight_scale`, the name of its kernel tensor (ARCHITECTURE.md, "Block-fp8 checkpoints").
+ */
+export function scaleName(name: string): string {
+  return name.endsWith(".weight_scale_inv") ? name.slice(0, -4) : name;
+}
+
+/** The mapping of the dense families (Llama, Mistral, Qwen2, Qwen3). */
 export function denseNameMapper(options: DenseMapperOptions): NameMapper {
-  return (name: string): ParamTarget | null => {
-    if (IGNORED.test(name)) return null;
+  return (checkpointName: string): ParamTarget | null => {
+    if (IGNORED.test(checkpointName)) return null;
+    const name = scaleName(checkpointName);
     if (options.tieWordEmbeddings && name === "lm_head.weight") return null;
     for (const [from, to, shardId] of STACKED) {
       if (name.includes(from)) return { param: name.replace(from, to), shardId };
@@ -50,6 +60,18 @@ export function denseNameMapper(options: DenseMapperOptions): NameMapper {
 
 // Ids in canonical decimal only: `experts.01` must not land on the slot of `experts.1`.
 const EXPERT = /^(.*\.experts)\.(0|[1-9]\d*)\.(w[123])\.(\w+)$/;
+const NAMED_EXPERT = /^(.*\.experts)\.(0|[1-9]\d*)\.(gate|up|down)_proj\.(\w+)$/;
+const NAMED_SHARD = { gate: "w1", up: "w3", down: "w2" } as const;
+// transformers 5 holds every expert of a layer in two parameters (no `.weight` suffix):
+// gate_up_proj [E, 2I, H] (gate rows, then up) and down_proj [E, H, I].
+const MERGED_EXPERTS = /^(.*\.experts)\.(gate_up_proj|down_proj)$/;
+
+function mergedExperts(name: string): ParamTarget | null {
+  const m = MERGED_EXPERTS.exec(name);
+  if (m === null) return null;
+  const shard = m[2] === "gate_up_proj" ? "w13" : "w2";
+  return { param: `${m[1]}.${shard}_weight`, shardId: shard };
+}
 
 /**
  * Names of the stacked expert parameters: w1 and w3 share `w13_<suffix>` (gate and up, in that
@@ -59,13 +81,44 @@ export function expertParamName(prefix: string, shard: "w1" | "w2" | "w3", suffi
   return `${prefix}.${shard === "w2" ? "w2" : "w13"}_${suffix}`;
 }
 
-/** The mapping of Mixtral: the dense one plus `experts.E.wN.*` -> stacked experts. */
+// transformers 5 names Mixtral's sparse block `mlp`, as Qwen3-MoE's.
+const MIXTRAL_V5 = /^(model\.layers\.\d+)\.mlp\.(gate\.|experts\.)/;
+
+/**
+ * The mapping of Mixtral: the dense one plus `experts.E.wN.*` -> stacked experts, and the
+ * merged expert parameters of transformers 5 (under `block_sparse_moe` or `mlp`).
+ */
 export function mixtralNameMapper(options: DenseMapperOptions): NameMapper {
   const dense = denseNameMapper(options);
-  return (name: string): ParamTarget | null => {
+  return (checkpointName: string): ParamTarget | null => {
+    const name = scaleName(checkpointName).replace(MIXTRAL_V5, "$1.block_sparse_moe.$2");
+    const merged = mergedExperts(name);
+    if (merged !== null) return merged;
     const m = EXPERT.exec(name);
     if (m === null) return dense(name);
     const shard = m[3] as "w1" | "w2" | "w3";
+    return {
+      param: expertParamName(m[1], shard, m[4]),
+      shardId: shard,
+      expertId: Number(m[2]),
+    };
+  };
+}
+
+/**
+ * The mapping of Qwen3-MoE: the dense one (attention, dense layers, the router `mlp.gate`)
+ * plus `mlp.experts.E.{gate,up,down}_proj.*` -> stacked experts (w1, w3, w2), and the merged
+ * expert parameters of transformers 5.
+ */
+export function qwen3MoeNameMapper(options: DenseMapperOptions): NameMapper {
+  const dense = denseNameMapper(options);
+  return (checkpointName: string): ParamTarget | null => {
+    const name = scaleName(checkpointName);
+    const merged = mergedExperts(name);
+    if (merged !== null) return merged;
+    const m = NAMED_EXPERT.exec(name);
+    if (m === null) return dense(checkpointName);
+    const shard = NAMED_SHARD[m[3] as keyof typeof NAMED_SHARD];
     return {
       param: expertParamName(m[1], shard, m[4]),
       shardId: shard,
@@ -93,6 +146,8 @@ export function layerOrderKey(numLayers: number): (name: string) => number {
 
 /** The sizes {@link expectedCheckpointNames} needs (a subset of ModelConfig). */
 export interface NamingConfig {
+  /** The family: it decides how experts are named. */
+  readonly architecture: string;
   /** Decoder layers. */
   readonly numLayers: number;
   /** Whether lm_head shares the embedding. */
@@ -105,14 +160,24 @@ export interface NamingConfig {
   readonly mlpBias: boolean;
   /** MoE experts per layer (0: dense MLP). */
   readonly numExperts: number;
+  /** Layers with experts (the others have a dense MLP). */
+  readonly moeLayers: readonly number[];
+  /** Per-head q_norm / k_norm. */
+  readonly qkNorm: boolean;
 }
 
 /**
  * Every tensor a Hugging Face checkpoint of this config holds, by checkpoint name, so that a
- * missing one can be named as the checkpoint would name it.
+ * missing one can be named as the checkpoint would name it. A layer whose experts `present`
+ * holds merged (transformers 5: `experts.gate_up_proj`, `experts.down_proj`) expects them so.
  */
-export function expectedCheckpointNames(c: NamingConfig): string[] {
+export function expectedCheckpointNames(
+  c: NamingConfig,
+  present: ReadonlySet<string> = new Set(),
+): string[] {
   const out = ["model.embed_tokens.weight"];
+  const mixtral = c.architecture === "MixtralForCausalLM";
+  const moe = new Set(c.moeLayers);
   for (let i = 0; i < c.numLayers; i++) {
     const p = `model.layers.${i}`;
     out.push(`${p}.input_layernorm.weight`, `${p}.post_attention_layernorm.weight`);
@@ -122,12 +187,19 @@ export function expectedCheckpointNames(c: NamingConfig): string[] {
     }
     out.push(`${p}.self_attn.o_proj.weight`);
     if (c.oBias) out.push(`${p}.self_attn.o_proj.bias`);
-    if (c.numExperts > 0) {
-      out.push(`${p}.block_sparse_moe.gate.weight`);
+    if (c.qkNorm) out.push(`${p}.self_attn.q_norm.weight`, `${p}.self_attn.k_norm.weight`);
+    if (c.numExperts > 0 && moe.has(i)) {
+      const v5 = `${p}.mlp.experts`;
+      const block = mixtral && !present.has(`${v5}.gate_up_proj`) ? "block_sparse_moe" : "mlp";
+      out.push(`${p}.${block}.gate.weight`);
+      const experts = `${p}.${block}.experts`;
+      if (present.has(`${experts}.gate_up_proj`) || present.has(`${experts}.down_proj`)) {
+        out.push(`${experts}.gate_up_proj`, `${experts}.down_proj`);
+        continue;
+      }
+      const shards = mixtral ? ["w1", "w2", "w3"] : ["gate_proj", "up_proj", "down_proj"];
       for (let e = 0; e < c.numExperts; e++) {
-        for (const w of ["w1", "w2", "w3"]) {
-          out.push(`${p}.block_sparse_moe.experts.${e}.${w}.weight`);
-        }
+        for (const w of shards) out.push(`${experts}.${e}.${w}.weight`);
       }
     } else {
       for (const x of ["gate", "up", "down"]) {

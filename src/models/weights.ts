@@ -13,6 +13,7 @@ import { CheckpointError } from "../errors.ts";
 import { validateTensors as checkAgainstModel } from "../reload/validate.ts";
 import { rowWindow, type Tensor } from "../tensor/tensor.ts";
 import type { CausalLM } from "./causal_lm.ts";
+import { checkFp8Checkpoint } from "./fp8_checkpoint.ts";
 import { canonicalName, expectedCheckpointNames } from "./names.ts";
 import { listNames, plural, quoteName } from "../messages.ts";
 
@@ -80,7 +81,8 @@ export interface ValidatedWeights {
 
 /**
  * Checks every tensor of `source` against `model` from its description before anything is
- * read: the names the architecture needs are all there (CheckpointError `MISSING_TENSOR`
+ * read: fp8 tensors pair up as their format says (src/models/fp8_checkpoint.ts), the names the
+ * architecture needs are all there (CheckpointError `MISSING_TENSOR`
  * naming them as the checkpoint would), then the engine's dry run of the real loaders
  * (src/reload/validate.ts) checks shapes, dtypes and coverage. Unknown names are errors with
  * `strict`, else listed. With `partial`, modules the source does not touch at all are listed
@@ -95,7 +97,8 @@ export function validateWeights(
 ): ValidatedWeights {
   const present = new Set(source.tensors.keys());
   refuseAliases(source);
-  const absent = expectedCheckpointNames(model.config).filter((n) => !present.has(n));
+  checkFp8Checkpoint(source, model.quant);
+  const absent = expectedCheckpointNames(model.config, present).filter((n) => !present.has(n));
   if (absent.length > 0 && !options.partial) {
     throw new CheckpointError(
       "MISSING_TENSOR",

@@ -11,7 +11,13 @@
 import type { Backend } from "../backend/backend.ts";
 import { CheckpointError, LayerwiseError } from "../errors.ts";
 import { KvScaleMethod, SCALE_NOT_LOADED } from "./kv_scale.ts";
-import type { QuantMethodFactory, QuantScheme, WeightSpec } from "./quant_method.ts";
+import type {
+  QuantMethodFactory,
+  QuantScheme,
+  ShardLayout,
+  SplitLoad,
+  WeightSpec,
+} from "./quant_method.ts";
 import { type DType, DTYPES } from "../tensor/dtype.ts";
 import { Tensor } from "../tensor/tensor.ts";
 import { Module } from "./module.ts";
@@ -112,6 +118,7 @@ export class ColumnParallelLinear extends Module {
       shardRows: s.part,
       loader: this.#rowsLoader(ctx.backend, true),
       scaleIndex: (shardId) => ({ expert: 0, shard: this.shardIndex(shardId) }),
+      layout: (shardId) => this.#layout(shardId),
     };
     this.quantMethod.createWeights(this, [spec]);
     if (options.bias) {
@@ -126,6 +133,20 @@ export class ColumnParallelLinear extends Module {
   shardIndex(shardId: ShardId | undefined): number {
     if (shardId === undefined || shardId === 0) return 0;
     throw new CheckpointError("BAD_SHARD", `${this.typeName} has no shard ${shardId}`);
+  }
+
+  #layout(shardId: ShardId | undefined): ShardLayout {
+    const i = this.shardIndex(shardId);
+    const rows = this.partSizes[i];
+    return {
+      full: [this.fullSizes[i], this.inputSize],
+      rowStart: this.sourceRanks[i] * rows,
+      rows,
+      colStart: 0,
+      cols: this.inputSize,
+      expert: 0,
+      dstRow: this.partSizes.slice(0, i).reduce((a, b) => a + b, 0),
+    };
   }
 
   #rowsLoader(backend: Backend, weight: boolean): WeightLoader {
@@ -273,6 +294,15 @@ export class RowParallelLinear extends Module {
       shardRows: [outputSize],
       loader,
       scaleIndex: () => ({ expert: 0, shard: 0 }),
+      layout: () => ({
+        full: [outputSize, inputSize],
+        rowStart: 0,
+        rows: outputSize,
+        colStart: rank * per,
+        cols: per,
+        expert: 0,
+        dstRow: 0,
+      }),
     }]);
     if (options.bias) {
       this.setSlot(
@@ -406,8 +436,10 @@ export interface FusedMoEOptions {
 
 /**
  * Mixture of experts with stacked weights: `w13_weight` `[E, 2*I, H]` (gate w1 then up w3) and
- * `w2_weight` `[E, H, I]`. Loads are per expert with shard ids `w1`, `w2`, `w3`; loads of
- * experts held by another rank write (and count) nothing.
+ * `w2_weight` `[E, H, I]`. Loads are per expert with shard ids `w1`, `w2`, `w3`, or of every
+ * expert at once (transformers 5's merged parameters, shard ids `w13` `[E, 2I, H]` and `w2`
+ * `[E, H, I]`, no expert id), which go through the same per-expert loads; loads of experts held
+ * by another rank write (and count) nothing.
  */
 export class FusedMoE extends Module {
   /** Experts on this rank. */
@@ -430,6 +462,11 @@ export class FusedMoE extends Module {
     const ip = divide(I, size, "FusedMoE intermediate size");
     this.intermediatePerRank = ip;
     const b = ctx.backend;
+    const merged = (one: WeightLoader): WeightLoader => (slot, loaded, shardId, expertId) => {
+      for (const p of this.splitMerged(loaded, shardId, expertId)) {
+        one(slot, p.loaded, p.shardId, p.expertId);
+      }
+    };
     const w13: WeightLoader = (slot, loaded, shardId, expertId) => {
       const shard = this.#shard(shardId, ["w1", "w3"]);
       const e = this.localExpert(expertId);
@@ -456,18 +493,73 @@ export class FusedMoE extends Module {
         scaleName: "w13_weight_scale",
         shape: [E, 2 * ip, H],
         shardRows: [ip, ip],
-        loader: w13,
+        loader: merged(w13),
         scaleIndex: (s, e) => this.#scaleIndex(s, e, ["w1", "w3"]),
+        layout: (s, e) => {
+          const at = this.#scaleIndex(s, e, ["w1", "w3"]);
+          return at && {
+            full: [I, H],
+            rowStart: rank * ip,
+            rows: ip,
+            colStart: 0,
+            cols: H,
+            expert: at.expert,
+            dstRow: at.shard * ip,
+          };
+        },
+        split: (l, s, e) => this.splitMerged(l, s, e),
       },
       {
         name: "w2_weight",
         scaleName: "w2_weight_scale",
         shape: [E, H, ip],
         shardRows: [H],
-        loader: w2,
+        loader: merged(w2),
         scaleIndex: (s, e) => this.#scaleIndex(s, e, ["w2"]),
+        layout: (s, e) => {
+          const at = this.#scaleIndex(s, e, ["w2"]);
+          return at && {
+            full: [H, I],
+            rowStart: 0,
+            rows: H,
+            colStart: rank * ip,
+            cols: ip,
+            expert: at.expert,
+            dstRow: 0,
+          };
+        },
+        split: (l, s, e) => this.splitMerged(l, s, e),
       },
     ]);
+  }
+
+  /**
+   * The per-expert loads of a load: a merged one (shard `w13` `[E, 2I, H]`, gate rows then up
+   * rows, or `w2` without expert id, `[E, H, I]`) becomes one load per expert it holds (all,
+   * or a row window's) and shard; any other load is returned as it is.
+   */
+  splitMerged(
+    loaded: Tensor,
+    shardId: ShardId | undefined,
+    expertId: number | undefined,
+  ): SplitLoad[] {
+    if (expertId !== undefined || (shardId !== "w13" && shardId !== "w2")) {
+      return [{ loaded, shardId, expertId }];
+    }
+    const { numExperts: E, hiddenSize: H, intermediateSize: I } = this.#options;
+    const w13 = shardId === "w13";
+    expectShape(loaded, w13 ? [E, 2 * I, H] : [E, H, I], `FusedMoE merged ${shardId}`);
+    const { start, end } = loaded.rowRange;
+    const out: SplitLoad[] = [];
+    for (let e = start; e < end; e++) {
+      const x = select0(loaded, e);
+      if (!w13) out.push({ loaded: x, shardId: "w2", expertId: e });
+      else {
+        out.push({ loaded: x.narrow(0, 0, I), shardId: "w1", expertId: e });
+        out.push({ loaded: x.narrow(0, I, I), shardId: "w3", expertId: e });
+      }
+    }
+    return out;
   }
 
   /** Local index of a global expert id, or -1 when another rank holds it. */

@@ -30,6 +30,48 @@ export interface WeightSpec {
    * index; null when the expert is not on this rank (the load writes nothing).
    */
   scaleIndex(shardId: ShardId | undefined, expertId: number | undefined): ScaleIndex | null;
+  /**
+   * Where the checkpoint tensor of a shard lands on this rank, for methods that load other
+   * tensors of the same layout (block scales); null when the expert is not on this rank.
+   */
+  layout(shardId: ShardId | undefined, expertId: number | undefined): ShardLayout | null;
+  /**
+   * Splits one load that carries several experts (transformers 5's merged
+   * `experts.gate_up_proj` / `experts.down_proj`) into per-expert loads; absent, or given a
+   * single-expert load, returns it unchanged.
+   */
+  split?(loaded: Tensor, shardId: ShardId | undefined, expertId: number | undefined): SplitLoad[];
+}
+
+/** One per-expert piece of a merged load (see {@link WeightSpec.split}). */
+export interface SplitLoad {
+  /** The piece, in checkpoint format. */
+  readonly loaded: Tensor;
+  /** Its shard id (`w1`, `w3`, `w2`). */
+  readonly shardId: ShardId | undefined;
+  /** Its expert. */
+  readonly expertId: number | undefined;
+}
+
+/**
+ * The rows and columns of a shard's checkpoint tensor `[rows, cols]` this rank takes, and where
+ * they go in the model tensor: rows `[dstRow, dstRow + rows)` of the local expert's matrix.
+ */
+export interface ShardLayout {
+  /** Shape of the shard's checkpoint tensor. */
+  readonly full: readonly [number, number];
+  /** First checkpoint row this rank takes. */
+  readonly rowStart: number;
+  /** Rows it takes. */
+  readonly rows: number;
+  /** First checkpoint column this rank takes. */
+  readonly colStart: number;
+  /** Columns it takes. */
+  readonly cols: number;
+  /** Local expert (0 without experts). */
+  readonly expert: number;
+  /** First row of the shard in the (expert's) model matrix. */
+  readonly dstRow: number;
 }
 
 /** See {@link WeightSpec.scaleIndex}. */

@@ -99,7 +99,7 @@ export function shardRule(name: string, c: ModelConfig, n: number): ShardRule {
     return {
       kind: "parts",
       dim: 1,
-      parts: [even(c.intermediateSize), even(c.intermediateSize)],
+      parts: [even(c.moeIntermediateSize), even(c.moeIntermediateSize)],
     };
   }
   if (name.endsWith("experts.w2_weight")) return { kind: "cols", dim: 2 };
@@ -109,7 +109,8 @@ export function shardRule(name: string, c: ModelConfig, n: number): ShardRule {
   if (name === "model.embed_tokens.weight" || name === "lm_head.weight") return { kind: "vocab" };
   if (
     name.endsWith("norm.weight") || name.endsWith("o_proj.bias") ||
-    name.endsWith("down_proj.bias") || name.endsWith("block_sparse_moe.gate.weight")
+    name.endsWith("down_proj.bias") || name.endsWith("block_sparse_moe.gate.weight") ||
+    name.endsWith("mlp.gate.weight")
   ) {
     return { kind: "replicated" };
   }

@@ -82,7 +82,7 @@ export function buildTensorParallel(
 ): CausalLM[] {
   const tpSize = checkBackends(backends);
   return backends.map((backend, tpRank) =>
-    buildModel(config, { backend, quant: quantScheme(quant), tpRank, tpSize })
+    buildModel(config, { backend, quant: quantScheme(quant, config), tpRank, tpSize })
   );
 }
 

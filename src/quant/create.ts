@@ -6,6 +6,7 @@
 import type { Backend } from "../backend/backend.ts";
 import { LayerwiseError } from "../errors.ts";
 import { type DType, DTYPES } from "../tensor/dtype.ts";
+import { Fp8BlockMethod } from "./fp8_block.ts";
 import { Fp8SerializedMethod } from "./fp8_serialized.ts";
 import type { QuantMethod, QuantScheme } from "../nn/quant_method.ts";
 import { OnlineQuantMethod } from "./online.ts";
@@ -25,7 +26,7 @@ export function createQuantMethod(
     case "fp8-channel":
       return new OnlineQuantMethod(backend, modelDtype, DTYPES.f8_e4m3fn, "row");
     case "fp8-block":
-      return new OnlineQuantMethod(backend, modelDtype, DTYPES.f8_e4m3fn, "block128");
+      return new Fp8BlockMethod(backend, modelDtype);
     case "int8-channel":
       return new OnlineQuantMethod(backend, modelDtype, DTYPES.i8, "row");
     case "fp8-serialized":

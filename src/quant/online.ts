@@ -13,7 +13,7 @@ import { type DType, DTYPES } from "../tensor/dtype.ts";
 import { select0 } from "../nn/slots.ts";
 import type { Tensor } from "../tensor/tensor.ts";
 import { scaleShape } from "../backend/abi.ts";
-import { expertCount, matrices, matrixShape, putTensor } from "./common.ts";
+import { expertCount, fillKernelTensors, matrices, matrixShape, putTensor } from "./common.ts";
 import type { KernelDestination, QuantMethod, WeightSpec } from "../nn/quant_method.ts";
 import { UnquantizedMethod } from "./unquantized.ts";
 
@@ -65,30 +65,17 @@ export class OnlineQuantMethod implements QuantMethod {
       const [rows, cols] = matrixShape(spec);
       const per = scaleShape(rows, cols, g);
       const sShape = experts === 0 ? per : g === "tensor" ? [experts] : [experts, ...per];
-      // Tensors given by `into` belong to the caller: never freed here.
-      const own: Tensor[] = [];
-      const dest = (name: string, shape: readonly number[], dtype: DType): Tensor => {
-        const t = into?.(name, shape, dtype);
-        if (t) return t;
-        const n = b.empty(shape, dtype);
-        own.push(n);
-        return n;
-      };
-      let q: Tensor, s: Tensor;
-      try {
-        q = dest(spec.name, w.shape, this.#target);
-        s = dest(spec.scaleName, sShape, DTYPES.f32);
+      const [q, s] = fillKernelTensors(b, into, [
+        [spec.name, w.shape, this.#target],
+        [spec.scaleName, sShape, DTYPES.f32],
+      ], ([q, s]) => {
         const qs = matrices(q), ws = matrices(w);
         for (let i = 0; i < qs.length; i++) {
           const sv: Tensor = experts === 0 ? s : g === "tensor" ? s.narrow(0, i, 1) : select0(s, i);
           if (this.#target === DTYPES.i8) b.quantizeInt8(qs[i], sv, ws[i]);
           else b.quantizeFp8(qs[i], sv, ws[i], g, true);
         }
-      } catch (e) {
-        // Not yet in the layer: nobody else would free them.
-        for (const t of own) b.free(t.storage!);
-        throw e;
-      }
+      });
       b.free(w.storage!);
       putTensor(layer, spec.name, q);
       putTensor(layer, spec.scaleName, s);

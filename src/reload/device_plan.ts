@@ -21,6 +21,7 @@ import type { Granularity, MultiTensorKind } from "../backend/backend.ts";
 import { MULTI_TENSOR_FIELDS, QUANT_BLOCK, scaleCount } from "../backend/abi.ts";
 import type { Module, ResolvedWeight } from "../nn/module.ts";
 import { recordWrites, TensorSlot } from "../nn/slots.ts";
+import { Fp8BlockMethod } from "../quant/fp8_block.ts";
 import { OnlineQuantMethod } from "../quant/online.ts";
 import { type DType, DTYPES } from "../tensor/dtype.ts";
 import { type Storage, Tensor } from "../tensor/tensor.ts";
@@ -271,7 +272,10 @@ function planLayer(
   const meta = info?.restoreMetadata;
   if (!meta || layer.processLast || !layer.backend) return null;
   const q = layer.quantMethod;
-  const online = q instanceof OnlineQuantMethod ? q : null;
+  // fp8-block takes model-dtype sources as an online method would (block-fp8 sources, fp8, are
+  // left to the lifecycle below); its block scales in model format are what processing computes.
+  const online = q instanceof OnlineQuantMethod || q instanceof Fp8BlockMethod ? q : null;
+  const computed = new Set(q instanceof Fp8BlockMethod ? q.computedSlots : []);
   if (q !== undefined && !online && q.keepsModelFormat !== true) return null;
   // Placeholders of the model-format tensors, and which slot each belongs to.
   const fake = new Map<string, Tensor>();
@@ -317,6 +321,11 @@ function planLayer(
     }
     const spec = specs.get(name);
     const got = written.get(name) ?? 0;
+    // Kept with its weight (below); a load into it (block-fp8 scales) is the lifecycle's.
+    if (computed.has(name)) {
+      if (got > 0) return null;
+      continue;
+    }
     if (spec) {
       if (got !== m.meta.numel) return null;
       const scaleSlot = layer.getSlot(spec.scaleName);

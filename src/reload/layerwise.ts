@@ -748,6 +748,14 @@ export function describeGaps(
   received: (name: string) => { elements: number; shards: readonly string[] },
 ): string[] {
   const gaps: string[] = [];
+  // A load may cover tensors beside its own (a bf16 weight covers the block scales it will be
+  // quantized with): the layer is complete when its elements are, as the reload counts them.
+  let want = 0, have = 0;
+  for (const [name, m] of meta) {
+    want += m.meta.numel - layer.paddingElements(name);
+    have += received(name).elements;
+  }
+  if (have >= want) return gaps;
   for (const [name, m] of meta) {
     const expected = m.meta.numel - layer.paddingElements(name);
     const got = received(name);

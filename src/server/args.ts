@@ -22,7 +22,7 @@ export function usageError(message: string): Error {
 export interface ServeCliOptions {
   /** Hugging Face directory of the first load. */
   model?: string;
-  /** Quantization (default fp8). */
+  /** Quantization (default auto: the checkpoint's own, else fp8 per tensor). */
   quant: QuantName;
   /** Backend (default auto). */
   backend: BackendChoice;
@@ -56,7 +56,8 @@ Usage:
 
 Options:
   --model DIR           Hugging Face directory (config.json + safetensors) for the first load
-  --quant Q             none | fp8 | fp8-channel | fp8-block | int8 (default fp8)
+  --quant Q             auto | none | fp8 | fp8-channel | fp8-block | int8 (default auto: the
+                        checkpoint's own quantization when its config.json has one, else fp8)
   --backend B           auto | cuda | wasm (default auto)
   --host H              address to bind (default ${SERVE_DEFAULTS.host}; others need --token-file)
   --port N              port (default ${SERVE_DEFAULTS.port}; 0 picks a free one)
@@ -128,7 +129,7 @@ export function parseServeArgs(argv: readonly string[]): ServeCliOptions {
   if (port > 65535) throw usageError(`--port ${port}: expected 0-65535`);
   return {
     model: v.model,
-    quant: choice<QuantName>("quant", v.quant ?? "fp8", QUANT_NAMES),
+    quant: choice<QuantName>("quant", v.quant ?? "auto", QUANT_NAMES),
     backend: choice<BackendChoice>("backend", v.backend ?? "auto", BACKENDS),
     host: v.host ?? SERVE_DEFAULTS.host,
     port,

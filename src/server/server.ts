@@ -42,7 +42,7 @@ export const SERVE_DEFAULTS: Readonly<{
 export interface ServeOptions {
   /** Hugging Face directory of the first load. */
   model: string;
-  /** Quantization (default fp8). */
+  /** Quantization (default auto: the checkpoint's own, else fp8 per tensor). */
   quant?: QuantName;
   /** Backend, or which one to open (default auto); the server closes it when it stops. */
   backend?: Backend | BackendChoice;
