@@ -1,6 +1,6 @@
 /**
  * Broadcast-reload bandwidth against raw NCCL broadcast bandwidth of the same bytes, in the
- * same run (limit: 0.7 of the raw broadcast; BENCHMARKS.md has the runs).
+ * same run (limit: 0.9 of the raw broadcast; BENCHMARKS.md has the runs).
  *
  *   NCCL_NVLS_ENABLE=0 LAYERWISE_NCCL_LIB=.../libnccl.so.2 \
  *     deno run -A scripts/bench_broadcast.ts [--ranks N] [--shape 8b|1b|small] [--layers L]
@@ -192,7 +192,7 @@ console.log(
   `broadcast reload (${buckets} buckets, TP=${ranks}, ${quant}, ${
     devicePath ? "device path" : "lifecycle"
   }): ${reload.toFixed(1)} GB/s` +
-    `  ratio ${(reload / raw).toFixed(3)} (limit 0.7)${
+    `  ratio ${(reload / raw).toFixed(3)} (limit 0.9)${
       ranks === 1 ? "  [1 rank: NCCL sends nothing; the ratio needs 2+ GPUs]" : ""
     }`,
 );
