@@ -29,3 +29,4 @@ export * from "./src/testing/soak.ts";
 export * from "./src/testing/memory.ts";
 export * from "./src/testing/fake_ipc.ts";
 export * from "./src/testing/fake_nccl.ts";
+export * from "./src/testing/server_export.ts";

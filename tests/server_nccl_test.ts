@@ -12,7 +12,7 @@ import { openWasmBackend } from "../src/backend/wasm.ts";
 import type { Backend } from "../src/backend/backend.ts";
 import { planBuckets } from "../src/parallel/broadcast.ts";
 import { startServer, type WeightServer } from "../src/server/server.ts";
-import { equalBytes, fakeNccl } from "../testing.ts";
+import { equalBytes, fakeNccl, fetchExport } from "../testing.ts";
 import type { FakeNccl } from "../testing.ts";
 
 const FIXTURES = new URL("../../shared/fixtures/", import.meta.url).pathname;
@@ -38,17 +38,8 @@ function codeOf(r: { json: Record<string, unknown> }): string {
   return (r.json.error as { code: string }).code;
 }
 
-async function exported(s: WeightServer): Promise<Map<string, HostTensor>> {
-  const r = await fetch(`${s.url}/v1/export`);
-  assert.equal(r.status, 200);
-  const bytes = new Uint8Array(await r.arrayBuffer());
-  const h = parseSafetensorsHeader(bytes, bytes.byteLength, "export");
-  const out = new Map<string, HostTensor>();
-  for (const [name, e] of h.tensors) {
-    out.set(name, { dtype: e.dtype, shape: e.shape, data: bytes.slice(e.begin, e.end) });
-  }
-  return out;
-}
+/** The server's /v1/export, parsed. */
+const exported = (s: WeightServer) => fetchExport(s.url);
 
 function assertSame(a: Map<string, HostTensor>, b: Map<string, HostTensor>, what: string) {
   assert.deepEqual([...a.keys()].sort(), [...b.keys()].sort(), `${what}: names`);

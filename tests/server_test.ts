@@ -15,7 +15,7 @@ import {
   startServer,
   type WeightServer,
 } from "../src/server/server.ts";
-import { equalBytes, fakeIpc } from "../testing.ts";
+import { equalBytes, fakeIpc, fetchExport } from "../testing.ts";
 
 const FIXTURES = new URL("../../shared/fixtures/", import.meta.url).pathname;
 const LLAMA = `${FIXTURES}ckpt/llama-tiny`;
@@ -66,17 +66,7 @@ function errorOf(r: { json: Record<string, unknown> }): { code: string; message:
 }
 
 /** The server's /v1/export, parsed. */
-async function exported(s: WeightServer): Promise<Map<string, HostTensor>> {
-  const r = await fetch(`${s.url}/v1/export`);
-  assert.equal(r.status, 200);
-  const bytes = new Uint8Array(await r.arrayBuffer());
-  const h = parseSafetensorsHeader(bytes, bytes.byteLength, "export");
-  const out = new Map<string, HostTensor>();
-  for (const [name, e] of h.tensors) {
-    out.set(name, { dtype: e.dtype, shape: e.shape, data: bytes.slice(e.begin, e.end) });
-  }
-  return out;
-}
+const exported = (s: WeightServer) => fetchExport(s.url);
 
 function assertSameTensors(a: Map<string, HostTensor>, b: Map<string, HostTensor>, what: string) {
   assert.deepEqual([...a.keys()].sort(), [...b.keys()].sort(), `${what}: names`);

@@ -11,15 +11,13 @@ import type { Backend } from "../backend/backend.ts";
 import type { BackendChoice } from "../backend/select.ts";
 import { cudaIpcMapper } from "../backend/cuda/ipc.ts";
 import { cudaNcclJoiner } from "../backend/cuda/nccl_receiver.ts";
-import type { IpcMapper } from "../backend/ipc.ts";
-import type { NcclJoiner } from "../backend/nccl_receiver.ts";
 import type { CausalLM } from "../models/causal_lm.ts";
 import type { QuantName } from "../models/quant_names.ts";
 import { BearerAuth } from "./auth.ts";
 import { serverError } from "./http_errors.ts";
 import { PathRoots } from "./roots.ts";
 import { route, type RouteContext } from "./routes.ts";
-import { WeightService } from "./service.ts";
+import { type ServiceOptions, WeightService } from "./service.ts";
 
 /** Defaults of {@link ServeOptions}. */
 export const SERVE_DEFAULTS: Readonly<{
@@ -38,8 +36,11 @@ export const SERVE_DEFAULTS: Readonly<{
   stopDeadlineMs: 30_000,
 });
 
-/** How to serve. */
-export interface ServeOptions {
+/**
+ * How to serve: the service's options, plus where and how to listen. IPC and NCCL default to
+ * CUDA's on a CUDA backend.
+ */
+export interface ServeOptions extends ServiceOptions {
   /** Hugging Face directory of the first load. */
   model: string;
   /** Quantization (default auto: the checkpoint's own, else fp8 per tensor). */
@@ -62,18 +63,6 @@ export interface ServeOptions {
   idleTimeoutMs?: number;
   /** How long a stop lets a running update finish before abandoning it, ms (default 30 s). */
   stopDeadlineMs?: number;
-  /** Scan incoming weights for NaN/Inf (default true). */
-  rejectNonFinite?: boolean;
-  /** Bound on model-format scratch of layers waiting for tensors (see ReloadOptions). */
-  maxBufferedBytes?: number;
-  /** Largest row chunk read at once (default 16 MiB). */
-  readChunkBytes?: number;
-  /** Progress lines (one per update); default: none. */
-  log?: (line: string) => void;
-  /** IPC handle mapper for the model's backend (default: CUDA IPC on a CUDA backend). */
-  ipcMapper?: (model: CausalLM) => IpcMapper | undefined;
-  /** NCCL joiner for the model's backend (default: NCCL on a CUDA backend). */
-  ncclJoiner?: (model: CausalLM) => NcclJoiner | undefined;
 }
 
 /** A running server. */
