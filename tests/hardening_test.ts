@@ -403,7 +403,7 @@ Deno.test("FIFOs, devices and directories are refused before they are read", asy
 // ---------------------------------------------------------------------------------------------
 // 5. Names that alias
 
-Deno.test("names that alias: non-canonical ids, a weight_map key twice, one shard under two names", async () => {
+Deno.test("names that alias: non-canonical ids, a weight_map or config.json key twice, one shard under two names", async () => {
   const mix = await tensorsOf(MIXTRAL);
   const expert = [...mix.keys()].find((n) => n.includes(".experts.1.w1."))!;
   const cases: [string, (t: Map<string, HostTensor>) => void, string[]][] = [
@@ -467,6 +467,26 @@ Deno.test("names that alias: non-canonical ids, a weight_map key twice, one shar
       1,
       ["index.json", name, "twice"],
       `twice ${second}`,
+    );
+  }
+
+  // A config.json key given twice (JSON.parse would silently keep the last), at the top level
+  // and inside a nested object
+  const cfg = await Deno.readTextFile(`${LLAMA}/config.json`);
+  for (
+    const [edit, mentions] of [
+      [cfg.replace("{", '{"num_hidden_layers": 2,'), ["num_hidden_layers", "twice"]],
+      [cfg.replace("{", '{"vocab_size": 7, '), ["vocab_size", "twice"]],
+      [cfg.replace("{", '{"rope_scaling": {"factor": 1, "factor": 2}, '), ["factor", "twice"]],
+    ] as const
+  ) {
+    const d = await copyModel(LLAMA);
+    await Deno.writeTextFile(`${d}/config.json`, edit);
+    assertError(
+      await cli(["--model", d, "--quiet"]),
+      1,
+      [`${d}/config.json`, ...mentions],
+      `config key twice: ${mentions[0]}`,
     );
   }
 

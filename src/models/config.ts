@@ -5,8 +5,9 @@
  */
 
 import { readBoundedText } from "../checkpoint/files.ts";
+import { parseStrictJson } from "../checkpoint/json.ts";
 import { CheckpointError, ConfigError } from "../errors.ts";
-import { describeValue, listNames, pathText } from "../messages.ts";
+import { describeValue, listNames, pathText, quoteName } from "../messages.ts";
 import { type DType, dtypeOf, isModelFloat } from "../tensor/dtype.ts";
 
 /** The architectures this package builds, as `config.json` names them. */
@@ -398,16 +399,26 @@ export async function readModelConfig(
     if (e instanceof CheckpointError) throw new ConfigError("NO_CONFIG", e.message);
     throw e;
   }
-  let json: unknown;
+  // JSON.parse keeps the last of a key given twice, so a second "num_hidden_layers" would pass
+  // silently: the strict reader of the checkpoint's own JSON files looks first.
   try {
-    json = JSON.parse(text);
+    parseStrictJson(text, file, {
+      syntaxCode: "BAD_CONFIG",
+      what: "config.json",
+      duplicate: (key, owner) => {
+        throw new ConfigError(
+          "BAD_CONFIG",
+          `${pathText(file)}: key ${quoteName(key)} appears twice${
+            owner === null ? "" : ` under ${quoteName(owner)}`
+          }`,
+        );
+      },
+    });
   } catch (e) {
-    throw new ConfigError(
-      "BAD_CONFIG",
-      `${pathText(file)}: not valid JSON (${(e as Error).message.slice(0, 200)})`,
-    );
+    if (e instanceof ConfigError || !(e instanceof CheckpointError)) throw e;
+    throw new ConfigError("BAD_CONFIG", e.message);
   }
-  return parseModelConfig(json, { ...options, file });
+  return parseModelConfig(JSON.parse(text), { ...options, file });
 }
 
 /** What {@link checkConfigAgainstCheckpoint} needs of each checkpoint tensor. */
