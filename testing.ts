@@ -30,3 +30,4 @@ export * from "./src/testing/memory.ts";
 export * from "./src/testing/fake_ipc.ts";
 export * from "./src/testing/fake_nccl.ts";
 export * from "./src/testing/server_export.ts";
+export * from "./src/testing/block_fp8.ts";

@@ -19,7 +19,14 @@ import { parseArgs } from "node:util";
 import type { Backend } from "../src/backend/backend.ts";
 import { openBackend } from "../src/backend/select.ts";
 import { type HostTensor, writeSafetensors } from "../src/checkpoint/safetensors.ts";
-import { bf16Bits, rng, synthConfig, type SynthShape, synthTensorShapes } from "../testing.ts";
+import {
+  bf16Bits,
+  quantizeBlock128,
+  rng,
+  synthConfig,
+  type SynthShape,
+  synthTensorShapes,
+} from "../testing.ts";
 import { loadModel, reloadWeights } from "../src/models/load.ts";
 import { freeModel } from "../src/parallel/tp.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
@@ -71,24 +78,6 @@ function bf16Tensor(shape: number[], block: Uint16Array, index: number): HostTen
   return { dtype: DTYPES.bf16, shape, data: new Uint8Array(bits.buffer) };
 }
 
-function quantizeBlocks(b: Backend, t: HostTensor): [HostTensor, HostTensor] {
-  const [rows, cols] = t.shape;
-  const sShape = [Math.ceil(rows / 128), Math.ceil(cols / 128)];
-  const src = b.empty(t.shape, t.dtype);
-  const q = b.empty(t.shape, DTYPES.f8_e4m3fn);
-  const s = b.empty(sShape, DTYPES.f32);
-  try {
-    b.upload(src, t.data);
-    b.quantizeFp8(q, s, src, "block128", true);
-    return [
-      { dtype: DTYPES.f8_e4m3fn, shape: t.shape, data: b.download(q) },
-      { dtype: DTYPES.f32, shape: sShape, data: b.download(s) },
-    ];
-  } finally {
-    for (const x of [src, q, s]) b.free(x.storage!);
-  }
-}
-
 /** Writes both checkpoints, one file per decoder layer (and one for the rest); returns bytes. */
 async function writeBoth(
   b: Backend,
@@ -111,7 +100,7 @@ async function writeBoth(
       const t = bf16Tensor(dims, block, i);
       bf.push([name, t]);
       if (/_proj\.weight$/.test(name)) {
-        const [q, s] = quantizeBlocks(b, t);
+        const [q, s] = quantizeBlock128(b, t);
         fp.push([name, q], [`${name}_scale_inv`, s]);
       } else fp.push([name, t]);
     }

@@ -26,7 +26,7 @@ import { type QuantName, quantScheme } from "../src/models/quant_names.ts";
 import { freeModel, loadTensorParallel, openRankBackends } from "../src/parallel/tp.ts";
 import { catHost, expectedShard, narrowHost, shardRule } from "../src/parallel/shards.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
-import { bf16Bits, equalBytes, rng } from "../testing.ts";
+import { bf16Bits, equalBytes, quantizeBlock128, rng } from "../testing.ts";
 
 const FIXTURES = new URL("../../shared/fixtures/", import.meta.url);
 const CKPT = new URL("ckpt/", FIXTURES).pathname;
@@ -898,19 +898,9 @@ function blockQuantize(ts: Tensors): Tensors {
       out.set(name, t);
       continue;
     }
-    const [rows, cols] = t.shape;
-    const sShape = [Math.ceil(rows / 128), Math.ceil(cols / 128)];
-    const src = backend.empty(t.shape, t.dtype);
-    const q = backend.empty(t.shape, DTYPES.f8_e4m3fn);
-    const s = backend.empty(sShape, DTYPES.f32);
-    try {
-      backend.upload(src, t.data);
-      backend.quantizeFp8(q, s, src, "block128", true);
-      out.set(name, { dtype: DTYPES.f8_e4m3fn, shape: t.shape, data: backend.download(q) });
-      out.set(`${name}_scale_inv`, { dtype: DTYPES.f32, shape: sShape, data: backend.download(s) });
-    } finally {
-      for (const x of [src, q, s]) backend.free(x.storage!);
-    }
+    const [q, s] = quantizeBlock128(backend, t);
+    out.set(name, q);
+    out.set(`${name}_scale_inv`, s);
   }
   return out;
 }

@@ -21,7 +21,12 @@ import { checkConfigAgainstCheckpoint, type ModelConfig, readModelConfig } from 
 import { buildLlama } from "./llama.ts";
 import { buildMixtral, buildQwen3Moe } from "./mixtral.ts";
 import { type QuantName, quantScheme } from "./quant_names.ts";
-import { type ProgressCallback, streamWeights, validateWeights } from "./weights.ts";
+import {
+  type ProgressCallback,
+  streamWeights,
+  type ValidatedWeights,
+  validateWeights,
+} from "./weights.ts";
 
 export { exportKernelTensors, kernelTensors } from "./export.ts";
 export type { CausalLM } from "./causal_lm.ts";
@@ -190,6 +195,27 @@ export interface ModelReloadReport extends ReloadReport {
 }
 
 /**
+ * A model reload's report: the engine's report `r` (with whatever else it carries), what
+ * validation of the source found, and the rate of `bytesLoaded` over `seconds`. Every path
+ * (files, stream, IPC, NCCL) reports this one shape.
+ */
+export function modelReloadReport<R extends ReloadReport>(
+  r: R,
+  source: string,
+  plan: ValidatedWeights,
+  seconds: number,
+): R & ModelReloadReport {
+  return {
+    ...r,
+    source,
+    unexpected: plan.unexpected,
+    skipped: plan.skipped,
+    missing: plan.missing,
+    bytesPerSecond: seconds > 0 ? r.bytesLoaded / seconds : 0,
+  };
+}
+
+/**
  * Reloads a loaded model in place from a path (file, directory or index), a weight source or
  * in-memory pairs. The whole source is validated against the model before anything is
  * written (CheckpointError naming file and tensor); then tensors are read in model layer order
@@ -206,14 +232,7 @@ export async function reloadWeights(
     const plan = validateWeights(model, source, options);
     const stream = streamWeights(model.device, source, plan, model.readOrder, options);
     const r = await namingFile(source, stream, (s) => engineReload(model, s, options));
-    return {
-      ...r,
-      source: source.description,
-      unexpected: plan.unexpected,
-      skipped: plan.skipped,
-      missing: plan.missing,
-      bytesPerSecond: r.seconds > 0 ? r.bytesLoaded / r.seconds : 0,
-    };
+    return modelReloadReport(r, source.description, plan, r.seconds);
   } finally {
     if (own) source.close();
   }

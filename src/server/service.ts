@@ -17,6 +17,7 @@ import {
   type LoadModelOptions,
   type ModelReloadOptions,
   type ModelReloadReport,
+  modelReloadReport,
   reloadWeights,
 } from "../models/load.ts";
 import { READ_CHUNK_BYTES, validateWeights } from "../models/weights.ts";
@@ -415,14 +416,7 @@ export class WeightService {
           },
         );
         const seconds = (performance.now() - t0) / 1000;
-        return {
-          ...r,
-          source: source.description,
-          unexpected: plan.unexpected,
-          skipped: plan.skipped,
-          missing: plan.missing,
-          bytesPerSecond: seconds > 0 ? r.bytesLoaded / seconds : 0,
-        };
+        return modelReloadReport(r, source.description, plan, seconds);
       } finally {
         // The reply promises the trainer that its buckets are no longer read.
         mapper.synchronize();
@@ -520,14 +514,7 @@ export class WeightService {
           () => this.closeNccl(),
         );
         const seconds = (performance.now() - t0) / 1000;
-        return Promise.resolve({
-          ...r,
-          source: source.description,
-          unexpected: plan.unexpected,
-          skipped: plan.skipped,
-          missing: plan.missing,
-          bytesPerSecond: seconds > 0 ? r.bytesLoaded / seconds : 0,
-        });
+        return Promise.resolve(modelReloadReport(r, source.description, plan, seconds));
       } catch (e) {
         // Refused before any receive: the trainer's queued broadcasts will never be matched.
         if (!started) this.closeNccl();
