@@ -114,3 +114,44 @@ Deno.test("read-ahead: a failed read surfaces at its turn, and what was read ahe
     assert.equal(b.allocatedBytes(), base, "no tensor left allocated");
   });
 });
+
+/**
+ * The backend without its host view (as CUDA is): reads go through one host buffer, so they
+ * must not overlap. Methods are bound to the real backend, whose private state they use.
+ */
+function withoutHostView(b: Backend): Backend {
+  const out: Record<string, unknown> = {};
+  for (let o: object | null = b; o && o !== Object.prototype; o = Object.getPrototypeOf(o)) {
+    for (const key of Object.getOwnPropertyNames(o)) {
+      if (key in out || key === "constructor" || key === "hostView") continue;
+      const v = (b as unknown as Record<string, unknown>)[key];
+      out[key] = typeof v === "function" ? v.bind(b) : v;
+    }
+  }
+  return out as unknown as Backend;
+}
+
+Deno.test("read path without a host view: one read at a time through the host buffer, every byte the source's", async () => {
+  await withWasm(async (real) => {
+    const b = withoutHostView(real);
+    assert.equal(b.hostView, undefined);
+    const log: string[] = [];
+    const base = b.allocatedBytes();
+    const stream = streamWeights(b, loggedSource(log), plan(), () => 0, {
+      readChunkBytes: CHUNK,
+      staging: false,
+    });
+    const rowBytes = 64 * 2;
+    for await (const [name, t] of stream) {
+      const w = t.windowRows();
+      const start = t.window ? t.window.start : 0;
+      const want = bytesOf(name, SHAPES.find(([n]) => n === name)![1])
+        .subarray(start * rowBytes, start * rowBytes + w.nbytes);
+      assert.deepEqual(b.download(w), want, `bytes of ${name} from row ${start}`);
+      log.push(`use ${name}${t.window ? `@${start}` : ""}`);
+    }
+    assert.equal(b.allocatedBytes(), base, "everything freed");
+    // Reads and uses alternate: no read starts while another is unfinished.
+    log.forEach((l, i) => assert.equal(l.startsWith("read"), i % 2 === 0, `${i}: ${l}`));
+  });
+});

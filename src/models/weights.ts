@@ -268,7 +268,11 @@ async function* stream(
   const queue = units();
   let next = queue.next();
   const startReads = () => {
-    while (!next.done && (pending.length === 0 || pendingBytes + next.value.bytes <= chunkBytes)) {
+    // Without a host view every read goes through the one host buffer: one read at a time.
+    while (
+      !next.done &&
+      (pending.length === 0 || (overlap && pendingBytes + next.value.bytes <= chunkBytes))
+    ) {
       const unit = next.value;
       const tensor = read(unit.name, unit.shape, unit.rows);
       // Awaited in turn; a failure before then must not count as an unhandled rejection.
