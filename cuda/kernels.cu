@@ -58,6 +58,9 @@ lw_status fail(lw_status status, const std::string &text) {
 }
 
 lw_status cuda_fail(cudaError_t e, const char *what) {
+  // The runtime also keeps the error as this thread's last error: a failed call here (a
+  // cudaMalloc past the free memory) must not be reported again by the next launch check.
+  cudaGetLastError();
   t_error = std::string(what) + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
   return e == cudaErrorMemoryAllocation ? LW_ENOMEM : LW_ECUDA;
 }

@@ -542,6 +542,12 @@ gpuTest("the C entry points refuse unknown dtypes and granularities without writ
     dev.readSync(ctx, after, a);
     assert.deepEqual(after, marker);
     assert.throws(() => dev.malloc(2 ** 50), (e) => e instanceof BackendError);
+    // The failed allocation is not reported again by the next launch on this thread.
+    assert.equal(s.lw_fill(ctx, a, 64, 4, 0x3f800000, 0), 0, dev.lastError());
+    dev.sync(ctx);
+    const ones = new Float32Array(64);
+    dev.readSync(ctx, new Uint8Array(ones.buffer), a);
+    assert.ok(ones.every((x) => x === 1));
   } finally {
     dev.free(a);
     dev.free(b);

@@ -138,6 +138,31 @@ def _align(n: int) -> int:
     return (n + NCCL_ALIGN - 1) // NCCL_ALIGN * NCCL_ALIGN
 
 
+def ipc_mem_handle(shared: bytes) -> bytes:
+    """The 64-byte ``cudaIpcMemHandle_t`` in the handle PyTorch's ``_share_cuda_()`` returns.
+
+    PyTorch before 2.3 gives the 64 bytes alone; later versions prefix a version byte (2) and
+    the kind of memory: ``c`` for the caching allocator's ``cudaMalloc`` blocks, ``e`` for
+    expandable segments, which are shared by file descriptor and cannot be opened from a handle.
+    """
+    raw = bytes(shared)
+    if len(raw) == 64:
+        return raw
+    if len(raw) == 66 and raw[0] == 2:
+        if raw[1:2] == b"c":
+            return raw[2:]
+        if raw[1:2] == b"e":
+            raise ValueError(
+                "this tensor lives in an expandable segment (PYTORCH_CUDA_ALLOC_CONF="
+                "expandable_segments:True), which CUDA IPC handles cannot share: turn it off in "
+                "the trainer, or use transport='http'"
+            )
+    raise ValueError(
+        f"unknown CUDA IPC handle from PyTorch: {len(raw)} bytes starting {raw[:2].hex()} "
+        "(expected 64 bytes, or 66 with version 2 and kind 'c')"
+    )
+
+
 def pack_buckets(sizes: Sequence[int], bucket_bytes: int) -> Tuple[int, List[Tuple[int, int]], List[int]]:
     """The packing of an NCCL update, identical to the server's: tensors of byte sizes ``sizes``
     in order; each starts at the next multiple of 256 after the end of the one before it in its
@@ -482,7 +507,7 @@ class LayerwiseClient:
         # bucket starts `offset` bytes into it.
         shared = buf.untyped_storage()._share_cuda_()
         handle, base = shared[1], int(shared[3])
-        b = (buf, base64.b64encode(bytes(handle)).decode("ascii"), base, nbytes)
+        b = (buf, base64.b64encode(ipc_mem_handle(handle)).decode("ascii"), base, nbytes)
         self._buckets[index] = b
         return b
 

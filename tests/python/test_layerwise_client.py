@@ -15,7 +15,13 @@ import http.server
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "clients", "python"))
 
-from layerwise_client import LayerwiseClient, LayerwiseError, RawTensor, safetensors_header  # noqa: E402
+from layerwise_client import (  # noqa: E402
+    LayerwiseClient,
+    LayerwiseError,
+    RawTensor,
+    ipc_mem_handle,
+    safetensors_header,
+)
 
 URL = os.environ["LW_URL"]
 TOKEN = os.environ["LW_TOKEN"]
@@ -38,6 +44,23 @@ def read_safetensors(path):
         a, b = e["data_offsets"]
         out.append((name, RawTensor(e["dtype"], tuple(e["shape"]), memoryview(data)[start + a:start + b])))
     return out
+
+
+class IpcHandleTest(unittest.TestCase):
+    """PyTorch's ``_share_cuda_()`` handle, as each version writes it (no GPU needed)."""
+
+    def test_plain_and_versioned_handles_give_the_64_bytes(self):
+        h = bytes(range(64))
+        self.assertEqual(ipc_mem_handle(h), h)
+        self.assertEqual(ipc_mem_handle(b"\x02c" + h), h)
+
+    def test_expandable_segments_and_unknown_layouts_are_refused(self):
+        h = bytes(64)
+        with self.assertRaisesRegex(ValueError, "expandable_segments"):
+            ipc_mem_handle(b"\x02e" + h)
+        for bad in (b"\x03c" + h, h[:63], h + b"\x00"):
+            with self.assertRaisesRegex(ValueError, "unknown CUDA IPC handle"):
+                ipc_mem_handle(bad)
 
 
 class ClientTest(unittest.TestCase):
