@@ -41,9 +41,18 @@ def prepare(out: str) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
+def f32(v: float) -> float:
+    """``v`` rounded to float32 (to nearest, ties to even)."""
+    return struct.unpack("<f", struct.pack("<f", v))[0]
+
+
 def quant_fp8(x: torch.Tensor):
     x = x.float()
-    scale = torch.clamp(x.abs().max() / FP8_MAX, min=MIN_SCALE).reshape(1)
+    # The scale's division is done here in float64 and rounded once to float32, which is the
+    # correctly rounded float32 quotient: PyTorch's CUDA `tensor / python_scalar` multiplies by
+    # the reciprocal instead and can be one ulp off the definition.
+    amax = float(x.abs().max())
+    scale = torch.tensor([max(f32(amax / FP8_MAX), f32(MIN_SCALE))], dtype=torch.float32, device=x.device)
     q = torch.clamp(x / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
