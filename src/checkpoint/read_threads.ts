@@ -33,8 +33,12 @@ export type ReadRequest =
     ino: number | null;
     /** File offset of the first byte. */
     position: number;
-    /** Where the bytes go: `bytes` at `offset` of `buffer`. */
-    buffer: SharedArrayBuffer;
+    /**
+     * Where the bytes go: `bytes` at `offset` of `buffer`, or of the buffer the thread was
+     * last sent when null (posting a WebAssembly memory's buffer costs far more than a read's
+     * other fields, so it is sent once, not with every read).
+     */
+    buffer: SharedArrayBuffer | null;
     offset: number;
     bytes: number;
   }
@@ -61,8 +65,12 @@ export interface ReadFile {
 /** Reads of at least this many bytes go to the threads; smaller ones are not worth a message. */
 export const THREADED_READ_MIN_BYTES: number = 256 * 1024;
 
-/** A read is cut into pieces of about this size, spread over the threads. */
-export const READ_PIECE_BYTES: number = 4 * 1024 * 1024;
+/**
+ * A read is cut into one piece per thread, none smaller than this: each thread gets at most
+ * one message per read (a message wakes a thread, which on a machine with few cores takes the
+ * core from the main thread).
+ */
+export const READ_PIECE_BYTES: number = 1024 * 1024;
 
 /** Reader threads: the setting, else a quarter of the cores, from 2 to 4. */
 export function readThreadCount(): number {
@@ -91,12 +99,15 @@ export function readThreadCount(): number {
 /** The reader threads of this process. */
 export class ReadThreads {
   readonly #workers: Worker[];
+  // The buffer each thread holds (it keeps the memory alive: dropped when a source closes).
+  readonly #sent: (SharedArrayBuffer | null)[];
   readonly #waiting = new Map<number, (got: number) => void>();
   #next = 0;
   #turn = 0;
 
   private constructor(workers: Worker[]) {
     this.#workers = workers;
+    this.#sent = workers.map(() => null);
     for (const w of workers) {
       w.on("message", (m: ReadReply) => {
         const done = this.#waiting.get(m.id);
@@ -136,12 +147,15 @@ export class ReadThreads {
 
   /**
    * Reads `dst.byteLength` bytes of `file` from `position` into `dst` (a view of a
-   * SharedArrayBuffer), in pieces on every thread. True when every byte was read; false on a
+   * SharedArrayBuffer), in pieces on the threads. True when every byte was read; false on a
    * short read or any failure, which the caller then reports through its own checked read.
    */
   async read(session: number, file: ReadFile, position: number, dst: Uint8Array): Promise<boolean> {
     const buffer = dst.buffer as SharedArrayBuffer;
-    const pieces = Math.max(1, Math.round(dst.byteLength / READ_PIECE_BYTES));
+    const pieces = Math.max(
+      1,
+      Math.min(this.#workers.length, Math.floor(dst.byteLength / READ_PIECE_BYTES)),
+    );
     const parts: Promise<boolean>[] = [];
     for (let i = 0; i < pieces; i++) {
       const a = Math.floor((dst.byteLength * i) / pieces);
@@ -153,8 +167,10 @@ export class ReadThreads {
           got === b - a
         ),
       );
-      const w = this.#workers[this.#turn++ % this.#workers.length];
-      w.postMessage(
+      const k = this.#turn++ % this.#workers.length;
+      const fresh = this.#sent[k] !== buffer;
+      this.#sent[k] = buffer;
+      this.#workers[k].postMessage(
         {
           kind: "read",
           id,
@@ -163,7 +179,7 @@ export class ReadThreads {
           dev: file.dev,
           ino: file.ino,
           position: position + a,
-          buffer,
+          buffer: fresh ? buffer : null,
           offset: dst.byteOffset + a,
           bytes: b - a,
         } satisfies ReadRequest,
@@ -172,8 +188,9 @@ export class ReadThreads {
     return (await Promise.all(parts)).every((ok) => ok);
   }
 
-  /** Closes the threads' handles of `session`. */
+  /** Closes the threads' handles of `session`; they drop the buffer they hold. */
   closeSession(session: number): void {
+    this.#sent.fill(null);
     for (const w of this.#workers) w.postMessage({ kind: "close", session } satisfies ReadRequest);
   }
 }

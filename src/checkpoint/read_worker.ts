@@ -13,6 +13,8 @@ import type { ReadReply, ReadRequest } from "./read_threads.ts";
 // Handles by session (one per open source) and path; a session's are closed with it, so a
 // replaced or deleted file is not kept open past its source.
 const handles = new Map<number, Map<string, Deno.FsFile>>();
+// The buffer reads go into when a request names none (see ReadRequest).
+let buffer: SharedArrayBuffer | null = null;
 
 function open(r: Extract<ReadRequest, { kind: "read" }>): Deno.FsFile {
   let files = handles.get(r.session);
@@ -37,12 +39,14 @@ parentPort!.on("message", (r: ReadRequest) => {
   if (r.kind === "close") {
     for (const f of handles.get(r.session)?.values() ?? []) f.close();
     handles.delete(r.session);
+    buffer = null;
     return;
   }
+  if (r.buffer) buffer = r.buffer;
   let got = 0;
   try {
     const f = open(r);
-    const dst = new Uint8Array(r.buffer, r.offset, r.bytes);
+    const dst = new Uint8Array(buffer!, r.offset, r.bytes);
     f.seekSync(r.position, Deno.SeekMode.Start);
     while (got < r.bytes) {
       const n = f.readSync(dst.subarray(got));
