@@ -72,7 +72,11 @@ export const THREADED_READ_MIN_BYTES: number = 256 * 1024;
  */
 export const READ_PIECE_BYTES: number = 1024 * 1024;
 
-/** Reader threads: the setting, else a quarter of the cores, from 2 to 4. */
+/**
+ * Reader threads: `LAYERWISE_READ_THREADS`, else an eighth of the cores, from 2 to 4. Few: two
+ * read faster than a single core copies out of the page cache, and every thread more competes
+ * with the kernel threads (one per core by default) while both run.
+ */
 export function readThreadCount(): number {
   let v: string | undefined;
   try {
@@ -82,7 +86,7 @@ export function readThreadCount(): number {
   }
   if (v === undefined || v === "") {
     const cores = navigator.hardwareConcurrency || 1;
-    return Math.min(4, Math.max(2, Math.ceil(cores / 4)));
+    return Math.min(4, Math.max(2, Math.ceil(cores / 8)));
   }
   const n = Number(v);
   if (!Number.isInteger(n) || n < 0 || n > 64) {
