@@ -4,7 +4,8 @@
 
 Builds bf16 CUDA tensors of every checkpoint tensor the served model expects (GET /v1/model),
 pushes them UPDATES times over CUDA IPC with the same buckets, and prints JSON: bytes per
-update, milliseconds of each update from the client's call to its reply, buckets used.
+update, milliseconds of each update from the client's call to its reply, the server's own
+seconds for each (its report), buckets used.
 """
 
 import json
@@ -32,15 +33,16 @@ def main() -> None:
         tensors.append((t["name"], x.to(DTYPES[t["dtype"]])))
     total = sum(t.numel() * t.element_size() for _, t in tensors)
     torch.cuda.synchronize()
-    millis = []
+    millis, server_millis = [], []
     for i in range(updates):
         t0 = time.perf_counter()
         r = client.update_from_tensors(tensors, transport="ipc", bucket_bytes=1 << 30, tag=f"bench-{i}")
         millis.append((time.perf_counter() - t0) * 1000)
+        server_millis.append(r["seconds"] * 1000)
         assert r["path"] == "ipc" and r["storageKept"], r
     buckets = len([b for b in client._buckets if b is not None])
     client.close()
-    print(json.dumps({"bytes": total, "millis": millis, "buckets": buckets}))
+    print(json.dumps({"bytes": total, "millis": millis, "server_millis": server_millis, "buckets": buckets}))
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ Deno.test("random config.json files against llama-tiny: load in proportion, or o
       async (edits) => {
         const text = configText(edits);
         await Deno.writeTextFile(`${dir}/config.json`, text);
-        const backend = await openWasmBackend();
+        // One thread: a backend per case, and starting workers for each would cost more than
+        // the case (seconds per case on a 16-core machine).
+        const backend = await openWasmBackend({ threads: 1 });
         const heap0 = Deno.memoryUsage().heapUsed;
         const t0 = performance.now();
         try {

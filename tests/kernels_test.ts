@@ -263,6 +263,22 @@ function kernelTests(kind: string, open: () => Promise<Backend | null>): void {
     });
   }
 
+  test("countNonFiniteEach: each tensor's countNonFinite, one wait for all", (b) => {
+    // bf16 bit patterns: of all 65536, exponent 0xff (Inf, NaN) has 2 signs x 128 mantissas.
+    const bits = put(b, fixture(casts, "bf16_bits"));
+    const f32 = empty(b, bits.shape, DTYPES.f32);
+    b.copy(f32, bits);
+    const ints = empty(b, [7], DTYPES.u8);
+    const none = empty(b, [0], DTYPES.bf16);
+    const half = bits.narrow(0, 0, 32768);
+    const got = b.countNonFiniteEach([bits, ints, f32, none, half]);
+    const want = [bits, ints, f32, none, half].map((t) => b.countNonFinite(t));
+    assert.deepEqual(got, want);
+    assert.equal(got[0], 256);
+    assert.equal(got[4], 128);
+    assert.deepEqual(b.countNonFiniteEach([]), []);
+  });
+
   test("dequantized fp8 is within half an e4m3 step of the input", (b) => {
     const x = fixture(quant, "s5.x_f32");
     const xs = new Float32Array(x.data.slice().buffer);

@@ -89,6 +89,11 @@ export interface Backend {
   /** Number of NaN and infinite elements. */
   countNonFinite(src: Tensor): number;
   /**
+   * {@link Backend.countNonFinite} of each contiguous tensor, waiting for the device once for
+   * all of them (a scan of a whole model is hundreds of tensors).
+   */
+  countNonFiniteEach(srcs: readonly Tensor[]): number[];
+  /**
    * fp8 e4m3fn quantization of a contiguous 2-D (or 1-D, as one row) f32/f16/bf16 tensor.
    * With `dynamic`, scales are computed and written to `scale`; otherwise `scale` is read.
    */

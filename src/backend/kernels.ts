@@ -446,6 +446,30 @@ export class KernelBackend implements Backend {
     return Number(new DataView(out.buffer).getBigUint64(0, true));
   }
 
+  countNonFiniteEach(srcs: readonly Tensor[]): number[] {
+    for (const t of srcs) this.#contiguous("countNonFiniteEach", t);
+    const counted = srcs.flatMap((t, i) => (t.numel > 0 && t.dtype.floating ? [i] : []));
+    const out = srcs.map(() => 0);
+    if (counted.length === 0) return out;
+    const counts = this.alloc(8 * counted.length);
+    try {
+      counted.forEach((i, k) => {
+        const t = srcs[i];
+        this.#check(
+          "countNonFiniteEach",
+          this.#k.lw_count_nonfinite(this.#ctx, counts.ptr + 8 * k, t.ptr, t.dtype.code, t.numel),
+        );
+      });
+      const bytes = new Uint8Array(8 * counted.length);
+      this.#dev.read(counts.ptr, bytes);
+      const v = new DataView(bytes.buffer);
+      counted.forEach((i, k) => out[i] = Number(v.getBigUint64(8 * k, true)));
+    } finally {
+      this.free(counts);
+    }
+    return out;
+  }
+
   quantizeFp8(
     q: Tensor,
     scale: Tensor,

@@ -48,7 +48,7 @@ import {
   finalizeLayerwiseReload,
   getLayerwiseInfo,
   initializeLayerwiseReload,
-  rejectNonFinite,
+  rejectNonFiniteEach,
   rejectNonFiniteKernel,
   type ReloadOptions,
   writeLayersInPlace,
@@ -367,12 +367,18 @@ export class DeviceReload {
       const { plan, table, skipped } = this.#cached;
       const phase = plan.phases[p];
       if (this.#options.rejectNonFinite) {
-        this.#descs.forEach((d, i) => {
-          if (!skipped[i] && (this.#cached.phaseOf[i] ?? 0) === p) {
-            const where = `device view ${quoteName(d.name)}`;
-            rejectNonFinite(b, tensorAt(i), where, this.#cached.modelDtype[i]);
-          }
-        });
+        rejectNonFiniteEach(
+          b,
+          this.#descs.flatMap((d, i) =>
+            !skipped[i] && (this.#cached.phaseOf[i] ?? 0) === p
+              ? [{
+                tensor: tensorAt(i),
+                where: `device view ${quoteName(d.name)}`,
+                as: this.#cached.modelDtype[i],
+              }]
+              : []
+          ),
+        );
       }
       const o = plan.offsets;
       if (phase.layers.length > 0) {
@@ -393,10 +399,12 @@ export class DeviceReload {
           if (this.#options.rejectNonFinite) {
             // What the check promises holds for what the model holds: a quantized layer is
             // checked in its kernel tensors too (an infinite scale from finite weights).
-            phase.layers.forEach((layer, k) => {
-              const { path, quantized } = phase.processed[k];
-              if (quantized) rejectNonFiniteKernel(layer, path);
-            });
+            rejectNonFiniteKernel(
+              phase.layers.flatMap((layer, k) => {
+                const { path, quantized } = phase.processed[k];
+                return quantized ? [{ layer, path }] : [];
+              }),
+            );
           }
         });
       }

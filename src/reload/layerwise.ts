@@ -521,37 +521,70 @@ function startLayer(layer: Module, info: LayerInfo, where: string): void {
  * are converted into a temporary of that dtype and counted there. `where` names the tensor.
  */
 export function rejectNonFinite(b: Backend, t: Tensor, where: string, as?: DType): void {
-  // A row chunk is scanned on the rows it holds.
-  t = t.windowRows();
-  if (t.numel === 0) return;
-  if (t.dtype.floating) {
-    const n = countNonFiniteOf(b, t);
+  rejectNonFiniteEach(b, [{ tensor: t, where, as }]);
+}
+
+/** One incoming tensor for {@link rejectNonFiniteEach}. */
+export interface IncomingTensor {
+  /** The tensor (a row window is scanned on the rows it holds). */
+  readonly tensor: Tensor;
+  /** Its name in messages. */
+  readonly where: string;
+  /** The model-format dtype it will be written as, when known. */
+  readonly as?: DType;
+}
+
+/**
+ * {@link rejectNonFinite} of many tensors, waiting for the device once for all the plain
+ * counts (each wait is a round trip to the GPU, and a model has hundreds of tensors).
+ */
+export function rejectNonFiniteEach(b: Backend, incoming: readonly IncomingTensor[]): void {
+  const views = incoming.map((x) => x.tensor.windowRows());
+  const counts = countEach(b, views);
+  views.forEach((t, i) => {
+    if (counts[i] > 0) {
+      throw new ReloadError(
+        "NON_FINITE",
+        `${incoming[i].where}: ${
+          counts[i]
+        } of ${t.numel} elements of the incoming ${t} are NaN or infinite (rejectNonFinite is set)`,
+      );
+    }
+  });
+  incoming.forEach(({ where, as }, i) => {
+    const t = views[i];
+    if (t.numel === 0 || as === undefined || !as.floating || as === t.dtype) return;
+    const tmp = b.empty(t.shape, as);
+    let n: number;
+    try {
+      b.copy(tmp, t);
+      n = b.countNonFinite(tmp);
+    } finally {
+      b.free(tmp.storage!);
+    }
     if (n > 0) {
       throw new ReloadError(
         "NON_FINITE",
-        `${where}: ${n} of ${t.numel} elements of the incoming ${t} are NaN or infinite (rejectNonFinite is set)`,
+        `${where}: ${n} of ${t.numel} elements of the incoming ${t} are finite but overflow to infinity in the model's dtype ${as.name} (rejectNonFinite is set)`,
       );
     }
-  }
-  if (as === undefined || !as.floating || as === t.dtype) return;
-  const tmp = b.empty(t.shape, as);
-  let n: number;
-  try {
-    b.copy(tmp, t);
-    n = b.countNonFinite(tmp);
-  } finally {
-    b.free(tmp.storage!);
-  }
-  if (n > 0) {
-    throw new ReloadError(
-      "NON_FINITE",
-      `${where}: ${n} of ${t.numel} elements of the incoming ${t} are finite but overflow to infinity in the model's dtype ${as.name} (rejectNonFinite is set)`,
-    );
-  }
+  });
+}
+
+/** NaN/Inf counts of floating tensors (0 for others): contiguous ones with one device wait. */
+function countEach(b: Backend, ts: readonly Tensor[]): number[] {
+  const out = ts.map(() => 0);
+  const counted = (t: Tensor) => !t.isMeta && t.numel > 0 && t.dtype.floating;
+  const batch = ts.flatMap((t, i) => (counted(t) && t.isContiguous ? [i] : []));
+  const n = b.countNonFiniteEach(batch.map((i) => ts[i]));
+  batch.forEach((i, k) => out[i] = n[k]);
+  ts.forEach((t, i) => {
+    if (counted(t) && !t.isContiguous) out[i] = countNonFiniteOf(b, t);
+  });
+  return out;
 }
 
 function countNonFiniteOf(b: Backend, t: Tensor): number {
-  if (t.isContiguous) return b.countNonFinite(t);
   const tmp = b.empty(t.shape, t.dtype);
   try {
     b.copy(tmp, t);
@@ -561,31 +594,40 @@ function countNonFiniteOf(b: Backend, t: Tensor): number {
   }
 }
 
+/** A processed layer's kernel tensors for {@link rejectNonFiniteKernel}. */
+export interface ProcessedLayer {
+  /** The layer. */
+  readonly layer: Module;
+  /** Its path in the model, for messages. */
+  readonly path: string;
+  /** Its kernel tensors by name (default: every slot of the layer). */
+  readonly tensors?: readonly (readonly [string, Tensor])[];
+}
+
 /**
- * Throws ReloadError `NON_FINITE` when processing left a NaN or infinite element in one of a
- * layer's kernel tensors (an fp8 code that is NaN, an infinite scale), though every value that
+ * Throws ReloadError `NON_FINITE` when processing left a NaN or infinite element in one of the
+ * layers' kernel tensors (an fp8 code that is NaN, an infinite scale), though every value that
  * came in was finite in the model's dtype: what the check promises holds for what the model
  * ends up holding, whatever the path. Called after a quant method ran; costs one read of the
- * layer's kernel tensors.
+ * kernel tensors and one wait for the device.
  */
-export function rejectNonFiniteKernel(
-  layer: Module,
-  path: string,
-  tensors: Iterable<readonly [string, Tensor]> = layer.ownSlots().map(([n, s]) => [n, s.tensor]),
-): void {
-  const b = layer.backend!;
-  for (const [name, t] of tensors) {
-    if (t.isMeta || !t.dtype.floating || t.numel === 0) continue;
-    const n = countNonFiniteOf(b, t);
-    if (n > 0) {
+export function rejectNonFiniteKernel(layers: readonly ProcessedLayer[]): void {
+  if (layers.length === 0) return;
+  const entries = layers.flatMap(({ layer, path, tensors }) =>
+    (tensors ?? layer.ownSlots().map(([n, s]) => [n, s.tensor] as const))
+      .map(([name, t]) => ({ layer, path, name, t }))
+  );
+  const counts = countEach(layers[0].layer.backend!, entries.map((e) => e.t));
+  entries.forEach(({ layer, path, name, t }, i) => {
+    if (counts[i] > 0) {
       throw new ReloadError(
         "NON_FINITE",
-        `${
-          qualifiedName(path, name)
-        }: processing (${layer.quantMethod?.name}) left ${n} of ${t.numel} elements of ${t} NaN or infinite from finite weights (rejectNonFinite is set)`,
+        `${qualifiedName(path, name)}: processing (${layer.quantMethod?.name}) left ${
+          counts[i]
+        } of ${t.numel} elements of ${t} NaN or infinite from finite weights (rejectNonFinite is set)`,
       );
     }
-  }
+  });
 }
 
 /** Frees what the layer's slots hold besides its kept kernel tensors (scratch, temporaries). */
@@ -671,11 +713,11 @@ function processLayer(layer: Module, info: LayerInfo): void {
     }
     if (state.rejectNonFinite && layer.quantMethod !== undefined && !info.direct) {
       // Checked in the kernel tensors, as the slots hold them again only after `finally`.
-      rejectNonFiniteKernel(
+      rejectNonFiniteKernel([{
         layer,
-        info.path,
-        [...info.kernelTensors!].map(([n, k]) => [n, k.tensor]),
-      );
+        path: info.path,
+        tensors: [...info.kernelTensors!].map(([n, k]) => [n, k.tensor] as const),
+      }]);
     }
     state.partial.delete(info.path);
     state.processed.push(info.path);

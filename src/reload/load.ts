@@ -171,7 +171,7 @@ export async function loadWeights(
       for (const [path, m] of layers) {
         if (m.processLast !== last || m.quantMethod === undefined) continue;
         m.quantMethod.processWeightsAfterLoading(m);
-        if (options.rejectNonFinite) rejectNonFiniteKernel(m, path);
+        if (options.rejectNonFinite) rejectNonFiniteKernel([{ layer: m, path }]);
       }
     }
   } catch (e) {

@@ -128,9 +128,47 @@ export function validateTensors(
   entries: Iterable<TensorDescriptor>,
   options: ValidateOptions = {},
 ): ValidationReport {
-  const strict = options.strict ?? true;
-  const { layers, byModule, bySlot } = modelFormat(model);
-  const received = new Map<Target, { elements: number; shards: string[] }>();
+  const format = modelFormat(model);
+  const run = dryRun(model, format, entries);
+  const cover = coverage(format, run.received);
+  const report: ValidationReport = {
+    tensors: run.tensors,
+    skipped: run.skipped,
+    unknown: run.unknown,
+    missing: cover.missing,
+    duplicates: run.duplicates,
+    layersCovered: cover.covered,
+    layersUntouched: cover.untouched,
+    complete: run.unknown.length === 0 && cover.missing.length === 0 &&
+      cover.partial.length === 0,
+  };
+  refuseMisfits(run, cover, options.strict ?? true);
+  return report;
+}
+
+/** Elements each model tensor would receive, and the shards they come in. */
+type Received = Map<Target, { elements: number; shards: string[] }>;
+
+/** What the dry run of the loaders found, entry by entry. */
+interface DryRun {
+  readonly received: Received;
+  readonly tensors: number;
+  readonly skipped: string[];
+  readonly unknown: string[];
+  /** The unknown names with their origins, for messages. */
+  readonly unknownWhere: string[];
+  readonly duplicates: string[];
+  /** Entries the loaders refused. */
+  readonly misfits: CheckpointError[];
+}
+
+/** Each entry as a meta tensor through its layer's own loader, counting what it would write. */
+function dryRun(
+  model: Module,
+  { byModule, bySlot }: ReturnType<typeof modelFormat>,
+  entries: Iterable<TensorDescriptor>,
+): DryRun {
+  const received: Received = new Map();
   const keys = new Set<string>();
   const slotIds = new Map<Target, number>();
   const skipped: string[] = [], unknown: string[] = [], duplicates: string[] = [];
@@ -196,6 +234,14 @@ export function validateTensors(
     }
     received.set(target, r);
   }
+  return { received, tensors, skipped, unknown, unknownWhere, duplicates, misfits };
+}
+
+/** Coverage per layer: complete, untouched (listed as missing), or in part (the gaps). */
+function coverage(
+  { layers, byModule }: ReturnType<typeof modelFormat>,
+  received: Received,
+): { missing: string[]; partial: string[]; untouched: string[]; covered: number } {
   const missing: string[] = [], partial: string[] = [], untouched: string[] = [];
   let covered = 0;
   for (const [layer, path, meta] of layers) {
@@ -215,16 +261,18 @@ export function validateTensors(
       missing.push(...[...meta.keys()].map((n) => qualifiedName(path, n)));
     } else partial.push(...gaps);
   }
-  const report: ValidationReport = {
-    tensors,
-    skipped,
-    unknown,
-    missing,
-    duplicates,
-    layersCovered: covered,
-    layersUntouched: untouched,
-    complete: unknown.length === 0 && missing.length === 0 && partial.length === 0,
-  };
+  return { missing, partial, untouched, covered };
+}
+
+/**
+ * The one CheckpointError for everything found: the most severe kind gives the code, the
+ * message lists every kind.
+ */
+function refuseMisfits(
+  { misfits, unknown, unknownWhere }: DryRun,
+  { missing, partial }: { missing: string[]; partial: string[] },
+  strict: boolean,
+): void {
   const parts: string[] = [];
   let code: CheckpointErrorCode | "" = "";
   if (misfits.length > 0) {
@@ -252,5 +300,4 @@ export function validateTensors(
   if (code !== "") {
     throw new CheckpointError(code, `checkpoint does not fit the model: ${parts.join("; ")}`);
   }
-  return report;
 }
