@@ -109,3 +109,19 @@ Deno.test("a file replaced between reads: a tensor comes whole from one file, ne
     await Deno.remove(file.replace(/\/[^/]*$/, ""), { recursive: true });
   }
 });
+
+Deno.test("a file removed before its first threaded read: the source's own error (MISSING_SHARD)", async () => {
+  const { file, data } = await bigCheckpoint();
+  const source = await fileSource(file);
+  try {
+    await Deno.remove(file);
+    await assert.rejects(source.readInto("b", sharedView(data.get("b")!.length)), (e) => {
+      assert.ok(e instanceof CheckpointError && e.code === "MISSING_SHARD", String(e));
+      assert.ok(e.message.includes(file), e.message);
+      return true;
+    });
+  } finally {
+    source.close();
+    await Deno.remove(file.replace(/\/[^/]*$/, ""), { recursive: true });
+  }
+});

@@ -108,6 +108,7 @@ export class ReadThreads {
   readonly #waiting = new Map<number, (got: number) => void>();
   #next = 0;
   #turn = 0;
+  #dead = false;
 
   private constructor(workers: Worker[]) {
     this.#workers = workers;
@@ -119,6 +120,15 @@ export class ReadThreads {
         this.#waiting.delete(m.id);
         if (this.#waiting.size === 0) { for (const x of this.#workers) x.unref(); }
         done(m.got);
+      });
+      // A thread that dies (it should not) must not leave reads waiting: they fail over to the
+      // sources' own handles, and so do all later ones.
+      w.on("exit", () => {
+        this.#dead = true;
+        const waiting = [...this.#waiting.values()];
+        this.#waiting.clear();
+        for (const x of this.#workers) x.unref();
+        for (const done of waiting) done(-1);
       });
       w.unref();
     }
@@ -155,6 +165,7 @@ export class ReadThreads {
    * short read or any failure, which the caller then reports through its own checked read.
    */
   async read(session: number, file: ReadFile, position: number, dst: Uint8Array): Promise<boolean> {
+    if (this.#dead) return false;
     const buffer = dst.buffer as SharedArrayBuffer;
     const pieces = Math.max(
       1,

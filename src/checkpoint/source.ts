@@ -158,13 +158,24 @@ class FileLane {
       entry.end - entry.begin === dst.byteLength
     ) {
       const threads = await readThreads();
-      if (threads) {
-        this.identity ??= statRegularFile(this.path, "MISSING_SHARD", "a safetensors file")
-          .then((i) => ({ path: this.path, dev: i.dev, ino: i.ino }));
-        if (await threads.read(this.session, await this.identity, entry.begin, dst)) return;
-      }
+      const file = threads ? await this.checked() : null;
+      if (file && await threads!.read(this.session, file, entry.begin, dst)) return;
     }
     return this.readHere(entry, dst);
+  }
+
+  // The file as checked now (regular, its device and inode), for the threads; null when the
+  // check fails, so the read goes through readHere, which reports why.
+  private async checked(): Promise<ReadFile | null> {
+    this.identity ??= statRegularFile(this.path, "MISSING_SHARD", "a safetensors file").then(
+      (i) => ({ path: this.path, dev: i.dev, ino: i.ino }),
+    );
+    try {
+      return await this.identity;
+    } catch {
+      this.identity = null;
+      return null;
+    }
   }
 
   private readHere(entry: TensorEntry, dst: Uint8Array): Promise<void> {
