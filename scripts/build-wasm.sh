@@ -50,7 +50,8 @@ max_memory=$((16 * 1024 * 1024 * 1024))
   -c wasm/kernels.c -o "$tmp/kernels.o"
 # --export=__stack_pointer: each worker thread gets its own stack (one memory, many instances).
 "$LD" -mwasm64 --no-entry --export-dynamic --import-memory --shared-memory \
-  --max-memory="$max_memory" --export=__heap_base --export=__stack_pointer --strip-debug \
+  --max-memory="$max_memory" -z stack-size=262144 \
+  --export=__heap_base --export=__stack_pointer --strip-debug \
   -o "$tmp/kernels.wasm" "$tmp/kernels.o"
 
 version="$("$CC" --version 2>/dev/null | grep -oE '[0-9]+\.[0-9]+\.[0-9]+' | head -n 1 || true)"

@@ -592,3 +592,58 @@ Deno.test("wasm heap: live ranges never overlap, stay aligned and within the lim
     ),
   );
 });
+
+Deno.test("wasm: fp8 per tensor over long 16-bit runs (the table path) gives the plain loop's bytes for every bit pattern", async () => {
+  // Runs of 2^17 elements and more are quantized through a 65536-entry table built with the
+  // same lw_e4m3_quant; a run of 65536 takes the plain loop. Every bf16 / f16 bit pattern
+  // (NaN, Inf, -0, subnormals) three times over, in three orders, against both, at scales
+  // with every special case the division has.
+  const b = await openWasmBackend({ threads: 1 });
+  try {
+    const n = 65536, copies = 3;
+    const bits = new Uint16Array(copies * n);
+    for (let c = 0; c < copies; c++) {
+      for (let i = 0; i < n; i++) bits[c * n + i] = (i * (2 * c + 1) + 12345 * c) & 0xFFFF;
+    }
+    const scales = [1, 0.37, 1 / 229376, 3e-39, 1e30, -2.5, 0, -0, Infinity, NaN];
+    for (const dt of [DTYPES.bf16, DTYPES.f16]) {
+      const x = b.empty([copies, n], dt);
+      b.upload(x, new Uint8Array(bits.buffer));
+      const sc = b.empty([1], DTYPES.f32);
+      for (const s of scales) {
+        b.upload(sc, new Uint8Array(new Float32Array([s]).buffer));
+        const whole = b.empty([copies, n], DTYPES.f8_e4m3fn);
+        b.quantizeFp8(whole, sc, x, "tensor", false);
+        const got = b.download(whole);
+        for (let c = 0; c < copies; c++) {
+          const part = b.empty([1, n], DTYPES.f8_e4m3fn);
+          b.quantizeFp8(part, sc, x.narrow(0, c, 1), "tensor", false);
+          const want = b.download(part);
+          const at = want.findIndex((v, i) => v !== got[c * n + i]);
+          assert.equal(at, -1, `${dt.name} scale ${s}: bits 0x${bits[c * n + at]?.toString(16)}`);
+          b.free(part.storage!);
+        }
+        b.free(whole.storage!);
+      }
+      // Dynamic: the scale comes from the absmax, then the same table.
+      const q = b.empty([copies, n], DTYPES.f8_e4m3fn);
+      const finite = b.empty([copies, n], dt);
+      const fin = bits.map((v) => ((v & (dt === DTYPES.bf16 ? 0x7F80 : 0x7C00)) ===
+          (dt === DTYPES.bf16 ? 0x7F80 : 0x7C00)
+        ? v & 0x8000
+        : v)
+      );
+      b.upload(finite, new Uint8Array(fin.buffer));
+      b.quantizeFp8(q, sc, finite, "tensor", true);
+      const got = b.download(q);
+      const part = b.empty([1, n], DTYPES.f8_e4m3fn);
+      for (let c = 0; c < copies; c++) {
+        b.quantizeFp8(part, sc, finite.narrow(0, c, 1), "tensor", false);
+        const want = b.download(part);
+        assert.equal(want.findIndex((v, i) => v !== got[c * n + i]), -1, `${dt.name} dynamic`);
+      }
+    }
+  } finally {
+    b.close();
+  }
+});

@@ -60,8 +60,11 @@ export interface WorkerInit {
   stackTop: number;
 }
 
-/** Bytes of stack each worker gets in the shared memory. */
-export const WORKER_STACK_BYTES = 64 * 1024;
+/**
+ * Bytes of stack each worker gets in the shared memory: as much as the calling thread's (the
+ * build's `-z stack-size`), which the fp8 quantization table (64 KiB) needs.
+ */
+export const WORKER_STACK_BYTES = 256 * 1024;
 
 /** The pool: the calling thread's kernels plus N - 1 workers. */
 export class WasmPool implements ThreadRunner {

@@ -15,7 +15,14 @@ import {
   type TensorEntry,
 } from "./safetensors.ts";
 import { openCheckpoint, sortForReading } from "./sharded.ts";
-import { openRegularFile } from "./files.ts";
+import { openRegularFile, statRegularFile } from "./files.ts";
+import {
+  closeReadSession,
+  type ReadFile,
+  readSession,
+  readThreads,
+  THREADED_READ_MIN_BYTES,
+} from "./read_threads.ts";
 import { quoteName } from "../messages.ts";
 
 /** What a source knows about a tensor before reading it. */
@@ -137,13 +144,41 @@ function unknown(description: string, name: string): never {
 }
 
 // Serializes reads per file handle: readTensorInto seeks, so two reads on one handle must not
-// interleave.
+// interleave. Big reads into shared memory go to the reader threads instead (on handles of
+// their own); one that comes up short is read again here, which reports the error.
 class FileLane {
   private tail: Promise<unknown> = Promise.resolve();
   private handle: Deno.FsFile | null = null;
-  constructor(private readonly path: string) {}
+  private identity: Promise<ReadFile> | null = null;
+  constructor(private readonly path: string, private readonly session: number) {}
 
-  read(entry: TensorEntry, dst: Uint8Array): Promise<void> {
+  async read(entry: TensorEntry, dst: Uint8Array): Promise<void> {
+    if (
+      dst.buffer instanceof SharedArrayBuffer && dst.byteLength >= THREADED_READ_MIN_BYTES &&
+      entry.end - entry.begin === dst.byteLength
+    ) {
+      const threads = await readThreads();
+      const file = threads ? await this.checked() : null;
+      if (file && await threads!.read(this.session, file, entry.begin, dst)) return;
+    }
+    return this.readHere(entry, dst);
+  }
+
+  // The file as checked now (regular, its device and inode), for the threads; null when the
+  // check fails, so the read goes through readHere, which reports why.
+  private async checked(): Promise<ReadFile | null> {
+    this.identity ??= statRegularFile(this.path, "MISSING_SHARD", "a safetensors file").then(
+      (i) => ({ path: this.path, dev: i.dev, ino: i.ino }),
+    );
+    try {
+      return await this.identity;
+    } catch {
+      this.identity = null;
+      return null;
+    }
+  }
+
+  private readHere(entry: TensorEntry, dst: Uint8Array): Promise<void> {
     const run = async (): Promise<void> => {
       if (this.handle === null) {
         // Checked again: the file could have been replaced by a FIFO since its header was read.
@@ -188,7 +223,8 @@ export async function fileSource(path: string): Promise<WeightSource> {
       origin: e.file,
     });
   }
-  const lanes = new Map<string, FileLane>(ckpt.files.map((f) => [f, new FileLane(f)]));
+  const session = readSession();
+  const lanes = new Map<string, FileLane>(ckpt.files.map((f) => [f, new FileLane(f, session)]));
   const source: WeightSource = {
     description: ckpt.index ?? (ckpt.files.length === 1 ? ckpt.files[0] : path),
     tensors: infos,
@@ -207,7 +243,10 @@ export async function fileSource(path: string): Promise<WeightSource> {
       const part = { ...entry, begin: entry.begin + a, end: entry.begin + b };
       await lanes.get(entry.file)!.read(part, dst);
     },
-    close: () => lanes.forEach((l) => l.close()),
+    close: () => {
+      lanes.forEach((l) => l.close());
+      closeReadSession(session);
+    },
     [Symbol.asyncIterator]: () => iterate(source),
   };
   return source;
