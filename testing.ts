@@ -31,3 +31,4 @@ export * from "./src/testing/fake_ipc.ts";
 export * from "./src/testing/fake_nccl.ts";
 export * from "./src/testing/server_export.ts";
 export * from "./src/testing/block_fp8.ts";
+export * from "./src/testing/tools.ts";

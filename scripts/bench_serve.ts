@@ -9,7 +9,7 @@
  */
 
 import type { BackendChoice } from "../src/backend/select.ts";
-import type { SynthShape } from "../testing.ts";
+import { commandSucceeds, type SynthShape } from "../testing.ts";
 import { READ_CHUNK_BYTES } from "../src/models/weights.ts";
 import { startServer } from "../src/server/server.ts";
 import type { UpdateSummary } from "../src/server/service.ts";
@@ -33,15 +33,6 @@ const GB = 1e9;
 const MB = 1e6;
 const LIMIT_RATIO = 0.5;
 const IPC_LIMIT_MS = 25;
-
-function hasCurl(): boolean {
-  try {
-    return new Deno.Command("curl", { args: ["--version"], stdout: "null", stderr: "null" })
-      .outputSync().success;
-  } catch {
-    return false;
-  }
-}
 
 /** Uploads `file` with PUT to `url`; returns seconds from the first byte sent to the reply. */
 async function upload(url: string, file: string, curl: boolean): Promise<number> {
@@ -75,15 +66,10 @@ function median(xs: number[]): number {
 }
 
 function pythonWithTorch(): boolean {
-  try {
-    return new Deno.Command("python3", {
-      args: ["-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"],
-      stdout: "null",
-      stderr: "null",
-    }).outputSync().success;
-  } catch {
-    return false;
-  }
+  return commandSucceeds("python3", [
+    "-c",
+    "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)",
+  ]);
 }
 
 /** Runs the serve bench and prints each figure beside its limit; returns the figures. */
@@ -94,7 +80,7 @@ export async function benchServe(
   const shape: SynthShape = options.shape === "8b" ? SHAPE_8B : SHAPE_SMALL;
   const root = options.dir ?? await Deno.makeTempDir({ prefix: "layerwise-serve-bench-" });
   const result: Record<string, unknown> = { date: new Date().toISOString(), shape };
-  const curl = hasCurl();
+  const curl = commandSucceeds("curl", ["--version"]);
   const discard = Deno.serve(
     { hostname: "127.0.0.1", port: 0, onListen: () => {} },
     async (req) => {

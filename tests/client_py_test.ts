@@ -11,7 +11,7 @@ import { parseSafetensorsHeader } from "../src/checkpoint/safetensors.ts";
 import { openCudaBackend } from "../src/backend/cuda/device.ts";
 import { kernelTensors } from "../src/models/export.ts";
 import { startServer } from "../src/server/server.ts";
-import { equalBytes } from "../testing.ts";
+import { commandSucceeds, equalBytes } from "../testing.ts";
 
 const FIXTURES = new URL("../../shared/fixtures/", import.meta.url).pathname;
 const LLAMA = `${FIXTURES}ckpt/llama-tiny`;
@@ -20,12 +20,7 @@ const SCRIPT = new URL("./python/test_layerwise_client.py", import.meta.url).pat
 const TOKEN = "python-client-test-token-0123";
 
 function hasPython(): boolean {
-  try {
-    return new Deno.Command("python3", { args: ["--version"], stdout: "null", stderr: "null" })
-      .outputSync().success;
-  } catch {
-    return false;
-  }
+  return commandSucceeds("python3", ["--version"]);
 }
 
 /** The fixture with every bf16 value doubled (exact). */
@@ -108,18 +103,10 @@ function gpuTrainer(): boolean {
   } catch {
     return false;
   }
-  try {
-    return new Deno.Command("python3", {
-      args: [
-        "-c",
-        "import torch, transformers, sys; sys.exit(0 if torch.cuda.is_available() else 1)",
-      ],
-      stdout: "null",
-      stderr: "null",
-    }).outputSync().success;
-  } catch {
-    return false;
-  }
+  return commandSucceeds("python3", [
+    "-c",
+    "import torch, transformers, sys; sys.exit(0 if torch.cuda.is_available() else 1)",
+  ]);
 }
 
 Deno.test({

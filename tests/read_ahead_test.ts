@@ -8,6 +8,7 @@ import type { Backend } from "../src/backend/backend.ts";
 import { openWasmBackend } from "../src/backend/wasm.ts";
 import { memorySource, type WeightSource } from "../src/checkpoint/source.ts";
 import { streamWeights, type ValidatedWeights } from "../src/models/weights.ts";
+import type { Tensor } from "../src/tensor/tensor.ts";
 
 const CHUNK = 8192;
 // Four 4 KiB tensors, then one of 32 KiB that travels as 8 KiB row chunks, then one more.
@@ -55,6 +56,17 @@ function plan(): ValidatedWeights {
   return { names, skipped: [], unexpected: [], missing: [], bytes, layers: new Map([[0, 6]]) };
 }
 
+/** Asserts that a streamed unit holds the source's bytes of its rows; returns its first row. */
+function assertSourceBytes(b: Backend, name: string, t: Tensor): number {
+  const w = t.windowRows();
+  const start = t.window ? t.window.start : 0;
+  const rowBytes = 64 * 2;
+  const want = bytesOf(name, SHAPES.find(([n]) => n === name)![1])
+    .subarray(start * rowBytes, start * rowBytes + w.nbytes);
+  assert.deepEqual(b.download(w), want, `bytes of ${name} from row ${start}`);
+  return start;
+}
+
 async function withWasm(fn: (b: Backend) => Promise<void>): Promise<void> {
   const b = await openWasmBackend({ threads: 1 });
   try {
@@ -72,13 +84,9 @@ Deno.test("read-ahead: the next units are read while the current one is used, at
       readChunkBytes: CHUNK,
       staging: false,
     });
-    const rowBytes = 64 * 2;
     for await (const [name, t] of stream) {
       const w = t.windowRows();
-      const start = t.window ? t.window.start : 0;
-      const want = bytesOf(name, SHAPES.find(([n]) => n === name)![1])
-        .subarray(start * rowBytes, start * rowBytes + w.nbytes);
-      assert.deepEqual(b.download(w), want, `bytes of ${name} from row ${start}`);
+      const start = assertSourceBytes(b, name, t);
       // Held now: the unit given plus what is read ahead, at most one chunk of it.
       assert.ok(b.allocatedBytes() - base <= w.nbytes + CHUNK, `memory at ${name}`);
       log.push(`use ${name}${t.window ? `@${start}` : ""}`);
@@ -141,13 +149,8 @@ Deno.test("read path without a host view: one read at a time through the host bu
       readChunkBytes: CHUNK,
       staging: false,
     });
-    const rowBytes = 64 * 2;
     for await (const [name, t] of stream) {
-      const w = t.windowRows();
-      const start = t.window ? t.window.start : 0;
-      const want = bytesOf(name, SHAPES.find(([n]) => n === name)![1])
-        .subarray(start * rowBytes, start * rowBytes + w.nbytes);
-      assert.deepEqual(b.download(w), want, `bytes of ${name} from row ${start}`);
+      const start = assertSourceBytes(b, name, t);
       log.push(`use ${name}${t.window ? `@${start}` : ""}`);
     }
     assert.equal(b.allocatedBytes(), base, "everything freed");

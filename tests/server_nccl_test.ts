@@ -12,7 +12,7 @@ import { openWasmBackend } from "../src/backend/wasm.ts";
 import type { Backend } from "../src/backend/backend.ts";
 import { planBuckets } from "../src/parallel/broadcast.ts";
 import { startServer, type WeightServer } from "../src/server/server.ts";
-import { equalBytes, fakeNccl, fetchExport } from "../testing.ts";
+import { commandSucceeds, equalBytes, fakeNccl, fetchExport } from "../testing.ts";
 import type { FakeNccl } from "../testing.ts";
 
 const FIXTURES = new URL("../../shared/fixtures/", import.meta.url).pathname;
@@ -322,12 +322,7 @@ Deno.test("server nccl: close, a backend without NCCL, a busy server", async () 
 });
 
 function hasPython(): boolean {
-  try {
-    return new Deno.Command("python3", { args: ["--version"], stdout: "null", stderr: "null" })
-      .outputSync().success;
-  } catch {
-    return false;
-  }
+  return commandSucceeds("python3", ["--version"]);
 }
 
 Deno.test({
