@@ -435,38 +435,37 @@ export class KernelBackend implements Backend {
   }
 
   countNonFinite(src: Tensor): number {
-    this.#contiguous("countNonFinite", src);
-    if (src.numel === 0 || !src.dtype.floating) return 0;
-    this.#check(
-      "countNonFinite",
-      this.#k.lw_count_nonfinite(this.#ctx, this.#scratch.ptr, src.ptr, src.dtype.code, src.numel),
-    );
-    const out = new Uint8Array(8);
-    this.#dev.read(this.#scratch.ptr, out);
-    return Number(new DataView(out.buffer).getBigUint64(0, true));
+    return this.#countNonFinite("countNonFinite", [src])[0];
   }
 
   countNonFiniteEach(srcs: readonly Tensor[]): number[] {
-    for (const t of srcs) this.#contiguous("countNonFiniteEach", t);
+    return this.#countNonFinite("countNonFiniteEach", srcs);
+  }
+
+  /** One counter per tensor, one read for all; the scratch holds them when they fit. */
+  #countNonFinite(op: string, srcs: readonly Tensor[]): number[] {
+    for (const t of srcs) this.#contiguous(op, t);
     const counted = srcs.flatMap((t, i) => (t.numel > 0 && t.dtype.floating ? [i] : []));
     const out = srcs.map(() => 0);
     if (counted.length === 0) return out;
-    const counts = this.alloc(8 * counted.length);
+    const bytes = new Uint8Array(8 * counted.length);
+    // A tensor at a time is the host path's hot loop: no allocation there.
+    const own = bytes.byteLength > this.#scratch.bytes ? this.alloc(bytes.byteLength) : null;
+    const counts = own ?? this.#scratch;
     try {
       counted.forEach((i, k) => {
         const t = srcs[i];
         this.#check(
-          "countNonFiniteEach",
+          op,
           this.#k.lw_count_nonfinite(this.#ctx, counts.ptr + 8 * k, t.ptr, t.dtype.code, t.numel),
         );
       });
-      const bytes = new Uint8Array(8 * counted.length);
       this.#dev.read(counts.ptr, bytes);
-      const v = new DataView(bytes.buffer);
-      counted.forEach((i, k) => out[i] = Number(v.getBigUint64(8 * k, true)));
     } finally {
-      this.free(counts);
+      if (own) this.free(own);
     }
+    const v = new DataView(bytes.buffer);
+    counted.forEach((i, k) => out[i] = Number(v.getBigUint64(8 * k, true)));
     return out;
   }
 
