@@ -8,18 +8,15 @@
  * are closed on request or when the server stops.
  *
  * The reload itself is {@link reloadFromMapped}, the one function that reads mapped memory: the
- * device-source reload reads the buckets in place ({@link mappedTensors}, the copy of each tensor
- * into a scratch tensor of the backend, remains for callers that want the layerwise stream).
+ * device-source reload reads the buckets in place.
  * @module
  */
 
 import { quoteName } from "../messages.ts";
 import { IPC_HANDLE_BYTES, type IpcMapper, type IpcMapping } from "../backend/ipc.ts";
-import type { Backend } from "../backend/backend.ts";
 import type { NamedTensor, TensorInfo, WeightSource } from "../checkpoint/source.ts";
 import { CheckpointError } from "../errors.ts";
 import { type DType, dtypeFromSafetensors, dtypeOf } from "../tensor/dtype.ts";
-import { rowWindow, type Tensor } from "../tensor/tensor.ts";
 import type { Module } from "../nn/module.ts";
 import type { ReloadLayerwiseOptions, ReloadReport } from "../reload/load.ts";
 import { reloadFromDevice } from "../reload/device.ts";
@@ -270,42 +267,6 @@ export class IpcHandleCache {
 }
 
 /**
- * The tensors of `names` (validated, in read order) out of mapped memory, for the layerwise
- * reload: each (or each row chunk of at most `chunkBytes`, for a tensor with rows) copied
- * device to device into a scratch tensor that is freed when the next one is asked for.
- * The replaceable step of the IPC path (see the module doc).
- */
-export async function* mappedTensors(
-  backend: Backend,
-  mapper: IpcMapper,
-  update: IpcUpdate,
-  addresses: readonly number[],
-  names: readonly string[],
-  chunkBytes: number,
-): AsyncGenerator<[string, Tensor]> {
-  const byName = new Map(update.tensors.map((t) => [t.name, t]));
-  for (const name of names) {
-    const t = byName.get(name)!;
-    const base = addresses[t.bucket] + t.offset;
-    const rows = t.shape.length >= 2 ? t.shape[0] : 0;
-    const rowBytes = rows > 0 ? t.bytes / rows : 0;
-    const per = rows > 0 ? Math.max(1, Math.floor(chunkBytes / rowBytes)) : 0;
-    const whole = !(t.bytes > chunkBytes && per < rows);
-    for (let start = 0; start < (whole ? 1 : rows); start += whole ? 1 : per) {
-      const end = whole ? rows : Math.min(rows, start + per);
-      const shape = whole ? [...t.shape] : [end - start, ...t.shape.slice(1)];
-      const scratch = backend.empty(shape, t.dtype);
-      try {
-        mapper.copyIn(scratch, base + start * rowBytes);
-        yield [name, whole ? scratch : rowWindow(scratch, start, rows)];
-      } finally {
-        backend.free(scratch.storage!);
-      }
-    }
-  }
-}
-
-/**
  * Reloads `model` from the mapped buckets (`addresses[i]` is bucket i's address) for the
  * validated `names`: the buckets are read in place by the device-source reload
  * (reloadFromDevice: a plan kept for the next update of the same layout, multi-tensor launches,
@@ -315,12 +276,10 @@ export async function* mappedTensors(
  */
 export function reloadFromMapped(
   model: Module,
-  _backend: Backend,
-  _mapper: IpcMapper,
   update: IpcUpdate,
   addresses: readonly number[],
   names: readonly string[],
-  options: ReloadLayerwiseOptions & { readChunkBytes: number },
+  options: ReloadLayerwiseOptions,
 ): Promise<ReloadReport> {
   const byName = new Map(update.tensors.map((t) => [t.name, t]));
   const views = names.map((name) => {

@@ -20,7 +20,7 @@ import {
   modelReloadReport,
   reloadWeights,
 } from "../models/load.ts";
-import { READ_CHUNK_BYTES, validateWeights } from "../models/weights.ts";
+import { validateWeights } from "../models/weights.ts";
 import { inconsistentLayers } from "../reload/layerwise.ts";
 import type { BodyReader } from "./body.ts";
 import { errorLine, serverError } from "./http_errors.ts";
@@ -403,18 +403,7 @@ export class WeightService {
       });
       const opts = this.#reloadOptions(update);
       try {
-        const r = await reloadFromMapped(
-          model,
-          model.device,
-          mapper,
-          update,
-          addresses,
-          plan.names,
-          {
-            ...opts,
-            readChunkBytes: this.#options.readChunkBytes ?? READ_CHUNK_BYTES,
-          },
-        );
+        const r = await reloadFromMapped(model, update, addresses, plan.names, opts);
         const seconds = (performance.now() - t0) / 1000;
         return modelReloadReport(r, source.description, plan, seconds);
       } finally {

@@ -37,15 +37,6 @@ export function fakeIpc(backend: Backend): FakeIpc {
   const opened: string[] = [];
   const closed: string[] = [];
   let next = 1;
-  const bytesAt = (address: number, n: number): Uint8Array => {
-    for (const { storage } of live.values()) {
-      if (address >= storage.ptr && address + n <= storage.ptr + storage.bytes) {
-        const all = wasmView(backend, new Tensor([storage.bytes], DTYPES.u8, storage));
-        return all.subarray(address - storage.ptr, address - storage.ptr + n);
-      }
-    }
-    throw new Error(`fake ipc: ${n} bytes at ${address} are not mapped`);
-  };
   const mapper: IpcMapper = {
     open(handle) {
       if (handle.byteLength !== IPC_HANDLE_BYTES) throw new Error("fake ipc: bad handle length");
@@ -64,9 +55,6 @@ export function fakeIpc(backend: Backend): FakeIpc {
       live.delete(address);
       closed.push(m.handle);
       backend.free(m.storage);
-    },
-    copyIn(dst, address) {
-      wasmView(backend, dst).set(bytesAt(address, dst.nbytes));
     },
     synchronize() {},
   };

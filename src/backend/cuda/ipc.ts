@@ -1,7 +1,7 @@
 /**
  * The {@link IpcMapper} of a CUDA backend: `lw_ipc_open` / `lw_ipc_close` around
- * cudaIpcOpenMemHandle / cudaIpcCloseMemHandle, and device-to-device copies on the backend's
- * stream (`lw_copy`), so weights go from the trainer's memory into the model with no host copy.
+ * cudaIpcOpenMemHandle / cudaIpcCloseMemHandle; the device-source reload then reads the mapped
+ * memory in place, so weights go from the trainer's memory into the model with no host copy.
  * @module
  */
 
@@ -9,13 +9,12 @@ import type { Backend } from "../backend.ts";
 import { cudaHandle } from "./device.ts";
 import { IPC_HANDLE_BYTES, type IpcMapper, type IpcMapping } from "../ipc.ts";
 import { BackendError } from "../../errors.ts";
-import type { Tensor } from "../../tensor/tensor.ts";
 
 /** The IPC mapper of a backend from `openCudaBackend`; undefined for any other backend. */
 export function cudaIpcMapper(backend: Backend): IpcMapper | undefined {
   const h = cudaHandle(backend);
   if (h === undefined) return undefined;
-  const { device, ctx } = h;
+  const { device } = h;
   const s = device.symbols;
   const out = new BigUint64Array(1);
   const size = new BigUint64Array(1);
@@ -32,9 +31,6 @@ export function cudaIpcMapper(backend: Backend): IpcMapper | undefined {
     },
     close(address: number): void {
       device.check("cudaIpcCloseMemHandle", s.lw_ipc_close(device.device, BigInt(address)));
-    },
-    copyIn(dst: Tensor, address: number): void {
-      device.check("copy from IPC memory", s.lw_copy(ctx, dst.ptr, address, dst.nbytes));
     },
     synchronize(): void {
       backend.synchronize();
