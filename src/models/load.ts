@@ -229,11 +229,24 @@ export async function reloadWeights(
 ): Promise<ModelReloadReport> {
   const [source, own] = await open(weights);
   try {
-    const plan = validateWeights(model, source, options);
-    const stream = streamWeights(model.device, source, plan, model.readOrder, options);
-    const r = await namingFile(source, stream, (s) => engineReload(model, s, options));
-    return modelReloadReport(r, source.description, plan, r.seconds);
+    return await reloadValidated(model, source, validateWeights(model, source, options), options);
   } finally {
     if (own) source.close();
   }
+}
+
+/**
+ * {@link reloadWeights} after its validation, for a caller that validated `source` itself
+ * (`plan` from `validateWeights` with the same `strict` and `partial`), so that the whole
+ * source is not checked against the model twice.
+ */
+export async function reloadValidated(
+  model: CausalLM,
+  source: WeightSource,
+  plan: ValidatedWeights,
+  options: ModelReloadOptions = {},
+): Promise<ModelReloadReport> {
+  const stream = streamWeights(model.device, source, plan, model.readOrder, options);
+  const r = await namingFile(source, stream, (s) => engineReload(model, s, options));
+  return modelReloadReport(r, source.description, plan, r.seconds);
 }

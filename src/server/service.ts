@@ -18,6 +18,7 @@ import {
   type ModelReloadOptions,
   type ModelReloadReport,
   modelReloadReport,
+  reloadValidated,
   reloadWeights,
 } from "../models/load.ts";
 import { validateWeights } from "../models/weights.ts";
@@ -347,11 +348,12 @@ export class WeightService {
           maxBytes: o.maxBytes,
           contentLength: o.contentLength,
         });
-        const plan = validateWeights(model, source, o);
+        const options = this.#reloadOptions(o);
+        const plan = validateWeights(model, source, options);
         source.willRead(plan.names);
         if (plan.names.length === 0) await source.finish();
         // The body is no file: never let the staged path look for one under its description.
-        return await reloadWeights(model, source, { ...this.#reloadOptions(o), staging: false });
+        return await reloadValidated(model, source, plan, { ...options, staging: false });
       } finally {
         body.cancel();
       }
