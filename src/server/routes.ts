@@ -73,10 +73,6 @@ function queryFlag(url: URL, name: string): boolean {
   );
 }
 
-function checkWritable(ctx: RouteContext): void {
-  if (ctx.stopping()) throw serverError("SHUTTING_DOWN", "the server is stopping");
-}
-
 function health(_req: Request, _url: URL, ctx: RouteContext): Response {
   const s = ctx.service;
   if (s.model === null) {
@@ -126,7 +122,6 @@ function model(_req: Request, _url: URL, ctx: RouteContext): Response {
 }
 
 async function disk(req: Request, _url: URL, ctx: RouteContext): Promise<Response> {
-  checkWritable(ctx);
   const b = checkFields<UpdateOptions & { path: string }>(
     await readJson(req, ctx.jsonBody, "disk update"),
     DISK_FIELDS,
@@ -138,7 +133,6 @@ async function disk(req: Request, _url: URL, ctx: RouteContext): Promise<Respons
 }
 
 async function stream(req: Request, url: URL, ctx: RouteContext): Promise<Response> {
-  checkWritable(ctx);
   for (const k of url.searchParams.keys()) {
     if (!STREAM_QUERY.has(k)) {
       throw serverError(
@@ -177,7 +171,6 @@ async function stream(req: Request, url: URL, ctx: RouteContext): Promise<Respon
 }
 
 async function ipc(req: Request, _url: URL, ctx: RouteContext): Promise<Response> {
-  checkWritable(ctx);
   const update = parseIpcUpdate(await readJson(req, ctx.jsonBody, "ipc update"));
   return json(await ctx.service.updateFromIpc(update));
 }
@@ -195,7 +188,6 @@ async function ipcRelease(req: Request, _url: URL, ctx: RouteContext): Promise<R
 }
 
 async function ncclInit(req: Request, _url: URL, ctx: RouteContext): Promise<Response> {
-  checkWritable(ctx);
   const init = parseNcclInit(await readJson(req, ctx.jsonBody, "nccl init"));
   const joined = await ctx.service.initNccl(init);
   return json({ rank: joined.rank, world_size: joined.worldSize });
@@ -212,7 +204,6 @@ async function ncclClose(req: Request, _url: URL, ctx: RouteContext): Promise<Re
 }
 
 async function nccl(req: Request, _url: URL, ctx: RouteContext): Promise<Response> {
-  checkWritable(ctx);
   let update;
   try {
     update = parseNcclUpdate(await readJson(req, ctx.jsonBody, "nccl update"));
@@ -277,7 +268,6 @@ async function metrics(_req: Request, _url: URL, ctx: RouteContext): Promise<Res
 
 async function sglangDisk(req: Request, _url: URL, ctx: RouteContext): Promise<Response> {
   try {
-    checkWritable(ctx);
     const b = checkFields<{ model_path: string; load_format?: string; weight_version?: string }>(
       await readJson(req, ctx.jsonBody, "update_weights_from_disk"),
       SGLANG_FIELDS,

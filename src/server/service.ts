@@ -31,14 +31,6 @@ import { ncclBuckets, type NcclInit, type NcclUpdate, receiveAndReload } from ".
 import { ServerMetrics } from "./metrics.ts";
 import { openStreamSource } from "./stream_source.ts";
 
-const DTYPE_BYTES: Readonly<Record<string, number>> = {
-  F32: 4,
-  F16: 2,
-  BF16: 2,
-  F8_E4M3: 1,
-  I8: 1,
-};
-
 /** A checkpoint-format tensor the model expects: what a client needs to build an update. */
 export interface ExpectedTensor {
   /** Checkpoint name. */
@@ -209,10 +201,12 @@ export class WeightService {
         : (owned = await openBackend({ backend: options.backend }));
       const model = await loadModel(dir, { ...options, backend });
       const source = await fileSource(dir);
+      let layerBytes = 0;
       try {
         const plan = validateWeights(model, source);
         this.#expected = plan.names.map((n) => {
           const t = source.tensors.get(n)!;
+          if (n.startsWith("model.layers.0.")) layerBytes += t.bytes;
           return { name: n, dtype: t.dtype.safetensors, shape: [...t.shape] };
         });
       } finally {
@@ -221,11 +215,6 @@ export class WeightService {
       // Model-format scratch of layers that wait for more tensors is what a body out of layer
       // order costs; it is bounded (default: two decoder layers' checkpoint bytes, at least
       // 64 MiB) so that no order can make an update hold a copy of the model.
-      const layer0 = this.#expected.filter((t) => t.name.startsWith("model.layers.0."));
-      const layerBytes = layer0.reduce(
-        (a, t) => a + t.shape.reduce((x, y) => x * y, 1) * (DTYPE_BYTES[t.dtype] ?? 2),
-        0,
-      );
       this.#maxBufferedBytes = this.#options.maxBufferedBytes ??
         Math.max(64 * 1024 ** 2, 2 * layerBytes);
       this.#mapper = this.#options.ipcMapper?.(model);
