@@ -47,6 +47,7 @@ import {
   failReload,
   finalizeLayerwiseReload,
   getLayerwiseInfo,
+  incomingScannedByCaller,
   initializeLayerwiseReload,
   rejectNonFiniteEach,
   rejectNonFiniteKernel,
@@ -337,6 +338,8 @@ export class DeviceReload {
       );
     }
     initializeLayerwiseReload(model, options);
+    // runPhase scans each phase's sources whole, the ones it loads through the lifecycle too.
+    incomingScannedByCaller(model);
     return new DeviceReload(model, backend, descs, cached, reused, options);
   }
 

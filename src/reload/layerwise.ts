@@ -102,6 +102,8 @@ interface ReloadState {
   readonly maxBufferedBytes: number;
   readonly atomic: boolean;
   readonly rejectNonFinite: boolean;
+  /** The caller scanned every incoming tensor already (see {@link incomingScannedByCaller}). */
+  incomingScanned: boolean;
   readonly log: (message: string) => void;
   /**
    * Layers whose kernel tensors may hold new bytes but that are not processed yet (loaded
@@ -246,6 +248,23 @@ export function inconsistentLayers(model: Module): string[] {
   return [...INCONSISTENT.get(model) ?? []];
 }
 
+/**
+ * Tells the running reload of `model` that its caller scans every incoming tensor for NaN/Inf
+ * itself before handing it to a loader (the device path scans each phase whole, before any
+ * write), so the loaders do not scan it a second time. Kernel tensors are still checked after
+ * processing.
+ */
+export function incomingScannedByCaller(model: Module): void {
+  const state = STATE.get(model);
+  if (!state) {
+    throw new ReloadError(
+      "NOT_RELOADING",
+      "incomingScannedByCaller: no layerwise reload is in progress",
+    );
+  }
+  state.incomingScanned = true;
+}
+
 /** One-line note on an inconsistent model for messages; empty when consistent. */
 export function inconsistencyNote(model: Module): string {
   const layers = inconsistentLayers(model);
@@ -328,6 +347,7 @@ export function initializeLayerwiseReload(model: Module, options: ReloadOptions 
     maxBufferedBytes: max,
     atomic: options.atomic ?? false,
     rejectNonFinite: options.rejectNonFinite ?? false,
+    incomingScanned: false,
     partial: new Set(),
     log: options.log ?? (() => {}),
     bufferedBytes: 0,
@@ -436,7 +456,7 @@ function makeOnlineProcessLoader(
       state.log(`${where}: load writes nothing on this rank`);
       return;
     }
-    if (state.rejectNonFinite) {
+    if (state.rejectNonFinite && !state.incomingScanned) {
       rejectNonFinite(layer.backend!, loaded, where, info.restoreMetadata!.get(param)!.meta.dtype);
     }
     if (!info.started) startLayer(layer, info, where);
