@@ -574,14 +574,7 @@ export function rejectNonFiniteEach(b: Backend, incoming: readonly IncomingTenso
   incoming.forEach(({ where, as }, i) => {
     const t = views[i];
     if (t.numel === 0 || as === undefined || !as.floating || as === t.dtype) return;
-    const tmp = b.empty(t.shape, as);
-    let n: number;
-    try {
-      b.copy(tmp, t);
-      n = b.countNonFinite(tmp);
-    } finally {
-      b.free(tmp.storage!);
-    }
+    const n = countNonFiniteOf(b, t, as);
     if (n > 0) {
       throw new ReloadError(
         "NON_FINITE",
@@ -604,8 +597,9 @@ function countEach(b: Backend, ts: readonly Tensor[]): number[] {
   return out;
 }
 
-function countNonFiniteOf(b: Backend, t: Tensor): number {
-  const tmp = b.empty(t.shape, t.dtype);
+/** NaN/Inf of `t` converted to `dtype` (a contiguous temporary of it). */
+function countNonFiniteOf(b: Backend, t: Tensor, dtype: DType = t.dtype): number {
+  const tmp = b.empty(t.shape, dtype);
   try {
     b.copy(tmp, t);
     return b.countNonFinite(tmp);
