@@ -11,8 +11,8 @@
  * @module
  */
 
-import { DTYPES } from "../tensor/dtype.ts";
-import { GRANULARITY_CODE, QUANT_BLOCK } from "./abi.ts";
+import { DTYPES, isModelFloat } from "../tensor/dtype.ts";
+import { GRANULARITY_CODE, MULTI_TENSOR_FIELDS, QUANT_BLOCK } from "./abi.ts";
 import type { KernelAbi } from "./kernels.ts";
 
 /** Runs thread i's call of `calls` on thread i (0: the caller); the first non-zero status. */
@@ -37,7 +37,7 @@ export interface SplitOptions {
 
 const SIZE_BY_CODE = new Map(Object.values(DTYPES).map((d) => [d.code, d.size]));
 const FLOAT_CODES = new Set(Object.values(DTYPES).filter((d) => d.floating).map((d) => d.code));
-const QUANT_INPUT_CODES = new Set([DTYPES.f32.code, DTYPES.f16.code, DTYPES.bf16.code]);
+const QUANT_INPUT_CODES = new Set(Object.values(DTYPES).filter(isModelFloat).map((d) => d.code));
 const TENSOR = GRANULARITY_CODE.tensor, ROW = GRANULARITY_CODE.row;
 const BLOCK128 = GRANULARITY_CODE.block128;
 // Element ranges start on multiples of this, so each part's vector loop starts aligned.
@@ -66,7 +66,7 @@ export function partCount(bytes: number, threads: number, minBytesPerThread: num
 }
 
 // The multi-tensor kernels' item table: {target, row0, rows, col0, cols} per item, as uint64.
-const MT_ITEM_FIELDS = 5;
+const MT_ITEM_FIELDS = MULTI_TENSOR_FIELDS.item;
 
 /**
  * The multi-tensor kernels (lw_mt_*: a table of items, launched as a range [first, first+n))

@@ -23,7 +23,7 @@ import type { Module, ResolvedWeight } from "../nn/module.ts";
 import { recordWrites, TensorSlot } from "../nn/slots.ts";
 import { Fp8BlockMethod } from "../quant/fp8_block.ts";
 import { OnlineQuantMethod } from "../quant/online.ts";
-import { type DType, DTYPES } from "../tensor/dtype.ts";
+import { type DType, DTYPES, isModelFloat } from "../tensor/dtype.ts";
 import { type Storage, Tensor } from "../tensor/tensor.ts";
 import { getLayerwiseInfo } from "./layerwise.ts";
 import type { TensorDescriptor } from "./validate.ts";
@@ -146,8 +146,6 @@ const KIND: Readonly<Record<Granularity, MultiTensorKind>> = {
   row: "fp8-row",
   block128: "fp8-block128",
 };
-const QUANT_INPUTS = new Set(["f32", "f16", "bf16"]);
-const FLOATS = new Set(["f32", "f16", "bf16", "f8_e4m3fn", "f8_e5m2"]);
 
 function placeholder(shape: readonly number[], dtype: DType): Tensor {
   const bytes = shape.reduce((a, b) => a * b, 1) * dtype.size;
@@ -353,7 +351,7 @@ function planLayer(
     const srcDtype = w.src.dtype;
     const spec = specs.get(w.slot);
     if (spec) {
-      if (srcDtype !== m.meta.dtype || !QUANT_INPUTS.has(srcDtype.name) || !w.dst.isContiguous) {
+      if (srcDtype !== m.meta.dtype || !isModelFloat(srcDtype) || !w.dst.isContiguous) {
         return null;
       }
       const n = spec.shape.length;
@@ -405,7 +403,7 @@ function planLayer(
     }
     if (w.dst.numel === 0) continue;
     if (
-      srcDtype !== kernel.dtype && !(FLOATS.has(srcDtype.name) && FLOATS.has(kernel.dtype.name))
+      srcDtype !== kernel.dtype && !(srcDtype.floating && kernel.dtype.floating)
     ) {
       return null;
     }
