@@ -378,27 +378,30 @@ export class KernelBackend implements Backend {
     const e = dst.dtype.size;
     let lo = 0, hi = 0;
     if (dst.dtype.floating) {
-      // Convert on the device so the rounding is the kernels' own.
-      const tmp = new Uint8Array(4);
-      new DataView(tmp.buffer).setFloat32(0, value, true);
-      this.#dev.write(this.#scratch.ptr, tmp);
-      this.#check(
-        "fill",
-        this.#k.lw_cast(
-          this.#ctx,
-          this.#scratch.ptr + 8,
-          dst.dtype.code,
-          1,
-          this.#scratch.ptr,
-          0,
-          1,
-          1,
-          1,
-        ),
-      );
-      const bits = new Uint8Array(4);
-      this.#dev.read(this.#scratch.ptr + 8, bits.subarray(0, e));
-      lo = new DataView(bits.buffer).getUint32(0, true);
+      // Convert on the device so the rounding is the kernels' own; +0 is all zero bits in every
+      // floating dtype and needs no round trip (which would make the host wait for the device).
+      if (!Object.is(value, 0)) {
+        const tmp = new Uint8Array(4);
+        new DataView(tmp.buffer).setFloat32(0, value, true);
+        this.#dev.write(this.#scratch.ptr, tmp);
+        this.#check(
+          "fill",
+          this.#k.lw_cast(
+            this.#ctx,
+            this.#scratch.ptr + 8,
+            dst.dtype.code,
+            1,
+            this.#scratch.ptr,
+            0,
+            1,
+            1,
+            1,
+          ),
+        );
+        const bits = new Uint8Array(4);
+        this.#dev.read(this.#scratch.ptr + 8, bits.subarray(0, e));
+        lo = new DataView(bits.buffer).getUint32(0, true);
+      }
     } else {
       if (!Number.isInteger(value)) {
         throw new BackendError(
