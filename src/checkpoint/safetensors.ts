@@ -612,6 +612,23 @@ export function layoutSafetensors(
   return { prefix, order: list.map(([name]) => name), totalBytes: 8 + n + offset };
 }
 
+/** Checks host tensors and lays them out; their bytes by name, for the writer. */
+function layoutHostTensors(
+  tensors: Iterable<[string, HostTensor]>,
+  metadata: Record<string, string> | undefined,
+  where: string,
+): { layout: SafetensorsLayout; held: Map<string, HostTensor> } {
+  const held = new Map<string, HostTensor>();
+  const list: [string, TensorLayoutInput][] = [];
+  for (const [name, t] of tensors) {
+    checkHostTensor(name, t, where);
+    held.set(name, t);
+    list.push([name, { dtype: t.dtype, shape: t.shape, bytes: t.data.byteLength }]);
+  }
+  // A name given twice is refused here, before `held` is read.
+  return { layout: layoutSafetensors(list, metadata, where), held };
+}
+
 /**
  * Encodes tensors as a safetensors file laid out by {@link layoutSafetensors}. Throws
  * CheckpointError as it does, and on a tensor whose byte length does not fit its shape.
@@ -620,16 +637,7 @@ export function encodeSafetensors(
   tensors: Iterable<[string, HostTensor]>,
   metadata?: Record<string, string>,
 ): Uint8Array {
-  const where = "encodeSafetensors";
-  const held = new Map<string, HostTensor>();
-  const list: [string, TensorLayoutInput][] = [];
-  for (const [name, t] of tensors) {
-    if (held.has(name)) fail("DUPLICATE", `${where}: tensor ${quote(name)} given twice`);
-    checkHostTensor(name, t, where);
-    held.set(name, t);
-    list.push([name, { dtype: t.dtype, shape: t.shape, bytes: t.data.byteLength }]);
-  }
-  const layout = layoutSafetensors(list, metadata, where);
+  const { layout, held } = layoutHostTensors(tensors, metadata, "encodeSafetensors");
   const out = new Uint8Array(layout.totalBytes);
   out.set(layout.prefix);
   let at = layout.prefix.byteLength;
@@ -642,14 +650,22 @@ export function encodeSafetensors(
 }
 
 /**
- * Encodes tensors with {@link encodeSafetensors} and writes them to `path` atomically (a
- * temporary file beside it, then a rename: see `writeFileAtomic`), so an interrupted write
- * never leaves a truncated file where the previous one was.
+ * Writes tensors as {@link encodeSafetensors} encodes them to `path` atomically (a temporary
+ * file beside it, then a rename: see `writeFileAtomic`), so an interrupted write never leaves a
+ * truncated file where the previous one was. The tensors are written one after the other, with
+ * no copy of the whole file in memory; every check is made before the file is created.
  */
 export async function writeSafetensors(
   path: string,
   tensors: Iterable<[string, HostTensor]>,
   metadata?: Record<string, string>,
 ): Promise<void> {
-  await writeFileAtomic(path, encodeSafetensors(tensors, metadata));
+  const { layout, held } = layoutHostTensors(tensors, metadata, "encodeSafetensors");
+  await writeFileAtomic(
+    path,
+    (async function* () {
+      yield layout.prefix;
+      for (const name of layout.order) yield held.get(name)!.data;
+    })(),
+  );
 }
