@@ -18,6 +18,7 @@
  */
 
 import type { Backend, Granularity } from "../backend/backend.ts";
+import { QUANT_BLOCK, scaleShape } from "../backend/abi.ts";
 import { CheckpointError } from "../errors.ts";
 import type { Module } from "../nn/module.ts";
 import { copyInto, select0, type ShardId, TensorSlot, type WeightLoader } from "../nn/slots.ts";
@@ -33,14 +34,14 @@ import type {
 import { OnlineQuantMethod } from "./online.ts";
 
 /** Block edge, rows and columns. */
-export const BLOCK = 128;
+const BLOCK = QUANT_BLOCK;
 
 const blocks = (n: number) => Math.ceil(n / BLOCK);
 
 /** Shape of the block scales of a spec: `[bR, bC]`, or `[E, bR, bC]` for stacked experts. */
 function blockScaleShape(spec: WeightSpec): number[] {
   const [rows, cols] = matrixShape(spec);
-  const per = [blocks(rows), blocks(cols)];
+  const per = scaleShape(rows, cols, "block128");
   const e = expertCount(spec);
   return e === 0 ? per : [e, ...per];
 }

@@ -5,6 +5,7 @@
  */
 
 import type { Backend } from "../backend/backend.ts";
+import { scaleShape } from "../backend/abi.ts";
 import type { HostTensor } from "../checkpoint/safetensors.ts";
 import { DTYPES } from "../tensor/dtype.ts";
 
@@ -20,7 +21,7 @@ export function quantizeBlock128(
   tensor: HostTensor,
 ): [weight: HostTensor, scaleInv: HostTensor] {
   const [rows, cols] = tensor.shape;
-  const sShape = [Math.ceil(rows / 128), Math.ceil(cols / 128)];
+  const sShape = scaleShape(rows, cols, "block128");
   const src = backend.empty(tensor.shape, tensor.dtype);
   const q = backend.empty(tensor.shape, DTYPES.f8_e4m3fn);
   const s = backend.empty(sShape, DTYPES.f32);
