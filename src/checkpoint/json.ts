@@ -59,6 +59,9 @@ export function parseStrictJson(text: string, file: string, options: StrictJsonO
   return new JsonParser(text, file, options).parseDocument();
 }
 
+// A JSON number at `lastIndex` (sticky; one object for every number of a header).
+const NUMBER = /-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?/y;
+
 class JsonParser {
   private pos = 0;
   constructor(
@@ -176,9 +179,8 @@ class JsonParser {
   }
 
   private number(): JsonNumber {
-    const re = /-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?/y;
-    re.lastIndex = this.pos;
-    const m = re.exec(this.text);
+    NUMBER.lastIndex = this.pos;
+    const m = NUMBER.exec(this.text);
     if (m === null) this.syntax("malformed number");
     this.pos += m[0].length;
     return new JsonNumber(m[0]);

@@ -115,7 +115,7 @@ export async function soak(backend: Backend, options: SoakOptions): Promise<Soak
       }
       const lay = kernelLayout(model);
       for (const [n, l] of layout) {
-        if (lay.get(n) !== l) throw new Error(`reload ${i}: ${n} moved: ${layout.get(n)} -> ${l}`);
+        if (lay.get(n) !== l) throw new Error(`reload ${i}: ${n} moved: ${l} -> ${lay.get(n)}`);
       }
       const allocated = b.allocatedBytes();
       const rss = Deno.memoryUsage().rss;
