@@ -134,8 +134,8 @@ def _host_bytes(t: Any) -> Tuple[memoryview, Any]:
     return memoryview(buf).cast("B"), host
 
 
-def _align(n: int) -> int:
-    return (n + NCCL_ALIGN - 1) // NCCL_ALIGN * NCCL_ALIGN
+def _align(n: int, to: int = NCCL_ALIGN) -> int:
+    return (n + to - 1) // to * to
 
 
 def ipc_mem_handle(shared: bytes) -> bytes:
@@ -382,21 +382,11 @@ class LayerwiseClient:
 
     def export(self) -> bytes:
         """``GET /v1/export``: the kernel tensors as safetensors bytes."""
-        conn = self._connection()
-        try:
-            conn.request("GET", self._base + "/v1/export", headers=self._headers())
-            return self._answer(conn.getresponse())
-        finally:
-            conn.close()
+        return self._request("GET", "/v1/export")
 
     def metrics(self) -> str:
         """``GET /metrics`` in Prometheus text format."""
-        conn = self._connection()
-        try:
-            conn.request("GET", self._base + "/metrics", headers=self._headers())
-            return self._answer(conn.getresponse()).decode("utf-8")
-        finally:
-            conn.close()
+        return self._request("GET", "/metrics").decode("utf-8")
 
     def release_ipc(self, handles: Optional[Sequence[str]] = None) -> dict:
         """``POST /v1/update/ipc/release``: the server closes the given handles (all if None)."""
@@ -524,7 +514,7 @@ class LayerwiseClient:
             dtype, shape, nbytes = _describe(name, t)
             if t.device != device:
                 raise ValueError(f"{name}: all tensors must be on {device}, got {t.device}")
-            at = (used + _IPC_ALIGN - 1) // _IPC_ALIGN * _IPC_ALIGN
+            at = _align(used, _IPC_ALIGN)
             if cur < 0 or at + nbytes > sizes[cur]:
                 cur += 1
                 sizes.append(max(bucket_bytes, nbytes))
