@@ -215,8 +215,9 @@ async function ipcUpdates(
         `limit ${IPC_LIMIT_MS} ms; ratio ${(ms / IPC_LIMIT_MS).toFixed(2)})`,
     );
     console.log(
-      `    of which the server's reload (its report's seconds) ${serverMs.toFixed(1)} ms; ` +
-        `the rest is the client packing its buckets and HTTP`,
+      `    of which the server's own time for the update ${serverMs.toFixed(1)} ms (its reply's ` +
+        `seconds: table check, mapping, reload, wait); the rest is the client packing its ` +
+        `buckets, and HTTP`,
     );
     return { ...r, medianMs: ms, serverMedianMs: serverMs, limitMs: IPC_LIMIT_MS };
   } finally {

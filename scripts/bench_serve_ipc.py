@@ -5,7 +5,8 @@
 Builds bf16 CUDA tensors of every checkpoint tensor the served model expects (GET /v1/model),
 pushes them UPDATES times over CUDA IPC with the same buckets, and prints JSON: bytes per
 update, milliseconds of each update from the client's call to its reply, the server's own
-seconds for each (its report), buckets used.
+time for each (its reply's seconds: from taking the update lock to the end of the reload),
+buckets used.
 """
 
 import json

@@ -367,7 +367,6 @@ export class WeightService {
       );
     }
     return this.#update("ipc", update, async (model) => {
-      const t0 = performance.now();
       const source = describedSource(update);
       const plan = validateWeights(model, source, update);
       const addresses = update.buckets.map((b, i) => {
@@ -395,8 +394,7 @@ export class WeightService {
       const opts = this.#reloadOptions(update);
       try {
         const r = await reloadFromMapped(model, update, addresses, plan.names, opts);
-        const seconds = (performance.now() - t0) / 1000;
-        return modelReloadReport(r, source.description, plan, seconds);
+        return modelReloadReport(r, source.description, plan, r.seconds);
       } finally {
         // The reply promises the trainer that its buckets are no longer read.
         mapper.synchronize();
@@ -471,7 +469,6 @@ export class WeightService {
           "nccl update: no communicator: POST /v1/update/nccl/init first",
         );
       }
-      const t0 = performance.now();
       let started = false;
       try {
         if (update.srcRank >= receiver.worldSize || update.srcRank === receiver.rank) {
@@ -493,8 +490,7 @@ export class WeightService {
           this.#reloadOptions(update),
           () => this.closeNccl(),
         );
-        const seconds = (performance.now() - t0) / 1000;
-        return Promise.resolve(modelReloadReport(r, source.description, plan, seconds));
+        return Promise.resolve(modelReloadReport(r, source.description, plan, r.seconds));
       } catch (e) {
         // Refused before any receive: the trainer's queued broadcasts will never be matched.
         if (!started) this.closeNccl();
