@@ -12,6 +12,7 @@ import type { QuantScheme } from "../nn/quant_method.ts";
 import { loadWeights, reloadLayerwise } from "../reload/load.ts";
 import {
   checkpointFor,
+  equalBytes,
   freeModule,
   freeWeights,
   kernelLayout,
@@ -103,11 +104,7 @@ export async function soak(backend: Backend, options: SoakOptions): Promise<Soak
       const slots = model.namedTensors();
       const want = expected[which];
       for (let t = 0; t < slots.length; t++) {
-        const got = b.download(slots[t][1].tensor);
-        const exp = want[t];
-        let same = got.length === exp.length;
-        for (let k = 0; same && k < got.length; k++) same = got[k] === exp[k];
-        if (!same) {
+        if (!equalBytes(b.download(slots[t][1].tensor), want[t])) {
           throw new Error(
             `reload ${i}: ${slots[t][0]} differs from a fresh load of ${"AB"[which]}`,
           );

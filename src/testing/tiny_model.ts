@@ -22,7 +22,7 @@ import {
   VocabParallelEmbedding,
 } from "../nn/layers.ts";
 import { Module, type WeightTarget } from "../nn/module.ts";
-import { rng } from "./synth.ts";
+import { bf16Bits, rng } from "./synth.ts";
 import type { QuantScheme } from "../nn/quant_method.ts";
 import { createQuantMethod } from "../quant/create.ts";
 import {
@@ -47,13 +47,8 @@ export async function testBackends(): Promise<[string, Backend][]> {
 
 /** bf16 bytes (round to nearest even) of `n` values `center + spread * u`, u uniform in [-1, 1). */
 export function randomBf16(rand: () => number, n: number, spread = 1, center = 0): Uint8Array {
-  const f = new Float32Array(1), u = new Uint32Array(f.buffer);
   const out = new Uint16Array(n);
-  for (let i = 0; i < n; i++) {
-    f[0] = center + spread * (rand() * 2 - 1);
-    const bits = u[0];
-    out[i] = (bits + 0x7fff + ((bits >>> 16) & 1)) >>> 16;
-  }
+  for (let i = 0; i < n; i++) out[i] = bf16Bits(center + spread * (rand() * 2 - 1));
   return new Uint8Array(out.buffer);
 }
 
