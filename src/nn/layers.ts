@@ -462,11 +462,6 @@ export class FusedMoE extends Module {
     const ip = divide(I, size, "FusedMoE intermediate size");
     this.intermediatePerRank = ip;
     const b = ctx.backend;
-    const merged = (one: WeightLoader): WeightLoader => (slot, loaded, shardId, expertId) => {
-      for (const p of this.splitMerged(loaded, shardId, expertId)) {
-        one(slot, p.loaded, p.shardId, p.expertId);
-      }
-    };
     const w13: WeightLoader = (slot, loaded, shardId, expertId) => {
       const shard = this.#shard(shardId, ["w1", "w3"]);
       const e = this.localExpert(expertId);
@@ -493,7 +488,7 @@ export class FusedMoE extends Module {
         scaleName: "w13_weight_scale",
         shape: [E, 2 * ip, H],
         shardRows: [ip, ip],
-        loader: merged(w13),
+        loader: w13,
         scaleIndex: (s, e) => this.#scaleIndex(s, e, ["w1", "w3"]),
         layout: (s, e) => {
           const at = this.#scaleIndex(s, e, ["w1", "w3"]);
@@ -507,14 +502,13 @@ export class FusedMoE extends Module {
             dstRow: at.shard * ip,
           };
         },
-        split: (l, s, e) => this.splitMerged(l, s, e),
       },
       {
         name: "w2_weight",
         scaleName: "w2_weight_scale",
         shape: [E, H, ip],
         shardRows: [H],
-        loader: merged(w2),
+        loader: w2,
         scaleIndex: (s, e) => this.#scaleIndex(s, e, ["w2"]),
         layout: (s, e) => {
           const at = this.#scaleIndex(s, e, ["w2"]);
@@ -528,9 +522,19 @@ export class FusedMoE extends Module {
             dstRow: 0,
           };
         },
-        split: (l, s, e) => this.splitMerged(l, s, e),
       },
     ]);
+    // A merged load (transformers 5's stacked experts) becomes per-expert loads here, in front
+    // of whatever loader the quant method installed, so no method sees one.
+    for (const name of ["w13_weight", "w2_weight"]) {
+      const slot = this.slot(name);
+      const one = slot.weightLoader;
+      slot.weightLoader = (s, loaded, shardId, expertId) => {
+        for (const p of this.splitMerged(loaded, shardId, expertId)) {
+          one(s, p.loaded, p.shardId, p.expertId);
+        }
+      };
+    }
   }
 
   /**

@@ -35,15 +35,9 @@ export interface WeightSpec {
    * tensors of the same layout (block scales); null when the expert is not on this rank.
    */
   layout(shardId: ShardId | undefined, expertId: number | undefined): ShardLayout | null;
-  /**
-   * Splits one load that carries several experts (transformers 5's merged
-   * `experts.gate_up_proj` / `experts.down_proj`) into per-expert loads; absent, or given a
-   * single-expert load, returns it unchanged.
-   */
-  split?(loaded: Tensor, shardId: ShardId | undefined, expertId: number | undefined): SplitLoad[];
 }
 
-/** One per-expert piece of a merged load (see {@link WeightSpec.split}). */
+/** One per-expert piece of a merged load (`FusedMoE.splitMerged`). */
 export interface SplitLoad {
   /** The piece, in checkpoint format. */
   readonly loaded: Tensor;

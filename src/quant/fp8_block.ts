@@ -176,11 +176,8 @@ export class Fp8BlockMethod implements QuantMethod {
   }
 
   #weightLoader(layer: Module, spec: WeightSpec): WeightLoader {
-    return (slot, loaded, shardId, expertId) => {
-      const pieces = spec.split?.(loaded, shardId, expertId) ??
-        [{ loaded, shardId, expertId }];
-      for (const p of pieces) this.#loadWeight(layer, spec, slot, p.loaded, p.shardId, p.expertId);
-    };
+    return (slot, loaded, shardId, expertId) =>
+      this.#loadWeight(layer, spec, slot, loaded, shardId, expertId);
   }
 
   #loadWeight(
