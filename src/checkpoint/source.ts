@@ -305,6 +305,29 @@ export function toHostTensor(name: string, t: TensorLike, where: string): HostTe
 }
 
 /**
+ * A source that only describes its tensors, for validation against a model: their bytes travel
+ * another way (`via`: CUDA IPC, NCCL), so every read is refused (CheckpointError `NOT_LOADABLE`).
+ */
+export function describingSource(
+  description: string,
+  tensors: ReadonlyMap<string, TensorInfo>,
+  plan: (order?: (name: string) => number) => string[],
+  via: string,
+): WeightSource {
+  const refusal = () => new CheckpointError("NOT_LOADABLE", `${description}: read through ${via}`);
+  const refuse = (): Promise<never> => Promise.reject(refusal());
+  return {
+    description,
+    tensors,
+    plan,
+    readInto: refuse,
+    readRowsInto: refuse,
+    close: () => {},
+    [Symbol.asyncIterator]: (): AsyncIterator<NamedTensor> => ({ next: refuse }),
+  };
+}
+
+/**
  * A source over tensors held in memory, given as `[name, tensor]` pairs or `{ name, tensor }`
  * records in any order. Everything is validated here (duplicate names, dtypes, byte lengths);
  * the bytes are not copied, so they must not change while the source is in use.

@@ -24,7 +24,7 @@
 
 import { CudaDevice, cudaHandle } from "../backend/cuda/device.ts";
 import type { NcclComms } from "../backend/cuda/nccl.ts";
-import type { TensorInfo, WeightSource } from "../checkpoint/source.ts";
+import { describingSource, type TensorInfo, type WeightSource } from "../checkpoint/source.ts";
 import { LayerwiseError } from "../errors.ts";
 import type { CausalLM } from "../models/causal_lm.ts";
 import type { ModelReloadOptions } from "../models/load.ts";
@@ -230,21 +230,6 @@ export function planBuckets(
   return { buckets, bucketBytes: cap, bytes: total };
 }
 
-/** Rank r's description of a broadcast source, for validateWeights. */
-function described(source: BroadcastSource): WeightSource {
-  const refuse = (): never => {
-    throw new LayerwiseError("BAD_SOURCE", `${source.description}: read through the broadcast`);
-  };
-  return {
-    description: source.description,
-    tensors: source.tensors,
-    plan: (order) => source.plan(order),
-    readInto: refuse,
-    close: () => {},
-    [Symbol.asyncIterator]: refuse,
-  };
-}
-
 /**
  * Reloads every rank's model in place from one source read once on the root and broadcast
  * over NCCL in buckets. `models[r]` must live on the CUDA device `comms.devices[r]`. Rejects
@@ -272,7 +257,13 @@ export async function broadcastReload(
     }
   }
   // Validate everything against every rank before a byte moves.
-  const plans = models.map((m) => validateWeights(m, described(source), options));
+  const plans = models.map((m) =>
+    validateWeights(
+      m,
+      describingSource(source.description, source.tensors, (o) => source.plan(o), "the broadcast"),
+      options,
+    )
+  );
   const names = plans[0].names;
   for (let r = 1; r < n; r++) {
     if (plans[r].names.join("\n") !== names.join("\n")) {

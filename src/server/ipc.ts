@@ -14,8 +14,7 @@
 
 import { quoteName } from "../messages.ts";
 import { IPC_HANDLE_BYTES, type IpcMapper, type IpcMapping } from "../backend/ipc.ts";
-import type { NamedTensor, TensorInfo, WeightSource } from "../checkpoint/source.ts";
-import { CheckpointError } from "../errors.ts";
+import { describingSource, type TensorInfo, type WeightSource } from "../checkpoint/source.ts";
 import { type DType, dtypeFromSafetensors, dtypeOf } from "../tensor/dtype.ts";
 import type { Module } from "../nn/module.ts";
 import type { ReloadLayerwiseOptions, ReloadReport } from "../reload/load.ts";
@@ -210,21 +209,7 @@ export function describedSource(
       origin: t.bucket === undefined ? description : `${description} bucket ${t.bucket}`,
     }]),
   );
-  const unreadable = (): Promise<void> =>
-    Promise.reject(
-      new CheckpointError("NOT_LOADABLE", `${description}: read through its transport`),
-    );
-  return {
-    description,
-    tensors: infos,
-    plan: () => [...infos.keys()],
-    readInto: unreadable,
-    readRowsInto: unreadable,
-    close: () => {},
-    [Symbol.asyncIterator]: (): AsyncIterator<NamedTensor> => ({
-      next: () => Promise.reject(new CheckpointError("NOT_LOADABLE", description)),
-    }),
-  };
+  return describingSource(description, infos, () => [...infos.keys()], "its transport");
 }
 
 /** Open IPC mappings by handle, reused while the trainer sends the same buckets. */
