@@ -26,6 +26,7 @@ import {
   SHAPE_SMALL,
 } from "./bench_reload.ts";
 import { benchServe } from "./bench_serve.ts";
+import type { QuantName } from "../src/models/quant_names.ts";
 
 const { values } = parseArgs({
   args: Deno.args,
@@ -36,6 +37,7 @@ const { values } = parseArgs({
     json: { type: "string" },
     help: { type: "boolean", short: "h" },
     only: { type: "string" },
+    quants: { type: "string" },
     ...RELOAD_BENCH_ARGS,
   },
 });
@@ -44,7 +46,7 @@ if (values.help) {
   console.log(
     "usage: deno task bench [--backend auto|cuda|wasm] " +
       "[--only kernels|reload|block-fp8|serve|device] " +
-      "[--elements N] " +
+      "[--elements N] [--quants fp8,fp8-channel,fp8-block,int8,none (device)] " +
       "[--reps N] [--json FILE] [--shape 8b|small] [--runs N] [--dir DIR] [--keep] [--simple] " +
       "[--slot-mb N] [--slots N] [--chunk-mb N] [--readers N] [--ring-mb N] [--sweep RxSxC,...]",
   );
@@ -82,6 +84,7 @@ try {
     out.device = await benchDevice(backend, {
       shape: values.shape as "8b" | "small" | undefined,
       runs: values.runs === undefined ? undefined : Number(values.runs),
+      quants: values.quants?.split(",") as QuantName[] | undefined,
     });
   }
   if (only === undefined || only === "kernels") {

@@ -23,6 +23,7 @@ import {
 } from "../src/reload/device.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
 import { Tensor } from "../src/tensor/tensor.ts";
+import { cudaHandle } from "../src/backend/cuda/device.ts";
 import { SHAPE_8B, SHAPE_SMALL } from "./bench_reload.ts";
 
 /** Options of {@link benchDevice}. */
@@ -53,6 +54,57 @@ export interface DeviceBenchRow {
   peakExtraBytes: number;
   /** Whether the timed runs reused the plan. */
   planReused: boolean;
+  /**
+   * CUDA only, from the best run: device milliseconds of the plan's launches by op (`absmax`,
+   * `quant:<kind>`, `copy`, `fill`), timed by events around each, and `span` from the first
+   * launch's start to the last one's end (the rest of `ms` is host work and waits).
+   */
+  gpuMs?: Record<string, number>;
+}
+
+/** Records CUDA events around every multi-tensor launch and fill of `b` while installed. */
+function launchTimer(b: Backend) {
+  const h = cudaHandle(b);
+  if (h === undefined) return undefined;
+  const d = h.device, events: number[] = [];
+  let used = 0;
+  const marks: { op: string; start: number; end: number }[] = [];
+  const event = () => {
+    if (used === events.length) events.push(d.createEvent());
+    return events[used++];
+  };
+  const launch = b.launchMultiTensor.bind(b), fill = b.fill.bind(b);
+  const timed =
+    <A extends unknown[]>(op: (...a: A) => string, f: (...a: A) => void) => (...a: A) => {
+      const start = event();
+      d.record(start, h.ctx);
+      f(...a);
+      const end = event();
+      d.record(end, h.ctx);
+      marks.push({ op: op(...a), start, end });
+    };
+  return {
+    install() {
+      b.launchMultiTensor = timed((l) => l.op === "quant" ? `quant:${l.kind}` : l.op, launch);
+      b.fill = timed((_t: Tensor, _v: number) => "fill", fill);
+    },
+    uninstall() {
+      b.launchMultiTensor = launch;
+      b.fill = fill;
+    },
+    /** Device ms by op of the marks since the last call (their events have completed). */
+    take(): Record<string, number> {
+      const out: Record<string, number> = {};
+      for (const m of marks) out[m.op] = (out[m.op] ?? 0) + d.elapsedMs(m.start, m.end);
+      if (marks.length > 0) out.span = d.elapsedMs(marks[0].start, marks[marks.length - 1].end);
+      marks.length = 0;
+      used = 0;
+      return out;
+    },
+    destroy() {
+      for (const e of events) d.destroyEvent(e);
+    },
+  };
 }
 
 const BUCKET = 256 * 1024 * 1024;
@@ -159,16 +211,23 @@ export async function benchDevice(
           return st;
         };
         let best = Infinity, reused = true, table = 0;
+        let gpuMs: Record<string, number> | undefined;
+        const timer = launchTimer(b);
         try {
           await reloadFromDevice(model, views); // plans (first layout) or replans
+          timer?.install();
           for (let i = 0; i < runs; i++) {
             const t0 = performance.now();
             const r = await reloadFromDevice(model, views);
-            best = Math.min(best, performance.now() - t0);
+            const ms = performance.now() - t0;
+            const gpu = timer?.take();
+            if (ms < best) [best, gpuMs] = [ms, gpu];
             reused &&= r.plan.reused;
             table = r.plan.tableBytes;
           }
         } finally {
+          timer?.uninstall();
+          timer?.destroy();
           b.alloc = alloc;
         }
         peak = Math.max(peak, b.allocatedBytes());
@@ -183,6 +242,7 @@ export async function benchDevice(
           // the layouts' names, dtypes and shapes agree): count them either way.
           peakExtraBytes: Math.max(peak - base, table),
           planReused: reused,
+          gpuMs,
         });
       }
       releaseDevicePlan(model);
@@ -214,6 +274,11 @@ export async function benchDevice(
         (r.peakExtraBytes / 1024).toFixed(0).padStart(8)
       } KiB  ${r.planReused}`,
     );
+  }
+  for (const r of rows) {
+    if (r.gpuMs === undefined) continue;
+    const parts = Object.entries(r.gpuMs).map(([k, v]) => `${k} ${v.toFixed(2)}`).join(", ");
+    console.log(`  ${r.quant} ${r.layout}: device ms of the launches: ${parts}`);
   }
   return { rows, copyGBps: rate / GB, checkpointBytes };
 }

@@ -28,8 +28,12 @@ import { type Storage, Tensor } from "../tensor/tensor.ts";
 import { getLayerwiseInfo } from "./layerwise.ts";
 import type { TensorDescriptor } from "./validate.ts";
 
-/** Elements one work item covers (rows are whole; a tile is 128 x 128). */
-const ITEM_ELEMENTS = 32768;
+/**
+ * Elements one work item covers (rows are whole; a tile is 128 x 128). Large enough that an
+ * item's table lookups and block-wide reduction are small beside its bytes: on an H200 the 8B
+ * absmax launch took 3.9 ms with 32768, 3.3 ms with 131072 and 7.0 ms with 8192 (BENCHMARKS.md).
+ */
+const ITEM_ELEMENTS = 131072;
 
 /** One launch of the plan. */
 export interface PlannedLaunch {
