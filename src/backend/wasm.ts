@@ -39,7 +39,7 @@ import {
   type WasmModuleInfo,
 } from "./wasm_abi.ts";
 import { WasmHeap } from "./wasm_heap.ts";
-import { WasmPool, WORKER_STACK_BYTES } from "./wasm_pool.ts";
+import { maxParts, PARTS_PER_THREAD, WasmPool, WORKER_STACK_BYTES } from "./wasm_pool.ts";
 import { splitKernels, splitMultiTensor } from "./wasm_split.ts";
 
 /** The most memory V8 lets a memory64 hold (the module is built with this maximum). */
@@ -142,7 +142,7 @@ class WasmDevice implements RawDevice {
     // Kernels the pool does not split (added to the ABI later) run on the calling thread.
     this.#kernels = {
       ...local,
-      ...splitKernels(pool, { minBytesPerThread }),
+      ...splitKernels(pool, { minBytesPerThread, partsPerThread: PARTS_PER_THREAD }),
       ...splitMultiTensor(pool, { minBytesPerThread }, new Set(Object.keys(local))),
     } as unknown as KernelAbi & MultiTensorAbi;
   }
@@ -272,7 +272,7 @@ export async function openWasmBackend(options: WasmBackendOptions = {}): Promise
   for (let i = 1; i < threads; i++) {
     stacks.push(heap.alloc(WORKER_STACK_BYTES) + WORKER_STACK_BYTES);
   }
-  const partials = heap.alloc(16 * (threads + 2));
+  const partials = heap.alloc(16 * (maxParts(threads) + 2));
   const pool = await WasmPool.start(
     threads,
     { module, memory, signatures: info.signatures },

@@ -1,9 +1,9 @@
 /**
  * The threads of the WebAssembly backend: N - 1 workers, each with its own instance of the
- * kernels module on the one shared memory, plus the calling thread. A call hands each worker
- * its arguments through a slot of a small shared control block, wakes it, runs the caller's own
- * part, then waits for every worker: the Backend API stays synchronous (ARCHITECTURE.md,
- * "WebAssembly threads").
+ * kernels module on the one shared memory, plus the calling thread. A call writes its parts'
+ * arguments into a small shared control block and wakes the workers; every thread, the caller
+ * included, takes parts until none is left, and the caller returns when all are done: the
+ * Backend API stays synchronous (ARCHITECTURE.md, "WebAssembly threads").
  *
  * Workers come from `node:worker_threads` because its workers can be unref'd: one parked in
  * `Atomics.wait` then never keeps the process alive, so a backend that is never closed does not
@@ -16,31 +16,84 @@ import { BackendError } from "../errors.ts";
 import type { NumberFn, WasmSignature } from "./wasm_abi.ts";
 import type { ThreadRunner } from "./wasm_split.ts";
 
-/** Layout of one worker's slot in the control block, in 32-bit words. */
-export const SLOT = {
-  /** Words per slot. */
-  INTS: 64,
-  /** Raised by the caller to start a call (-1: stop). */
+/**
+ * Layout of the control block, in 32-bit words: one call at a time, its parts in a table that
+ * every thread takes parts from (the caller too), so a thread that is slow to wake or loses its
+ * core to another (a reader thread, another process) holds up only the part it took.
+ */
+export const CONTROL = {
+  /** Raised by the caller to wake the workers (-1: stop). */
   SEQ: 0,
-  /** Set to SEQ by the worker when the call is done. */
-  DONE: 1,
-  /** The kernel's status. */
-  STATUS: 2,
+  /** The call's generation << 16 | its number of parts. */
+  PARTS: 1,
+  /** The call's generation << 16 | index of the next part to take (compare-exchanged). */
+  NEXT: 2,
+  /** Parts finished. */
+  DONE: 3,
+  /** The first non-zero status of a part (TRAPPED for a trap). */
+  STATUS: 4,
   /** Index of the kernel in the name list. */
-  FN: 3,
-  /** Number of arguments. */
-  ARGC: 4,
-  /** Arguments, as f64 (offsets and sizes are below 2^53), from this word. */
-  ARGS: 8,
-  /** Most arguments of one call. */
-  MAX_ARGS: 12,
+  FN: 5,
+  /** Number of arguments of each part. */
+  ARGC: 6,
+  /** Raised by the thread whose trap text is kept (the first). */
+  TRAP: 7,
   /** A trap's text, from this word. */
-  TEXT: 32,
+  TEXT: 8,
   /** Bytes of trap text. */
   TEXT_BYTES: 128,
-  /** Status of a call that trapped. */
+  /** Words before the argument table (the table is f64, so this is even). */
+  HEAD: 64,
+  /** Arguments per part, as f64 (offsets and sizes are below 2^53). */
+  MAX_ARGS: 12,
+  /** Status of a part that trapped. */
   TRAPPED: -1,
 } as const;
+
+/** Parts one call may have, per thread: calls are cut finer than one part per thread. */
+export const PARTS_PER_THREAD = 4;
+
+/**
+ * Takes the parts of the current call one at a time and runs each with `call(fn, args)`, until
+ * none is left; what every thread of the pool runs when woken (the caller too, during a call).
+ * A trap is caught and recorded (status TRAPPED, the first trap's text in the block), so every
+ * part is counted done and the caller never returns while a part still runs.
+ */
+export function runParts(
+  ctl: Int32Array,
+  args: Float64Array,
+  call: (fn: number, args: number[]) => number,
+): void {
+  for (;;) {
+    const w = Atomics.load(ctl, CONTROL.NEXT);
+    const p = Atomics.load(ctl, CONTROL.PARTS);
+    // Another generation: the caller is writing the next call's table, or this thread woke late
+    // for a call that is over. Either way nothing here is ours to take.
+    if (w >>> 16 !== p >>> 16) return;
+    const k = w & 0xFFFF, parts = p & 0xFFFF;
+    if (k >= parts) return;
+    if (Atomics.compareExchange(ctl, CONTROL.NEXT, w, w + 1) !== w) continue;
+    let status: number;
+    try {
+      const argc = ctl[CONTROL.ARGC];
+      const at = CONTROL.HEAD / 2 + k * CONTROL.MAX_ARGS;
+      const a: number[] = new Array(argc);
+      for (let i = 0; i < argc; i++) a[i] = args[at + i];
+      status = call(ctl[CONTROL.FN], a);
+    } catch (e) {
+      // A trap: the first thread's text goes through the block, the caller throws it.
+      if (Atomics.compareExchange(ctl, CONTROL.TRAP, 0, 1) === 0) {
+        const msg = new TextEncoder().encode(String(e).slice(0, CONTROL.TEXT_BYTES - 1));
+        const text = new Uint8Array(ctl.buffer, CONTROL.TEXT * 4, CONTROL.TEXT_BYTES);
+        text.fill(0);
+        text.set(msg);
+      }
+      status = CONTROL.TRAPPED;
+    }
+    if (status !== 0) Atomics.compareExchange(ctl, CONTROL.STATUS, 0, status);
+    if (Atomics.add(ctl, CONTROL.DONE, 1) + 1 === parts) Atomics.notify(ctl, CONTROL.DONE);
+  }
+}
 
 /** What a worker is started with (structured-cloned into it). */
 export interface WorkerInit {
@@ -52,9 +105,9 @@ export interface WorkerInit {
   signatures: Map<string, WasmSignature>;
   /** Kernel names; a call names its kernel by index in this list. */
   names: string[];
-  /** The control block. */
+  /** The control block (see {@link CONTROL}). */
   control: SharedArrayBuffer;
-  /** This worker's slot (1..N-1; 0 is the caller's and unused). */
+  /** This worker's number (1..N-1; 0 is the caller). */
   index: number;
   /** The top of this worker's stack in the shared memory. */
   stackTop: number;
@@ -72,9 +125,13 @@ export class WasmPool implements ThreadRunner {
   readonly #args: Float64Array;
   readonly #workers: Worker[];
   readonly #names: Map<string, number>;
+  readonly #byIndex: NumberFn[];
   readonly #local: Record<string, NumberFn>;
   readonly #memory: WebAssembly.Memory;
+  /** Most parts of one call. */
+  readonly maxParts: number;
   #seq = 0;
+  #generation = 0;
   #closed = false;
 
   private constructor(
@@ -91,11 +148,13 @@ export class WasmPool implements ThreadRunner {
     this.#args = new Float64Array(control);
     this.#workers = workers;
     this.#names = new Map(names.map((n, i) => [n, i]));
+    this.#byIndex = names.map((n) => local[n]);
+    this.maxParts = maxParts(workers.length + 1);
   }
 
   /**
    * Starts `threads - 1` workers on `memory`. `stacks[i]` is worker i+1's stack top; `partials`
-   * is 16 bytes per thread, plus 16, of scratch for reductions.
+   * is 16 bytes per part ({@link maxParts}), plus 16, of scratch for reductions.
    */
   static async start(
     threads: number,
@@ -105,7 +164,9 @@ export class WasmPool implements ThreadRunner {
     partials: number,
   ): Promise<WasmPool> {
     const names = [...init.signatures.keys()].sort();
-    const control = new SharedArrayBuffer(threads * SLOT.INTS * 4);
+    const control = new SharedArrayBuffer(
+      4 * CONTROL.HEAD + 8 * CONTROL.MAX_ARGS * maxParts(threads),
+    );
     const workers: Worker[] = [];
     try {
       // Started together: each compiles nothing (the module is shared) but loads its script.
@@ -128,7 +189,7 @@ export class WasmPool implements ThreadRunner {
         w.unref();
       }
     } catch (e) {
-      stop(new Int32Array(control), workers);
+      stop(new Int32Array(control));
       throw new BackendError(
         "WASM_THREADS",
         `wasm: could not start ${threads - 1} worker threads: ${
@@ -154,38 +215,42 @@ export class WasmPool implements ThreadRunner {
 
   run(fn: string, calls: number[][]): number {
     if (this.#closed) throw new BackendError("CLOSED", "the wasm backend is closed");
-    if (calls.length > this.threads) {
-      throw new RangeError(`${calls.length} calls for ${this.threads} threads`);
-    }
-    const index = this.#names.get(fn)!;
-    const seq = ++this.#seq;
+    const n = calls.length;
+    if (n > this.maxParts) throw new RangeError(`${n} parts, at most ${this.maxParts}`);
+    if (n === 0) return 0;
     const ctl = this.#ctl;
-    for (let w = 1; w < calls.length; w++) {
-      const base = w * SLOT.INTS;
-      const args = calls[w];
-      ctl[base + SLOT.FN] = index;
-      ctl[base + SLOT.ARGC] = args.length;
-      this.#args.set(args, (base + SLOT.ARGS) / 2);
-      Atomics.store(ctl, base + SLOT.SEQ, seq);
-      Atomics.notify(ctl, base + SLOT.SEQ);
+    const gen = this.#generation = (this.#generation + 1) & 0x7FFF;
+    ctl[CONTROL.FN] = this.#names.get(fn)!;
+    ctl[CONTROL.ARGC] = calls[0].length;
+    for (let k = 0; k < n; k++) {
+      this.#args.set(calls[k], CONTROL.HEAD / 2 + k * CONTROL.MAX_ARGS);
     }
-    let status = this.#local[fn](...calls[0]);
-    for (let w = 1; w < calls.length; w++) {
-      const base = w * SLOT.INTS;
-      for (;;) {
-        const done = Atomics.load(ctl, base + SLOT.DONE);
-        if (done === seq) break;
-        Atomics.wait(ctl, base + SLOT.DONE, done);
-      }
-      const st = ctl[base + SLOT.STATUS];
-      if (st === SLOT.TRAPPED) {
-        const t = (base + SLOT.TEXT) * 4;
-        const bytes = new Uint8Array(ctl.buffer).slice(t, t + SLOT.TEXT_BYTES);
-        const end = bytes.indexOf(0);
-        const text = new TextDecoder().decode(end < 0 ? bytes : bytes.subarray(0, end));
-        throw new BackendError("WASM_TRAP", `wasm ${fn} on worker thread ${w}: ${text}`);
-      }
-      if (status === 0) status = st;
+    Atomics.store(ctl, CONTROL.DONE, 0);
+    Atomics.store(ctl, CONTROL.STATUS, 0);
+    Atomics.store(ctl, CONTROL.TRAP, 0);
+    Atomics.store(ctl, CONTROL.PARTS, (gen << 16) | n);
+    // Last: a thread takes parts only once NEXT and PARTS name the same generation.
+    Atomics.store(ctl, CONTROL.NEXT, gen << 16);
+    const woken = Math.min(this.#workers.length, n - 1);
+    if (woken > 0) {
+      Atomics.store(ctl, CONTROL.SEQ, ++this.#seq);
+      Atomics.notify(ctl, CONTROL.SEQ, woken);
+    }
+    runParts(ctl, this.#args, (f, a) => this.#byIndex[f](...a));
+    for (;;) {
+      const done = Atomics.load(ctl, CONTROL.DONE);
+      if (done === n) break;
+      Atomics.wait(ctl, CONTROL.DONE, done);
+    }
+    const status = ctl[CONTROL.STATUS];
+    if (status === CONTROL.TRAPPED) {
+      const bytes = new Uint8Array(ctl.buffer).slice(
+        CONTROL.TEXT * 4,
+        CONTROL.TEXT * 4 + CONTROL.TEXT_BYTES,
+      );
+      const end = bytes.indexOf(0);
+      const text = new TextDecoder().decode(end < 0 ? bytes : bytes.subarray(0, end));
+      throw new BackendError("WASM_TRAP", `wasm ${fn} on ${this.threads} threads: ${text}`);
     }
     return status;
   }
@@ -194,13 +259,16 @@ export class WasmPool implements ThreadRunner {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
-    stop(this.#ctl, this.#workers);
+    stop(this.#ctl);
   }
 }
 
-function stop(ctl: Int32Array, workers: Worker[]): void {
-  for (let w = 1; w <= workers.length; w++) {
-    Atomics.store(ctl, w * SLOT.INTS + SLOT.SEQ, -1);
-    Atomics.notify(ctl, w * SLOT.INTS + SLOT.SEQ);
-  }
+/** Parts one call may have on `threads` threads. */
+export function maxParts(threads: number): number {
+  return threads * PARTS_PER_THREAD;
+}
+
+function stop(ctl: Int32Array): void {
+  Atomics.store(ctl, CONTROL.SEQ, -1);
+  Atomics.notify(ctl, CONTROL.SEQ);
 }

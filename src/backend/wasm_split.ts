@@ -15,15 +15,17 @@ import { DTYPES, isModelFloat } from "../tensor/dtype.ts";
 import { GRANULARITY_CODE, MULTI_TENSOR_FIELDS, QUANT_BLOCK } from "./abi.ts";
 import type { KernelAbi } from "./kernels.ts";
 
-/** Runs thread i's call of `calls` on thread i (0: the caller); the first non-zero status. */
+/** Runs the parts of a call on the threads; the first non-zero status. */
 export interface ThreadRunner {
   /** Threads available, the caller's included. */
   readonly threads: number;
-  /** Runs `fn(...calls[i])` on thread i for every i, waits for all. */
+  /** Most parts of one {@link run} (default {@link threads}). */
+  readonly maxParts?: number;
+  /** Runs `fn(...calls[i])` for every i, each part on whichever thread takes it; waits for all. */
   run(fn: string, calls: number[][]): number;
   /** The single-thread kernel on the calling thread. */
   call(fn: string, args: number[]): number;
-  /** Per-thread partial results: 16 bytes per thread at this offset. */
+  /** Per-part partial results: 16 bytes per part ({@link maxParts}), plus 16, at this offset. */
   readonly partials: number;
   /** Reads and writes the shared memory (a fresh view per call). */
   view(): DataView;
@@ -33,6 +35,13 @@ export interface ThreadRunner {
 export interface SplitOptions {
   /** A call is split only into parts of at least this many bytes of input. */
   minBytesPerThread: number;
+  /**
+   * Kernels with no setup of their own per part (copies, casts, reductions, row and block
+   * quantization) are cut into up to this many parts per thread (default 1), so that a thread
+   * that starts late or loses its core leaves its share to the others. Per-tensor fp8
+   * quantization stays at one part per thread: each part builds its own lookup table.
+   */
+  partsPerThread?: number;
 }
 
 const SIZE_BY_CODE = new Map(Object.values(DTYPES).map((d) => [d.code, d.size]));
@@ -59,10 +68,21 @@ export function splitRange(n: number, parts: number, unit = 1): [number, number]
   return out;
 }
 
-/** Parts for a call over `bytes` of input: one per thread, none smaller than the minimum. */
-export function partCount(bytes: number, threads: number, minBytesPerThread: number): number {
+/**
+ * Parts for a call over `bytes` of input: `perThread` per thread, none smaller than the
+ * minimum.
+ */
+export function partCount(
+  bytes: number,
+  threads: number,
+  minBytesPerThread: number,
+  perThread = 1,
+): number {
   if (threads <= 1) return 1;
-  return Math.max(1, Math.min(threads, Math.floor(bytes / Math.max(1, minBytesPerThread))));
+  return Math.max(
+    1,
+    Math.min(threads * perThread, Math.floor(bytes / Math.max(1, minBytesPerThread))),
+  );
 }
 
 // The multi-tensor kernels' item table: {target, row0, rows, col0, cols} per item, as uint64.
@@ -145,10 +165,21 @@ export function splitMultiTensor(
  */
 export function splitKernels(runner: ThreadRunner, options: SplitOptions): KernelAbi {
   const parts = (bytes: number) => partCount(bytes, runner.threads, options.minBytesPerThread);
+  const maxParts = runner.maxParts ?? runner.threads;
+  const perThread = Math.max(1, Math.min(options.partsPerThread ?? 1, maxParts / runner.threads));
+  // Parts for the kernels with no per-part setup (see SplitOptions.partsPerThread).
+  const fine = (bytes: number) =>
+    partCount(bytes, runner.threads, options.minBytesPerThread, Math.floor(perThread));
 
   // n elements of `size` bytes each; `call(a, b)` gives the args of part [a, b).
-  const flat = (fn: string, n: number, size: number, call: (a: number, b: number) => number[]) => {
-    const p = parts(n * size);
+  const flat = (
+    fn: string,
+    n: number,
+    size: number,
+    call: (a: number, b: number) => number[],
+    count = fine,
+  ) => {
+    const p = count(n * size);
     if (p <= 1) return runner.call(fn, call(0, n));
     return runner.run(fn, splitRange(n, p, ELEMENT_ALIGN).map(([a, b]) => call(a, b)));
   };
@@ -160,7 +191,7 @@ export function splitKernels(runner: ThreadRunner, options: SplitOptions): Kerne
     unit: number,
     call: (a: number, b: number) => number[],
   ) => {
-    const p = parts(rows * rowBytes);
+    const p = fine(rows * rowBytes);
     if (p <= 1) return runner.call(fn, call(0, rows));
     return runner.run(fn, splitRange(rows, p, unit).map(([a, b]) => call(a, b)));
   };
@@ -175,7 +206,7 @@ export function splitKernels(runner: ThreadRunner, options: SplitOptions): Kerne
   // Absmax of n elements of `dtype` at src into out, on the threads.
   const absmax = (out: number, src: number, dtype: number, n: number): number => {
     const size = SIZE_BY_CODE.get(dtype)!;
-    const ranges = splitRange(n, parts(n * size), ELEMENT_ALIGN);
+    const ranges = splitRange(n, fine(n * size), ELEMENT_ALIGN);
     if (ranges.length <= 1) return runner.call("lw_absmax", [0, out, src, dtype, n]);
     const st = runner.run(
       "lw_absmax",
@@ -242,7 +273,7 @@ export function splitKernels(runner: ThreadRunner, options: SplitOptions): Kerne
     },
     lw_count_nonfinite: (ctx, out, src, dtype, n) => {
       const size = SIZE_BY_CODE.get(dtype);
-      const ranges = size === undefined ? [] : splitRange(n, parts(n * size), ELEMENT_ALIGN);
+      const ranges = size === undefined ? [] : splitRange(n, fine(n * size), ELEMENT_ALIGN);
       if (ranges.length <= 1) return runner.call("lw_count_nonfinite", [ctx, out, src, dtype, n]);
       const st = runner.run(
         "lw_count_nonfinite",
@@ -268,7 +299,7 @@ export function splitKernels(runner: ThreadRunner, options: SplitOptions): Kerne
           // The scale of the whole tensor: the absmax on the threads, then the kernel's own
           // dynamic path on that one value (the absmax of a one-element tensor holding m is m),
           // so the scale comes from the same lw_fp8_scale as on one thread.
-          const m = runner.partials + 16 * runner.threads;
+          const m = runner.partials + 16 * maxParts;
           const st = absmax(m, src, sd, n);
           if (st !== 0) return st;
           const s = runner.call("lw_quant_fp8", [
@@ -294,7 +325,7 @@ export function splitKernels(runner: ThreadRunner, options: SplitOptions): Kerne
           b - a,
           TENSOR,
           0,
-        ]);
+        ], parts);
       }
       if (g === ROW) {
         return byRows("lw_quant_fp8", rows, cols * se, 1, (a, b) => [

@@ -1,14 +1,15 @@
 /**
  * A reader thread of src/checkpoint/read_threads.ts: it reads byte ranges of checkpoint files
  * into shared memory with synchronous `seek` + `read` on handles of its own, so reads go on
- * while the main thread runs kernels. Any failure is answered with `got: -1`; the caller then
- * reads through its own checked path, which reports the typed error. Started by the pool; not
- * an API.
+ * while the main thread runs kernels. It takes a read's pieces one at a time from the claim
+ * block shared with the other threads, until none is left, then says it has left the job. A
+ * failed or short piece fails the whole read; the caller then reads it through its own checked
+ * path, which reports the typed error. Started by the pool; not an API.
  * @module
  */
 
 import { parentPort } from "node:worker_threads";
-import type { ReadReply, ReadRequest } from "./read_threads.ts";
+import { CLAIM, type ReadReply, type ReadRequest } from "./read_threads.ts";
 
 // Handles by session (one per open source) and path; a session's are closed with it, so a
 // replaced or deleted file is not kept open past its source.
@@ -35,7 +36,45 @@ function open(r: Extract<ReadRequest, { kind: "read" }>): Deno.FsFile {
   return f;
 }
 
+// The claim block (see CLAIM), sent once before any read.
+let claims: Int32Array | null = null;
+
+// Takes the next piece of a job: its index, or -1 when none is left (or the slot holds another
+// job by now: this message came late).
+function claim(at: number, generation: number): number {
+  const c = claims!;
+  for (;;) {
+    const w = Atomics.load(c, at + CLAIM.NEXT);
+    if (w >>> 16 !== generation) return -1;
+    const k = w & 0xFFFF;
+    if (k >= Atomics.load(c, at + CLAIM.PIECES)) return -1;
+    if (Atomics.compareExchange(c, at + CLAIM.NEXT, w, w + 1) === w) return k;
+  }
+}
+
+function readPiece(r: Extract<ReadRequest, { kind: "read" }>, k: number): boolean {
+  try {
+    const f = open(r);
+    const a = k * r.piece, n = Math.min(r.piece, r.bytes - a);
+    const dst = new Uint8Array(buffer!, r.offset + a, n);
+    f.seekSync(r.position + a, Deno.SeekMode.Start);
+    let got = 0;
+    while (got < n) {
+      const m = f.readSync(dst.subarray(got));
+      if (m === null || m === 0) break;
+      got += m;
+    }
+    return got === n;
+  } catch {
+    return false;
+  }
+}
+
 parentPort!.on("message", (r: ReadRequest) => {
+  if (r.kind === "start") {
+    claims = new Int32Array(r.claims);
+    return;
+  }
   if (r.kind === "close") {
     for (const f of handles.get(r.session)?.values() ?? []) f.close();
     handles.delete(r.session);
@@ -43,19 +82,18 @@ parentPort!.on("message", (r: ReadRequest) => {
     return;
   }
   if (r.buffer) buffer = r.buffer;
-  let got = 0;
-  try {
-    const f = open(r);
-    const dst = new Uint8Array(buffer!, r.offset, r.bytes);
-    f.seekSync(r.position, Deno.SeekMode.Start);
-    while (got < r.bytes) {
-      const n = f.readSync(dst.subarray(got));
-      if (n === null || n === 0) break;
-      got += n;
+  const c = claims!, at = r.job * CLAIM.INTS;
+  let last = false, ok = false;
+  for (let k = claim(at, r.generation); k >= 0; k = claim(at, r.generation)) {
+    // After a failure the rest is not worth reading: the caller reads the whole tensor again.
+    if (Atomics.load(c, at + CLAIM.FAILED) !== 0 || !readPiece(r, k)) {
+      Atomics.store(c, at + CLAIM.FAILED, 1);
     }
-  } catch {
-    got = -1;
+    if (Atomics.add(c, at + CLAIM.DONE, 1) + 1 === Atomics.load(c, at + CLAIM.PIECES)) {
+      last = true;
+      ok = Atomics.load(c, at + CLAIM.FAILED) === 0;
+    }
   }
-  parentPort!.postMessage({ id: r.id, got } satisfies ReadReply);
+  parentPort!.postMessage({ job: r.job, generation: r.generation, last, ok } satisfies ReadReply);
 });
-parentPort!.postMessage({ id: -1, got: 0 } satisfies ReadReply);
+parentPort!.postMessage({ job: -1, generation: 0, last: false, ok: false } satisfies ReadReply);
