@@ -53,15 +53,16 @@ export type ReadRequest =
   }
   | { kind: "close"; session: number };
 
-/** A reader thread's answer to a read: it has left the job, having read what it claimed. */
+/**
+ * A reader thread's answer, sent only by the thread that finished a read's last piece (one
+ * message per read, however many threads shared it).
+ */
 export interface ReadReply {
   /** The job (-1: the thread is ready). */
   job: number;
   /** The generation of the job. */
   generation: number;
-  /** True when this thread finished the job's last piece (the read is then complete). */
-  last: boolean;
-  /** With `last`: true when every piece of the job was read whole. */
+  /** True when every piece of the job was read whole. */
   ok: boolean;
 }
 
@@ -72,7 +73,7 @@ export interface ReadReply {
  */
 export const CLAIM = {
   /** Words per slot. */
-  INTS: 4,
+  INTS: 8,
   /** Generation << 16 | index of the next piece to take (compare-exchanged as one word). */
   NEXT: 0,
   /** Pieces finished. */
@@ -81,6 +82,12 @@ export const CLAIM = {
   FAILED: 2,
   /** Pieces of the job. */
   PIECES: 3,
+  /**
+   * Threads sent the job that have not yet left it (each lowers it when it finds no piece
+   * left); the slot is reused only at 0, so no thread can take a piece of the next job under
+   * this one's fields.
+   */
+  MEMBERS: 4,
 } as const;
 
 /** Jobs in flight at most (a read finding no free slot is read on the source's own handle). */
@@ -136,22 +143,16 @@ export function readThreadCount(): number {
   return n;
 }
 
-interface Job {
-  /** Threads sent the job that have not left it yet. */
-  members: number;
-  /** Resolves the read (once, at its last piece or a thread's death). */
-  done: ((ok: boolean) => void) | null;
-}
-
 /** The reader threads of this process. */
 export class ReadThreads {
   readonly #workers: Worker[];
   // The buffer each thread holds (it keeps the memory alive: dropped when a source closes).
   readonly #sent: (SharedArrayBuffer | null)[];
   readonly #claims: Int32Array;
-  readonly #jobs = new Map<number, Job>();
-  readonly #free: number[];
+  // Reads not answered yet, by slot: what resolves each.
+  readonly #jobs = new Map<number, (ok: boolean) => void>();
   readonly #generation = new Uint16Array(JOB_SLOTS);
+  #cursor = 0;
   #turn = 0;
   #dead = false;
 
@@ -159,22 +160,13 @@ export class ReadThreads {
     this.#workers = workers;
     this.#claims = new Int32Array(claims);
     this.#sent = workers.map(() => null);
-    this.#free = Array.from({ length: JOB_SLOTS }, (_, i) => JOB_SLOTS - 1 - i);
     for (const w of workers) {
       w.on("message", (m: ReadReply) => {
-        const job = this.#jobs.get(m.job);
-        if (!job || this.#generation[m.job] !== m.generation) return;
-        if (m.last) {
-          job.done?.(m.ok);
-          job.done = null;
-        }
-        // The slot is free again once every thread sent the job has left it: none can then
-        // take a piece of the next job under this one's fields.
-        if (--job.members === 0) {
-          this.#jobs.delete(m.job);
-          this.#free.push(m.job);
-          if (this.#jobs.size === 0) { for (const x of this.#workers) x.unref(); }
-        }
+        const done = this.#jobs.get(m.job);
+        if (!done || this.#generation[m.job] !== m.generation) return;
+        this.#jobs.delete(m.job);
+        if (this.#jobs.size === 0) { for (const x of this.#workers) x.unref(); }
+        done(m.ok);
       });
       // A thread that dies (it should not) must not leave reads waiting: they fail over to the
       // sources' own handles, and so do all later ones.
@@ -183,7 +175,7 @@ export class ReadThreads {
         const jobs = [...this.#jobs.values()];
         this.#jobs.clear();
         for (const x of this.#workers) x.unref();
-        for (const j of jobs) j.done?.(false);
+        for (const done of jobs) done(false);
       });
       w.unref();
     }
@@ -225,8 +217,8 @@ export class ReadThreads {
    * then reports through its own checked read.
    */
   read(session: number, file: ReadFile, position: number, dst: Uint8Array): Promise<boolean> {
-    const slot = this.#free.pop();
-    if (this.#dead || slot === undefined) return Promise.resolve(false);
+    const slot = this.#dead ? undefined : this.#freeSlot();
+    if (slot === undefined) return Promise.resolve(false);
     const buffer = dst.buffer as SharedArrayBuffer;
     const piece = Math.max(READ_PIECE_BYTES, Math.ceil(dst.byteLength / MAX_PIECES));
     const pieces = Math.max(1, Math.ceil(dst.byteLength / piece));
@@ -235,13 +227,12 @@ export class ReadThreads {
     Atomics.store(c, at + CLAIM.DONE, 0);
     Atomics.store(c, at + CLAIM.FAILED, 0);
     Atomics.store(c, at + CLAIM.PIECES, pieces);
-    Atomics.store(c, at + CLAIM.NEXT, generation << 16);
     // One message to as many threads as there are pieces; each takes pieces until none is left.
     const members = Math.min(this.#workers.length, pieces);
+    Atomics.store(c, at + CLAIM.MEMBERS, members);
+    Atomics.store(c, at + CLAIM.NEXT, generation << 16);
     if (this.#jobs.size === 0) { for (const w of this.#workers) w.ref(); }
-    const result = new Promise<boolean>((resolve) => {
-      this.#jobs.set(slot, { members, done: resolve });
-    });
+    const result = new Promise<boolean>((resolve) => this.#jobs.set(slot, resolve));
     for (let i = 0; i < members; i++) {
       const k = this.#turn++ % this.#workers.length;
       const fresh = this.#sent[k] !== buffer;
@@ -264,6 +255,18 @@ export class ReadThreads {
       );
     }
     return result;
+  }
+
+  // A slot whose read is answered and that every thread sent it has left; undefined when all
+  // are busy (the read then goes to the source's own handle).
+  #freeSlot(): number | undefined {
+    for (let i = 0; i < JOB_SLOTS; i++) {
+      const slot = this.#cursor;
+      this.#cursor = (this.#cursor + 1) % JOB_SLOTS;
+      if (this.#jobs.has(slot)) continue;
+      if (Atomics.load(this.#claims, slot * CLAIM.INTS + CLAIM.MEMBERS) === 0) return slot;
+    }
+    return undefined;
   }
 
   /** Closes the threads' handles of `session`; they drop the buffer they hold. */

@@ -2,8 +2,8 @@
  * A reader thread of src/checkpoint/read_threads.ts: it reads byte ranges of checkpoint files
  * into shared memory with synchronous `seek` + `read` on handles of its own, so reads go on
  * while the main thread runs kernels. It takes a read's pieces one at a time from the claim
- * block shared with the other threads, until none is left, then says it has left the job. A
- * failed or short piece fails the whole read; the caller then reads it through its own checked
+ * block shared with the other threads, until none is left; the thread that finishes the last
+ * piece answers for the read. A failed or short piece fails the whole read; the caller then reads it through its own checked
  * path, which reports the typed error. Started by the pool; not an API.
  * @module
  */
@@ -94,6 +94,10 @@ parentPort!.on("message", (r: ReadRequest) => {
       ok = Atomics.load(c, at + CLAIM.FAILED) === 0;
     }
   }
-  parentPort!.postMessage({ job: r.job, generation: r.generation, last, ok } satisfies ReadReply);
+  // Left: the slot may now be reused (once every thread sent the job has left).
+  Atomics.sub(c, at + CLAIM.MEMBERS, 1);
+  if (last) {
+    parentPort!.postMessage({ job: r.job, generation: r.generation, ok } satisfies ReadReply);
+  }
 });
-parentPort!.postMessage({ job: -1, generation: 0, last: false, ok: false } satisfies ReadReply);
+parentPort!.postMessage({ job: -1, generation: 0, ok: false } satisfies ReadReply);
