@@ -3,7 +3,9 @@
  * into an fp8 model, reloads it N times, then N times from a copy with the tensors shuffled
  * across shards; prints per run seconds, GB/s of checkpoint bytes and the ratio to a pinned
  * host-to-device copy of the same bytes measured in the same run (on WebAssembly: to a plain
- * memcpy), peak extra device memory and peak buffered bytes, each beside its limit. On CUDA it
+ * one-thread memcpy, and to the reader threads reading the same files alone, the limit of a
+ * reload that reads and quantizes on every core), peak extra device memory and peak buffered
+ * bytes, each beside its limit. On CUDA it
  * also measures the stages alone: file reads into pinned memory, and the staged stream
  * (reads + copies) without the engine, so that what limits the reload shows in numbers.
  *
@@ -31,6 +33,8 @@ import {
   type StagingStats,
 } from "../src/backend/cuda/staging_plan.ts";
 import { releaseStaging, stageTensors } from "../src/checkpoint/staging.ts";
+import { closeReadSession, readSession, readThreads } from "../src/checkpoint/read_threads.ts";
+import { DTYPES } from "../src/tensor/dtype.ts";
 import { bf16Bits, rng, synthConfig, type SynthShape, synthTensorShapes } from "../testing.ts";
 import { loadModel, reloadWeights } from "../src/models/load.ts";
 import { READ_CHUNK_BYTES } from "../src/models/weights.ts";
@@ -277,6 +281,52 @@ function memcpySeconds(bytes: number): number {
 }
 
 /**
+ * Seconds for the reader threads alone (src/checkpoint/read_threads.ts) to read every
+ * safetensors file of `dir` into the backend's memory, in reads of 16 MiB with up to four in
+ * flight: the reload's reads with no kernels beside them, on the same threads and into the same
+ * memory. The parallel limit of a WebAssembly reload (a one-thread memcpy is not: the reload
+ * reads and quantizes on every core). Null without reader threads or a host view.
+ */
+async function threadedReadSeconds(b: Backend, dir: string): Promise<number | null> {
+  const threads = await readThreads();
+  if (!threads || !b.hostView) return null;
+  const chunk = 16 * MiB, inFlight = 4;
+  const window = b.empty([chunk * inFlight], DTYPES.u8);
+  const session = readSession();
+  try {
+    const view = b.hostView(window);
+    const files: { path: string; dev: number | null; ino: number | null; size: number }[] = [];
+    for await (const e of Deno.readDir(dir)) {
+      if (!e.isFile || !e.name.endsWith(".safetensors")) continue;
+      const path = `${dir}/${e.name}`;
+      const st = await Deno.stat(path);
+      files.push({ path, dev: st.dev, ino: st.ino, size: st.size });
+    }
+    const t0 = performance.now();
+    const pending: Promise<boolean>[] = [];
+    const check = async (p: Promise<boolean>) => {
+      if (!(await p)) throw new Error(`bench: a threaded read of ${dir} failed`);
+    };
+    let k = 0;
+    for (const f of files) {
+      for (let pos = 0; pos < f.size; pos += chunk) {
+        // The oldest read's part of the window is the one reused next.
+        if (pending.length >= inFlight) await check(pending.shift()!);
+        const at = (k++ % inFlight) * chunk;
+        pending.push(
+          threads.read(session, f, pos, view.subarray(at, at + Math.min(chunk, f.size - pos))),
+        );
+      }
+    }
+    for (const p of pending) await check(p);
+    return (performance.now() - t0) / 1000;
+  } finally {
+    closeReadSession(session);
+    b.free(window.storage!);
+  }
+}
+
+/**
  * Seconds for the library's staging threads to pread every file of `dir` into a pinned ring,
  * with no copies to the device: the stager runs on a plan of reads and empty pieces.
  */
@@ -384,6 +434,10 @@ export interface ReloadRun {
   gbps: number;
   /** gbps over the reference rate (pinned H2D on CUDA, memcpy on WebAssembly). */
   ratio: number;
+  /** WebAssembly: GB/s of the reader threads reading the same files alone, measured after the run. */
+  readsGbps?: number;
+  /** WebAssembly: gbps over readsGbps. */
+  readsRatio?: number;
   /** Most device bytes above the start, or null where not measured. */
   peakExtraBytes: number | null;
   /** The engine's peak buffered bytes. */
@@ -488,9 +542,9 @@ export async function benchReload(
     log(
       `\n  ${"checkpoint".padEnd(9)} ${"run".padStart(3)} ${"s".padStart(7)} ${
         "GB/s".padStart(7)
-      } ${"ref GB/s".padStart(9)} ${"ratio".padStart(6)} ${"peak extra MB".padStart(14)} ${
-        "buffered MB".padStart(12)
-      } ${"scratch MB".padStart(11)}`,
+      } ${"ref GB/s".padStart(9)} ${"ratio".padStart(6)}${
+        cuda ? "" : ` ${"reads GB/s".padStart(10)} ${"x reads".padStart(7)}`
+      } ${"peak extra MB".padStart(14)} ${"buffered MB".padStart(12)} ${"scratch MB".padStart(11)}`,
     );
     for (const c of ["ordered", "shuffled"]) {
       for (let i = 0; i < runs; i++) {
@@ -508,6 +562,7 @@ export async function benchReload(
         }
         const s = (performance.now() - t) / 1000;
         const ref = cuda ? h2dSeconds(backend, ckptBytes) : memcpySeconds(ckptBytes);
+        const reads = cuda ? null : await threadedReadSeconds(backend, `${root}/${c}`);
         const run: ReloadRun = {
           checkpoint: c,
           seconds: s,
@@ -517,11 +572,21 @@ export async function benchReload(
           peakBufferedBytes: r.peakBufferedBytes,
           peakScratchBytes: r.peakScratchBytes,
         };
+        if (reads !== null) {
+          run.readsGbps = ckptBytes / GB / reads;
+          run.readsRatio = reads / s;
+        }
         runsOut.push(run);
         log(
           `  ${c.padEnd(9)} ${String(i + 1).padStart(3)} ${s.toFixed(3).padStart(7)} ${
             run.gbps.toFixed(1).padStart(7)
-          } ${(ckptBytes / GB / ref).toFixed(1).padStart(9)} ${run.ratio.toFixed(2).padStart(6)} ${
+          } ${(ckptBytes / GB / ref).toFixed(1).padStart(9)} ${run.ratio.toFixed(2).padStart(6)}${
+            cuda
+              ? ""
+              : ` ${(run.readsGbps?.toFixed(1) ?? "n/a").padStart(10)} ${
+                (run.readsRatio?.toFixed(2) ?? "n/a").padStart(7)
+              }`
+          } ${
             (run.peakExtraBytes === null ? "n/a" : (run.peakExtraBytes / MiB).toFixed(0)).padStart(
               14,
             )
@@ -535,7 +600,8 @@ export async function benchReload(
       `  limits: ${
         cuda
           ? ">= 40 GB/s; >= 0.7 x pinned H2D (ratio column)"
-          : "none on speed here (ratio column: x memcpy)"
+          : "none on speed here (ratio: x a one-thread memcpy; x reads: x the reader threads " +
+            "reading the same files alone, the parallel limit)"
       }; peak extra <= one decoder layer in model format (${(limitLayer / MiB).toFixed(0)} MiB) + ${
         cuda
           ? `the device staging ring (${st.deviceRingBytes / MiB} MiB)`
