@@ -24,6 +24,7 @@ import {
 import { BackendError } from "../src/errors.ts";
 import { type DType, DTYPES } from "../src/tensor/dtype.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
+import { maxParts, WasmPool, WORKER_STACK_BYTES } from "../src/backend/wasm_pool.ts";
 import { kernelsWasmBytes } from "../wasm/kernels_wasm.ts";
 
 Deno.test("splitRange covers [0, n) in order with aligned starts, at most `parts` pieces", () => {
@@ -276,5 +277,65 @@ Deno.test("wasm threads: tensors used by the threads stay intact across growth",
     ts.forEach((t, i) => assert.equal(b.absmax(t), i + 1));
   } finally {
     b.close();
+  }
+});
+
+Deno.test("wasm pool: more parts than threads all run, a trap on any part is WASM_TRAP after every part is done, and the pool goes on", async () => {
+  const bytes = kernelsWasmBytes();
+  const module = await WebAssembly.compile(bytes);
+  const { signatures, memoryMinBytes } = readModuleInfo(bytes);
+  const memory = sharedMemory64(Math.max(memoryMinBytes, 2 ** 24), 2 ** 26);
+  const inst = instantiateKernels(module, memory);
+  const local = numberExports(inst, signatures);
+  let top = Math.ceil(wasmGlobals(inst).heapBase / 64) * 64;
+  const alloc = (n: number) => ((top += Math.ceil(n / 64) * 64), top - Math.ceil(n / 64) * 64);
+  const threads = 3;
+  const stacks = [1, 2].map(() => alloc(WORKER_STACK_BYTES) + WORKER_STACK_BYTES);
+  const pool = await WasmPool.start(
+    threads,
+    { module, memory, signatures },
+    local,
+    stacks,
+    alloc(16 * (maxParts(threads) + 2)),
+  );
+  try {
+    assert.equal(pool.maxParts, maxParts(threads));
+    const parts = pool.maxParts, piece = 4096;
+    const src = alloc(parts * piece), dst = alloc(parts * piece);
+    const m = () => new Uint8Array(memory.buffer);
+    m().set(randomBits(parts * piece, DTYPES.u8, 9), src);
+    const copies = (bad: number) =>
+      Array.from({ length: parts }, (_, k) => [
+        0,
+        dst + k * piece,
+        // Far past the memory: the copy traps.
+        k === bad ? 2 ** 40 : src + k * piece,
+        piece,
+      ]);
+    assert.equal(pool.run("lw_copy", copies(-1)), 0);
+    assert.deepEqual(m().slice(dst, dst + parts * piece), m().slice(src, src + parts * piece));
+    for (const bad of [0, parts - 1]) {
+      m().fill(0, dst, dst + parts * piece);
+      assert.throws(() => pool.run("lw_copy", copies(bad)), (e: unknown) => {
+        assert.ok(e instanceof BackendError && e.code === "WASM_TRAP", String(e));
+        assert.match(e.message, /^wasm lw_copy on 3 threads: /);
+        return true;
+      });
+      // Every other part ran before the call returned.
+      for (let k = 0; k < parts; k++) {
+        if (k === bad) continue;
+        const at = k * piece;
+        assert.deepEqual(
+          m().slice(dst + at, dst + at + piece),
+          m().slice(src + at, src + at + piece),
+          `part ${k} with part ${bad} trapping`,
+        );
+      }
+    }
+    // The pool still runs calls, and a status comes back from whichever thread ran the part.
+    assert.equal(pool.run("lw_copy", copies(-1).slice(0, 5)), 0);
+    assert.throws(() => pool.run("lw_copy", copies(-1).concat(copies(-1))), RangeError);
+  } finally {
+    pool.close();
   }
 });
