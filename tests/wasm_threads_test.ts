@@ -297,6 +297,7 @@ Deno.test("wasm pool: more parts than threads all run, a trap on any part is WAS
     local,
     stacks,
     alloc(16 * (maxParts(threads) + 2)),
+    alloc(65536),
   );
   try {
     assert.equal(pool.maxParts, maxParts(threads));
@@ -337,5 +338,46 @@ Deno.test("wasm pool: more parts than threads all run, a trap on any part is WAS
     assert.throws(() => pool.run("lw_copy", copies(-1).concat(copies(-1))), RangeError);
   } finally {
     pool.close();
+  }
+});
+
+Deno.test("wasm threads: per-tensor fp8 through the call's shared table gives one thread's bytes for every 16-bit pattern", async () => {
+  // Split calls fill one lookup table per call (lw_wasm_fp8_table, in parts) and look their
+  // parts up in it (lw_wasm_fp8_lookup); one thread quantizes in the kernel. Every bf16 / f16
+  // pattern (NaN, Inf, -0, subnormals), twice, at scales with the division's special cases,
+  // static and dynamic.
+  const one = await openWasmBackend({ threads: 1 });
+  const three = await openWasmBackend({ threads: 3, minBytesPerThread: 0 });
+  try {
+    const n = 65536;
+    const bits = new Uint16Array(2 * n);
+    for (let i = 0; i < 2 * n; i++) bits[i] = (i * 40503) & 0xFFFF;
+    const scales = [1, 0.37, 1 / 229376, 3e-39, 1e30, -2.5, 0, -0, Infinity, NaN];
+    for (const dt of [DTYPES.bf16, DTYPES.f16]) {
+      const run = (b: Backend, s: number | null, input: Uint16Array) => {
+        const x = b.empty([2, n], dt);
+        b.upload(x, new Uint8Array(input.buffer));
+        const sc = b.empty([1], DTYPES.f32);
+        if (s !== null) b.upload(sc, new Uint8Array(new Float32Array([s]).buffer));
+        const q = b.empty([2, n], DTYPES.f8_e4m3fn);
+        b.quantizeFp8(q, sc, x, "tensor", s === null);
+        const out = [b.download(q), b.download(sc)];
+        for (const t of [x, sc, q]) b.free(t.storage!);
+        return out;
+      };
+      for (const s of scales) {
+        const [want] = run(one, s, bits), [got] = run(three, s, bits);
+        const at = want.findIndex((v, i) => v !== got[i]);
+        assert.equal(at, -1, `${dt.name} scale ${s}: bits 0x${bits[at]?.toString(16)}`);
+      }
+      const inf = dt === DTYPES.bf16 ? 0x7F80 : 0x7C00;
+      const finite = bits.map((v) => ((v & inf) === inf ? v & 0x8000 : v));
+      const [wq, ws] = run(one, null, finite), [gq, gs] = run(three, null, finite);
+      assert.deepEqual(gs, ws, `${dt.name} dynamic scale`);
+      assert.equal(wq.findIndex((v, i) => v !== gq[i]), -1, `${dt.name} dynamic`);
+    }
+  } finally {
+    one.close();
+    three.close();
   }
 });

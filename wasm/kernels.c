@@ -309,6 +309,33 @@ static void quant_by_table(uint8_t *q, const uint16_t *x, int32_t dt, size_t n, 
   for (size_t i = 0; i < n; i++) q[i] = t[x[i]];
 }
 
+/* The table of quant_by_table, shared: a per-tensor quantization split across threads fills it
+ * once per call (entries [first, first + n), in parts) instead of once per thread, then each
+ * part looks its elements up. The bytes are those of lw_quant_fp8 by construction: the same
+ * lw_e4m3_quant of the same value and scale. WebAssembly only (src/backend/wasm_split.ts). */
+LW_API lw_status lw_wasm_fp8_table(void *ctx, uint8_t *table, int32_t dtype, const float *scale,
+                                   size_t first, size_t n) {
+  (void)ctx;
+  if (dtype != LW_BF16 && dtype != LW_F16) return refuse("lw_wasm_fp8_table: bf16 or f16 only");
+  if (first > 65536 || n > 65536 - first) return refuse("lw_wasm_fp8_table: entries past 65536");
+  float s = scale[0];
+  uint32_t a = (uint32_t)first, b = (uint32_t)(first + n);
+  if (dtype == LW_F16) {
+    LW_VEC16 for (uint32_t i = a; i < b; i++) table[i] = lw_e4m3_quant(lw_f32_from_f16((uint16_t)i), s);
+  } else {
+    LW_VEC16 for (uint32_t i = a; i < b; i++) table[i] = lw_e4m3_quant(lw_f32_from_bf16((uint16_t)i), s);
+  }
+  return LW_OK;
+}
+
+/* q[i] = table[x[i]] for n 16-bit inputs (the table of lw_wasm_fp8_table). */
+LW_API lw_status lw_wasm_fp8_lookup(void *ctx, uint8_t *q, const uint8_t *table,
+                                    const uint16_t *x, size_t n) {
+  (void)ctx;
+  for (size_t i = 0; i < n; i++) q[i] = table[x[i]];
+  return LW_OK;
+}
+
 static void quant_run(uint8_t *q, const void *x, int32_t dt, size_t n, float s) {
   if (dt != LW_F32 && n >= LW_QUANT_TABLE_MIN) {
     quant_by_table(q, (const uint16_t *)x, dt, n, s);

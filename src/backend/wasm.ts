@@ -279,6 +279,7 @@ export async function openWasmBackend(options: WasmBackendOptions = {}): Promise
     local,
     stacks,
     partials,
+    heap.alloc(65536),
   );
   const dev = new WasmDevice(memory, heap, local, pool, minBytes);
   const backend = new KernelBackend(dev, (self) => ({ hostView: (t) => wasmView(self, t) }));

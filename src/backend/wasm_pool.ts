@@ -141,6 +141,7 @@ export class WasmPool implements ThreadRunner {
     workers: Worker[],
     names: string[],
     readonly partials: number,
+    readonly table: number,
   ) {
     this.#local = local;
     this.#memory = memory;
@@ -154,7 +155,8 @@ export class WasmPool implements ThreadRunner {
 
   /**
    * Starts `threads - 1` workers on `memory`. `stacks[i]` is worker i+1's stack top; `partials`
-   * is 16 bytes per part ({@link maxParts}), plus 16, of scratch for reductions.
+   * is 16 bytes per part ({@link maxParts}), plus 16, of scratch for reductions; `table` is
+   * 65536 bytes for a split quantization's lookup table.
    */
   static async start(
     threads: number,
@@ -162,6 +164,7 @@ export class WasmPool implements ThreadRunner {
     local: Record<string, NumberFn>,
     stacks: number[],
     partials: number,
+    table: number,
   ): Promise<WasmPool> {
     const names = [...init.signatures.keys()].sort();
     const control = new SharedArrayBuffer(
@@ -197,7 +200,7 @@ export class WasmPool implements ThreadRunner {
         }`,
       );
     }
-    return new WasmPool(local, init.memory, control, workers, names, partials);
+    return new WasmPool(local, init.memory, control, workers, names, partials, table);
   }
 
   /** Threads, the caller's included. */

@@ -27,6 +27,11 @@ export interface ThreadRunner {
   call(fn: string, args: number[]): number;
   /** Per-part partial results: 16 bytes per part ({@link maxParts}), plus 16, at this offset. */
   readonly partials: number;
+  /**
+   * 65536 bytes for the lookup table of a per-tensor fp8 quantization of 16-bit input, filled
+   * once per call and read by every part; absent: each part builds its own (in the kernel).
+   */
+  readonly table?: number;
   /** Reads and writes the shared memory (a fresh view per call). */
   view(): DataView;
 }
@@ -314,6 +319,16 @@ export function splitKernels(runner: ThreadRunner, options: SplitOptions): Kerne
             1,
           ]);
           if (s !== 0) return s;
+        }
+        if (runner.table !== undefined && sd !== DTYPES.f32.code) {
+          // One table for the call, filled in parts, then lookups cut as finely as a copy.
+          const t = runner.table;
+          const st = runner.run(
+            "lw_wasm_fp8_table",
+            splitRange(65536, runner.threads, 4096).map(([a, b]) => [ctx, t, sd, scale, a, b - a]),
+          );
+          if (st !== 0) return st;
+          return flat("lw_wasm_fp8_lookup", n, se, (a, b) => [ctx, q + a, t, src + a * se, b - a]);
         }
         return flat("lw_quant_fp8", n, se, (a, b) => [
           ctx,
