@@ -40,6 +40,11 @@ export const SLOT = {
   TEXT_BYTES: 128,
   /** Status of a call that trapped. */
   TRAPPED: -1,
+  /**
+   * Polls of a word before a thread parks in Atomics.wait for it (tens of microseconds): the
+   * worker between calls, the caller for the workers' parts of a call.
+   */
+  SPINS: 20000,
 } as const;
 
 /** What a worker is started with (structured-cloned into it). */
@@ -172,6 +177,7 @@ export class WasmPool implements ThreadRunner {
     let status = this.#local[fn](...calls[0]);
     for (let w = 1; w < calls.length; w++) {
       const base = w * SLOT.INTS;
+      for (let i = 0; i < SLOT.SPINS && Atomics.load(ctl, base + SLOT.DONE) !== seq; i++);
       for (;;) {
         const done = Atomics.load(ctl, base + SLOT.DONE);
         if (done === seq) break;
