@@ -41,10 +41,11 @@ export const SLOT = {
   /** Status of a call that trapped. */
   TRAPPED: -1,
   /**
-   * Polls of a word before a thread parks in Atomics.wait for it (tens of microseconds): the
-   * worker between calls, the caller for the workers' parts of a call.
+   * Word 0 of slot 0 (the caller's, otherwise unused): polls of a word before a thread parks in
+   * Atomics.wait for it, the worker between calls and the caller for the workers' parts of a
+   * call (see {@link spinPolls}).
    */
-  SPINS: 20000,
+  SPINS: 0,
 } as const;
 
 /** What a worker is started with (structured-cloned into it). */
@@ -111,6 +112,7 @@ export class WasmPool implements ThreadRunner {
   ): Promise<WasmPool> {
     const names = [...init.signatures.keys()].sort();
     const control = new SharedArrayBuffer(threads * SLOT.INTS * 4);
+    new Int32Array(control)[SLOT.SPINS] = spinPolls();
     const workers: Worker[] = [];
     try {
       // Started together: each compiles nothing (the module is shared) but loads its script.
@@ -177,7 +179,8 @@ export class WasmPool implements ThreadRunner {
     let status = this.#local[fn](...calls[0]);
     for (let w = 1; w < calls.length; w++) {
       const base = w * SLOT.INTS;
-      for (let i = 0; i < SLOT.SPINS && Atomics.load(ctl, base + SLOT.DONE) !== seq; i++);
+      const spins = ctl[SLOT.SPINS];
+      for (let i = 0; i < spins && Atomics.load(ctl, base + SLOT.DONE) !== seq; i++);
       for (;;) {
         const done = Atomics.load(ctl, base + SLOT.DONE);
         if (done === seq) break;
@@ -202,6 +205,25 @@ export class WasmPool implements ThreadRunner {
     this.#closed = true;
     stop(this.#ctl, this.#workers);
   }
+}
+
+/**
+ * Polls before parking: waking a parked thread costs tens of microseconds per call, which
+ * bounds how well short kernels scale on many cores; but a polling thread holds a core, which
+ * on a small machine the other threads (readers, the caller) need: a 512 KiB copy on 2 threads
+ * of a loaded 2-core machine went from 31 us to 300 us with polling. So 20000 polls (tens of
+ * microseconds) from 8 cores up, none below; `LAYERWISE_WASM_SPINS` overrides.
+ */
+export function spinPolls(): number {
+  let v: string | undefined;
+  try {
+    v = Deno.env.get("LAYERWISE_WASM_SPINS");
+  } catch {
+    // No env permission: the cores decide.
+  }
+  const n = Number(v);
+  if (v !== undefined && v !== "" && Number.isInteger(n) && n >= 0) return Math.min(n, 1e7);
+  return (navigator.hardwareConcurrency || 1) >= 8 ? 20000 : 0;
 }
 
 function stop(ctl: Int32Array, workers: Worker[]): void {

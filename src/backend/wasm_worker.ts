@@ -24,7 +24,8 @@ let seen = 0;
 for (;;) {
   // Kernels come in bursts (a reload's tensors, a kernel's passes): spin a little before
   // parking, since waking a parked thread costs tens of microseconds per call.
-  for (let i = 0; i < SLOT.SPINS && Atomics.load(ctl, base + SLOT.SEQ) === seen; i++);
+  const spins = ctl[SLOT.SPINS];
+  for (let i = 0; i < spins && Atomics.load(ctl, base + SLOT.SEQ) === seen; i++);
   Atomics.wait(ctl, base + SLOT.SEQ, seen);
   const seq = Atomics.load(ctl, base + SLOT.SEQ);
   if (seq === seen) continue;
