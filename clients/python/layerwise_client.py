@@ -99,14 +99,20 @@ def _is_torch(t: Any) -> bool:
     return type(t).__module__.startswith("torch") and hasattr(t, "data_ptr")
 
 
+_TORCH_DTYPE_NAMES: dict = {}
+
+
 def _torch_dtype_name(t: Any) -> str:
+    names = _TORCH_DTYPE_NAMES
+    if t.dtype in names:
+        return names[t.dtype]
     import torch  # only when handed torch tensors
 
-    names = {
+    names.update({
         torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
         torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
         torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-    }
+    })
     for attr, name in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
         if hasattr(torch, attr):
             names[getattr(torch, attr)] = name
@@ -707,10 +713,14 @@ class LayerwiseClient:
         driver, handles = self._driver, self._handles
         assert handles is not None
         sources = [_ipc_source(name, t) for name, t in items]
-        routes = ipc_routes(sources, device.index, driver.locate, copy)
-        packed = [i for i, r in enumerate(routes) if isinstance(r, str)]
-        placements, needs = ipc_packing([sources[i].nbytes for i in packed], bucket_bytes)
         with torch.cuda.device(device), torch.no_grad():
+            # The server reads on its own stream: what produced the tensors must be done before
+            # it is told. This also makes the device's context current for the driver calls.
+            stream = torch.cuda.current_stream(device)
+            stream.synchronize()
+            routes = ipc_routes(sources, device.index, driver.locate, copy)
+            packed = [i for i, r in enumerate(routes) if isinstance(r, str)]
+            placements, needs = ipc_packing([sources[i].nbytes for i in packed], bucket_bytes)
             while len(self._buckets) < len(needs):
                 self._buckets.append(None)
             for k, n in enumerate(needs):
@@ -731,9 +741,8 @@ class LayerwiseClient:
                     # straight into the bucket, viewed as the tensor.
                     dst.view(t.dtype).view(t.shape).copy_(t.detach())
                 entries[i] = (s, bucket_of[k], self._buckets[k].data_ptr() + at)
-            # The server reads on its own stream: the tensors' producers and the bucket copies
-            # must be done before it is told. Also binds the device's context for the driver.
-            torch.cuda.current_stream(device).synchronize()
+            if packed:
+                stream.synchronize()  # the bucket copies, likewise
             misses = handles.misses
             buckets, tensors, ids = ipc_table(entries, handles)
         del self._buckets[len(needs):]  # buckets this update did not need go back to the allocator

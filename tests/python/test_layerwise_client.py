@@ -358,11 +358,12 @@ class ZeroCopyClientTest(unittest.TestCase):
             ("w1", "BF16", [4, 8], 0, 1024), ("w2", "BF16", [16], 0, 2048), ("n1", "F32", [2, 2], 1, 0),
             ("cpu", "F32", [3], 2, at), ("strided", "BF16", [8, 4], 2, at + 256), ("far", "BF16", [5], 2, at + 512),
         ])
-        # Each packed tensor copied once, as itself, into its place; then one stream sync.
+        # Each packed tensor copied once, as itself, into its place; the stream synchronized
+        # before the tensors are read and after the copies.
         self.assertEqual([(p - bucket.data_ptr(), n, d.name, s) for p, n, d, s in t.copies], [
             (0, "cpu", "float32", (3,)), (256, "strided", "bfloat16", (8, 4)), (512, "far", "bfloat16", (5,)),
         ])
-        self.assertEqual(t.syncs, 1)
+        self.assertEqual(t.syncs, 2)
         st = self.client.last_ipc
         self.assertEqual((st.zero_copy, st.buckets, st.new_handles, st.released, st.path), (3, 3, 3, 0, "mixed"))
         self.assertEqual(st.packed, {"on the host": 1, "not contiguous": 1, "on cuda:1, the server reads cuda:0": 1})
@@ -383,8 +384,10 @@ class ZeroCopyClientTest(unittest.TestCase):
         self.assertEqual(moved[1][1]["tag"], "t")
         self.assertEqual((self.client.last_ipc.new_handles, self.client.last_ipc.released), (1, 1))
 
-        # Only zero-copy tensors: the bucket goes back and its handle is released.
+        # Only zero-copy tensors: one sync; the bucket goes back and its handle is released.
+        t.syncs = 0
         self.push(items[:3])
+        self.assertEqual(t.syncs, 1)
         self.assertEqual(self.client._buckets, [])
         self.assertEqual(Recorder.calls[0], ("/v1/update/ipc/release", {"handles": [b64_handle(c)]}))
         self.assertEqual(self.client.last_ipc.path, "zero-copy")
