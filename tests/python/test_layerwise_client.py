@@ -9,8 +9,11 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import struct
+import subprocess
 import sys
+import tempfile
 import threading
 import types
 import unittest
@@ -20,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "clients"
 
 from layerwise_client import (  # noqa: E402
     CudaAllocation,
+    CudaDriver,
     IpcHandleCache,
     IpcSource,
     LayerwiseClient,
@@ -179,6 +183,70 @@ class IpcTableTest(unittest.TestCase):
         self.assertEqual(placements, [(0, 0), (0, 256), (0, 768), (1, 0), (2, 0), (3, 0)])
         self.assertEqual(needs, [768, 768, 2048, 256])
         self.assertEqual(ipc_packing([], 1024), ([], []))
+
+
+FAKE_LIBCUDA = r"""
+#include <stdint.h>
+#include <string.h>
+#include <stdbool.h>
+/* One allocation [BASE, BASE + SIZE) with buffer id 42, not IPC-capable past ODD. */
+#define BASE 0x7f0000000000ULL
+#define SIZE (64ULL << 20)
+#define ODD 0x7f0001000000ULL
+int cuPointerGetAttributes(unsigned n, const int *attrs, void **data, uint64_t ptr) {
+  for (unsigned i = 0; i < n; i++) {
+    bool inside = ptr >= BASE && ptr < BASE + SIZE;
+    switch (attrs[i]) {
+      case 7: *(unsigned long long *)data[i] = inside ? 42 : 0; break;
+      case 11: *(uint64_t *)data[i] = inside ? BASE : 0; break;
+      case 12: *(size_t *)data[i] = inside ? SIZE : 0; break;
+      case 10: *(bool *)data[i] = inside && ptr < ODD; break; /* one byte, as a C bool */
+      default: return 1; /* CUDA_ERROR_INVALID_VALUE */
+    }
+  }
+  return 0;
+}
+int cuIpcGetMemHandle(unsigned char *handle, uint64_t base) {
+  if (base != BASE) return 400; /* CUDA_ERROR_INVALID_HANDLE */
+  for (int i = 0; i < 64; i++) handle[i] = (unsigned char)(i * 3 + 1);
+  return 0;
+}
+int cuGetErrorString(int status, const char **text) {
+  *text = status == 400 ? "invalid resource handle" : "invalid argument";
+  return 0;
+}
+"""
+
+
+@unittest.skipUnless(shutil.which("cc"), "needs a C compiler for the fake libcuda")
+class CudaDriverTest(unittest.TestCase):
+    """CudaDriver's ctypes calls against a fake libcuda built here: the attributes asked, the
+    slots they are written to (a one-byte bool among 8-byte values), the handle's bytes, errors."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="fake-libcuda-")
+        src = os.path.join(cls.dir, "fake.c")
+        with open(src, "w") as f:
+            f.write(FAKE_LIBCUDA)
+        cls.lib = os.path.join(cls.dir, "libcuda.so.1")
+        subprocess.run(["cc", "-shared", "-fPIC", "-o", cls.lib, src], check=True)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir)
+
+    def test_locate_and_handle(self):
+        d = CudaDriver(self.lib)
+        base = 0x7F00_0000_0000
+        a = d.locate(base + 4096)
+        self.assertEqual(a, CudaAllocation(42, base, 64 << 20, True))
+        self.assertFalse(d.locate(base + (16 << 20)).ipc)
+        self.assertEqual(d.ipc_handle(a), bytes((i * 3 + 1) % 256 for i in range(64)))
+        with self.assertRaisesRegex(ValueError, "not in a CUDA allocation"):
+            d.locate(0x1000)
+        with self.assertRaisesRegex(RuntimeError, r"cuIpcGetMemHandle: invalid resource handle \(CUresult 400\)"):
+            d.ipc_handle(CudaAllocation(1, base + 512, 4096, True))
 
 
 class FakeDType:
