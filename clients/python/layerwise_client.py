@@ -275,8 +275,8 @@ class IpcHandleCache:
         return h
 
     def keep_only(self, ids: Iterable[int]) -> List[str]:
-        """Forgets the allocations not in ``ids``; returns their handles (for the server to close:
-        the trainer may have freed them, and an open mapping keeps freed memory from the GPU)."""
+        """Forgets the allocations not in ``ids``; returns their handles, for the server to close
+        (the trainer may have freed them: the server's cache holds only what is still sent)."""
         keep = set(ids)
         gone = [i for i in self._by_id if i not in keep]
         return [self._by_id.pop(i) for i in gone]
@@ -725,7 +725,7 @@ class LayerwiseClient:
                 self._buckets.append(None)
             for k, n in enumerate(needs):
                 b = self._buckets[k]
-                if b is None or b.numel() < n:
+                if b is None or b.numel() < n or b.device != device:
                     self._buckets[k] = None  # back to the allocator before the bigger one
                     self._buckets[k] = torch.empty(n, dtype=torch.uint8, device=device)
             bucket_of = [driver.locate(b.data_ptr()) for b in self._buckets[:len(needs)]]
