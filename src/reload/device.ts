@@ -409,11 +409,18 @@ export class DeviceReload {
           }
           if (this.#options.rejectNonFinite) {
             // What the check promises holds for what the model holds: a quantized layer is
-            // checked in its kernel tensors too (an infinite scale from finite weights).
+            // checked in its kernel tensors too (an infinite scale from finite weights). Its
+            // scales, that is: a multi-tensor kernel writes a NaN fp8 code only for a NaN
+            // quotient, which needs a non-finite weight (refused above) or scale (checked
+            // here), and int8 codes are never NaN; so reading the codes back, the bulk of
+            // the kernel bytes, would add nothing (ARCHITECTURE.md, "Device source").
             rejectNonFiniteKernel(
               phase.layers.flatMap((layer, k) => {
                 const { path, quantized } = phase.processed[k];
-                return quantized ? [{ layer, path }] : [];
+                if (!quantized) return [];
+                const tensors = layer.ownSlots().map(([n, s]) => [n, s.tensor] as const)
+                  .filter(([, t]) => t.dtype.size > 1);
+                return [{ layer, path, tensors }];
               }),
             );
           }
