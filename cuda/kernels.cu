@@ -123,12 +123,13 @@ lw_status enter(void *ctx, lw_ctx **out) {
     if (s_ != LW_OK) return s_;             \
   } while (0)
 
-/* Blocks of kernel K that fit on one multiprocessor at once (queried once per kernel). */
-template <auto K>
+/* Blocks of kernel K (with SMEM bytes of dynamic shared memory each) that fit on one
+ * multiprocessor at once (queried once per kernel). */
+template <auto K, size_t SMEM = 0>
 int resident_per_sm() {
   static const int per_sm = [] {
     int b = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, K, kThreads, 0) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, K, kThreads, SMEM) != cudaSuccess) {
       cudaGetLastError();
       b = 0;
     }
@@ -139,9 +140,9 @@ int resident_per_sm() {
 
 /* A grid of one resident wave at most: grid-stride loops then never leave a partial second
  * wave behind, and small inputs get only the blocks they need. */
-template <auto K>
+template <auto K, size_t SMEM = 0>
 unsigned grid(const lw_ctx *c, size_t blocks) {
-  size_t cap = (size_t)c->sms * resident_per_sm<K>();
+  size_t cap = (size_t)c->sms * resident_per_sm<K, SMEM>();
   if (blocks < 1) blocks = 1;
   return (unsigned)(blocks < cap ? blocks : cap);
 }
@@ -1339,6 +1340,7 @@ template <int DT, int KIND, bool HW>
 __global__ void __launch_bounds__(kThreads)
     k_mt_quant(const uint64_t *targets, const uint64_t *pieces, const uint64_t *items,
                size_t first, size_t n, const uint64_t *bases) {
+  static_assert(KIND != LW_MT_FP8_BLOCK128, "tiles have k_mt_block");
   using T = typename Ty<DT>::T;
   for (size_t i = first + blockIdx.x; i < first + n; i += gridDim.x) {
     const uint64_t *it = items + i * LW_MT_ITEM_FIELDS;
@@ -1365,105 +1367,6 @@ __global__ void __launch_bounds__(kThreads)
       mt_runs<DT>(t, pieces, bases, it, [&](const T *x, size_t r, size_t len) {
         quant(x, q + r * cols + c0, len, threadIdx.x, blockDim.x, s);
       });
-    } else if constexpr (KIND == LW_MT_FP8_BLOCK128) {
-      // Groups of 16 threads take one tile row each (as k_quant_fp8_block); with the block's 16
-      // groups, each group has 8 of the tile's 128 rows. A full-width row whose source is
-      // 16-byte aligned is read once, into registers (all 8 rows' loads in flight together),
-      // and quantized from them; other rows are read twice, element-exact at any alignment.
-      constexpr int kGroup = 16, kRows = 128 / (kThreads / kGroup);
-      constexpr int E = 16 / sizeof(T);                      // elements per 16-byte vector
-      constexpr int V = 128 * (int)sizeof(T) / (16 * kGroup);  // vectors per lane per row
-      int g = threadIdx.x / kGroup, lane = threadIdx.x % kGroup, ng = blockDim.x / kGroup;
-      size_t r0 = it[1], h = it[2];
-      const T *xs[kRows];
-      bool held[kRows];
-      uint4 raw[kRows][V];  // the held rows as loaded: 16 bytes per vector
-      uint32_t m = 0;
-#pragma unroll
-      for (int j = 0; j < kRows; j++) {
-        size_t r = g + (size_t)j * ng;
-        xs[j] = nullptr;
-        held[j] = false;
-        if (ng * kRows != 128 || r >= h) continue;
-        size_t left, pitch;
-        xs[j] = reinterpret_cast<const T *>(
-            mt_src(t, pieces, bases, r0 + r, c0, sizeof(T), &left, &pitch));
-        held[j] = xs[j] != nullptr && w == 128 && aligned_for<E>(xs[j]);
-        if (held[j]) {
-#pragma unroll
-          for (int v = 0; v < V; v++) {
-            raw[j][v] = __ldg(reinterpret_cast<const uint4 *>(xs[j] + (v * kGroup + lane) * E));
-          }
-        }
-      }
-      if (ng * kRows != 128) {
-        // Another block size: the generic loop over the tile's rows.
-        for (size_t r = g; r < h; r += ng) {
-          size_t left, pitch;
-          const T *x = reinterpret_cast<const T *>(
-              mt_src(t, pieces, bases, r0 + r, c0, sizeof(T), &left, &pitch));
-          if (x != nullptr) {
-            m = fold_span(x, w, lane, kGroup, m,
-                          [](uint32_t a, T v) { return max(a, Ty<DT>::abits(v)); });
-          }
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kRows; j++) {
-        if (held[j]) {
-#pragma unroll
-          for (int v = 0; v < V; v++) {
-            T in[E];
-            memcpy(in, &raw[j][v], 16);
-#pragma unroll
-            for (int k = 0; k < E; k++) m = max(m, Ty<DT>::abits(in[k]));
-          }
-        } else if (xs[j] != nullptr) {
-          m = fold_span(xs[j], w, lane, kGroup, m,
-                        [](uint32_t a, T v) { return max(a, Ty<DT>::abits(v)); });
-        }
-      }
-      m = block_max(m);
-      float s = lw_fp8_scale(absmax_value<DT>(m));
-      if (threadIdx.x == 0) scale[(r0 / 128) * ((cols + 127) / 128) + c0 / 128] = s;
-      if (ng * kRows != 128) {
-        for (size_t r = g; r < h; r += ng) {
-          size_t left, pitch;
-          const T *x = reinterpret_cast<const T *>(
-              mt_src(t, pieces, bases, r0 + r, c0, sizeof(T), &left, &pitch));
-          if (x != nullptr) quant(x, q + (r0 + r) * cols + c0, w, lane, kGroup, s);
-        }
-      } else {
-        Divisor d = divisor_of(s);
-#pragma unroll
-        for (int j = 0; j < kRows; j++) {
-          uint8_t *dst = q + (r0 + g + (size_t)j * ng) * cols + c0;
-          if (held[j]) {
-#pragma unroll
-            for (int v = 0; v < V; v++) {
-              T in[E];
-              memcpy(in, &raw[j][v], 16);
-              uint8_t out[E];
-#pragma unroll
-              for (int k = 0; k < E; k++) {
-                float x = Ty<DT>::to(in[k]);
-                bool slow = false;
-                uint8_t f = quant_e4m3<HW>(x, d, slow);
-                out[k] = slow ? exact_e4m3(x, d.s) : f;
-              }
-              uint8_t *o = dst + (v * kGroup + lane) * E;
-              if (aligned_for<E>(o)) {
-                storev<E>(o, out);
-              } else {
-#pragma unroll
-                for (int k = 0; k < E; k++) o[k] = out[k];
-              }
-            }
-          } else if (xs[j] != nullptr) {
-            quant(xs[j], dst, w, lane, kGroup, s);
-          }
-        }
-      }
     } else {
       // Per row (fp8 or int8): one warp per row, so rows need no block-wide barrier and eight
       // rows of a block are in flight at once; the second read of a row comes from L1/L2.
@@ -1480,6 +1383,131 @@ __global__ void __launch_bounds__(kThreads)
         float s = KIND == LW_MT_INT8_ROW ? lw_int8_scale(amax) : lw_fp8_scale(amax);
         if (lane == 0) scale[r] = s;
         quant(x, q + r * cols + c0, w, lane, 32, s);
+      }
+    }
+  }
+}
+
+/* 16 bytes global -> shared without registers where the device copies asynchronously (sm_80+);
+ * the thread that copies is the one that reads them back, after cp_async_wait. */
+__device__ __forceinline__ void cp_async16(uint4 *dst, const void *src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+#else
+  *dst = __ldg(reinterpret_cast<const uint4 *>(src));
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
+/* Shared bytes of k_mt_block's staged tile. */
+template <int DT>
+constexpr size_t kTileBytes = 128 * 128 * sizeof(typename Ty<DT>::T);
+
+/*
+ * fp8 per 128x128 block; items are tiles. Groups of 16 threads take one tile row each (as
+ * k_quant_fp8_block); with the block's 16 groups, each group has 8 of the tile's 128 rows. A
+ * full-width row whose source is 16-byte aligned is staged once in shared memory (copied
+ * asynchronously, so no registers hold it: more blocks fit on a multiprocessor and their copies
+ * overlap each other's arithmetic) and quantized from there; other rows are read twice from
+ * global memory, element-exact at any alignment.
+ */
+template <int DT, bool HW>
+__global__ void __launch_bounds__(kThreads, 4)
+    k_mt_block(const uint64_t *targets, const uint64_t *pieces, const uint64_t *items,
+               size_t first, size_t n, const uint64_t *bases) {
+  using T = typename Ty<DT>::T;
+  extern __shared__ uint4 stage[];
+  __shared__ const T *rows[128];
+  constexpr int kGroup = 16, kRows = 128 / (kThreads / kGroup);
+  constexpr int E = 16 / sizeof(T);                      // elements per 16-byte vector
+  constexpr int V = 128 * (int)sizeof(T) / (16 * kGroup);  // vectors per lane per row
+  constexpr int RV = V * kGroup;                         // vectors per staged row
+  static_assert(kRows * (kThreads / kGroup) == 128, "a block covers a tile's rows");
+  const int g = threadIdx.x / kGroup, lane = threadIdx.x % kGroup, ng = kThreads / kGroup;
+  const auto absbits = [](uint32_t a, T v) { return max(a, Ty<DT>::abits(v)); };
+  for (size_t i = first + blockIdx.x; i < first + n; i += gridDim.x) {
+    const uint64_t *it = items + i * LW_MT_ITEM_FIELDS;
+    const uint64_t *t = targets + it[0] * LW_MT_TARGET_FIELDS;
+    uint8_t *q = reinterpret_cast<uint8_t *>(t[0]);
+    float *scale = reinterpret_cast<float *>(t[1]);
+    size_t cols = t[4], r0 = it[1], h = it[2], c0 = it[3], w = it[4];
+    // Row addresses once per tile, by one thread per row (a short scan of the target's pieces).
+    __syncthreads();  // the previous tile's readers of rows[] are done
+    if (threadIdx.x < 128) {
+      size_t left, pitch;
+      rows[threadIdx.x] = threadIdx.x < h ? reinterpret_cast<const T *>(mt_src(
+                                                t, pieces, bases, r0 + threadIdx.x, c0, sizeof(T),
+                                                &left, &pitch))
+                                          : nullptr;
+    }
+    __syncthreads();
+    unsigned held = 0;  // bit j: row g + j * ng is staged
+#pragma unroll
+    for (int j = 0; j < kRows; j++) {
+      const T *x = rows[g + j * ng];
+      if (x != nullptr && w == 128 && aligned_for<E>(x)) {
+        held |= 1u << j;
+#pragma unroll
+        for (int v = 0; v < V; v++) {
+          cp_async16(stage + (g + j * ng) * RV + v * kGroup + lane, x + (v * kGroup + lane) * E);
+        }
+      }
+    }
+    cp_async_wait();
+    uint32_t m = 0;
+#pragma unroll
+    for (int j = 0; j < kRows; j++) {
+      if (held >> j & 1) {
+#pragma unroll
+        for (int v = 0; v < V; v++) {
+          T in[E];
+          memcpy(in, stage + (g + j * ng) * RV + v * kGroup + lane, 16);
+#pragma unroll
+          for (int k = 0; k < E; k++) m = absbits(m, in[k]);
+        }
+      } else if (rows[g + j * ng] != nullptr) {
+        m = fold_span(rows[g + j * ng], w, lane, kGroup, m, absbits);
+      }
+    }
+    m = block_max(m);
+    float s = lw_fp8_scale(absmax_value<DT>(m));
+    if (threadIdx.x == 0) scale[(r0 / 128) * ((cols + 127) / 128) + c0 / 128] = s;
+    Divisor d = divisor_of(s);
+#pragma unroll
+    for (int j = 0; j < kRows; j++) {
+      uint8_t *dst = q + (r0 + g + (size_t)j * ng) * cols + c0;
+      if (held >> j & 1) {
+#pragma unroll
+        for (int v = 0; v < V; v++) {
+          T in[E];
+          memcpy(in, stage + (g + j * ng) * RV + v * kGroup + lane, 16);
+          uint8_t out[E];
+#pragma unroll
+          for (int k = 0; k < E; k++) {
+            float x = Ty<DT>::to(in[k]);
+            bool slow = false;
+            uint8_t f = quant_e4m3<HW>(x, d, slow);
+            out[k] = slow ? exact_e4m3(x, d.s) : f;
+          }
+          uint8_t *o = dst + (v * kGroup + lane) * E;
+          if (aligned_for<E>(o)) {
+            storev<E>(o, out);
+          } else {
+#pragma unroll
+            for (int k = 0; k < E; k++) o[k] = out[k];
+          }
+        }
+      } else if (rows[g + j * ng] != nullptr) {
+        map_span2(
+            rows[g + j * ng], dst, w, lane, kGroup,
+            [d](T v, size_t, bool &slow) { return quant_e4m3<HW>(Ty<DT>::to(v), d, slow); },
+            [d](T v, size_t) { return exact_e4m3(Ty<DT>::to(v), d.s); });
       }
     }
   }
@@ -1558,8 +1586,19 @@ LW_API lw_status lw_mt_quant(void *ctx, int32_t kind, const uint64_t *targets,
       constexpr bool HW = decltype(hw)::value;
       auto go = [&](auto k) {
         constexpr int K = decltype(k)::value;
-        k_mt_quant<DT, K, HW><<<grid<k_mt_quant<DT, K, HW>>(c_, n), kThreads, 0, c_->stream>>>(
-            targets, pieces, items, first, n, bases);
+        if constexpr (K == LW_MT_FP8_BLOCK128) {
+          constexpr size_t smem = kTileBytes<DT>;
+          // Over 48 KiB (f32 tiles) needs the opt-in; if it is refused, so is the launch,
+          // which CK_LAUNCH reports.
+          static const cudaError_t opted = cudaFuncSetAttribute(
+              k_mt_block<DT, HW>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+          (void)opted;
+          k_mt_block<DT, HW><<<grid<k_mt_block<DT, HW>, smem>(c_, n), kThreads, smem,
+                               c_->stream>>>(targets, pieces, items, first, n, bases);
+        } else {
+          k_mt_quant<DT, K, HW><<<grid<k_mt_quant<DT, K, HW>>(c_, n), kThreads, 0,
+                                  c_->stream>>>(targets, pieces, items, first, n, bases);
+        }
       };
       switch (kind) {
       case LW_MT_FP8_TENSOR:

@@ -3,7 +3,8 @@
  * of a synthetic Llama-shaped bf16 checkpoint against a plain loopback upload of the same bytes
  * to a server that discards them, both sent by the same outside client (curl when present,
  * else fetch), as a ratio (limit: at least 0.5). On CUDA with PyTorch, also the 8B shape pushed
- * by a PyTorch process over CUDA IPC with buckets reused (scripts/bench_serve_ipc.py):
+ * by a PyTorch process over CUDA IPC (scripts/bench_serve_ipc.py), zero-copy (the server reads
+ * the trainer's tensors in place) and, for comparison, packed into the client's reused buckets:
  * milliseconds per update from the client's call to its reply.
  * @module
  */
@@ -180,6 +181,17 @@ async function benchIpc(
   return out;
 }
 
+/** One path's figures from scripts/bench_serve_ipc.py. */
+interface IpcRun {
+  path: string;
+  zero_copy_tensors: number;
+  packed_tensors: number;
+  buckets: number;
+  new_handles: number[];
+  millis: number[];
+  server_millis: number[];
+}
+
 async function ipcUpdates(
   dir: string,
   scan: boolean,
@@ -202,24 +214,44 @@ async function ipcUpdates(
     if (!out.success) throw new Error("serve bench: the PyTorch IPC client failed");
     const r = JSON.parse(new TextDecoder().decode(out.stdout)) as {
       bytes: number;
-      millis: number[];
-      server_millis: number[];
-      buckets: number;
+      tensors: number;
+      zero_copy: IpcRun;
+      copy: IpcRun;
     };
-    const ms = median(r.millis.slice(1));
-    const serverMs = median(r.server_millis.slice(1));
+    const z = r.zero_copy, c = r.copy;
+    const ms = median(z.millis.slice(1));
+    const serverMs = median(z.server_millis.slice(1));
+    const copyMs = median(c.millis.slice(1));
     console.log(
-      `  ipc update, 8B shape from PyTorch (${(r.bytes / GB).toFixed(2)} GB in ${r.buckets} ` +
-        `reused buckets, ${scan ? "NaN/Inf scan on (the default)" : "--allow-non-finite"}): ` +
-        `${ms.toFixed(1)} ms per update, client call to reply (median of ${r.millis.length - 1}; ` +
+      `  ipc update, 8B shape from PyTorch (${(r.bytes / GB).toFixed(2)} GB, ${r.tensors} ` +
+        `tensors, ${z.path}: ${z.zero_copy_tensors} read in place from ${z.buckets} allocations, ` +
+        `${z.packed_tensors} packed; ${
+          scan ? "NaN/Inf scan on (the default)" : "--allow-non-finite"
+        }): ` +
+        `${ms.toFixed(1)} ms per update, client call to reply (median of ${z.millis.length - 1}; ` +
         `limit ${IPC_LIMIT_MS} ms; ratio ${(ms / IPC_LIMIT_MS).toFixed(2)})`,
     );
     console.log(
       `    of which the server's own time for the update ${serverMs.toFixed(1)} ms (its reply's ` +
-        `seconds: table check, mapping, reload, wait); the rest is the client packing its ` +
-        `buckets, and HTTP`,
+        `seconds: table check, mapping, reload, wait); the rest is the client's table, its ` +
+        `stream sync, and HTTP. First update (the server opens ${z.new_handles[0]} handles): ` +
+        `${z.millis[0].toFixed(1)} ms; handles new to the client after it: ` +
+        `${z.new_handles.slice(1).reduce((a, b) => a + b, 0)}`,
     );
-    return { ...r, medianMs: ms, serverMedianMs: serverMs, limitMs: IPC_LIMIT_MS };
+    console.log(
+      `    the same update with ipc_copy=True (${c.path}: packed into ${c.buckets} reused ` +
+        `buckets first): ${copyMs.toFixed(1)} ms (server ${
+          median(c.server_millis.slice(1)).toFixed(1)
+        } ms); zero-copy / copy ${(ms / copyMs).toFixed(2)}`,
+    );
+    return {
+      ...r,
+      path: z.path,
+      medianMs: ms,
+      serverMedianMs: serverMs,
+      copyMedianMs: copyMs,
+      limitMs: IPC_LIMIT_MS,
+    };
   } finally {
     await server.stop();
   }

@@ -2,11 +2,15 @@
 
     python3 scripts/bench_serve_ipc.py URL UPDATES
 
-Builds bf16 CUDA tensors of every checkpoint tensor the served model expects (GET /v1/model),
-pushes them UPDATES times over CUDA IPC with the same buckets, and prints JSON: bytes per
-update, milliseconds of each update from the client's call to its reply, the server's own
-time for each (its reply's seconds: from taking the update lock to the end of the reload),
-buckets used.
+Builds bf16 CUDA tensors of every checkpoint tensor the served model expects (GET /v1/model)
+and pushes them UPDATES times over CUDA IPC the default way, zero-copy (the server reads the
+tensors in place; the same handles every time), then UPDATES times with ``ipc_copy=True`` (the
+client packs them into its reused buckets first) for comparison. Prints JSON: bytes per update;
+for each path (``zero_copy``, ``copy``): the path the client reports it took, milliseconds of
+each update from the client's call to its reply, the server's own time for each (its reply's
+seconds: from taking the update lock to the end of the reload), buckets (allocations) in the
+table and handles new to the client in each update (the first update's are opened by the
+server too).
 """
 
 import json
@@ -23,6 +27,25 @@ from layerwise_client import LayerwiseClient  # noqa: E402
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
+def run(client: LayerwiseClient, tensors: list, updates: int, copy: bool, label: str) -> dict:
+    millis, server_millis, new_handles = [], [], []
+    for i in range(updates):
+        t0 = time.perf_counter()
+        r = client.update_from_tensors(tensors, transport="ipc", ipc_copy=copy, bucket_bytes=1 << 30,
+                                       tag=f"bench-{label}-{i}")
+        millis.append((time.perf_counter() - t0) * 1000)
+        server_millis.append(r["seconds"] * 1000)
+        new_handles.append(client.last_ipc.new_handles)
+        assert r["path"] == "ipc" and r["storageKept"], r
+    st = client.last_ipc
+    print(f"bench_serve_ipc: {label}: path {st.path}, {st.zero_copy} tensors read in place, "
+          f"{sum(st.packed.values())} packed, {st.buckets} allocations in the table",
+          file=sys.stderr)
+    return {"path": st.path, "zero_copy_tensors": st.zero_copy, "packed_tensors": sum(st.packed.values()),
+            "buckets": st.buckets, "new_handles": new_handles, "millis": millis,
+            "server_millis": server_millis}
+
+
 def main() -> None:
     url, updates = sys.argv[1], int(sys.argv[2])
     client = LayerwiseClient(url)
@@ -34,16 +57,10 @@ def main() -> None:
         tensors.append((t["name"], x.to(DTYPES[t["dtype"]])))
     total = sum(t.numel() * t.element_size() for _, t in tensors)
     torch.cuda.synchronize()
-    millis, server_millis = [], []
-    for i in range(updates):
-        t0 = time.perf_counter()
-        r = client.update_from_tensors(tensors, transport="ipc", bucket_bytes=1 << 30, tag=f"bench-{i}")
-        millis.append((time.perf_counter() - t0) * 1000)
-        server_millis.append(r["seconds"] * 1000)
-        assert r["path"] == "ipc" and r["storageKept"], r
-    buckets = len([b for b in client._buckets if b is not None])
+    zero_copy = run(client, tensors, updates, False, "zero-copy")
+    copy = run(client, tensors, updates, True, "ipc_copy")
     client.close()
-    print(json.dumps({"bytes": total, "millis": millis, "server_millis": server_millis, "buckets": buckets}))
+    print(json.dumps({"bytes": total, "tensors": len(tensors), "zero_copy": zero_copy, "copy": copy}))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
  * The Python client (clients/python/layerwise_client.py) against a real server, when python3
  * is present: its HTTP transport (a streamed safetensors body built from shapes), disk
  * updates, model(), export() and errors; the exports it fetched are compared here, byte for
- * byte, with the PyTorch expectation and with each other. Its torch parts (IPC buckets, CUDA
- * tensors) run only on a GPU machine with PyTorch.
+ * byte, with the PyTorch expectation and with each other; the IPC table (zero-copy routes,
+ * offsets, handle cache, packing) with a fake driver and a fake torch. Its real torch parts (CUDA
+ * tensors read in place, buckets) run only on a GPU machine with PyTorch.
  */
 import assert from "node:assert/strict";
 import { loadSafetensors } from "../src/checkpoint/safetensors.ts";
@@ -73,7 +74,7 @@ Deno.test({
       }).output();
       const log = new TextDecoder().decode(r.stderr) + new TextDecoder().decode(r.stdout);
       assert.equal(r.code, 0, log);
-      assert.match(log, /Ran 7 tests/);
+      assert.match(log, /Ran 12 tests/);
       // The fixture pushed by the client gives the PyTorch expectation.
       const want = await loadSafetensors(EXPECT);
       const got = await loadSafetensors(`${out}/ckpt-http.safetensors`);
@@ -111,7 +112,7 @@ function gpuTrainer(): boolean {
 
 Deno.test({
   name:
-    "python client (GPU): a PyTorch training loop pushes over IPC and HTTP; export = PyTorch fp8",
+    "python client (GPU): a PyTorch training loop pushes over IPC (zero-copy and packed) and HTTP; export = PyTorch fp8",
   ignore: !gpuTrainer(),
   fn: async () => {
     const script = new URL("./python/train_loop_gpu.py", import.meta.url).pathname;
@@ -131,12 +132,16 @@ Deno.test({
         const err = new TextDecoder().decode(r.stderr);
         assert.equal(r.code, 0, err);
         const out = JSON.parse(new TextDecoder().decode(r.stdout));
-        assert.deepEqual(out.steps.map((x: { transport: string }) => x.transport), [
-          "ipc",
-          "http",
-          "ipc",
+        const steps = out.steps as { step: number; transport: string; ipc?: string }[];
+        // Zero-copy with one tensor through a bucket, HTTP, zero-copy twice, forced packing.
+        assert.deepEqual(steps.map((x) => [x.step, x.transport, x.ipc ?? null]), [
+          [0, "ipc", "mixed"],
+          [1, "http", null],
+          [2, "ipc", "zero-copy"],
+          [2, "ipc", "zero-copy"],
+          [2, "ipc", "copy"],
         ]);
-        assert.equal(s.service.version, 3);
+        assert.equal(s.service.version, 5);
         const after = new Map(kernelTensors(model).map(([n, t]) => [n, t.ptr]));
         assert.deepEqual(after, before, "no kernel pointer moved");
         assert.equal(s.service.ipcHandlesOpen, 0, "the client released its buckets");

@@ -647,3 +647,35 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name:
+    "device: finite weights at the edges of bf16 give finite kernel tensors in every quantization (why rejectNonFinite reads only the scales back)",
+  ignore,
+  async fn() {
+    // bf16 bit patterns: the largest finite, the smallest subnormal, zeros, mid values; one
+    // tensor all zeros and one all smallest subnormals (the scale floors), per quantization.
+    const edges = [0x7f7f, 0xff7f, 0x0001, 0x8001, 0x0000, 0x8000, 0x3f80, 0xc2f0, 0x0080];
+    for (const quant of ["fp8", "fp8-channel", "fp8-block", "int8"] as QuantName[]) {
+      const { model, w } = await fixture(quant);
+      const b = model.device;
+      w.tensors.forEach(([, t], i) => {
+        const u16 = new Uint16Array(t.data.buffer, t.data.byteOffset, t.data.byteLength / 2);
+        for (let k = 0; k < u16.length; k++) {
+          u16[k] = i % 7 === 3 ? 0 : i % 7 === 5 ? 0x0001 : edges[(k * 7 + i) % edges.length];
+        }
+      });
+      const { views, free } = upload(b, w, [3, 0, 5]);
+      try {
+        const r = await reloadFromDevice(model, views, { rejectNonFinite: true });
+        assert.ok(r.plan.layers > 0, `${quant}: the launches wrote layers`);
+        const all = kernelTensors(model).map(([, t]) => t);
+        const counts = b.countNonFiniteEach(all);
+        assert.deepEqual(counts, all.map(() => 0), `${quant}: NaN/Inf in the kernel tensors`);
+      } finally {
+        free();
+        b.close();
+      }
+    }
+  },
+});

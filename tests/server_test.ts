@@ -292,6 +292,60 @@ Deno.test("server: stream, disk and IPC updates give identical kernel tensors", 
   }
 });
 
+Deno.test("server: a zero-copy IPC table, an allocation per tensor and hundreds of buckets, is taken", async () => {
+  // What the Python client sends by default: each tensor read where the trainer holds it, at an
+  // offset inside its allocation, buckets sized to the furthest byte read, two tensors sharing
+  // one allocation; and as many allocations as an 8B model's 291 parameters (and more).
+  const backend = await openWasmBackend();
+  const ipc = fakeIpc(backend);
+  await withServer({ backend, ipcMapper: () => ipc.mapper }, async (s) => {
+    const file = await scaledCheckpoint(2);
+    const h = parseSafetensorsHeader(file, file.byteLength, "zero-copy");
+    const entries = [...h.tensors.values()];
+    const buckets: { handle: string; bytes: number }[] = [];
+    const tensors: unknown[] = [];
+    const shared = new Uint8Array(
+      4096 + entries[0].end - entries[0].begin + entries[1].end -
+        entries[1].begin,
+    );
+    const sharedAt = [512, 512 + entries[0].end - entries[0].begin];
+    entries.forEach((e, i) => {
+      const bytes = file.subarray(e.begin, e.end);
+      let bucket: number, offset: number;
+      if (i < 2) {
+        shared.set(bytes, sharedAt[i]);
+        if (i === 0) buckets.push({ handle: ipc.addBucket(shared), bytes: 0 });
+        [bucket, offset] = [0, sharedAt[i]];
+      } else {
+        const allocation = new Uint8Array(1024 + bytes.byteLength + 256);
+        allocation.set(bytes, 1024);
+        [bucket, offset] = [buckets.length, 1024];
+        buckets.push({ handle: ipc.addBucket(allocation), bytes: 0 });
+      }
+      buckets[bucket].bytes = Math.max(buckets[bucket].bytes, offset + bytes.byteLength);
+      tensors.push({ name: e.name, dtype: e.dtype.safetensors, shape: e.shape, bucket, offset });
+    });
+    while (buckets.length < 300) {
+      buckets.push({ handle: ipc.addBucket(new Uint8Array(512)), bytes: 512 });
+    }
+    const byStream = await putStream(s, file);
+    assert.equal(byStream.status, 200, JSON.stringify(byStream.json));
+    const streamed = await exported(s);
+    await call(s, "POST", "/v1/update/disk", { path: LLAMA });
+    const r = await call(s, "POST", "/v1/update/ipc", { buckets, tensors });
+    assert.equal(r.status, 200, JSON.stringify(r.json));
+    assertSameTensors(await exported(s), streamed, "zero-copy table vs stream");
+    assert.equal(ipc.openCount(), 300);
+    // The trainer's next step, same allocations: every handle from the cache.
+    const again = await call(s, "POST", "/v1/update/ipc", { buckets, tensors });
+    assert.equal(again.status, 200, JSON.stringify(again.json));
+    assert.equal(ipc.opened.length, 300);
+    assert.deepEqual((await call(s, "POST", "/v1/update/ipc/release", {})).json, {
+      released: 300,
+    });
+  });
+});
+
 /** Packs a safetensors file's tensors into `n` buckets (8-byte aligned) and returns the table. */
 function packBuckets(file: Uint8Array, addBucket: (b: Uint8Array) => string, n: number) {
   const h = parseSafetensorsHeader(file, file.byteLength, "pack");

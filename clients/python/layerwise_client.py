@@ -15,9 +15,17 @@ Transports of ``update_from_tensors``:
 * ``"http"``: a safetensors body streamed tensor by tensor (``PUT /v1/update/stream``). The
   header is written first from the tensors' dtypes and shapes, then each tensor's bytes; only
   one tensor is copied to host memory at a time, the body is never built in memory.
-* ``"ipc"``: CUDA tensors are packed into a few device buckets that the client keeps and
-  reuses (one CUDA IPC handle per bucket); the server maps them (cached while they stay the
-  same), reloads straight from them and answers once it no longer reads them.
+* ``"ipc"``: zero-copy: the server reads each CUDA tensor in place, from the trainer's own
+  memory. The table names the CUDA allocations that hold the tensors (one IPC handle per
+  allocation, however many tensors share it; handles cached across calls, so a loop that
+  updates its parameters in place sends the same ones every step and the server maps nothing
+  new) and each tensor's offset in its allocation. What cannot be read in place (a tensor on
+  the host or another GPU, a non-contiguous one), or everything with ``ipc_copy=True``, is
+  first copied into a few device buckets the client keeps and reuses. The server answers once
+  it no longer reads any of them: until then the trainer must not modify those tensors.
+  Memory of PyTorch's expandable segments (or a ``cudaMallocAsync`` pool) has no IPC handle,
+  and neither have buckets allocated there: such a trainer gets a ``ValueError`` naming the
+  setting, and uses ``"http"`` or ``"nccl"``.
 * ``"nccl"``: after :meth:`LayerwiseClient.init_nccl` (the trainer and the server join one
   NCCL communicator), the tensor list is posted and the tensors are broadcast from the
   trainer's rank packed into buckets by :func:`pack_buckets`, the server's rule; the server
@@ -44,7 +52,10 @@ import time
 import urllib.parse
 from typing import Any, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
-__all__ = ["LayerwiseClient", "LayerwiseError", "RawTensor", "pack_buckets"]
+__all__ = [
+    "CudaAllocation", "CudaDriver", "IpcHandleCache", "IpcSource", "IpcStats", "LayerwiseClient",
+    "LayerwiseError", "RawTensor", "ipc_packing", "ipc_routes", "ipc_table", "pack_buckets",
+]
 
 DEFAULT_BUCKET_BYTES = 512 * 1024 * 1024
 _IPC_ALIGN = 256
@@ -88,14 +99,20 @@ def _is_torch(t: Any) -> bool:
     return type(t).__module__.startswith("torch") and hasattr(t, "data_ptr")
 
 
+_TORCH_DTYPE_NAMES: dict = {}
+
+
 def _torch_dtype_name(t: Any) -> str:
+    names = _TORCH_DTYPE_NAMES
+    if t.dtype in names:
+        return names[t.dtype]
     import torch  # only when handed torch tensors
 
-    names = {
+    names.update({
         torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
         torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
         torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-    }
+    })
     for attr, name in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
         if hasattr(torch, attr):
             names[getattr(torch, attr)] = name
@@ -134,33 +151,227 @@ def _host_bytes(t: Any) -> Tuple[memoryview, Any]:
     return memoryview(buf).cast("B"), host
 
 
+def _ipc_source(name: str, t: Any) -> "IpcSource":
+    dtype, shape, nbytes = _describe(name, t)
+    return IpcSource(name, dtype, shape, nbytes, t.device.index if t.is_cuda else None,
+                     int(t.data_ptr()) if nbytes else 0, bool(t.is_contiguous()))
+
+
 def _align(n: int, to: int = NCCL_ALIGN) -> int:
     return (n + to - 1) // to * to
 
 
-def ipc_mem_handle(shared: bytes) -> bytes:
-    """The 64-byte ``cudaIpcMemHandle_t`` in the handle PyTorch's ``_share_cuda_()`` returns.
+class CudaAllocation(NamedTuple):
+    """One CUDA allocation (one ``cudaMalloc``: a segment of PyTorch's caching allocator, which
+    holds many tensors), as the driver describes the address of a tensor inside it."""
 
-    PyTorch before 2.3 gives the 64 bytes alone; later versions prefix a version byte (2) and
-    the kind of memory: ``c`` for the caching allocator's ``cudaMalloc`` blocks, ``e`` for
-    expandable segments, which are shared by file descriptor and cannot be opened from a handle.
-    """
-    raw = bytes(shared)
-    if len(raw) == 64:
-        return raw
-    if len(raw) == 66 and raw[0] == 2:
-        if raw[1:2] == b"c":
-            return raw[2:]
-        if raw[1:2] == b"e":
+    id: int  # CU_POINTER_ATTRIBUTE_BUFFER_ID: unique over the process lifetime, never reused
+    base: int  # its first byte: what an IPC handle maps, and what tensor offsets count from
+    size: int  # its bytes
+    ipc: bool  # cudaIpcGetMemHandle can share it (not an expandable segment, not a memory pool)
+
+
+class IpcSource(NamedTuple):
+    """What the IPC transport needs of one tensor (taken from a torch tensor by the client)."""
+
+    name: str
+    dtype: str  # safetensors name
+    shape: Tuple[int, ...]
+    nbytes: int
+    device: Optional[int]  # CUDA device index; None for a tensor on the host
+    ptr: int  # address of its first element (tensor.data_ptr(): storage + storage offset)
+    contiguous: bool
+
+
+class CudaDriver:
+    """The two driver calls the zero-copy transport needs, through ``ctypes`` on ``libcuda.so.1``
+    (``LAYERWISE_CUDA_LIB`` overrides the path): ``cuPointerGetAttributes`` (which allocation
+    holds an address) and ``cuIpcGetMemHandle`` (its IPC handle). The driver is asked instead of
+    PyTorch's ``storage._share_cuda_()``, which re-wraps the storage on every call (a new
+    interprocess event and reference-counter slot each time) and, when the storage is freed,
+    keeps its memory in "limbo" until the receiver decrements that counter, which this server
+    (not a PyTorch process) never does: a training loop would leak a model's worth per step."""
+
+    # CU_POINTER_ATTRIBUTE_BUFFER_ID, _RANGE_START_ADDR, _RANGE_SIZE, _IS_LEGACY_CUDA_IPC_CAPABLE
+    _ATTRIBUTES = (7, 11, 12, 10)
+
+    def __init__(self, path: Optional[str] = None):
+        lib = ctypes.CDLL(path or os.environ.get("LAYERWISE_CUDA_LIB") or "libcuda.so.1")
+        lib.cuPointerGetAttributes.argtypes = [ctypes.c_uint, ctypes.POINTER(ctypes.c_int),
+                                               ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint64]
+        lib.cuPointerGetAttributes.restype = ctypes.c_int
+        lib.cuIpcGetMemHandle.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+        lib.cuIpcGetMemHandle.restype = ctypes.c_int
+        lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        lib.cuGetErrorString.restype = ctypes.c_int
+        self._lib = lib
+        n = len(self._ATTRIBUTES)
+        self._attributes = (ctypes.c_int * n)(*self._ATTRIBUTES)
+        # One zeroed 8-byte slot per attribute: the driver writes a bool, an int, a size_t or a
+        # 64-bit address into the low bytes (little-endian), so each reads back as a uint64.
+        self._values = (ctypes.c_uint64 * n)()
+        self._slots = (ctypes.c_void_p * n)(*[ctypes.addressof(self._values) + 8 * i for i in range(n)])
+
+    def _check(self, call: str, status: int) -> None:
+        if status != 0:
+            text = ctypes.c_char_p()
+            self._lib.cuGetErrorString(status, ctypes.byref(text))
+            raise RuntimeError(f"{call}: {(text.value or b'unknown error').decode()} (CUresult {status})")
+
+    def locate(self, ptr: int) -> CudaAllocation:
+        """The allocation that holds device address ``ptr``."""
+        ctypes.memset(self._values, 0, ctypes.sizeof(self._values))
+        self._check("cuPointerGetAttributes", self._lib.cuPointerGetAttributes(
+            len(self._ATTRIBUTES), self._attributes, self._slots, ctypes.c_uint64(ptr)))
+        buffer_id, base, size, ipc = (int(v) for v in self._values)
+        if size == 0 or not base <= ptr < base + size:
+            raise ValueError(f"address {ptr:#x} is not in a CUDA allocation of this process")
+        return CudaAllocation(buffer_id, base, size, ipc != 0)
+
+    def ipc_handle(self, allocation: CudaAllocation) -> bytes:
+        """The 64-byte ``cudaIpcMemHandle_t`` of an allocation (the same bytes on every call)."""
+        out = ctypes.create_string_buffer(64)
+        self._check("cuIpcGetMemHandle", self._lib.cuIpcGetMemHandle(out, ctypes.c_uint64(allocation.base)))
+        return out.raw
+
+
+class IpcHandleCache:
+    """Base64 IPC handles of the allocations this client has sent, kept across calls, so a
+    training loop that updates its parameters in place finds every handle here and sends the
+    same ones each step (the server then maps nothing new).
+
+    The key is the driver's buffer id, unique over the process lifetime and never reused after a
+    free. An address is not a safe key: once an allocation is freed (``empty_cache``, or memory
+    outside the caching allocator) a new one can start at the same address, and it has another
+    handle (``cuIpcGetMemHandle`` gives new memory at an old address a new one); a cache by
+    address would send the old handle, which the server may still hold mapped to the old memory,
+    and it would read those stale bytes without any error. A storage's ``data_ptr`` is no better
+    (a live storage can move to another allocation: ``resize_``, FSDP freeing its storage)."""
+
+    def __init__(self, get_handle: Any):
+        self._get = get_handle  # CudaAllocation -> 64 bytes
+        self._by_id: dict = {}  # buffer id -> base64 handle
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def handle(self, allocation: CudaAllocation) -> str:
+        """The allocation's handle, from the cache or (first use) from the driver."""
+        h = self._by_id.get(allocation.id)
+        if h is not None:
+            self.hits += 1
+            return h
+        if not allocation.ipc:
             raise ValueError(
-                "this tensor lives in an expandable segment (PYTORCH_CUDA_ALLOC_CONF="
-                "expandable_segments:True), which CUDA IPC handles cannot share: turn it off in "
-                "the trainer, or use transport='http'"
+                "a CUDA allocation cannot be shared by an IPC handle: PyTorch's expandable segments "
+                "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) or a cudaMallocAsync pool; turn "
+                "them off in the trainer, or use transport='http'"
             )
-    raise ValueError(
-        f"unknown CUDA IPC handle from PyTorch: {len(raw)} bytes starting {raw[:2].hex()} "
-        "(expected 64 bytes, or 66 with version 2 and kind 'c')"
-    )
+        self.misses += 1
+        h = base64.b64encode(bytes(self._get(allocation))).decode("ascii")
+        self._by_id[allocation.id] = h
+        return h
+
+    def keep_only(self, ids: Iterable[int]) -> List[str]:
+        """Forgets the allocations not in ``ids``; returns their handles, for the server to close
+        (the trainer may have freed them: the server's cache holds only what is still sent)."""
+        keep = set(ids)
+        gone = [i for i in self._by_id if i not in keep]
+        return [self._by_id.pop(i) for i in gone]
+
+
+def ipc_routes(sources: Sequence[IpcSource], device: int, locate: Any,
+               copy: bool = False) -> List[Any]:
+    """How each tensor travels over IPC: the :class:`CudaAllocation` that holds its own storage
+    (zero-copy: the server reads the trainer's tensor in place), or, as a string, why it is
+    copied into one of the client's buckets instead: ``ipc_copy`` asked for it, a tensor on the
+    host or on another GPU than ``device`` (the one the server reads), one not contiguous, one
+    empty, or an allocation that no IPC handle can share. ``locate`` maps an address to its
+    allocation (:meth:`CudaDriver.locate`)."""
+    routes: List[Any] = []
+    for s in sources:
+        if copy:
+            routes.append("ipc_copy")
+        elif s.device is None:
+            routes.append("on the host")
+        elif s.device != device:
+            routes.append(f"on cuda:{s.device}, the server reads cuda:{device}")
+        elif not s.contiguous:
+            routes.append("not contiguous")
+        elif s.nbytes == 0:
+            routes.append("empty")
+        else:
+            a = locate(s.ptr)
+            if not a.ipc:
+                routes.append("in memory no IPC handle can share (expandable segment or pool)")
+            elif s.ptr + s.nbytes > a.base + a.size:
+                routes.append("runs past the end of its allocation")
+            else:
+                routes.append(a)
+    return routes
+
+
+def ipc_packing(sizes: Sequence[int], bucket_bytes: int) -> Tuple[List[Tuple[int, int]], List[int]]:
+    """Places tensors of byte sizes ``sizes`` (in order) in the client's buckets: each at the
+    next multiple of 256 in the current bucket, a new bucket when it would pass ``bucket_bytes``
+    (a bigger tensor gets a bucket of its own). Returns the (bucket, offset) of each tensor and
+    the bytes each bucket needs (its used bytes rounded up to 256)."""
+    placements: List[Tuple[int, int]] = []
+    needs: List[int] = []
+    used = 0
+    for n in sizes:
+        at = _align(used, _IPC_ALIGN)
+        if not needs or (at + n > bucket_bytes and at > 0):
+            needs.append(0)
+            at = 0
+        placements.append((len(needs) - 1, at))
+        used = at + n
+        needs[-1] = max(_IPC_ALIGN, _align(used, _IPC_ALIGN))
+    return placements, needs
+
+
+def ipc_table(entries: Sequence[Tuple[IpcSource, CudaAllocation, int]],
+              handles: IpcHandleCache) -> Tuple[list, list, List[int]]:
+    """The ``POST /v1/update/ipc`` table of (tensor, allocation, address its bytes are read at)
+    entries: one bucket per allocation, whichever tensors share it (the tensor's own storage or
+    a client bucket), sized to the furthest byte any of its tensors reads; each tensor's offset
+    counts from the allocation's base. Returns (buckets, tensors, allocation ids in bucket order).
+    """
+    index: dict = {}
+    buckets: list = []
+    ids: List[int] = []
+    tensors: list = []
+    for s, a, ptr in entries:
+        i = index.get(a.id)
+        if i is None:
+            i = index[a.id] = len(buckets)
+            buckets.append({"handle": handles.handle(a), "bytes": 0})
+            ids.append(a.id)
+        offset = ptr - a.base
+        if offset < 0 or offset + s.nbytes > a.size:
+            raise ValueError(f"{s.name}: bytes {offset}-{offset + s.nbytes} are outside its allocation ({a.size} bytes)")
+        buckets[i]["bytes"] = max(buckets[i]["bytes"], offset + s.nbytes, 1)
+        tensors.append({"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "bucket": i, "offset": offset})
+    return buckets, tensors, ids
+
+
+class IpcStats(NamedTuple):
+    """How the last IPC update travelled (``LayerwiseClient.last_ipc``)."""
+
+    zero_copy: int  # tensors sent from their own storage
+    packed: dict  # tensors copied into the client's buckets, by reason
+    buckets: int  # buckets of the table (allocations)
+    new_handles: int  # handles asked of the driver (allocations not sent before)
+    released: int  # handles the server was asked to close (allocations no longer sent)
+
+    @property
+    def path(self) -> str:
+        """``zero-copy``, ``copy`` or ``mixed``."""
+        if not self.packed:
+            return "zero-copy"
+        return "copy" if self.zero_copy == 0 else "mixed"
 
 
 def pack_buckets(sizes: Sequence[int], bucket_bytes: int) -> Tuple[int, List[Tuple[int, int]], List[int]]:
@@ -286,7 +497,10 @@ class LayerwiseClient:
         self._base = parsed.path.rstrip("/")
         self._token = token
         self._timeout = timeout
-        self._buckets: list = []  # reused CUDA buckets: (tensor, handle_b64, base_offset, bytes)
+        self._buckets: list = []  # the IPC transport's reused CUDA buckets (uint8 tensors)
+        self._driver: Optional[CudaDriver] = None
+        self._handles: Optional[IpcHandleCache] = None  # handles the server may hold open
+        self.last_ipc: Optional[IpcStats] = None  # how the last IPC update travelled
         self._nccl: Any = None  # (library, communicator, rank, device)
         self._nccl_slots: list = []  # two device buckets of the NCCL transport
 
@@ -355,9 +569,14 @@ class LayerwiseClient:
 
     def update_from_tensors(self, named_tensors: Iterable[Tuple[str, Any]], *,
                             transport: str = "auto", bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                            atomic: bool = False, strict: bool = False, partial: bool = False,
-                            tag: Optional[str] = None) -> dict:
-        """Pushes (name, tensor) pairs: torch tensors or :class:`RawTensor`. See the module doc."""
+                            ipc_copy: bool = False, atomic: bool = False, strict: bool = False,
+                            partial: bool = False, tag: Optional[str] = None) -> dict:
+        """Pushes (name, tensor) pairs: torch tensors or :class:`RawTensor`. See the module doc.
+
+        Over IPC the server reads the CUDA tensors themselves (zero-copy) unless ``ipc_copy`` is
+        true, which copies every tensor into the client's buckets first. Until this returns the
+        trainer must not modify (or free) the tensors; the reply means the server no longer reads
+        them."""
         items = [(str(n), t) for n, t in named_tensors]
         if transport not in ("auto", "http", "ipc", "nccl"):
             raise ValueError(f"transport must be auto, http, ipc or nccl, got {transport!r}")
@@ -368,12 +587,12 @@ class LayerwiseClient:
                 raise ValueError("transport='nccl' needs CUDA torch tensors")
             return self._update_nccl(items, bucket_bytes, options)
         if transport == "ipc":
-            if not all_cuda:
-                raise ValueError("transport='ipc' needs CUDA torch tensors")
-            return self._update_ipc(items, bucket_bytes, options)
+            if not (all(_is_torch(t) for _, t in items) and any(t.is_cuda for _, t in items)):
+                raise ValueError("transport='ipc' needs torch tensors, at least one of them on CUDA")
+            return self._update_ipc(items, bucket_bytes, ipc_copy, options)
         if transport == "auto" and all_cuda and self.model().get("ipc"):
             try:
-                return self._update_ipc(items, bucket_bytes, options)
+                return self._update_ipc(items, bucket_bytes, ipc_copy, options)
             except LayerwiseError as e:
                 if e.code not in ("IPC_UNAVAILABLE", "IPC_OPEN_FAILED"):
                     raise
@@ -393,12 +612,14 @@ class LayerwiseClient:
         return self._request("POST", "/v1/update/ipc/release", {} if handles is None else {"handles": list(handles)})
 
     def release_buckets(self) -> None:
-        """Asks the server to close this client's handles, then frees the buckets."""
-        if self._buckets:
-            try:
-                self.release_ipc([b[1] for b in self._buckets])
-            finally:
-                self._buckets = []
+        """Asks the server to close every handle this client sent (its buckets' and the
+        tensors' own allocations'), then frees the buckets."""
+        handles = self._handles.keep_only(()) if self._handles is not None else []
+        try:
+            if handles:
+                self.release_ipc(handles)
+        finally:
+            self._buckets = []
 
     def init_nccl(self, *, world_size: int = 2, rank: int = 0, server_rank: int = 1,
                   device: Any = None) -> dict:
@@ -482,60 +703,59 @@ class LayerwiseClient:
 
     # ------------------------------------------------------------------ IPC transport
 
-    def _bucket(self, index: int, nbytes: int, device: Any) -> tuple:
+    def _update_ipc(self, items: list, bucket_bytes: int, copy: bool, options: dict) -> dict:
         import torch
 
-        while len(self._buckets) <= index:
-            self._buckets.append(None)
-        b = self._buckets[index]
-        if b is not None and b[3] >= nbytes and b[0].device == device:
-            return b
-        if b is not None:
-            self.release_ipc([b[1]])
-        buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        # (device, handle, size, offset, ...): the handle maps the allocator's whole block; the
-        # bucket starts `offset` bytes into it.
-        shared = buf.untyped_storage()._share_cuda_()
-        handle, base = shared[1], int(shared[3])
-        b = (buf, base64.b64encode(ipc_mem_handle(handle)).decode("ascii"), base, nbytes)
-        self._buckets[index] = b
-        return b
-
-    def _update_ipc(self, items: list, bucket_bytes: int, options: dict) -> dict:
-        import torch
-
-        device = items[0][1].device
-        # Plan: tensors in order, a new bucket when the current one is full; a tensor bigger
-        # than a bucket gets a bucket of its own size.
-        plan: list = []  # (bucket index, offset, name, tensor, dtype, shape, nbytes)
-        sizes: list = []
-        cur, used = -1, bucket_bytes
-        for name, t in items:
-            dtype, shape, nbytes = _describe(name, t)
-            if t.device != device:
-                raise ValueError(f"{name}: all tensors must be on {device}, got {t.device}")
-            at = _align(used, _IPC_ALIGN)
-            if cur < 0 or at + nbytes > sizes[cur]:
-                cur += 1
-                sizes.append(max(bucket_bytes, nbytes))
-                at = 0
-            plan.append((cur, at, name, t, dtype, shape, nbytes))
-            used = at + nbytes
-        buckets = [self._bucket(i, size, device) for i, size in enumerate(sizes)]
-        with torch.no_grad():
-            for i, at, _name, t, _dtype, _shape, nbytes in plan:
-                if nbytes:
-                    src = t.detach().contiguous().reshape(-1).view(torch.uint8)
-                    buckets[i][0][at:at + nbytes].copy_(src)
-        # The server reads on its own stream: every copy must be done before it is told.
-        torch.cuda.current_stream(device).synchronize()
+        device = next(t.device for _, t in items if t.is_cuda)
+        if self._driver is None:
+            self._driver = CudaDriver()
+            self._handles = IpcHandleCache(self._driver.ipc_handle)
+        driver, handles = self._driver, self._handles
+        assert handles is not None
+        sources = [_ipc_source(name, t) for name, t in items]
+        with torch.cuda.device(device), torch.no_grad():
+            # The server reads on its own stream: what produced the tensors must be done before
+            # it is told. This also makes the device's context current for the driver calls.
+            stream = torch.cuda.current_stream(device)
+            stream.synchronize()
+            routes = ipc_routes(sources, device.index, driver.locate, copy)
+            packed = [i for i, r in enumerate(routes) if isinstance(r, str)]
+            placements, needs = ipc_packing([sources[i].nbytes for i in packed], bucket_bytes)
+            while len(self._buckets) < len(needs):
+                self._buckets.append(None)
+            for k, n in enumerate(needs):
+                b = self._buckets[k]
+                if b is None or b.numel() < n or b.device != device:
+                    self._buckets[k] = None  # back to the allocator before the bigger one
+                    self._buckets[k] = torch.empty(n, dtype=torch.uint8, device=device)
+            bucket_of = [driver.locate(b.data_ptr()) for b in self._buckets[:len(needs)]]
+            entries: list = [None] * len(items)
+            for i, r in enumerate(routes):
+                if not isinstance(r, str):
+                    entries[i] = (sources[i], r, sources[i].ptr)
+            for i, (k, at) in zip(packed, placements):
+                s, t = sources[i], items[i][1]
+                dst = self._buckets[k][at:at + s.nbytes]
+                if s.nbytes:
+                    # One strided copy (from the host, another GPU or a non-contiguous view)
+                    # straight into the bucket, viewed as the tensor.
+                    dst.view(t.dtype).view(t.shape).copy_(t.detach())
+                entries[i] = (s, bucket_of[k], self._buckets[k].data_ptr() + at)
+            if packed:
+                stream.synchronize()  # the bucket copies, likewise
+            misses = handles.misses
+            buckets, tensors, ids = ipc_table(entries, handles)
+        del self._buckets[len(needs):]  # buckets this update did not need go back to the allocator
+        new_handles = handles.misses - misses
+        stale = [h for h in handles.keep_only(ids) if h not in {b["handle"] for b in buckets}]
+        if stale:
+            self.release_ipc(stale)
+        reasons: dict = {}
+        for i in packed:
+            reasons[routes[i]] = reasons.get(routes[i], 0) + 1
+        self.last_ipc = IpcStats(len(items) - len(packed), reasons, len(buckets), new_handles, len(stale))
         body = {
-            "buckets": [{"handle": b[1], "bytes": b[2] + b[3]} for b in buckets],
-            "tensors": [
-                {"name": name, "dtype": dtype, "shape": list(shape), "bucket": i,
-                 "offset": buckets[i][2] + at}
-                for i, at, name, _t, dtype, shape, _n in plan
-            ],
+            "buckets": buckets, "tensors": tensors,
             "atomic": options["atomic"], "strict": options["strict"], "partial": options["partial"],
         }
         if options.get("tag") is not None:

@@ -21,6 +21,10 @@ parentPort!.postMessage("ready");
 
 let seen = 0;
 for (;;) {
+  // Kernels come in bursts (a reload's tensors, a kernel's passes): spin a little before
+  // parking, since waking a parked thread costs tens of microseconds per call.
+  const spins = ctl[CONTROL.SPINS];
+  for (let i = 0; i < spins && Atomics.load(ctl, CONTROL.SEQ) === seen; i++);
   Atomics.wait(ctl, CONTROL.SEQ, seen);
   const seq = Atomics.load(ctl, CONTROL.SEQ);
   if (seq < 0) break;

@@ -32,6 +32,10 @@ export interface ResolvedWeight extends WeightTarget {
   readonly slot: TensorSlot;
 }
 
+// Raised by every addModule anywhere, so a module's cached walk of its subtree (namedModules)
+// knows when the tree may have changed; trees are built once and then walked on every reload.
+let treeVersion = 0;
+
 /** A node of the model tree. Layers subclass it; containers use it as is. */
 export class Module {
   /** Short type name for messages (`QKVParallelLinear`). */
@@ -45,6 +49,7 @@ export class Module {
   readonly #children = new Map<string, Module>();
   readonly #slots = new Map<string, TensorSlot>();
   readonly #tied = new Set<string>();
+  #walk: { version: number; prefix: string; list: [string, Module][] } | undefined;
 
   /** Creates an empty module. */
   constructor(typeName = "Module", backend?: Backend) {
@@ -58,6 +63,7 @@ export class Module {
       throw new LayerwiseError("BAD_NAME", `invalid module name "${name}"`);
     }
     this.#children.set(name, child);
+    treeVersion++;
     return child;
   }
 
@@ -115,6 +121,7 @@ export class Module {
 
   /** Slots this module owns (not tied ones), in registration order. */
   ownSlots(): [string, TensorSlot][] {
+    if (this.#tied.size === 0) return [...this.#slots];
     return [...this.#slots].filter(([n]) => !this.#tied.has(n));
   }
 
@@ -125,10 +132,19 @@ export class Module {
 
   /** This module and every descendant with its dotted path, depth first, in order. */
   *namedModules(prefix = ""): Generator<[string, Module]> {
-    yield [prefix, this];
-    for (const [name, child] of this.#children) {
-      yield* child.namedModules(qualifiedName(prefix, name));
+    const w = this.#walk;
+    if (w !== undefined && w.version === treeVersion && w.prefix === prefix) {
+      yield* w.list;
+      return;
     }
+    const list: [string, Module][] = [];
+    const visit = (path: string, m: Module) => {
+      list.push([path, m]);
+      for (const [name, child] of m.#children) visit(qualifiedName(path, name), child);
+    };
+    visit(prefix, this);
+    this.#walk = { version: treeVersion, prefix, list };
+    yield* list;
   }
 
   /** Every slot with its dotted name, tied names included (a shared slot appears twice). */

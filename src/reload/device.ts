@@ -126,6 +126,8 @@ interface CachedPlan {
   readonly phaseOf: readonly number[];
   /** The model-format dtype each source tensor is loaded as (for rejectNonFinite). */
   readonly modelDtype: readonly (DType | undefined)[];
+  /** The layers the plan's launches write (every phase's). */
+  readonly inPlace: ReadonlySet<Module>;
 }
 
 const PLANS = new WeakMap<Module, CachedPlan>();
@@ -151,9 +153,11 @@ function viewTensors(backend: Backend, views: readonly DeviceTensorView[]): {
       if (typeof v?.name !== "string") {
         throw new CheckpointError("BAD_VIEW", "device view: every view needs a string name");
       }
-      const where = `device view ${quoteName(v.name)}`;
+      const name = v.name;
+      // Built only for a message: views are checked on every reload.
+      const where = () => `device view ${quoteName(name)}`;
       if (names.has(v.name)) {
-        throw new CheckpointError("DUPLICATE", `${where}: the name is given twice`);
+        throw new CheckpointError("DUPLICATE", `${where()}: the name is given twice`);
       }
       names.add(v.name);
       let t: Tensor;
@@ -162,18 +166,18 @@ function viewTensors(backend: Backend, views: readonly DeviceTensorView[]): {
         if (!(t instanceof Tensor) || t.isMeta || t.window || t.storage!.backend !== backend) {
           throw new CheckpointError(
             "BAD_VIEW",
-            `${where}: the tensor must be a whole tensor in the model's backend memory`,
+            `${where()}: the tensor must be a whole tensor in the model's backend memory`,
           );
         }
         if (!t.isContiguous) {
-          throw new CheckpointError("BAD_VIEW", `${where}: ${t} must be contiguous`);
+          throw new CheckpointError("BAD_VIEW", `${where()}: ${t} must be contiguous`);
         }
       } else {
         const dtype = typeof v.dtype === "string" ? dtypeOf(v.dtype) : v.dtype;
         if (!dtype) {
           throw new CheckpointError(
             "BAD_DTYPE",
-            `${where}: unknown dtype ${quoteName(String(v.dtype))}`,
+            `${where()}: unknown dtype ${quoteName(String(v.dtype))}`,
           );
         }
         if (
@@ -182,19 +186,22 @@ function viewTensors(backend: Backend, views: readonly DeviceTensorView[]): {
         ) {
           throw new CheckpointError(
             "BAD_SHAPE",
-            `${where}: the shape must be non-negative integers`,
+            `${where()}: the shape must be non-negative integers`,
           );
         }
         const meta = Tensor.meta(v.shape, dtype);
         if (!Number.isSafeInteger(v.ptr) || v.ptr <= 0) {
-          throw new CheckpointError("BAD_VIEW", `${where}: the address must be a positive integer`);
+          throw new CheckpointError(
+            "BAD_VIEW",
+            `${where()}: the address must be a positive integer`,
+          );
         }
         let s: Storage;
         try {
           s = backend.borrow(v.ptr, meta.nbytes);
         } catch (e) {
           const m = e instanceof Error ? e.message : String(e);
-          throw new CheckpointError("BAD_VIEW", `${where}: ${m}`);
+          throw new CheckpointError("BAD_VIEW", `${where()}: ${m}`);
         }
         borrowed.push(s);
         t = new Tensor(v.shape, dtype, s);
@@ -253,6 +260,7 @@ function planFor(
     layout: layoutKey(descs),
     arrival: arrivalKey(arrival),
     phaseOf: arrival.phaseOf ?? [],
+    inPlace: new Set(plan.phases.flatMap((p) => p.layers)),
     modelDtype: descs.map((d, i) => {
       if (skipped[i]) return undefined;
       const r = model.resolveWeight(d.name)!;
@@ -337,7 +345,7 @@ export class DeviceReload {
         bytes,
       );
     }
-    initializeLayerwiseReload(model, options);
+    initializeLayerwiseReload(model, options, cached.inPlace);
     // runPhase scans each phase's sources whole, the ones it loads through the lifecycle too.
     incomingScannedByCaller(model);
     return new DeviceReload(model, backend, descs, cached, reused, options);
@@ -401,11 +409,18 @@ export class DeviceReload {
           }
           if (this.#options.rejectNonFinite) {
             // What the check promises holds for what the model holds: a quantized layer is
-            // checked in its kernel tensors too (an infinite scale from finite weights).
+            // checked in its kernel tensors too (an infinite scale from finite weights). Its
+            // scales, that is: a multi-tensor kernel writes a NaN fp8 code only for a NaN
+            // quotient, which needs a non-finite weight (refused above) or scale (checked
+            // here), and int8 codes are never NaN; so reading the codes back, the bulk of
+            // the kernel bytes, would add nothing (ARCHITECTURE.md, "Device source").
             rejectNonFiniteKernel(
               phase.layers.flatMap((layer, k) => {
                 const { path, quantized } = phase.processed[k];
-                return quantized ? [{ layer, path }] : [];
+                if (!quantized) return [];
+                const tensors = layer.ownSlots().map(([n, s]) => [n, s.tensor] as const)
+                  .filter(([, t]) => t.dtype.size > 1);
+                return [{ layer, path, tensors }];
               }),
             );
           }

@@ -130,6 +130,11 @@ class LayerInfo {
   kernelTensors: Map<string, KernelTensor> | null = null;
   /** Loads go straight into the kept kernel tensors (kernel format is model format). */
   direct = false;
+  /**
+   * The layer was put back in model format on meta for this reload; false for a layer that
+   * writeLayersInPlace writes, which keeps its kernel tensors in its slots throughout.
+   */
+  onMeta = false;
   /** The first load came: scratch materialized, or (direct) kernel tensors in the slots. */
   started = false;
   /** The kernel tensors were (or need not be) copied to host for this reload. */
@@ -148,6 +153,7 @@ class LayerInfo {
     this.state = null;
     this.kernelTensors = null;
     this.direct = false;
+    this.onMeta = false;
     this.started = false;
     this.snapshotTaken = false;
     this.scratchBytes = 0;
@@ -315,9 +321,16 @@ function recordedLayers(model: Module): [Module, LayerInfo][] {
 
 /**
  * Starts a layerwise reload: keeps each layer's kernel tensors aside, puts the layer back in
- * model format on meta, counts the elements it expects, and wraps its loaders.
+ * model format on meta, counts the elements it expects, and wraps its loaders. Layers in
+ * `inPlace` are to be written by {@link writeLayersInPlace} only: they keep their kernel
+ * tensors in their slots and their loaders unwrapped (no meta round trip for a reload that
+ * loads nothing through them).
  */
-export function initializeLayerwiseReload(model: Module, options: ReloadOptions = {}): void {
+export function initializeLayerwiseReload(
+  model: Module,
+  options: ReloadOptions = {},
+  inPlace: ReadonlySet<Module> = new Set(),
+): void {
   assertIdle(model, "initializeLayerwiseReload");
   const layers = recordedLayers(model);
   for (const [path, m] of model.namedModules()) {
@@ -374,11 +387,13 @@ export function initializeLayerwiseReload(model: Module, options: ReloadOptions 
       });
     }
     const meta = info.restoreMetadata!;
-    info.direct = keepsModelFormat(layer, meta, info.kernelTensors);
-    restoreLayerOnMeta(layer, meta);
     info.state = state;
     info.loadNumel = 0;
     info.loadNumelTotal = [...meta.values()].reduce((a, m) => a + m.meta.numel, 0);
+    if (inPlace.has(layer)) continue;
+    info.direct = keepsModelFormat(layer, meta, info.kernelTensors);
+    restoreLayerOnMeta(layer, meta);
+    info.onMeta = true;
     // A tied slot shared by two layers is wrapped once, by its owner.
     for (const [name, m] of meta) {
       if (!isWrapper(m.slot.weightLoader)) {
@@ -661,6 +676,8 @@ function releaseScratch(layer: Module, info: LayerInfo, state: ReloadState): voi
 }
 
 function placeKernelTensors(layer: Module, info: LayerInfo): void {
+  if (!info.onMeta) return; // they never left
+  info.onMeta = false;
   for (const [name] of layer.ownSlots()) layer.deleteSlot(name);
   for (const [name, k] of info.kernelTensors!) {
     k.slot.tensor = k.tensor;

@@ -3,9 +3,11 @@ and transformers; run by tests/client_py_test.ts on a GPU machine).
 
     python3 train_loop_gpu.py prepare DIR      writes a tiny transformers Llama (bf16) to DIR
     python3 train_loop_gpu.py train URL DIR    trains it three optimizer steps; after each step
-                                               pushes its weights (IPC and HTTP in turn) and checks
-                                               that the server's /v1/export equals PyTorch's own
-                                               fp8 per-tensor quantization of the current weights,
+                                               pushes its weights (IPC zero-copy with one tensor
+                                               packed, HTTP, then IPC zero-copy twice and IPC with
+                                               ipc_copy=True) and checks after every push that the
+                                               server's /v1/export equals PyTorch's own fp8
+                                               per-tensor quantization of the current weights,
                                                byte for byte; prints a JSON summary
 
 fp8 per tensor as the fixtures define it: scale = max(absmax / 448, 1 / (448 * 512)) in float32,
@@ -102,6 +104,26 @@ def train(url: str, ckpt: str) -> None:
     layers = model.config.num_hidden_layers
     g = torch.Generator(device="cpu").manual_seed(1)
     steps = []
+
+    def push(sd, transport, step, **kw):
+        """Pushes, checks the export against PyTorch's quantization, returns the summary."""
+        r = client.update_from_tensors(sd.items(), transport=transport, atomic=True,
+                                       tag=f"step-{step}", **kw)
+        assert r["path"] == ("ipc" if transport == "ipc" else "stream"), r
+        assert r["storageKept"], r
+        got = parse_safetensors(client.export())
+        want = expected_kernels(sd, layers)
+        bad = [n for n, b in want.items() if got.get(n) != b]
+        assert not bad, f"step {step} ({transport}): export differs from PyTorch for {bad[:5]}"
+        out = {"step": step, "transport": transport, "version": r["version"],
+               "seconds": r["seconds"], "loss": float(loss), "tensors": len(want)}
+        if transport == "ipc":
+            st = client.last_ipc
+            out.update(ipc=st.path, zero_copy=st.zero_copy, packed=st.packed,
+                       buckets=st.buckets, new_handles=st.new_handles)
+        steps.append(out)
+        return out
+
     for step in range(3):
         ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=g).to(device)
         loss = model(input_ids=ids, labels=ids).loss
@@ -109,16 +131,25 @@ def train(url: str, ckpt: str) -> None:
         opt.step()
         opt.zero_grad()
         sd = {n: p.detach().to(torch.bfloat16) for n, p in model.state_dict().items() if n in expected_names}
-        transport = "ipc" if step % 2 == 0 else "http"
-        r = client.update_from_tensors(sd.items(), transport=transport, atomic=True, tag=f"step-{step}")
-        assert r["path"] == ("ipc" if transport == "ipc" else "stream"), r
-        assert r["storageKept"], r
-        got = parse_safetensors(client.export())
-        want = expected_kernels(sd, layers)
-        bad = [n for n, b in want.items() if got.get(n) != b]
-        assert not bad, f"step {step} ({transport}): export differs from PyTorch for {bad[:5]}"
-        steps.append({"step": step, "transport": transport, "version": r["version"],
-                      "seconds": r["seconds"], "loss": float(loss), "tensors": len(want)})
+        if step == 0:
+            # Zero-copy, but for one non-contiguous view (same values) that goes through a bucket.
+            sd["lm_head.weight"] = sd["lm_head.weight"].t().contiguous().t()
+            out = push(sd, "ipc", step)
+            assert out["ipc"] == "mixed" and out["packed"] == {"not contiguous": 1}, out
+            assert out["zero_copy"] == len(sd) - 1, out
+            # Small tensors share the caching allocator's segments: fewer handles than tensors.
+            assert out["buckets"] < len(sd), out
+        elif step == 1:
+            push(sd, "http", step)
+        else:
+            first = push(sd, "ipc", step)
+            assert first["ipc"] == "zero-copy" and first["zero_copy"] == len(sd), first
+            # The same tensors again: every handle from the client's cache, none new.
+            again = push(sd, "ipc", step)
+            assert again["new_handles"] == 0 and again["buckets"] == first["buckets"], again
+            # Forced packing: every tensor copied into the client's buckets.
+            forced = push(sd, "ipc", step, ipc_copy=True)
+            assert forced["ipc"] == "copy" and forced["packed"] == {"ipc_copy": len(sd)}, forced
     client.close()
     print(json.dumps({"steps": steps}))
 
