@@ -5,7 +5,12 @@ import assert from "node:assert/strict";
 import { CheckpointError } from "../src/errors.ts";
 import { fileSource } from "../src/checkpoint/source.ts";
 import { writeSafetensors } from "../src/checkpoint/safetensors.ts";
-import { READ_PIECE_BYTES, readThreads } from "../src/checkpoint/read_threads.ts";
+import {
+  READ_PIECE_BYTES,
+  readSession,
+  ReadThreads,
+  readThreads,
+} from "../src/checkpoint/read_threads.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
 import { rng } from "../testing.ts";
 
@@ -123,5 +128,44 @@ Deno.test("a file removed before its first threaded read: the source's own error
   } finally {
     source.close();
     await Deno.remove(file.replace(/\/[^/]*$/, ""), { recursive: true });
+  }
+});
+
+Deno.test("reader threads: reads past the free slots fail over at once, slots are reused read after read, bytes always right", async () => {
+  const pool = await ReadThreads.start(2, 3);
+  assert.ok(pool !== null);
+  const dir = await Deno.makeTempDir({ prefix: "layerwise-read-slots-" });
+  const file = `${dir}/data.bin`;
+  const data = new Uint8Array(4 * READ_PIECE_BYTES);
+  const next = rng(8);
+  for (let i = 0; i < data.length; i++) data[i] = Math.floor(next() * 256);
+  await Deno.writeFile(file, data);
+  const st = await Deno.stat(file);
+  const f = { path: file, dev: st.dev, ino: st.ino };
+  const session = readSession();
+  try {
+    // Eight reads at once, three slots: the others are refused without waiting (the caller
+    // then reads on its own handle); each accepted one lands whole.
+    const at = (k: number) => (k * 317 * 1024) % (2 * READ_PIECE_BYTES);
+    const len = 1.5 * READ_PIECE_BYTES + 3;
+    const views = Array.from({ length: 8 }, () => sharedView(len));
+    const ok = await Promise.all(views.map((v, k) => pool.read(session, f, at(k), v)));
+    const accepted = ok.filter((x) => x).length;
+    assert.ok(accepted >= 1 && accepted <= 3, `${accepted} accepted`);
+    views.forEach((v, k) => {
+      if (ok[k]) assert.equal(firstDiff(v, data.subarray(at(k), at(k) + len)), -1, `read ${k}`);
+    });
+    // One after another, many times the slots: each slot comes back once its threads left it.
+    for (let k = 0; k < 20; k++) {
+      const v = sharedView(len);
+      assert.ok(await pool.read(session, f, at(k), v), `read ${k} refused`);
+      assert.equal(firstDiff(v, data.subarray(at(k), at(k) + len)), -1, `read ${k}`);
+    }
+    // Past the end of the file: short, so false (the caller's own read names the error).
+    assert.equal(await pool.read(session, f, data.length - 100, sharedView(len)), false);
+  } finally {
+    pool.closeSession(session);
+    await pool.close();
+    await Deno.remove(dir, { recursive: true });
   }
 });

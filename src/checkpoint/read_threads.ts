@@ -91,7 +91,7 @@ export const CLAIM = {
 } as const;
 
 /** Jobs in flight at most (a read finding no free slot is read on the source's own handle). */
-const JOB_SLOTS = 4096;
+export const JOB_SLOTS: number = 4096;
 /** Most pieces of one job (the piece grows for reads larger than this many pieces). */
 const MAX_PIECES = 0xFFFF;
 
@@ -151,12 +151,15 @@ export class ReadThreads {
   readonly #claims: Int32Array;
   // Reads not answered yet, by slot: what resolves each.
   readonly #jobs = new Map<number, (ok: boolean) => void>();
-  readonly #generation = new Uint16Array(JOB_SLOTS);
+  readonly #generation: Uint16Array;
+  readonly #slots: number;
   #cursor = 0;
   #turn = 0;
   #dead = false;
 
-  private constructor(workers: Worker[], claims: SharedArrayBuffer) {
+  private constructor(workers: Worker[], claims: SharedArrayBuffer, slots: number) {
+    this.#slots = slots;
+    this.#generation = new Uint16Array(slots);
     this.#workers = workers;
     this.#claims = new Int32Array(claims);
     this.#sent = workers.map(() => null);
@@ -181,10 +184,13 @@ export class ReadThreads {
     }
   }
 
-  /** Starts `n` threads; null when they cannot start (reads then stay on the main thread). */
-  static async start(n: number): Promise<ReadThreads | null> {
+  /**
+   * Starts `n` threads with room for `slots` reads in flight; null when they cannot start
+   * (reads then stay on the main thread).
+   */
+  static async start(n: number, slots: number = JOB_SLOTS): Promise<ReadThreads | null> {
     const workers: Worker[] = [];
-    const claims = new SharedArrayBuffer(JOB_SLOTS * CLAIM.INTS * 4);
+    const claims = new SharedArrayBuffer(slots * CLAIM.INTS * 4);
     try {
       await Promise.all(Array.from({ length: n }, () => {
         const w = new Worker(new URL("./read_worker.ts", import.meta.url));
@@ -202,7 +208,7 @@ export class ReadThreads {
       w.removeAllListeners();
       w.postMessage({ kind: "start", claims } satisfies ReadRequest);
     }
-    return new ReadThreads(workers, claims);
+    return new ReadThreads(workers, claims, slots);
   }
 
   /** Threads in the pool. */
@@ -260,13 +266,18 @@ export class ReadThreads {
   // A slot whose read is answered and that every thread sent it has left; undefined when all
   // are busy (the read then goes to the source's own handle).
   #freeSlot(): number | undefined {
-    for (let i = 0; i < JOB_SLOTS; i++) {
+    for (let i = 0; i < this.#slots; i++) {
       const slot = this.#cursor;
-      this.#cursor = (this.#cursor + 1) % JOB_SLOTS;
+      this.#cursor = (this.#cursor + 1) % this.#slots;
       if (this.#jobs.has(slot)) continue;
       if (Atomics.load(this.#claims, slot * CLAIM.INTS + CLAIM.MEMBERS) === 0) return slot;
     }
     return undefined;
+  }
+
+  /** Ends the threads (a read waiting then fails over to the caller's own read). */
+  async close(): Promise<void> {
+    await Promise.all(this.#workers.map((w) => w.terminate()));
   }
 
   /** Closes the threads' handles of `session`; they drop the buffer they hold. */
