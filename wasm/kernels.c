@@ -329,8 +329,9 @@ LW_API lw_status lw_wasm_fp8_table(void *ctx, uint8_t *table, int32_t dtype, con
 }
 
 /* q[i] = table[x[i]] for n 16-bit inputs (the table of lw_wasm_fp8_table). */
-LW_API lw_status lw_wasm_fp8_lookup(void *ctx, uint8_t *q, const uint8_t *table,
-                                    const uint16_t *x, size_t n) {
+LW_API lw_status lw_wasm_fp8_lookup(void *ctx, uint8_t *restrict q,
+                                    const uint8_t *restrict table, const uint16_t *restrict x,
+                                    size_t n) {
   (void)ctx;
   for (size_t i = 0; i < n; i++) q[i] = table[x[i]];
   return LW_OK;
