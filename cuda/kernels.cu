@@ -568,6 +568,14 @@ __global__ void __launch_bounds__(kThreads) k_quant_fp8_tensor(uint8_t *q, const
       [d](typename Ty<DT>::T x, size_t) { return exact_e4m3(Ty<DT>::to(x), d.s); });
 }
 
+/* Asks L2 for the 128-byte lines of [p, p + bytes), shared by threads tid = 0..nth-1. */
+__device__ __forceinline__ void prefetch_l2(const void *p, size_t bytes, size_t tid, size_t nth) {
+  const char *c = static_cast<const char *>(p);
+  for (size_t off = tid * 128; off < bytes; off += nth * 128) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
+  }
+}
+
 /* Per row (fp8 or int8), one block per row: absmax, scale, quantize (the second read of a row
  * comes from L2). */
 template <int DT, bool INT8, bool HW>
@@ -576,6 +584,10 @@ __global__ void __launch_bounds__(kThreads) k_quant_row(uint8_t *q, float *scale
                                                         size_t rows, size_t cols, int dynamic) {
   for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const typename Ty<DT>::T *row = src + r * cols;
+    // The block's next row goes to L2 while it works this one (see k_mt_quant).
+    if (r + gridDim.x < rows) {
+      prefetch_l2(row + (size_t)gridDim.x * cols, cols * sizeof(*row), threadIdx.x, blockDim.x);
+    }
     float s;
     if (dynamic) {
       uint32_t m = fold_span(row, cols, threadIdx.x, blockDim.x, 0u,
@@ -612,43 +624,211 @@ __global__ void __launch_bounds__(kThreads) k_quant_row(uint8_t *q, float *scale
   }
 }
 
-/* Per 128x128 block, one CUDA block per tile; groups of 16 threads take one tile row each. */
-template <int DT, bool HW>
-__global__ void __launch_bounds__(kThreads) k_quant_fp8_block(uint8_t *q, float *scale,
-                                                              const typename Ty<DT>::T *src,
-                                                              size_t rows, size_t cols,
-                                                              int dynamic) {
-  constexpr int kGroup = 16;
-  size_t tr = (rows + 127) / 128, tc = (cols + 127) / 128;
-  int g = threadIdx.x / kGroup, lane = threadIdx.x % kGroup, ng = blockDim.x / kGroup;
-  for (size_t t = blockIdx.x; t < tr * tc; t += gridDim.x) {
-    size_t r0 = (t / tc) * 128, c0 = (t % tc) * 128;
-    size_t h = rows - r0 < 128 ? rows - r0 : 128;
-    size_t w = cols - c0 < 128 ? cols - c0 : 128;
+/* 16 bytes global -> shared without registers where the device copies asynchronously (sm_80+);
+ * the thread that copies is the one that reads them back, after cp_async_wait. */
+__device__ __forceinline__ void cp_async16(uint4 *dst, const void *src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+#else
+  *dst = __ldg(reinterpret_cast<const uint4 *>(src));
+#endif
+}
+
+/* Closes this thread's group of copies issued since the last commit. */
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+/* Waits until at most N of this thread's committed groups are still in flight. */
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
+/* One 128x128 (or edge) tile of an fp8 per-block quantization: rows r0.. r0+h, columns c0.. c0+w
+ * of a kernel tensor with `cols` columns; its codes at q, its scale at scale[index]. */
+struct Tile {
+  uint8_t *q;
+  float *scale;
+  size_t index, cols, r0, h, c0, w;
+  const uint64_t *target;  // multi-tensor tiles: the target row, for source lookups
+};
+
+/* The tiles of one contiguous rows x cols source (lw_quant_fp8 per block). */
+template <typename T>
+struct FlatTiles {
+  const T *src;
+  uint8_t *q;
+  float *scale;
+  size_t rows, cols;
+  bool given;  // scales given, not computed
+  __device__ size_t count() const { return ((rows + 127) / 128) * ((cols + 127) / 128); }
+  __device__ Tile tile(size_t k) const {
+    size_t tc = (cols + 127) / 128, r0 = (k / tc) * 128, c0 = (k % tc) * 128;
+    return {q, scale, k, cols, r0, rows - r0 < 128 ? rows - r0 : 128,
+            c0, cols - c0 < 128 ? cols - c0 : 128, nullptr};
+  }
+  template <typename U>
+  __device__ const U *row(const Tile &d, size_t r) const {
+    return reinterpret_cast<const U *>(src + (d.r0 + r) * cols + d.c0);
+  }
+};
+
+/* Shared bytes of k_block_tiles: two staged tiles. */
+template <int DT>
+constexpr size_t kTileBytes = 2 * 128 * 128 * sizeof(typename Ty<DT>::T);
+
+/*
+ * fp8 per 128x128 block. Groups of 16 threads take one tile row each; with the block's 16
+ * groups, each group has 8 of the tile's 128 rows. A full-width row whose source is 16-byte
+ * aligned is staged in shared memory by asynchronous copies (no registers hold it) and
+ * quantized from there; other rows are read twice from global memory, element-exact at any
+ * alignment. Tiles are pipelined: the copies of a block's next tile are in flight while it
+ * works the current one, so the memory system never waits for the arithmetic. Each thread reads
+ * back only what it copied itself, so the staged bytes need no barrier; the row addresses,
+ * looked up once per tile by one thread per row, do.
+ */
+template <int DT, bool HW, typename Tiles>
+__global__ void __launch_bounds__(kThreads, 3) k_block_tiles(Tiles tiles) {
+  using T = typename Ty<DT>::T;
+  extern __shared__ uint4 stage[];
+  __shared__ const T *rows[2][128];
+  constexpr int kGroup = 16, kRows = 128 / (kThreads / kGroup);
+  constexpr int E = 16 / sizeof(T);                      // elements per 16-byte vector
+  constexpr int V = 128 * (int)sizeof(T) / (16 * kGroup);  // vectors per lane per row
+  constexpr int RV = V * kGroup;                         // vectors per staged row
+  constexpr int TV = 128 * RV;                           // vectors per staged tile
+  static_assert(kRows * (kThreads / kGroup) == 128, "a block covers a tile's rows");
+  const int g = threadIdx.x / kGroup, lane = threadIdx.x % kGroup, ng = kThreads / kGroup;
+  const auto absbits = [](uint32_t a, T v) { return max(a, Ty<DT>::abits(v)); };
+  const size_t n = tiles.count();
+  // Finds tile d's rows (rows[b]), then, after the barrier, starts copying the held ones into
+  // stage b; returns the held mask (bit j: row g + j * ng is staged). The tile right of `prev`
+  // (same rows, the next 128 columns) has its rows 128 elements on: no lookup.
+  auto start = [&](int b, const Tile &d, const Tile *prev) -> unsigned {
+    if (threadIdx.x < 128) {
+      const T *x = nullptr;
+      if (threadIdx.x < d.h) {
+        const T *left = prev != nullptr && prev->target == d.target && prev->q == d.q &&
+                                prev->r0 == d.r0 && prev->c0 + 128 == d.c0
+                            ? rows[b ^ 1][threadIdx.x]
+                            : nullptr;
+        x = left != nullptr ? left + 128 : tiles.template row<T>(d, threadIdx.x);
+      }
+      rows[b][threadIdx.x] = x;
+    }
+    __syncthreads();
+    unsigned held = 0;
+#pragma unroll
+    for (int j = 0; j < kRows; j++) {
+      const T *x = rows[b][g + j * ng];
+      if (x != nullptr && d.w == 128 && aligned_for<E>(x)) {
+        held |= 1u << j;
+#pragma unroll
+        for (int v = 0; v < V; v++) {
+          cp_async16(stage + b * TV + (g + j * ng) * RV + v * kGroup + lane,
+                     x + (v * kGroup + lane) * E);
+        }
+      }
+    }
+    cp_async_commit();
+    return held;
+  };
+  // Contiguous runs of tiles per block: neighbours share their rows' lookups.
+  const size_t per = (n + gridDim.x - 1) / gridDim.x;
+  size_t k = blockIdx.x * per;
+  const size_t end = k + per < n ? k + per : n;
+  if (k >= end) return;
+  Tile cur = tiles.tile(k);
+  unsigned held = start(0, cur, nullptr);
+  for (int b = 0; k < end; k++, b ^= 1) {
+    Tile nd{};
+    unsigned nheld = 0;
+    if (k + 1 < end) {
+      nd = tiles.tile(k + 1);
+      __syncthreads();  // every reader of rows[b ^ 1] (the tile before this one) is done
+      nheld = start(b ^ 1, nd, &cur);
+      cp_async_wait<1>();  // this tile's copies landed; the next tile's may still fly
+    } else {
+      cp_async_wait<0>();
+    }
+    const uint4 *st = stage + b * TV;
+    const T *const *rw = rows[b];
     float s;
-    if (dynamic) {
+    if (tiles.given) {
+      s = cur.scale[cur.index];
+    } else {
       uint32_t m = 0;
-      for (size_t r = g; r < h; r += ng) {
-        m = fold_span(src + (r0 + r) * cols + c0, w, lane, kGroup, m,
-                      [](uint32_t a, typename Ty<DT>::T x) { return max(a, Ty<DT>::abits(x)); });
+#pragma unroll
+      for (int j = 0; j < kRows; j++) {
+        if (held >> j & 1) {
+#pragma unroll
+          for (int v = 0; v < V; v++) {
+            T in[E];
+            memcpy(in, st + (g + j * ng) * RV + v * kGroup + lane, 16);
+#pragma unroll
+            for (int e = 0; e < E; e++) m = absbits(m, in[e]);
+          }
+        } else if (rw[g + j * ng] != nullptr) {
+          m = fold_span(rw[g + j * ng], cur.w, lane, kGroup, m, absbits);
+        }
       }
       m = block_max(m);
       s = lw_fp8_scale(absmax_value<DT>(m));
-      if (threadIdx.x == 0) scale[t] = s;
-    } else {
-      s = scale[t];
+      if (threadIdx.x == 0) cur.scale[cur.index] = s;
     }
     Divisor d = divisor_of(s);
-    for (size_t r = g; r < h; r += ng) {
-      size_t off = (r0 + r) * cols + c0;
-      map_span2(
-          src + off, q + off, w, lane, kGroup,
-          [d](typename Ty<DT>::T x, size_t, bool &slow) {
-            return quant_e4m3<HW>(Ty<DT>::to(x), d, slow);
-          },
-          [d](typename Ty<DT>::T x, size_t) { return exact_e4m3(Ty<DT>::to(x), d.s); });
+#pragma unroll
+    for (int j = 0; j < kRows; j++) {
+      uint8_t *dst = cur.q + (cur.r0 + g + (size_t)j * ng) * cur.cols + cur.c0;
+      if (held >> j & 1) {
+#pragma unroll
+        for (int v = 0; v < V; v++) {
+          T in[E];
+          memcpy(in, st + (g + j * ng) * RV + v * kGroup + lane, 16);
+          uint8_t out[E];
+#pragma unroll
+          for (int e = 0; e < E; e++) {
+            float x = Ty<DT>::to(in[e]);
+            bool slow = false;
+            uint8_t f = quant_e4m3<HW>(x, d, slow);
+            out[e] = slow ? exact_e4m3(x, d.s) : f;
+          }
+          uint8_t *o = dst + (v * kGroup + lane) * E;
+          if (aligned_for<E>(o)) {
+            storev<E>(o, out);
+          } else {
+#pragma unroll
+            for (int e = 0; e < E; e++) o[e] = out[e];
+          }
+        }
+      } else if (rw[g + j * ng] != nullptr) {
+        map_span2(
+            rw[g + j * ng], dst, cur.w, lane, kGroup,
+            [d](T v, size_t, bool &slow) { return quant_e4m3<HW>(Ty<DT>::to(v), d, slow); },
+            [d](T v, size_t) { return exact_e4m3(Ty<DT>::to(v), d.s); });
+      }
     }
+    cur = nd;
+    held = nheld;
   }
+}
+
+/* Launches k_block_tiles over `tiles` on the context's stream (the caller checks the launch). */
+template <int DT, bool HW, typename Tiles>
+void launch_block_tiles(const lw_ctx *c, const Tiles &tiles, size_t count) {
+  constexpr size_t smem = kTileBytes<DT>;
+  // Over 48 KiB needs the opt-in; if it is refused, so is the launch, which the caller reports.
+  static const cudaError_t opted = cudaFuncSetAttribute(
+      k_block_tiles<DT, HW, Tiles>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  (void)opted;
+  k_block_tiles<DT, HW, Tiles>
+      <<<grid<k_block_tiles<DT, HW, Tiles>, smem>(c, count), kThreads, smem, c->stream>>>(tiles);
 }
 
 // ------------------------------------------------------------------ kernels: dequantization
@@ -954,9 +1134,8 @@ LW_API lw_status lw_quant_fp8(void *ctx, uint8_t *q, float *scale, const void *s
       size_t tiles = ((rows + 127) / 128) * ((cols + 127) / 128);
       with_bool(c_->hw_e4m3, [&](auto hw) {
         constexpr bool HW = decltype(hw)::value;
-        unsigned g = grid<k_quant_fp8_block<DT, HW>>(c_, tiles);
-        k_quant_fp8_block<DT, HW>
-            <<<g, kThreads, 0, c_->stream>>>(q, scale, s, rows, cols, dynamic);
+        launch_block_tiles<DT, HW>(c_, FlatTiles<T>{s, q, scale, rows, cols, dynamic == 0},
+                                   tiles);
       });
     }
   });
@@ -1340,7 +1519,7 @@ template <int DT, int KIND, bool HW>
 __global__ void __launch_bounds__(kThreads)
     k_mt_quant(const uint64_t *targets, const uint64_t *pieces, const uint64_t *items,
                size_t first, size_t n, const uint64_t *bases) {
-  static_assert(KIND != LW_MT_FP8_BLOCK128, "tiles have k_mt_block");
+  static_assert(KIND != LW_MT_FP8_BLOCK128, "tiles have k_block_tiles");
   using T = typename Ty<DT>::T;
   for (size_t i = first + blockIdx.x; i < first + n; i += gridDim.x) {
     const uint64_t *it = items + i * LW_MT_ITEM_FIELDS;
@@ -1370,6 +1549,8 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       // Per row (fp8 or int8): one warp per row, so rows need no block-wide barrier and eight
       // rows of a block are in flight at once; the second read of a row comes from L1/L2.
+      // (Fetching each warp's next row into L2 meanwhile, which speeds up the one-tensor row
+      // kernel, made this one slower on an H200: 7.0 -> 10.1 ms for the 8B model.)
       int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
       for (size_t r = it[1] + warp; r < it[1] + it[2]; r += nw) {
         size_t left, pitch;
@@ -1388,130 +1569,33 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-/* 16 bytes global -> shared without registers where the device copies asynchronously (sm_80+);
- * the thread that copies is the one that reads them back, after cp_async_wait. */
-__device__ __forceinline__ void cp_async16(uint4 *dst, const void *src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
-#else
-  *dst = __ldg(reinterpret_cast<const uint4 *>(src));
-#endif
-}
-
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_all;" ::: "memory");
-#endif
-}
-
-/* Shared bytes of k_mt_block's staged tile. */
-template <int DT>
-constexpr size_t kTileBytes = 128 * 128 * sizeof(typename Ty<DT>::T);
-
-/*
- * fp8 per 128x128 block; items are tiles. Groups of 16 threads take one tile row each (as
- * k_quant_fp8_block); with the block's 16 groups, each group has 8 of the tile's 128 rows. A
- * full-width row whose source is 16-byte aligned is staged once in shared memory (copied
- * asynchronously, so no registers hold it: more blocks fit on a multiprocessor and their copies
- * overlap each other's arithmetic) and quantized from there; other rows are read twice from
- * global memory, element-exact at any alignment.
- */
-template <int DT, bool HW>
-__global__ void __launch_bounds__(kThreads, 4)
-    k_mt_block(const uint64_t *targets, const uint64_t *pieces, const uint64_t *items,
-               size_t first, size_t n, const uint64_t *bases) {
-  using T = typename Ty<DT>::T;
-  extern __shared__ uint4 stage[];
-  __shared__ const T *rows[128];
-  constexpr int kGroup = 16, kRows = 128 / (kThreads / kGroup);
-  constexpr int E = 16 / sizeof(T);                      // elements per 16-byte vector
-  constexpr int V = 128 * (int)sizeof(T) / (16 * kGroup);  // vectors per lane per row
-  constexpr int RV = V * kGroup;                         // vectors per staged row
-  static_assert(kRows * (kThreads / kGroup) == 128, "a block covers a tile's rows");
-  const int g = threadIdx.x / kGroup, lane = threadIdx.x % kGroup, ng = kThreads / kGroup;
-  const auto absbits = [](uint32_t a, T v) { return max(a, Ty<DT>::abits(v)); };
-  for (size_t i = first + blockIdx.x; i < first + n; i += gridDim.x) {
-    const uint64_t *it = items + i * LW_MT_ITEM_FIELDS;
+/* The tiles of a multi-tensor launch (items [first, first + n) of the tables). */
+struct TableTiles {
+  const uint64_t *targets, *pieces, *items, *bases;
+  size_t first, n;
+  static constexpr bool given = false;  // scales are always computed
+  __device__ size_t count() const { return n; }
+  __device__ Tile tile(size_t k) const {
+    const uint64_t *it = items + (first + k) * LW_MT_ITEM_FIELDS;
     const uint64_t *t = targets + it[0] * LW_MT_TARGET_FIELDS;
-    uint8_t *q = reinterpret_cast<uint8_t *>(t[0]);
-    float *scale = reinterpret_cast<float *>(t[1]);
-    size_t cols = t[4], r0 = it[1], h = it[2], c0 = it[3], w = it[4];
-    // Row addresses once per tile, by one thread per row (a short scan of the target's pieces).
-    __syncthreads();  // the previous tile's readers of rows[] are done
-    if (threadIdx.x < 128) {
-      size_t left, pitch;
-      rows[threadIdx.x] = threadIdx.x < h ? reinterpret_cast<const T *>(mt_src(
-                                                t, pieces, bases, r0 + threadIdx.x, c0, sizeof(T),
-                                                &left, &pitch))
-                                          : nullptr;
-    }
-    __syncthreads();
-    unsigned held = 0;  // bit j: row g + j * ng is staged
-#pragma unroll
-    for (int j = 0; j < kRows; j++) {
-      const T *x = rows[g + j * ng];
-      if (x != nullptr && w == 128 && aligned_for<E>(x)) {
-        held |= 1u << j;
-#pragma unroll
-        for (int v = 0; v < V; v++) {
-          cp_async16(stage + (g + j * ng) * RV + v * kGroup + lane, x + (v * kGroup + lane) * E);
-        }
-      }
-    }
-    cp_async_wait();
-    uint32_t m = 0;
-#pragma unroll
-    for (int j = 0; j < kRows; j++) {
-      if (held >> j & 1) {
-#pragma unroll
-        for (int v = 0; v < V; v++) {
-          T in[E];
-          memcpy(in, stage + (g + j * ng) * RV + v * kGroup + lane, 16);
-#pragma unroll
-          for (int k = 0; k < E; k++) m = absbits(m, in[k]);
-        }
-      } else if (rows[g + j * ng] != nullptr) {
-        m = fold_span(rows[g + j * ng], w, lane, kGroup, m, absbits);
-      }
-    }
-    m = block_max(m);
-    float s = lw_fp8_scale(absmax_value<DT>(m));
-    if (threadIdx.x == 0) scale[(r0 / 128) * ((cols + 127) / 128) + c0 / 128] = s;
-    Divisor d = divisor_of(s);
-#pragma unroll
-    for (int j = 0; j < kRows; j++) {
-      uint8_t *dst = q + (r0 + g + (size_t)j * ng) * cols + c0;
-      if (held >> j & 1) {
-#pragma unroll
-        for (int v = 0; v < V; v++) {
-          T in[E];
-          memcpy(in, stage + (g + j * ng) * RV + v * kGroup + lane, 16);
-          uint8_t out[E];
-#pragma unroll
-          for (int k = 0; k < E; k++) {
-            float x = Ty<DT>::to(in[k]);
-            bool slow = false;
-            uint8_t f = quant_e4m3<HW>(x, d, slow);
-            out[k] = slow ? exact_e4m3(x, d.s) : f;
-          }
-          uint8_t *o = dst + (v * kGroup + lane) * E;
-          if (aligned_for<E>(o)) {
-            storev<E>(o, out);
-          } else {
-#pragma unroll
-            for (int k = 0; k < E; k++) o[k] = out[k];
-          }
-        }
-      } else if (rows[g + j * ng] != nullptr) {
-        map_span2(
-            rows[g + j * ng], dst, w, lane, kGroup,
-            [d](T v, size_t, bool &slow) { return quant_e4m3<HW>(Ty<DT>::to(v), d, slow); },
-            [d](T v, size_t) { return exact_e4m3(Ty<DT>::to(v), d.s); });
-      }
-    }
+    size_t cols = t[4], r0 = it[1], c0 = it[3];
+    return {reinterpret_cast<uint8_t *>(t[0]),
+            reinterpret_cast<float *>(t[1]),
+            (r0 / 128) * ((cols + 127) / 128) + c0 / 128,
+            cols,
+            r0,
+            it[2],
+            c0,
+            it[4],
+            t};
   }
-}
+  template <typename T>
+  __device__ const T *row(const Tile &d, size_t r) const {
+    size_t left, pitch;
+    return reinterpret_cast<const T *>(
+        mt_src(d.target, pieces, bases, d.r0 + r, d.c0, sizeof(T), &left, &pitch));
+  }
+};
 
 /* Copies and casts; equal dtypes move bytes (SD == DD == -1: bytes of width esz). */
 template <int SD, int DD>
@@ -1587,14 +1671,7 @@ LW_API lw_status lw_mt_quant(void *ctx, int32_t kind, const uint64_t *targets,
       auto go = [&](auto k) {
         constexpr int K = decltype(k)::value;
         if constexpr (K == LW_MT_FP8_BLOCK128) {
-          constexpr size_t smem = kTileBytes<DT>;
-          // Over 48 KiB (f32 tiles) needs the opt-in; if it is refused, so is the launch,
-          // which CK_LAUNCH reports.
-          static const cudaError_t opted = cudaFuncSetAttribute(
-              k_mt_block<DT, HW>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-          (void)opted;
-          k_mt_block<DT, HW><<<grid<k_mt_block<DT, HW>, smem>(c_, n), kThreads, smem,
-                               c_->stream>>>(targets, pieces, items, first, n, bases);
+          launch_block_tiles<DT, HW>(c_, TableTiles{targets, pieces, items, bases, first, n}, n);
         } else {
           k_mt_quant<DT, K, HW><<<grid<k_mt_quant<DT, K, HW>>(c_, n), kThreads, 0,
                                   c_->stream>>>(targets, pieces, items, first, n, bases);

@@ -503,6 +503,9 @@ class LayerwiseClient:
         self.last_ipc: Optional[IpcStats] = None  # how the last IPC update travelled
         self._nccl: Any = None  # (library, communicator, rank, device)
         self._nccl_slots: list = []  # two device buckets of the NCCL transport
+        # Whether the server takes IPC, asked once for "auto" (a running server's backend does not
+        # change; an IPC refusal asks again next time): no extra round trip per update.
+        self._server_ipc: Optional[bool] = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -590,12 +593,15 @@ class LayerwiseClient:
             if not (all(_is_torch(t) for _, t in items) and any(t.is_cuda for _, t in items)):
                 raise ValueError("transport='ipc' needs torch tensors, at least one of them on CUDA")
             return self._update_ipc(items, bucket_bytes, ipc_copy, options)
-        if transport == "auto" and all_cuda and self.model().get("ipc"):
+        if transport == "auto" and all_cuda and self._server_ipc is None:
+            self._server_ipc = bool(self.model().get("ipc"))
+        if transport == "auto" and all_cuda and self._server_ipc:
             try:
                 return self._update_ipc(items, bucket_bytes, ipc_copy, options)
             except LayerwiseError as e:
                 if e.code not in ("IPC_UNAVAILABLE", "IPC_OPEN_FAILED"):
                     raise
+                self._server_ipc = None
                 self.release_buckets()
         return self._update_http(items, options)
 

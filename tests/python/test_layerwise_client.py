@@ -363,6 +363,15 @@ class Recorder(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_GET(self):
+        Recorder.calls.append((self.path, None))
+        body = b'{"ipc": true}' if self.path == "/v1/model" else b"{}"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def log_message(self, *args):
         pass
 
@@ -397,6 +406,17 @@ class ZeroCopyClientTest(unittest.TestCase):
         Recorder.calls = []
         self.client.update_from_tensors(items, transport="ipc", **kw)
         return list(Recorder.calls)
+
+    def test_auto_asks_the_server_once_whether_it_takes_ipc(self):
+        t = self.torch
+        a = self.driver.alloc(2 << 20)
+        items = [("w", t.tensor("w", "bfloat16", (4, 8), FakeDevice("cuda", 0), a.base))]
+        paths = []
+        for _ in range(3):
+            Recorder.calls = []
+            self.client.update_from_tensors(items, transport="auto")
+            paths.append([c[0] for c in Recorder.calls])
+        self.assertEqual(paths, [["/v1/model", "/v1/update/ipc"], ["/v1/update/ipc"], ["/v1/update/ipc"]])
 
     def test_zero_copy_mixed_with_packing_then_cached_then_released(self):
         t = self.torch
