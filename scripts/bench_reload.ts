@@ -37,7 +37,8 @@ import { closeReadSession, readSession, readThreads } from "../src/checkpoint/re
 import { DTYPES } from "../src/tensor/dtype.ts";
 import { bf16Bits, rng, synthConfig, type SynthShape, synthTensorShapes } from "../testing.ts";
 import { loadModel, reloadWeights } from "../src/models/load.ts";
-import { READ_CHUNK_BYTES } from "../src/models/weights.ts";
+import { READ_CHUNK_BYTES, streamWeights, validateWeights } from "../src/models/weights.ts";
+import type { CausalLM } from "../src/models/causal_lm.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
 import { trackPeak } from "../testing.ts";
 
@@ -329,6 +330,22 @@ async function threadedReadSeconds(b: Backend, dir: string): Promise<number | nu
 }
 
 /**
+ * Seconds for the reload's read stream of `dir` (streamWeights: layer order, row chunks, reads
+ * ahead into the backend's memory) with a consumer that does nothing.
+ */
+async function wasmStreamSeconds(b: Backend, model: CausalLM, dir: string): Promise<number> {
+  const source = await fileSource(dir);
+  try {
+    const plan = validateWeights(model, source);
+    const t0 = performance.now();
+    for await (const _ of streamWeights(b, source, plan, model.readOrder)) { /* nothing */ }
+    return (performance.now() - t0) / 1000;
+  } finally {
+    source.close();
+  }
+}
+
+/**
  * Seconds for the library's staging threads to pread every file of `dir` into a pinned ring,
  * with no copies to the device: the stager runs on a plan of reads and empty pieces.
  */
@@ -534,6 +551,25 @@ export async function benchReload(
         const r = await readOnlySeconds(backend, `${root}/ordered`, { ...st, readers });
         log(`    reads with ${readers} readers: ${(ckptBytes / GB / r).toFixed(1)} GB/s`);
       }
+    } else {
+      // The same split on WebAssembly: the reader threads alone, then the reload's read stream
+      // (layer order, row chunks, read-ahead) with a consumer that does nothing; what the
+      // reload adds to the stream is the engine and the kernels.
+      const rd = await threadedReadSeconds(backend, `${root}/ordered`);
+      const ss = await wasmStreamSeconds(backend, model, `${root}/ordered`);
+      const threads = (await readThreads())?.threads ?? 0;
+      log(
+        `  stages alone: reader threads (${threads}) reading the files into WebAssembly memory ${
+          rd === null ? "n/a" : (ckptBytes / GB / rd).toFixed(1)
+        } GB/s; the reload's read stream without the engine ${
+          (ckptBytes / GB / ss).toFixed(1)
+        } GB/s`,
+      );
+      result.stages = {
+        readGBps: rd === null ? null : ckptBytes / GB / rd,
+        streamGBps: ckptBytes / GB / ss,
+        readThreads: threads,
+      };
     }
 
     const limitLayer = layerModelBytes(shape);
