@@ -75,9 +75,14 @@ export function runParts(
     // Another generation: the caller is writing the next call's table, or this thread woke late
     // for a call that is over. Either way nothing here is ours to take.
     if (w >>> 16 !== p >>> 16) return;
-    const k = w & 0xFFFF, parts = p & 0xFFFF;
-    if (k >= parts) return;
+    if ((w & 0xFFFF) >= (p & 0xFFFF)) return;
     if (Atomics.compareExchange(ctl, CONTROL.NEXT, w, w + 1) !== w) continue;
+    // Read again now that a part is held (the call cannot end before it is done): a thread
+    // that slept between its loads and its exchange while the generation came round (2^15 calls)
+    // could hold an index past this call's parts; it then has nothing to run.
+    const k = w & 0xFFFF, now = Atomics.load(ctl, CONTROL.PARTS);
+    if (now >>> 16 !== w >>> 16 || k >= (now & 0xFFFF)) continue;
+    const parts = now & 0xFFFF;
     let status: number;
     try {
       const argc = ctl[CONTROL.ARGC];

@@ -1,7 +1,8 @@
 /**
  * A worker thread of the WebAssembly backend's pool (src/backend/wasm_pool.ts): it instantiates
  * the kernels module on the backend's shared memory, then waits on the control block and, each
- * time it is woken, takes parts of the current call until none is left, until told to stop. Started by the pool; not an API.
+ * time it is woken, takes parts of the current call until none is left, until told to stop.
+ * Started by the pool; not an API.
  * @module
  */
 
