@@ -7,7 +7,8 @@
  * read), and each next operation is started by the main thread's event loop, which a kernel
  * call holds for its whole duration; so reads queued ahead barely moved while the kernels ran,
  * and one handle's reads never went faster than one core copies. A reader thread goes through
- * its queue on its own, and several share a big read.
+ * its queue on its own, and every thread sent a read takes its 1 MiB pieces from a shared claim
+ * block as it is free, so the threads share a big read whichever of them is busy.
  *
  * Process-wide, started at the first read that can use them, unref'd while idle (they never
  * keep the process alive). `LAYERWISE_READ_THREADS` sets their number (0: none, reads stay on
@@ -25,7 +26,10 @@ export type ReadRequest =
     kind: "read";
     /** The read's job: its slot in the claim block, named in the thread's answer. */
     job: number;
-    /** The job's generation in its slot (a stale message finds another and leaves). */
+    /**
+     * The job's generation in its slot: pieces are taken only under it (a guard; a slot is
+     * reused only once every thread sent its job has left it).
+     */
     generation: number;
     /** The source the read is for (its handles are closed with it). */
     session: number;
