@@ -38,6 +38,7 @@ const { values } = parseArgs({
     help: { type: "boolean", short: "h" },
     only: { type: "string" },
     quants: { type: "string" },
+    "peer-log": { type: "string" },
     ...RELOAD_BENCH_ARGS,
   },
 });
@@ -47,6 +48,7 @@ if (values.help) {
     "usage: deno task bench [--backend auto|cuda|wasm] " +
       "[--only kernels|reload|block-fp8|serve|device] " +
       "[--elements N] [--quants fp8,fp8-channel,fp8-block,int8,none (device)] " +
+      "[--peer-log FILE (device: peer_torch.py's output, for the ratio)] " +
       "[--reps N] [--json FILE] [--shape 8b|small] [--runs N] [--dir DIR] [--keep] [--simple] " +
       "[--slot-mb N] [--slots N] [--chunk-mb N] [--readers N] [--ring-mb N] [--sweep RxSxC,...]",
   );
@@ -85,6 +87,9 @@ try {
       shape: values.shape as "8b" | "small" | undefined,
       runs: values.runs === undefined ? undefined : Number(values.runs),
       quants: values.quants?.split(",") as QuantName[] | undefined,
+      peerLog: values["peer-log"] === undefined
+        ? undefined
+        : await Deno.readTextFile(values["peer-log"]),
     });
   }
   if (only === undefined || only === "kernels") {

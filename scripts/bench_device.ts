@@ -34,6 +34,12 @@ export interface DeviceBenchOptions {
   runs?: number;
   /** Quantizations (default: all five). */
   quants?: QuantName[];
+  /**
+   * Output of `../shared/tools/peer_torch.py` run on this machine just before: its
+   * `PEER d2d compiled` time (torch.compile, GPU-resident bf16 into fp8 per tensor) is printed
+   * beside the fp8 rows, as a ratio.
+   */
+  peerLog?: string;
 }
 
 /** One row of the bench. */
@@ -274,6 +280,24 @@ export async function benchDevice(
         (r.peakExtraBytes / 1024).toFixed(0).padStart(8)
       } KiB  ${r.planReused}`,
     );
+  }
+  const peer = options.peerLog?.match(/PEER d2d compiled[^\n]*best ([0-9.]+)s/);
+  if (options.peerLog !== undefined && shape !== SHAPE_8B) {
+    console.log("  peer: peer_torch.py times the 8B shape; this run is not 8B, no ratio");
+  } else if (options.peerLog !== undefined) {
+    if (!peer) console.log("  peer: no `PEER d2d compiled` line in the given log");
+    else {
+      const peerMs = Number(peer[1]) * 1000;
+      for (const r of rows.filter((x) => x.quant === "fp8")) {
+        console.log(
+          `  fp8 ${r.layout}: ${r.ms.toFixed(2)} ms against torch.compile's ${
+            peerMs.toFixed(1)
+          } ms (peer_torch.py, same machine): ${
+            (peerMs / r.ms).toFixed(2)
+          } x as fast (asked >= 2.25)`,
+        );
+      }
+    }
   }
   for (const r of rows) {
     if (r.gpuMs === undefined) continue;
