@@ -588,6 +588,67 @@ __global__ void __launch_bounds__(kThreads) k_quant_row(uint8_t *q, float *scale
     if (r + gridDim.x < rows) {
       prefetch_l2(row + (size_t)gridDim.x * cols, cols * sizeof(*row), threadIdx.x, blockDim.x);
     }
+    using T = typename Ty<DT>::T;
+    constexpr int E = 16 / sizeof(T), H = 4;  // a thread holds up to H vectors of the row
+    const size_t nvec = cols / E;
+    if (cols % E == 0 && nvec <= (size_t)H * blockDim.x && aligned_for<E>(row)) {
+      // The whole row in registers: read once, no second read for the quantization.
+      T in[H][E];
+      uint32_t m = 0;
+#pragma unroll
+      for (int h = 0; h < H; h++) {
+        size_t v = threadIdx.x + (size_t)h * blockDim.x;
+        if (v < nvec) loadv<E>(row + v * E, in[h]);
+      }
+      float s;
+      if (dynamic) {
+#pragma unroll
+        for (int h = 0; h < H; h++) {
+          if (threadIdx.x + (size_t)h * blockDim.x < nvec) {
+#pragma unroll
+            for (int e = 0; e < E; e++) m = max(m, Ty<DT>::abits(in[h][e]));
+          }
+        }
+        m = block_max(m);
+        float amax = absmax_value<DT>(m);
+        if constexpr (INT8) {
+          s = lw_int8_scale(amax);
+        } else {
+          s = lw_fp8_scale(amax);
+        }
+        if (threadIdx.x == 0) scale[r] = s;
+      } else {
+        s = scale[r];
+      }
+      Divisor d = divisor_of(s);
+      uint8_t *dst = q + r * cols;
+#pragma unroll
+      for (int h = 0; h < H; h++) {
+        size_t v = threadIdx.x + (size_t)h * blockDim.x;
+        if (v >= nvec) continue;
+        uint8_t out[E];
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+          float x = Ty<DT>::to(in[h][e]);
+          bool slow = false;
+          if constexpr (INT8) {
+            int8_t f = quant_int8(x, d, slow);
+            out[e] = (uint8_t)(slow ? exact_int8(x, d.s) : f);
+          } else {
+            uint8_t f = quant_e4m3<HW>(x, d, slow);
+            out[e] = slow ? exact_e4m3(x, d.s) : f;
+          }
+        }
+        uint8_t *o = dst + v * E;
+        if (aligned_for<E>(o)) {
+          storev<E>(o, out);
+        } else {
+#pragma unroll
+          for (int e = 0; e < E; e++) o[e] = out[e];
+        }
+      }
+      continue;
+    }
     float s;
     if (dynamic) {
       uint32_t m = fold_span(row, cols, threadIdx.x, blockDim.x, 0u,
