@@ -99,6 +99,9 @@ export class Tensor {
    * point before the storage; only the window's rows must lie inside it.
    */
   readonly window: RowWindow | null;
+  // Shapes and strides never change: computed once (both are read per call on hot paths).
+  readonly #numel: number;
+  readonly #contiguous: boolean;
 
   /**
    * Creates a view; without `strides` the view is contiguous. With `window`, only those rows of
@@ -120,6 +123,9 @@ export class Tensor {
     this.strides = Object.freeze(
       strides ? [...strides] : contiguousStrides(shape),
     );
+    this.#numel = numelOf(shape);
+    const c = strides ? contiguousStrides(shape) : this.strides;
+    this.#contiguous = shape.every((d, i) => d === 1 || this.strides[i] === c[i]);
     let rows = shape[0];
     if (window) {
       const { start, end } = window;
@@ -158,7 +164,7 @@ export class Tensor {
 
   /** Number of elements. */
   get numel(): number {
-    return numelOf(this.shape);
+    return this.#numel;
   }
 
   /** Bytes the elements occupy when contiguous. */
@@ -173,11 +179,7 @@ export class Tensor {
 
   /** True when the elements are laid out row-major without gaps. */
   get isContiguous(): boolean {
-    const c = contiguousStrides(this.shape);
-    for (let i = 0; i < this.shape.length; i++) {
-      if (this.shape[i] !== 1 && this.strides[i] !== c[i]) return false;
-    }
-    return true;
+    return this.#contiguous;
   }
 
   /** Address of the first element (device pointer or WebAssembly offset). */
