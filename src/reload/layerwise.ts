@@ -91,7 +91,6 @@ interface KernelTensor {
 }
 
 interface KeptPointer {
-  readonly name: string;
   readonly slot: TensorSlot;
   readonly tensor: Tensor;
   readonly ptr: number;
@@ -378,9 +377,8 @@ export function initializeLayerwiseReload(
     info.kernelTensors = new Map(
       layer.ownSlots().map(([n, slot]) => [n, { slot, tensor: slot.tensor }]),
     );
-    for (const [name, k] of info.kernelTensors) {
+    for (const k of info.kernelTensors.values()) {
       state.kept.push({
-        name: qualifiedName(info.path, name),
         slot: k.slot,
         tensor: k.tensor,
         ptr: k.tensor.ptr,
