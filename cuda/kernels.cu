@@ -40,6 +40,7 @@ struct lw_ctx {
   cudaStream_t stream;
   int sms;
   bool hw_e4m3; /* the hardware e4m3 conversion agrees with lw_numeric.h on this device */
+  int smem_optin; /* most shared memory one block may opt in to, bytes */
 };
 
 namespace {
@@ -85,6 +86,7 @@ lw_status check_hw_e4m3(int device, cudaStream_t stream, int sms, bool *ok);
 lw_status ctx_init(lw_ctx *c, int device) {
   CK(cudaSetDevice(device));
   CK(cudaDeviceGetAttribute(&c->sms, cudaDevAttrMultiProcessorCount, device));
+  CK(cudaDeviceGetAttribute(&c->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   CK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
   c->device = device;
   lw_status s = check_hw_e4m3(device, c->stream, c->sms, &c->hw_e4m3);
@@ -740,9 +742,9 @@ struct FlatTiles {
   }
 };
 
-/* Shared bytes of k_block_tiles: two staged tiles. */
+/* Shared bytes of one staged tile of k_block_tiles. */
 template <int DT>
-constexpr size_t kTileBytes = 2 * 128 * 128 * sizeof(typename Ty<DT>::T);
+constexpr size_t kTileBytes = 128 * 128 * sizeof(typename Ty<DT>::T);
 
 /*
  * fp8 per 128x128 block. Groups of 16 threads take one tile row each; with the block's 16
@@ -754,8 +756,9 @@ constexpr size_t kTileBytes = 2 * 128 * 128 * sizeof(typename Ty<DT>::T);
  * back only what it copied itself, so the staged bytes need no barrier; the row addresses,
  * looked up once per tile by one thread per row, do.
  */
-template <int DT, bool HW, typename Tiles>
+template <int DT, bool HW, typename Tiles, int S>
 __global__ void __launch_bounds__(kThreads, 3) k_block_tiles(Tiles tiles) {
+  static_assert(S >= 0 && S <= 2, "S: tiles staged at once");
   using T = typename Ty<DT>::T;
   extern __shared__ uint4 stage[];
   __shared__ const T *rows[2][128];
@@ -785,6 +788,8 @@ __global__ void __launch_bounds__(kThreads, 3) k_block_tiles(Tiles tiles) {
     }
     __syncthreads();
     unsigned held = 0;
+    if constexpr (S == 0) return held;
+    uint4 *buf = stage + (S == 2 ? b : 0) * TV;
 #pragma unroll
     for (int j = 0; j < kRows; j++) {
       const T *x = rows[b][g + j * ng];
@@ -792,8 +797,7 @@ __global__ void __launch_bounds__(kThreads, 3) k_block_tiles(Tiles tiles) {
         held |= 1u << j;
 #pragma unroll
         for (int v = 0; v < V; v++) {
-          cp_async16(stage + b * TV + (g + j * ng) * RV + v * kGroup + lane,
-                     x + (v * kGroup + lane) * E);
+          cp_async16(buf + (g + j * ng) * RV + v * kGroup + lane, x + (v * kGroup + lane) * E);
         }
       }
     }
@@ -810,7 +814,7 @@ __global__ void __launch_bounds__(kThreads, 3) k_block_tiles(Tiles tiles) {
   for (int b = 0; k < end; k++, b ^= 1) {
     Tile nd{};
     unsigned nheld = 0;
-    if (k + 1 < end) {
+    if (S == 2 && k + 1 < end) {
       nd = tiles.tile(k + 1);
       __syncthreads();  // every reader of rows[b ^ 1] (the tile before this one) is done
       nheld = start(b ^ 1, nd, &cur);
@@ -818,7 +822,7 @@ __global__ void __launch_bounds__(kThreads, 3) k_block_tiles(Tiles tiles) {
     } else {
       cp_async_wait<0>();
     }
-    const uint4 *st = stage + b * TV;
+    const uint4 *st = stage + (S == 2 ? b : 0) * TV;
     const T *const *rw = rows[b];
     float s;
     if (tiles.given) {
@@ -875,21 +879,48 @@ __global__ void __launch_bounds__(kThreads, 3) k_block_tiles(Tiles tiles) {
             [d](T v, size_t) { return exact_e4m3(Ty<DT>::to(v), d.s); });
       }
     }
+    if (S != 2 && k + 1 < end) {
+      // One stage or none: the next tile starts once this one is done with it.
+      nd = tiles.tile(k + 1);
+      __syncthreads();  // every reader of rows[b ^ 1] is done
+      nheld = start(b ^ 1, nd, &cur);
+    }
     cur = nd;
     held = nheld;
   }
 }
 
-/* Launches k_block_tiles over `tiles` on the context's stream (the caller checks the launch). */
+/* Launches k_block_tiles over `tiles` on the context's stream (the caller checks the launch),
+ * with two tiles staged where the device lets a block have the shared memory (sm_80 and newer
+ * for bf16), one where one fits, else none (every row read twice from global memory). */
 template <int DT, bool HW, typename Tiles>
 void launch_block_tiles(const lw_ctx *c, const Tiles &tiles, size_t count) {
-  constexpr size_t smem = kTileBytes<DT>;
-  // Over 48 KiB needs the opt-in; if it is refused, so is the launch, which the caller reports.
-  static const cudaError_t opted = cudaFuncSetAttribute(
-      k_block_tiles<DT, HW, Tiles>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  (void)opted;
-  k_block_tiles<DT, HW, Tiles>
-      <<<grid<k_block_tiles<DT, HW, Tiles>, smem>(c, count), kThreads, smem, c->stream>>>(tiles);
+  constexpr size_t tile = kTileBytes<DT>, fixed = 4096;  // static shared memory and some margin
+  auto go = [&](auto stages) {
+    constexpr int S = decltype(stages)::value;
+    constexpr size_t smem = S * tile;
+    auto k = k_block_tiles<DT, HW, Tiles, S>;
+    if constexpr (smem > 48 * 1024) {
+      // Over 48 KiB needs the opt-in; if it is refused, so is the launch, which the caller
+      // reports.
+      static const cudaError_t opted =
+          cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+      (void)opted;
+    }
+    k<<<grid<k_block_tiles<DT, HW, Tiles, S>, smem>(c, count), kThreads, smem, c->stream>>>(
+        tiles);
+  };
+  // LAYERWISE_CUDA_TILE_STAGES=0 or 1 takes a smaller device's path (for tests).
+  static const char *forced = getenv("LAYERWISE_CUDA_TILE_STAGES");
+  int most = 2 * tile + fixed <= (size_t)c->smem_optin ? 2 : tile + fixed <= (size_t)c->smem_optin;
+  int s = forced != nullptr && forced[0] >= '0' && forced[0] < '0' + most ? forced[0] - '0' : most;
+  if (s == 2) {
+    go(std::integral_constant<int, 2>());
+  } else if (s == 1) {
+    go(std::integral_constant<int, 1>());
+  } else {
+    go(std::integral_constant<int, 0>());
+  }
 }
 
 // ------------------------------------------------------------------ kernels: dequantization
