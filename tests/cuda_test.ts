@@ -594,3 +594,25 @@ gpuTest("close gives the device memory back", () => {
   b.close();
   assert.ok(dev.memInfo().free >= before - (64 << 20));
 });
+
+Deno.test({
+  name:
+    "cuda: the fp8 tile kernel's paths for GPUs with less shared memory (one staged tile, none) give the same bytes",
+  // The child runs set the variable: they run the tests below, not this one again.
+  ignore: cuda === undefined || Deno.env.get("LAYERWISE_CUDA_TILE_STAGES") !== undefined,
+  async fn() {
+    const here = new URL(import.meta.url).pathname;
+    const device = new URL("./device_test.ts", import.meta.url).pathname;
+    for (const stages of ["1", "0"]) {
+      const out = await new Deno.Command(Deno.execPath(), {
+        args: ["test", "-A", here, device, "--filter", "/fp8 quantization|fp8-block/"],
+        env: { LAYERWISE_CUDA_TILE_STAGES: stages, LAYERWISE_E2E_BACKEND: "cuda", NO_COLOR: "1" },
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+      assert.ok(out.success, `stages ${stages}: ${text.slice(-3000)}`);
+      assert.match(text, /ok \| [1-9]\d* passed \| 0 failed/, `stages ${stages}`);
+    }
+  },
+});
