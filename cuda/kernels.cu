@@ -756,9 +756,10 @@ constexpr size_t kTileBytes = 128 * 128 * sizeof(typename Ty<DT>::T);
  * back only what it copied itself, so the staged bytes need no barrier; the row addresses,
  * looked up once per tile by one thread per row, do.
  */
-template <int DT, bool HW, typename Tiles, int S>
-__global__ void __launch_bounds__(kThreads, 3) k_block_tiles(Tiles tiles) {
-  static_assert(S >= 0 && S <= 2, "S: tiles staged at once");
+template <int DT, bool HW, typename Tiles>
+__global__ void __launch_bounds__(kThreads, 3) k_block_tiles(Tiles tiles, int stages) {
+  // stages: tiles staged in shared memory at once (2, 1 or 0; see launch_block_tiles), the same
+  // for every thread, so its branches never diverge.
   using T = typename Ty<DT>::T;
   extern __shared__ uint4 stage[];
   __shared__ const T *rows[2][128];
@@ -788,8 +789,8 @@ __global__ void __launch_bounds__(kThreads, 3) k_block_tiles(Tiles tiles) {
     }
     __syncthreads();
     unsigned held = 0;
-    if constexpr (S == 0) return held;
-    uint4 *buf = stage + (S == 2 ? b : 0) * TV;
+    if (stages == 0) return held;
+    uint4 *buf = stage + (stages == 2 ? b : 0) * TV;
 #pragma unroll
     for (int j = 0; j < kRows; j++) {
       const T *x = rows[b][g + j * ng];
@@ -814,7 +815,7 @@ __global__ void __launch_bounds__(kThreads, 3) k_block_tiles(Tiles tiles) {
   for (int b = 0; k < end; k++, b ^= 1) {
     Tile nd{};
     unsigned nheld = 0;
-    if (S == 2 && k + 1 < end) {
+    if (stages == 2 && k + 1 < end) {
       nd = tiles.tile(k + 1);
       __syncthreads();  // every reader of rows[b ^ 1] (the tile before this one) is done
       nheld = start(b ^ 1, nd, &cur);
@@ -822,7 +823,7 @@ __global__ void __launch_bounds__(kThreads, 3) k_block_tiles(Tiles tiles) {
     } else {
       cp_async_wait<0>();
     }
-    const uint4 *st = stage + (S == 2 ? b : 0) * TV;
+    const uint4 *st = stage + (stages == 2 ? b : 0) * TV;
     const T *const *rw = rows[b];
     float s;
     if (tiles.given) {
@@ -879,7 +880,7 @@ __global__ void __launch_bounds__(kThreads, 3) k_block_tiles(Tiles tiles) {
             [d](T v, size_t) { return exact_e4m3(Ty<DT>::to(v), d.s); });
       }
     }
-    if (S != 2 && k + 1 < end) {
+    if (stages != 2 && k + 1 < end) {
       // One stage or none: the next tile starts once this one is done with it.
       nd = tiles.tile(k + 1);
       __syncthreads();  // every reader of rows[b ^ 1] is done
@@ -896,31 +897,19 @@ __global__ void __launch_bounds__(kThreads, 3) k_block_tiles(Tiles tiles) {
 template <int DT, bool HW, typename Tiles>
 void launch_block_tiles(const lw_ctx *c, const Tiles &tiles, size_t count) {
   constexpr size_t tile = kTileBytes<DT>, fixed = 4096;  // static shared memory and some margin
-  auto go = [&](auto stages) {
-    constexpr int S = decltype(stages)::value;
-    constexpr size_t smem = S * tile;
-    auto k = k_block_tiles<DT, HW, Tiles, S>;
-    if constexpr (smem > 48 * 1024) {
-      // Over 48 KiB needs the opt-in; if it is refused, so is the launch, which the caller
-      // reports.
-      static const cudaError_t opted =
-          cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-      (void)opted;
-    }
-    k<<<grid<k_block_tiles<DT, HW, Tiles, S>, smem>(c, count), kThreads, smem, c->stream>>>(
-        tiles);
-  };
   // LAYERWISE_CUDA_TILE_STAGES=0 or 1 takes a smaller device's path (for tests).
   static const char *forced = getenv("LAYERWISE_CUDA_TILE_STAGES");
   int most = 2 * tile + fixed <= (size_t)c->smem_optin ? 2 : tile + fixed <= (size_t)c->smem_optin;
   int s = forced != nullptr && forced[0] >= '0' && forced[0] < '0' + most ? forced[0] - '0' : most;
-  if (s == 2) {
-    go(std::integral_constant<int, 2>());
-  } else if (s == 1) {
-    go(std::integral_constant<int, 1>());
-  } else {
-    go(std::integral_constant<int, 0>());
+  size_t smem = s * tile;
+  auto k = k_block_tiles<DT, HW, Tiles>;
+  if (smem > 48 * 1024) {
+    // Over 48 KiB needs the opt-in; if it is refused, so is the launch, which the caller reports.
+    (void)cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   }
+  // The grid is sized for the most shared memory a block takes (two tiles): one wave at most.
+  k<<<grid<k_block_tiles<DT, HW, Tiles>, 2 * tile>(c, count), kThreads, smem, c->stream>>>(tiles,
+                                                                                        s);
 }
 
 // ------------------------------------------------------------------ kernels: dequantization
