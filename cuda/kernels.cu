@@ -578,111 +578,101 @@ __device__ __forceinline__ void prefetch_l2(const void *p, size_t bytes, size_t 
   }
 }
 
-/* Per row (fp8 or int8), one block per row: absmax, scale, quantize (the second read of a row
- * comes from L2). */
+/*
+ * Quantizes E elements held in registers with divisor d (fp8 e4m3 or int8 codes) and stores
+ * them at o, as one vector where o is aligned for it. Inputs the fast division cannot take go
+ * through the exact path, element by element.
+ */
+template <int DT, bool INT8, bool HW, int E>
+__device__ __forceinline__ void quant_store(const typename Ty<DT>::T (&in)[E], uint8_t *o,
+                                            const Divisor &d) {
+  uint8_t out[E];
+#pragma unroll
+  for (int e = 0; e < E; e++) {
+    float x = Ty<DT>::to(in[e]);
+    bool slow = false;
+    if constexpr (INT8) {
+      int8_t f = quant_int8(x, d, slow);
+      out[e] = (uint8_t)(slow ? exact_int8(x, d.s) : f);
+    } else {
+      uint8_t f = quant_e4m3<HW>(x, d, slow);
+      out[e] = slow ? exact_e4m3(x, d.s) : f;
+    }
+  }
+  if (aligned_for<E>(o)) {
+    storev<E>(o, out);
+  } else {
+#pragma unroll
+    for (int e = 0; e < E; e++) o[e] = out[e];
+  }
+}
+
+/*
+ * Per row (fp8 or int8), one block per row: absmax, scale, quantize. A row of up to H vectors
+ * per thread whose source is 16-byte aligned is held in registers, so it is read once; others
+ * are read twice (the second time from L2). The block's next row is fetched into L2 meanwhile.
+ */
 template <int DT, bool INT8, bool HW>
 __global__ void __launch_bounds__(kThreads) k_quant_row(uint8_t *q, float *scale,
                                                         const typename Ty<DT>::T *src,
                                                         size_t rows, size_t cols, int dynamic) {
+  using T = typename Ty<DT>::T;
+  constexpr int E = 16 / sizeof(T), H = 4;
+  const auto absbits = [](uint32_t a, T x) { return max(a, Ty<DT>::abits(x)); };
+  const size_t nvec = cols / E;
   for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    const typename Ty<DT>::T *row = src + r * cols;
-    // The block's next row goes to L2 while it works this one (see k_mt_quant).
+    const T *row = src + r * cols;
+    uint8_t *dst = q + r * cols;
     if (r + gridDim.x < rows) {
-      prefetch_l2(row + (size_t)gridDim.x * cols, cols * sizeof(*row), threadIdx.x, blockDim.x);
+      prefetch_l2(row + (size_t)gridDim.x * cols, cols * sizeof(T), threadIdx.x, blockDim.x);
     }
-    using T = typename Ty<DT>::T;
-    constexpr int E = 16 / sizeof(T), H = 4;  // a thread holds up to H vectors of the row
-    const size_t nvec = cols / E;
-    if (cols % E == 0 && nvec <= (size_t)H * blockDim.x && aligned_for<E>(row)) {
-      // The whole row in registers: read once, no second read for the quantization.
-      T in[H][E];
-      uint32_t m = 0;
+    const bool held = cols % E == 0 && nvec <= (size_t)H * blockDim.x && aligned_for<E>(row);
+    T in[H][E];
+    if (held) {
 #pragma unroll
       for (int h = 0; h < H; h++) {
         size_t v = threadIdx.x + (size_t)h * blockDim.x;
         if (v < nvec) loadv<E>(row + v * E, in[h]);
       }
-      float s;
-      if (dynamic) {
+    }
+    float s;
+    if (dynamic) {
+      uint32_t m = 0;
+      if (held) {
 #pragma unroll
         for (int h = 0; h < H; h++) {
           if (threadIdx.x + (size_t)h * blockDim.x < nvec) {
 #pragma unroll
-            for (int e = 0; e < E; e++) m = max(m, Ty<DT>::abits(in[h][e]));
+            for (int e = 0; e < E; e++) m = absbits(m, in[h][e]);
           }
         }
-        m = block_max(m);
-        float amax = absmax_value<DT>(m);
-        if constexpr (INT8) {
-          s = lw_int8_scale(amax);
-        } else {
-          s = lw_fp8_scale(amax);
-        }
-        if (threadIdx.x == 0) scale[r] = s;
       } else {
-        s = scale[r];
+        m = fold_span(row, cols, threadIdx.x, blockDim.x, 0u, absbits);
       }
-      Divisor d = divisor_of(s);
-      uint8_t *dst = q + r * cols;
-#pragma unroll
-      for (int h = 0; h < H; h++) {
-        size_t v = threadIdx.x + (size_t)h * blockDim.x;
-        if (v >= nvec) continue;
-        uint8_t out[E];
-#pragma unroll
-        for (int e = 0; e < E; e++) {
-          float x = Ty<DT>::to(in[h][e]);
-          bool slow = false;
-          if constexpr (INT8) {
-            int8_t f = quant_int8(x, d, slow);
-            out[e] = (uint8_t)(slow ? exact_int8(x, d.s) : f);
-          } else {
-            uint8_t f = quant_e4m3<HW>(x, d, slow);
-            out[e] = slow ? exact_e4m3(x, d.s) : f;
-          }
-        }
-        uint8_t *o = dst + v * E;
-        if (aligned_for<E>(o)) {
-          storev<E>(o, out);
-        } else {
-#pragma unroll
-          for (int e = 0; e < E; e++) o[e] = out[e];
-        }
-      }
-      continue;
-    }
-    float s;
-    if (dynamic) {
-      uint32_t m = fold_span(row, cols, threadIdx.x, blockDim.x, 0u,
-                             [](uint32_t a, typename Ty<DT>::T x) {
-                               return max(a, Ty<DT>::abits(x));
-                             });
       m = block_max(m);
       float amax = absmax_value<DT>(m);
-      if constexpr (INT8) {
-        s = lw_int8_scale(amax);
-      } else {
-        s = lw_fp8_scale(amax);
-      }
+      s = INT8 ? lw_int8_scale(amax) : lw_fp8_scale(amax);
       if (threadIdx.x == 0) scale[r] = s;
     } else {
       s = scale[r];
     }
     Divisor d = divisor_of(s);
-    if constexpr (INT8) {
+    if (held) {
+#pragma unroll
+      for (int h = 0; h < H; h++) {
+        size_t v = threadIdx.x + (size_t)h * blockDim.x;
+        if (v < nvec) quant_store<DT, INT8, HW, E>(in[h], dst + v * E, d);
+      }
+    } else if constexpr (INT8) {
       map_span2(
-          row, reinterpret_cast<int8_t *>(q) + r * cols, cols, threadIdx.x, blockDim.x,
-          [d](typename Ty<DT>::T x, size_t, bool &slow) {
-            return quant_int8(Ty<DT>::to(x), d, slow);
-          },
-          [d](typename Ty<DT>::T x, size_t) { return exact_int8(Ty<DT>::to(x), d.s); });
+          row, reinterpret_cast<int8_t *>(dst), cols, threadIdx.x, blockDim.x,
+          [d](T x, size_t, bool &slow) { return quant_int8(Ty<DT>::to(x), d, slow); },
+          [d](T x, size_t) { return exact_int8(Ty<DT>::to(x), d.s); });
     } else {
       map_span2(
-          row, q + r * cols, cols, threadIdx.x, blockDim.x,
-          [d](typename Ty<DT>::T x, size_t, bool &slow) {
-            return quant_e4m3<HW>(Ty<DT>::to(x), d, slow);
-          },
-          [d](typename Ty<DT>::T x, size_t) { return exact_e4m3(Ty<DT>::to(x), d.s); });
+          row, dst, cols, threadIdx.x, blockDim.x,
+          [d](T x, size_t, bool &slow) { return quant_e4m3<HW>(Ty<DT>::to(x), d, slow); },
+          [d](T x, size_t) { return exact_e4m3(Ty<DT>::to(x), d.s); });
     }
   }
 }
@@ -857,21 +847,7 @@ __global__ void __launch_bounds__(kThreads, 3) k_block_tiles(Tiles tiles, int st
         for (int v = 0; v < V; v++) {
           T in[E];
           memcpy(in, st + (g + j * ng) * RV + v * kGroup + lane, 16);
-          uint8_t out[E];
-#pragma unroll
-          for (int e = 0; e < E; e++) {
-            float x = Ty<DT>::to(in[e]);
-            bool slow = false;
-            uint8_t f = quant_e4m3<HW>(x, d, slow);
-            out[e] = slow ? exact_e4m3(x, d.s) : f;
-          }
-          uint8_t *o = dst + (v * kGroup + lane) * E;
-          if (aligned_for<E>(o)) {
-            storev<E>(o, out);
-          } else {
-#pragma unroll
-            for (int e = 0; e < E; e++) o[e] = out[e];
-          }
+          quant_store<DT, false, HW, E>(in, dst + (v * kGroup + lane) * E, d);
         }
       } else if (rw[g + j * ng] != nullptr) {
         map_span2(
