@@ -3,7 +3,7 @@
 // checked is never read by them.
 import assert from "node:assert/strict";
 import { CheckpointError } from "../src/errors.ts";
-import { fileSource } from "../src/checkpoint/source.ts";
+import { fileSource, type WeightSource } from "../src/checkpoint/source.ts";
 import { writeSafetensors } from "../src/checkpoint/safetensors.ts";
 import {
   READ_PIECE_BYTES,
@@ -33,6 +33,20 @@ async function bigCheckpoint(): Promise<{ file: string; data: Map<string, Uint8A
   return { file, data };
 }
 
+/** Runs `fn` on a new checkpoint and a file source of it; closes and removes both after. */
+async function withCheckpoint(
+  fn: (c: { file: string; data: Map<string, Uint8Array>; source: WeightSource }) => Promise<void>,
+): Promise<void> {
+  const { file, data } = await bigCheckpoint();
+  const source = await fileSource(file);
+  try {
+    await fn({ file, data, source });
+  } finally {
+    source.close();
+    await Deno.remove(file.replace(/\/[^/]*$/, ""), { recursive: true });
+  }
+}
+
 // The first differing index, or -1 (assert.deepEqual would print megabytes of diff).
 function firstDiff(a: Uint8Array, b: Uint8Array): number {
   if (a.length !== b.length) return Math.min(a.length, b.length);
@@ -47,9 +61,7 @@ function sharedView(bytes: number, at = 48): Uint8Array {
 Deno.test("reads into shared memory on reader threads give the file's bytes", async () => {
   const threads = await readThreads();
   assert.ok(threads === null || threads.threads >= 1);
-  const { file, data } = await bigCheckpoint();
-  const source = await fileSource(file);
-  try {
+  await withCheckpoint(async ({ data, source }) => {
     for (const [name, want] of data) {
       const dst = sharedView(want.length);
       // Bytes around the destination must stay as they were.
@@ -68,16 +80,11 @@ Deno.test("reads into shared memory on reader threads give the file's bytes", as
     const rows = sharedView(READ_PIECE_BYTES);
     await source.readRowsInto!("b", 100, 100 + READ_PIECE_BYTES, rows);
     assert.equal(firstDiff(rows, data.get("b")!.subarray(100, 100 + READ_PIECE_BYTES)), -1);
-  } finally {
-    source.close();
-    await Deno.remove(file.replace(/\/[^/]*$/, ""), { recursive: true });
-  }
+  });
 });
 
 Deno.test("a file cut before a threaded read is TRUNCATED with the size it now has", async () => {
-  const { file, data } = await bigCheckpoint();
-  const source = await fileSource(file);
-  try {
+  await withCheckpoint(async ({ file, data, source }) => {
     for (const size of [READ_PIECE_BYTES, 100]) {
       await Deno.truncate(file, size);
       await assert.rejects(source.readInto("b", sharedView(data.get("b")!.length)), (e) => {
@@ -87,16 +94,11 @@ Deno.test("a file cut before a threaded read is TRUNCATED with the size it now h
         return true;
       });
     }
-  } finally {
-    source.close();
-    await Deno.remove(file.replace(/\/[^/]*$/, ""), { recursive: true });
-  }
+  });
 });
 
 Deno.test("a file replaced between reads: a tensor comes whole from one file, never mixed", async () => {
-  const { file, data } = await bigCheckpoint();
-  const source = await fileSource(file);
-  try {
+  await withCheckpoint(async ({ file, data, source }) => {
     const first = sharedView(data.get("a")!.length);
     await source.readInto("a", first);
     assert.equal(firstDiff(first, data.get("a")!), -1);
@@ -109,26 +111,18 @@ Deno.test("a file replaced between reads: a tensor comes whole from one file, ne
     const dst = sharedView(b.length);
     await source.readInto("b", dst);
     assert.ok(firstDiff(dst, b) === -1 || dst.every((x) => x === 7), "mixed bytes");
-  } finally {
-    source.close();
-    await Deno.remove(file.replace(/\/[^/]*$/, ""), { recursive: true });
-  }
+  });
 });
 
 Deno.test("a file removed before its first threaded read: the source's own error (MISSING_SHARD)", async () => {
-  const { file, data } = await bigCheckpoint();
-  const source = await fileSource(file);
-  try {
+  await withCheckpoint(async ({ file, data, source }) => {
     await Deno.remove(file);
     await assert.rejects(source.readInto("b", sharedView(data.get("b")!.length)), (e) => {
       assert.ok(e instanceof CheckpointError && e.code === "MISSING_SHARD", String(e));
       assert.ok(e.message.includes(file), e.message);
       return true;
     });
-  } finally {
-    source.close();
-    await Deno.remove(file.replace(/\/[^/]*$/, ""), { recursive: true });
-  }
+  });
 });
 
 Deno.test("reader threads: reads past the free slots fail over at once, slots are reused read after read, bytes always right", async () => {

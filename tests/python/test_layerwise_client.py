@@ -348,6 +348,15 @@ class FakeTorch(types.ModuleType):
         return FakeTensor(self, getattr(self, dtype), shape, device, ptr, contiguous, name)
 
 
+def reply_json(handler, body):
+    """Answers the request `handler` serves with 200 and the JSON bytes `body`."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class Recorder(http.server.BaseHTTPRequestHandler):
     """A local server that answers every request with {"path": "ipc"} and records it."""
 
@@ -356,21 +365,11 @@ class Recorder(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         n = int(self.headers.get("Content-Length", "0"))
         Recorder.calls.append((self.path, json.loads(self.rfile.read(n) or b"{}")))
-        body = b'{"path": "ipc", "version": 1}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        reply_json(self, b'{"path": "ipc", "version": 1}')
 
     def do_GET(self):
         Recorder.calls.append((self.path, None))
-        body = b'{"ipc": true}' if self.path == "/v1/model" else b"{}"
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        reply_json(self, b'{"ipc": true}' if self.path == "/v1/model" else b"{}")
 
     def log_message(self, *args):
         pass
@@ -573,12 +572,7 @@ class ClientTest(unittest.TestCase):
                 n = int(self.headers["Content-Length"])
                 seen["body"] = self.rfile.read(n)
                 seen["path"] = self.path
-                body = b'{"version": 1}'
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                reply_json(self, b'{"version": 1}')
 
             def log_message(self, *args):
                 pass
