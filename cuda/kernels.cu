@@ -1533,6 +1533,17 @@ __device__ __forceinline__ void mt_runs(const uint64_t *t, const uint64_t *piece
   }
 }
 
+/* scale[0] of target t from the partials of its items (the whole block takes part). */
+template <int DT>
+__device__ __forceinline__ void fold_scale(const uint64_t *t, const uint32_t *partials) {
+  uint32_t all = 0;
+  for (size_t k = t[7] + threadIdx.x; k < t[7] + t[8]; k += blockDim.x) {
+    all = max(all, __ldcg(partials + k));
+  }
+  all = block_max(all);
+  if (threadIdx.x == 0) *reinterpret_cast<float *>(t[1]) = lw_fp8_scale(absmax_value<DT>(all));
+}
+
 template <int DT>
 __global__ void __launch_bounds__(kThreads)
     k_mt_absmax(const uint64_t *targets, const uint64_t *pieces, const uint64_t *items,
@@ -1551,24 +1562,31 @@ __global__ void __launch_bounds__(kThreads)
     m = block_max(m);
     if (threadIdx.x == 0) {
       partials[i] = m;
-      __threadfence();
-      unsigned done = atomicAdd(reinterpret_cast<unsigned *>(counters + it[0]), 1u);
-      last = done + 1 == t[8];
+      last = false;
+      if (counters != nullptr) {  // NULL: a scan, partials only
+        __threadfence();
+        unsigned done = atomicAdd(reinterpret_cast<unsigned *>(counters + it[0]), 1u);
+        last = done + 1 == t[8];
+      }
     }
     __syncthreads();
     if (last) {
       __threadfence();
-      uint32_t all = 0;
-      for (size_t k = t[7] + threadIdx.x; k < t[7] + t[8]; k += blockDim.x) {
-        all = max(all, __ldcg(partials + k));
-      }
-      all = block_max(all);
-      if (threadIdx.x == 0) {
-        *reinterpret_cast<float *>(t[1]) = lw_fp8_scale(absmax_value<DT>(all));
-        counters[it[0]] = 0;
-      }
+      fold_scale<DT>(t, partials);
+      if (threadIdx.x == 0) counters[it[0]] = 0;
     }
     __syncthreads();
+  }
+}
+
+/* One block per item of the range; the block of a target's first item folds its partials. */
+template <int DT>
+__global__ void __launch_bounds__(kThreads)
+    k_mt_absmax_fold(const uint64_t *targets, const uint64_t *items, size_t first, size_t n,
+                     const uint32_t *partials) {
+  for (size_t i = first + blockIdx.x; i < first + n; i += gridDim.x) {
+    const uint64_t *t = targets + items[i * LW_MT_ITEM_FIELDS] * LW_MT_TARGET_FIELDS;
+    if (t[7] == i) fold_scale<DT>(t, partials);  // uniform in the block
   }
 }
 
@@ -1711,6 +1729,21 @@ LW_API lw_status lw_mt_absmax(void *ctx, const uint64_t *targets, const uint64_t
         targets, pieces, items, first, n, bases, partials, counters);
   });
   CK_LAUNCH("lw_mt_absmax");
+  return LW_OK;
+}
+
+LW_API lw_status lw_mt_absmax_fold(void *ctx, const uint64_t *targets, const uint64_t *items,
+                                   size_t first, size_t n, int32_t src_dtype,
+                                   const uint32_t *partials) {
+  if (!lw_dtype_is_quant_input(src_dtype)) return einval("lw_mt_absmax_fold: source must be f32, f16 or bf16");
+  ENTER(ctx);
+  if (n == 0) return LW_OK;
+  with_quant_input(src_dtype, [&](auto d) {
+    constexpr int DT = decltype(d)::value;
+    k_mt_absmax_fold<DT><<<grid<k_mt_absmax_fold<DT>>(c_, n), kThreads, 0, c_->stream>>>(
+        targets, items, first, n, partials);
+  });
+  CK_LAUNCH("lw_mt_absmax_fold");
   return LW_OK;
 }
 

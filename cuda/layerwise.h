@@ -204,7 +204,12 @@ LW_API lw_status lw_stager_finish(void *stager);
  * takes items [first, first+n) of the table (all items of each target it touches).
  * lw_mt_absmax: for per-tensor fp8, scale[0] of each target = max(absmax/448, 1/(448*512)),
  *   the absmax over all its pieces; partials[item] and counters[target] are work space (uint32;
- *   counters zero before and after each launch).
+ *   counters zero before and after each launch). With counters NULL it is a scan: only
+ *   partials[item] is written, the largest magnitude bits of the item's source elements in the
+ *   source dtype (at or above the dtype's infinity bits: the item holds a NaN or infinity), and
+ *   no scale.
+ * lw_mt_absmax_fold: scale[0] of each target whose first item is in [first, first+n), as
+ *   lw_mt_absmax, from the partials a scan left of all its items.
  * lw_mt_quant: kind LW_MT_FP8_TENSOR reads scale[0]; LW_MT_FP8_ROW, LW_MT_INT8_ROW and
  *   LW_MT_FP8_BLOCK128 (items are 128x128 tiles) compute and write their scales as lw_quant_fp8
  *   and lw_quant_int8_row do; the quantized values go to dst (rows x cols, dst_pitch = cols).
@@ -216,6 +221,9 @@ LW_API lw_status lw_mt_absmax(void *ctx, const uint64_t *targets, const uint64_t
                               const uint64_t *items, size_t first, size_t n,
                               const uint64_t *bases, int32_t src_dtype, uint32_t *partials,
                               uint32_t *counters);
+LW_API lw_status lw_mt_absmax_fold(void *ctx, const uint64_t *targets, const uint64_t *items,
+                                   size_t first, size_t n, int32_t src_dtype,
+                                   const uint32_t *partials);
 LW_API lw_status lw_mt_quant(void *ctx, int32_t kind, const uint64_t *targets,
                              const uint64_t *pieces, const uint64_t *items, size_t first,
                              size_t n, const uint64_t *bases, int32_t src_dtype);

@@ -512,12 +512,18 @@ static const uint8_t *mt_src(const uint64_t *t, const uint64_t *pieces, const ui
   return NULL; /* the plan covers every row; unreachable */
 }
 
+/* scale[0] of target t from the partials of all its items */
+static void mt_fold_scale(const uint64_t *t, int32_t dt, const uint32_t *partials) {
+  uint32_t all = 0;
+  for (uint64_t k = t[7]; k < t[7] + t[8]; k++) all = partials[k] > all ? partials[k] : all;
+  *(float *)MT_PTR(t[1]) = lw_fp8_scale(absbits_value(dt, all));
+}
+
 LW_API lw_status lw_mt_absmax(void *ctx, const uint64_t *targets, const uint64_t *pieces,
                               const uint64_t *items, size_t first, size_t n,
                               const uint64_t *bases, int32_t src_dtype, uint32_t *partials,
                               uint32_t *counters) {
   (void)ctx;
-  (void)counters;
   if (!lw_dtype_is_quant_input(src_dtype)) return refuse("lw_mt_absmax: the input must be f32, f16 or bf16");
   size_t esz = lw_dtype_size(src_dtype);
   for (size_t i = first; i < first + n; i++) {
@@ -532,11 +538,20 @@ LW_API lw_status lw_mt_absmax(void *ctx, const uint64_t *targets, const uint64_t
       }
     }
     partials[i] = m;
-    if (i == t[7] + t[8] - 1) { /* the target's last item: every partial is in */
-      uint32_t all = 0;
-      for (uint64_t k = t[7]; k < t[7] + t[8]; k++) all = partials[k] > all ? partials[k] : all;
-      *(float *)MT_PTR(t[1]) = lw_fp8_scale(absbits_value(src_dtype, all));
-    }
+    /* the target's last item: every partial is in (counters NULL: a scan, partials only) */
+    if (counters && i == t[7] + t[8] - 1) mt_fold_scale(t, src_dtype, partials);
+  }
+  return LW_OK;
+}
+
+LW_API lw_status lw_mt_absmax_fold(void *ctx, const uint64_t *targets, const uint64_t *items,
+                                   size_t first, size_t n, int32_t src_dtype,
+                                   const uint32_t *partials) {
+  (void)ctx;
+  if (!lw_dtype_is_quant_input(src_dtype)) return refuse("lw_mt_absmax_fold: the input must be f32, f16 or bf16");
+  for (size_t i = first; i < first + n; i++) {
+    const uint64_t *t = targets + items[i * LW_MT_ITEM_FIELDS] * LW_MT_TARGET_FIELDS;
+    if (t[7] == i) mt_fold_scale(t, src_dtype, partials);
   }
   return LW_OK;
 }

@@ -24,8 +24,15 @@ export type MultiTensorKind = "fp8-tensor" | "fp8-row" | "fp8-block128" | "int8-
  * casts. Offsets are bytes into `table`.
  */
 export interface MultiTensorLaunch {
-  /** `absmax`, `quant` or `copy`. */
-  readonly op: "absmax" | "quant" | "copy";
+  /**
+   * `absmax` (per-tensor fp8 scales of the targets), `quant`, `copy`; or `scan`, which writes
+   * only the partials: one uint32 per item, the largest magnitude bits of its source elements in
+   * the source dtype, at or above that dtype's infinity bits when the item holds a NaN or
+   * infinity (nothing of the model is written); and `fold`, which turns a scan's partials into
+   * the per-tensor fp8 scales, as `absmax` would (so a checked reload reads its sources once for
+   * both).
+   */
+  readonly op: "absmax" | "scan" | "fold" | "quant" | "copy";
   /** With `quant`: the scheme. */
   readonly kind?: MultiTensorKind;
   /** The storage holding every table. */
@@ -38,7 +45,10 @@ export interface MultiTensorLaunch {
   readonly items: number;
   /** Byte offset of the source addresses (one uint64 per source). */
   readonly bases: number;
-  /** With `absmax`: byte offsets of the uint32 partials (one per item) and counters (per target). */
+  /**
+   * With `absmax`, `scan` and `fold`: byte offset of the uint32 partials (one per item); with
+   * `absmax`, {@link MultiTensorLaunch.counters} too (one per target).
+   */
   readonly partials?: number;
   /** See {@link MultiTensorLaunch.partials}. */
   readonly counters?: number;

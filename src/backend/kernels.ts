@@ -111,6 +111,16 @@ export interface MultiTensorAbi {
     partials: number,
     counters: number,
   ): number;
+  /** lw_mt_absmax_fold: per-tensor fp8 scales from a scan's partials (targets starting in range). */
+  lw_mt_absmax_fold(
+    ctx: number,
+    targets: number,
+    items: number,
+    first: number,
+    n: number,
+    srcDtype: number,
+    partials: number,
+  ): number;
   /** lw_mt_quant: quantizes the targets of items [first, first+n). */
   lw_mt_quant(
     ctx: number,
@@ -577,9 +587,9 @@ export class KernelBackend implements Backend {
     if (l.count === 0) return;
     const p = s.ptr, src = l.srcDtype.code;
     let status: number;
-    if (l.op === "absmax") {
+    if (l.op === "absmax" || l.op === "scan") {
       inside("partials", l.partials, (l.first + l.count) * 4);
-      inside("counters", l.counters, 0);
+      if (l.op === "absmax") inside("counters", l.counters, 0);
       status = this.#k.lw_mt_absmax(
         this.#ctx,
         p + l.targets,
@@ -590,7 +600,18 @@ export class KernelBackend implements Backend {
         p + l.bases,
         src,
         p + l.partials!,
-        p + l.counters!,
+        l.op === "absmax" ? p + l.counters! : 0,
+      );
+    } else if (l.op === "fold") {
+      inside("partials", l.partials, (l.first + l.count) * 4);
+      status = this.#k.lw_mt_absmax_fold(
+        this.#ctx,
+        p + l.targets,
+        p + l.items,
+        l.first,
+        l.count,
+        src,
+        p + l.partials!,
       );
     } else if (l.op === "quant") {
       if (l.kind === undefined || !Object.hasOwn(MULTI_TENSOR_KIND_CODE, l.kind)) {

@@ -41,7 +41,7 @@ import type { Module } from "../nn/module.ts";
 import type { TensorSlot } from "../nn/slots.ts";
 import { type DType, dtypeOf, DTYPES } from "../tensor/dtype.ts";
 import { type Storage, Tensor } from "../tensor/tensor.ts";
-import { type DevicePlan, layoutKey, planDeviceReload } from "./device_plan.ts";
+import { type DevicePlan, layoutKey, planDeviceReload, type PlannedLaunch } from "./device_plan.ts";
 import {
   assertIdle,
   failReload,
@@ -57,6 +57,13 @@ import {
 import type { ReloadReport } from "./load.ts";
 import type { TensorMeta } from "./meta.ts";
 import { type TensorDescriptor, validateTensors, type ValidationReport } from "./validate.ts";
+
+/** Magnitude bits of infinity in each dtype a `scan` launch reads (ARCHITECTURE.md, "Device source"). */
+const INF_BITS: ReadonlyMap<DType, number> = new Map([
+  [DTYPES.f32, 0x7f800000],
+  [DTYPES.f16, 0x7c00],
+  [DTYPES.bf16, 0x7f80],
+]);
 
 /**
  * A checkpoint-format tensor in backend memory: a backend tensor (contiguous, on the model's
@@ -373,22 +380,9 @@ export class DeviceReload {
         );
       }
       this.#next++;
-      const { plan, table, skipped } = this.#cached;
+      const { plan, table } = this.#cached;
       const phase = plan.phases[p];
-      if (this.#options.rejectNonFinite) {
-        rejectNonFiniteEach(
-          b,
-          this.#descs.flatMap((d, i) =>
-            !skipped[i] && (this.#cached.phaseOf[i] ?? 0) === p
-              ? [{
-                tensor: tensorAt(i),
-                where: `device view ${quoteName(d.name)}`,
-                as: this.#cached.modelDtype[i],
-              }]
-              : []
-          ),
-        );
-      }
+      const scanned = this.#options.rejectNonFinite ? this.#rejectNonFinite(p, tensorAt) : false;
       const o = plan.offsets;
       if (phase.layers.length > 0) {
         writeLayersInPlace(model, phase.layers, () => {
@@ -396,6 +390,8 @@ export class DeviceReload {
           for (const l of phase.launches) {
             b.launchMultiTensor({
               ...l,
+              // The scan has left every item's absmax partial: only the fold is left to do.
+              op: scanned && l.op === "absmax" ? "fold" : l.op,
               table: table.storage!,
               targets: o.targets,
               pieces: o.pieces,
@@ -428,6 +424,77 @@ export class DeviceReload {
     } catch (e) {
       this.abort(e);
     }
+  }
+
+  /**
+   * Refuses NaN and infinite source elements of phase `p` before anything is written: the
+   * elements its launches read by one `scan` launch per item range (a pass that reads them and
+   * writes only the partials) and one read of the partials, the sources it loads through the
+   * lifecycle as any load. True when the scan left the absmax partials of every per-tensor fp8
+   * target, so its `absmax` launches can be `fold`s. Sources whose dtype the scan does not read
+   * (not f32, f16 or bf16) are counted whole as before. A failure names the tensor and its count,
+   * from a count of the phase's sources (the rare path).
+   */
+  #rejectNonFinite(p: number, tensorAt: (i: number) => Tensor): boolean {
+    const b = this.#backend;
+    const { plan, table, skipped, phaseOf, modelDtype } = this.#cached;
+    const phase = plan.phases[p];
+    const incoming = (ids: readonly number[]) =>
+      ids.map((i) => ({
+        tensor: tensorAt(i),
+        where: `device view ${quoteName(this.#descs[i].name)}`,
+        as: modelDtype[i],
+      }));
+    const whole = () =>
+      rejectNonFiniteEach(
+        b,
+        incoming(this.#descs.flatMap((_, i) => !skipped[i] && (phaseOf[i] ?? 0) === p ? [i] : [])),
+      );
+    const ranges = new Map<number, PlannedLaunch>();
+    for (const l of phase.launches) {
+      if (!l.srcDtype.floating) continue;
+      if (INF_BITS.get(l.srcDtype) === undefined) {
+        whole();
+        return false;
+      }
+      ranges.set(l.first, l);
+    }
+    rejectNonFiniteEach(b, incoming(phase.hostLoads));
+    if (ranges.size === 0) return false;
+    const o = plan.offsets;
+    let lo = Infinity, hi = 0;
+    for (const l of ranges.values()) {
+      b.launchMultiTensor({
+        op: "scan",
+        first: l.first,
+        count: l.count,
+        srcDtype: l.srcDtype,
+        table: table.storage!,
+        targets: o.targets,
+        pieces: o.pieces,
+        items: o.items,
+        bases: o.bases,
+        partials: o.partials,
+      });
+      lo = Math.min(lo, l.first);
+      hi = Math.max(hi, l.first + l.count);
+    }
+    const bytes = b.download(
+      new Tensor([(hi - lo) * 4], DTYPES.u8, table.storage!, o.partials + 4 * lo),
+    );
+    const partials = new Uint32Array(bytes.buffer, bytes.byteOffset, hi - lo);
+    for (const l of ranges.values()) {
+      const inf = INF_BITS.get(l.srcDtype)!;
+      for (let i = l.first; i < l.first + l.count; i++) {
+        if (partials[i - lo] < inf) continue;
+        whole();
+        throw new ReloadError(
+          "NON_FINITE",
+          `device reload: work item ${i} of the plan reads a NaN or infinite source element (rejectNonFinite is set)`,
+        );
+      }
+    }
+    return true;
   }
 
   /** Waits for the device (a failed launch fails the reload here) and ends the reload. */

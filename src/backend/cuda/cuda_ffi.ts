@@ -54,6 +54,10 @@ export const CUDA_SYMBOLS = {
     parameters: [PTR, PTR, PTR, PTR, "usize", "usize", PTR, "i32", PTR, PTR],
     result: STATUS,
   },
+  lw_mt_absmax_fold: {
+    parameters: [PTR, PTR, PTR, "usize", "usize", "i32", PTR],
+    result: STATUS,
+  },
   lw_mt_quant: {
     parameters: [PTR, "i32", PTR, PTR, PTR, "usize", "usize", PTR, "i32"],
     result: STATUS,
