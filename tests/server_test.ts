@@ -292,6 +292,37 @@ Deno.test("server: stream, disk and IPC updates give identical kernel tensors", 
   }
 });
 
+Deno.test("server: IPC handles none of the last two updates sent are closed, alternating sets stay open", async () => {
+  const backend = await openWasmBackend();
+  const ipc = fakeIpc(backend);
+  const scaled = await scaledCheckpoint(3);
+  await withServer({ backend, ipcMapper: () => ipc.mapper }, async (s) => {
+    const [a, b, c] = [0, 1, 2].map(() => packBuckets(scaled, ipc.addBucket, 2));
+    const send = async (t: typeof a, label: string) => {
+      const r = await call(s, "POST", "/v1/update/ipc", t);
+      assert.equal(r.status, 200, `${label}: ${JSON.stringify(r.json)}`);
+    };
+    // Two sets in turn (one filled while the other is read): nothing is opened again.
+    for (const [t, label] of [[a, "a"], [b, "b"], [a, "a again"], [b, "b again"]] as const) {
+      await send(t, label);
+    }
+    assert.equal(ipc.opened.length, 4, "alternating sets open each handle once");
+    assert.equal(ipc.openCount(), 4);
+    // A third set: the one that neither of the last two updates sent is closed.
+    await send(c, "c");
+    assert.equal(ipc.openCount(), 4, "a closed, b and c open");
+    await send(c, "c again");
+    assert.equal(ipc.openCount(), 2, "only c open");
+    assert.equal(ipc.opened.length, 6);
+    // A table refused by validation opens nothing and closes nothing.
+    const bad = await call(s, "POST", "/v1/update/ipc", { ...a, tensors: a.tensors.slice(1) });
+    assert.equal(bad.status, 422, JSON.stringify(bad.json));
+    assert.equal(ipc.openCount(), 2);
+    assert.equal(ipc.opened.length, 6);
+  });
+  assert.equal(ipc.openCount(), 0, "stop closes IPC handles");
+});
+
 Deno.test("server: a zero-copy IPC table, an allocation per tensor and hundreds of buckets, is taken", async () => {
   // What the Python client sends by default: each tensor read where the trainer holds it, at an
   // offset inside its allocation, buckets sized to the furthest byte read, two tensors sharing

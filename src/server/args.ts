@@ -40,6 +40,8 @@ export interface ServeCliOptions {
   maxBufferedBytes?: number;
   /** Longest wait for the next body chunk, in seconds. */
   idleTimeoutSeconds: number;
+  /** IPC handles stay open while one of the last this many updates sent them. */
+  ipcKeepUpdates: number;
   /** Accept NaN/Inf in incoming weights. */
   allowNonFinite: boolean;
   /** No progress line per update. */
@@ -69,6 +71,7 @@ Options:
   --idle-timeout S      seconds a body may stall before the update is abandoned (default ${
   SERVE_DEFAULTS.idleTimeoutMs / 1000
 })
+  --ipc-keep-updates N  close an IPC handle that none of the last N updates sent (default 2)
   --allow-non-finite    accept NaN/Inf in incoming weights (default: refused)
   --quiet               no progress line per update on stderr
   --help                show this help
@@ -112,6 +115,7 @@ export function parseServeArgs(argv: readonly string[]): ServeCliOptions {
         "max-body-bytes": { type: "string" },
         "max-buffered-bytes": { type: "string" },
         "idle-timeout": { type: "string" },
+        "ipc-keep-updates": { type: "string" },
         "allow-non-finite": { type: "boolean" },
         quiet: { type: "boolean" },
         help: { type: "boolean", short: "h" },
@@ -145,6 +149,7 @@ export function parseServeArgs(argv: readonly string[]): ServeCliOptions {
       SERVE_DEFAULTS.idleTimeoutMs / 1000,
       1,
     ),
+    ipcKeepUpdates: whole("ipc-keep-updates", v["ipc-keep-updates"], 2, 1),
     allowNonFinite: v["allow-non-finite"] ?? false,
     quiet: v.quiet ?? false,
     help,

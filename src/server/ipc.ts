@@ -4,8 +4,9 @@
  * The whole table is checked first (handles of 64 bytes, sizes, every tensor inside its
  * bucket and aligned to its element size, no name twice), then against the model (names,
  * dtypes, shapes, coverage, as for any source), before any handle is opened or any byte
- * written. Handles stay open in a cache while the trainer keeps sending the same buckets and
- * are closed on request or when the server stops.
+ * written. Handles stay open in a cache while the trainer keeps sending the same buckets; one
+ * that the last few updates did not send is closed (an open mapping keeps the trainer's
+ * allocation alive after the trainer frees it), as are all on request or when the server stops.
  *
  * The reload itself is {@link reloadFromMapped}, the one function that reads mapped memory: the
  * device-source reload reads the buckets in place.
@@ -212,14 +213,24 @@ export function describedSource(
   return describingSource(description, infos, () => [...infos.keys()], "its transport");
 }
 
-/** Open IPC mappings by handle, reused while the trainer sends the same buckets. */
+/**
+ * Open IPC mappings by handle, reused while the trainer sends the same buckets. A mapping keeps
+ * the trainer's allocation alive even after the trainer frees it, so a trainer that sends new
+ * buckets every step (its allocator moved them) would otherwise pin a model's worth of device
+ * memory per step: a handle that none of the last `keepUpdates` updates sent is closed at the
+ * end of an update. Two by default: a trainer that alternates two sets of buckets (one filled
+ * while the other is read) reopens nothing.
+ */
 export class IpcHandleCache {
   readonly #mapper: IpcMapper;
-  readonly #open = new Map<string, IpcMapping>();
+  readonly #keepUpdates: number;
+  readonly #open = new Map<string, { mapping: IpcMapping; used: number }>();
+  #update = 0;
 
-  /** A cache over `mapper`. */
-  constructor(mapper: IpcMapper) {
+  /** A cache over `mapper`, keeping handles the last `keepUpdates` updates sent (at least 1). */
+  constructor(mapper: IpcMapper, keepUpdates = 2) {
     this.#mapper = mapper;
+    this.#keepUpdates = Math.max(1, Math.floor(keepUpdates));
   }
 
   /** Handles open now. */
@@ -227,25 +238,36 @@ export class IpcHandleCache {
     return this.#open.size;
   }
 
-  /** The mapping of a handle, opening it on first use. */
+  /** The mapping of a handle for the current update, opening it on first use. */
   map(handle: string): IpcMapping {
-    let m = this.#open.get(handle);
-    if (m === undefined) {
-      m = this.#mapper.open(decodeHandle(handle, "ipc"));
-      this.#open.set(handle, m);
+    let e = this.#open.get(handle);
+    if (e === undefined) {
+      e = { mapping: this.#mapper.open(decodeHandle(handle, "ipc")), used: this.#update };
+      this.#open.set(handle, e);
     }
-    return m;
+    e.used = this.#update;
+    return e.mapping;
+  }
+
+  /**
+   * Ends the current update (whatever its outcome; the device no longer reads the buckets):
+   * closes the handles none of the last `keepUpdates` updates sent; returns how many.
+   */
+  endUpdate(): number {
+    const oldest = this.#update - this.#keepUpdates + 1;
+    this.#update++;
+    return this.release([...this.#open].flatMap(([h, e]) => e.used < oldest ? [h] : []));
   }
 
   /** Closes the given handles (all when omitted); returns how many were open. */
   release(handles?: readonly string[]): number {
     let n = 0;
     for (const h of handles ?? [...this.#open.keys()]) {
-      const m = this.#open.get(h);
-      if (m === undefined) continue;
+      const e = this.#open.get(h);
+      if (e === undefined) continue;
       this.#open.delete(h);
       n++;
-      this.#mapper.close(m.address);
+      this.#mapper.close(e.mapping.address);
     }
     return n;
   }

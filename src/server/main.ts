@@ -50,6 +50,7 @@ export async function serveMain(argv: readonly string[]): Promise<number> {
       maxBufferedBytes: o.maxBufferedBytes,
       idleTimeoutMs: o.idleTimeoutSeconds * 1000,
       rejectNonFinite: !o.allowNonFinite,
+      ipcKeepUpdates: o.ipcKeepUpdates,
       log: o.quiet ? undefined : say,
     });
   } catch (e) {

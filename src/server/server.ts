@@ -111,6 +111,7 @@ export async function startServer(options: ServeOptions): Promise<WeightServer> 
     readChunkBytes: o.readChunkBytes,
     log: o.log,
     ipcMapper: o.ipcMapper ?? ((m) => cudaIpcMapper(m.device)),
+    ipcKeepUpdates: o.ipcKeepUpdates,
     ncclJoiner: o.ncclJoiner ?? ((m) => cudaNcclJoiner(m.device)),
   });
   let stopping = false;

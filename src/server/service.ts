@@ -99,6 +99,11 @@ export interface ServiceOptions {
   log?: (line: string) => void;
   /** Maps CUDA IPC handles on the model's backend; without it IPC updates answer 400. */
   ipcMapper?: (model: CausalLM) => IpcMapper | undefined;
+  /**
+   * IPC handles stay open while one of the last this many updates sent them (default 2); older
+   * ones are closed, so a trainer's freed buckets are not kept alive by the server.
+   */
+  ipcKeepUpdates?: number;
   /** Joins NCCL communicators on the model's backend; without it NCCL updates answer 400. */
   ncclJoiner?: (model: CausalLM) => NcclJoiner | undefined;
 }
@@ -218,7 +223,9 @@ export class WeightService {
       this.#maxBufferedBytes = this.#options.maxBufferedBytes ??
         Math.max(64 * 1024 ** 2, 2 * layerBytes);
       this.#mapper = this.#options.ipcMapper?.(model);
-      if (this.#mapper) this.#ipc = new IpcHandleCache(this.#mapper);
+      if (this.#mapper) {
+        this.#ipc = new IpcHandleCache(this.#mapper, this.#options.ipcKeepUpdates);
+      }
       this.#joiner = this.#options.ncclJoiner?.(model);
       this.#model = model;
       return model;
@@ -399,6 +406,7 @@ export class WeightService {
         // The reply promises the trainer that its buckets are no longer read.
         mapper.synchronize();
         if (update.release) cache.release(update.buckets.map((b) => b.handle));
+        cache.endUpdate();
       }
     });
   }
