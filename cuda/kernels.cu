@@ -403,11 +403,36 @@ __device__ __forceinline__ uint8_t quant_e4m3(float x, const Divisor &d, bool &s
   }
 }
 
-/* lw_int8_quant(x, d.s) unless `slow` is set */
+/* lw_int8_quant(x, d.s) unless `slow` is set. The rounding to an integer is an add: 1.5 * 2^23
+ * has an ulp of 1, so RN(c + 1.5 * 2^23) rounds c (in [-128, 127]) half to even, and its low
+ * byte is the code in two's complement. rintf and the float-to-int conversion would be two
+ * conversion instructions per element, which run at a quarter of the rate of an add and were
+ * what bounded the int8 kernels (ARCHITECTURE.md, "Kernel ABI"). */
 __device__ __forceinline__ int8_t quant_int8(float x, const Divisor &d, bool &slow) {
   float q = fast_quotient(x, d, slow);
-  float c = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);
-  return (int8_t)(int32_t)rintf(c);
+  float c = fminf(fmaxf(q, -128.0f), 127.0f);  // q is not NaN unless `slow`
+  return (int8_t)(uint8_t)__float_as_uint(__fadd_rn(c, 12582912.0f));
+}
+
+/* quant_e4m3 of two elements; with HW, one conversion instruction for both */
+template <bool HW>
+__device__ __forceinline__ void quant_e4m3x2(float x0, float x1, const Divisor &d, uint8_t &o0,
+                                             uint8_t &o1, bool &slow0, bool &slow1) {
+  if constexpr (HW) {
+    float q0 = fast_quotient(x0, d, slow0), q1 = fast_quotient(x1, d, slow1);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    unsigned short r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(q1), "f"(q0));
+    o0 = (uint8_t)(r & 0xFF);
+    o1 = (uint8_t)(r >> 8);
+#else
+    o0 = lw_e4m3_from_f32_sat(q0);
+    o1 = lw_e4m3_from_f32_sat(q1);
+#endif
+  } else {
+    o0 = quant_e4m3<false>(x0, d, slow0);
+    o1 = quant_e4m3<false>(x1, d, slow1);
+  }
 }
 
 /* Sets *bad when the hardware e4m3 conversion differs from lw_e4m3_from_f32_sat for some finite
@@ -586,17 +611,21 @@ __device__ __forceinline__ void prefetch_l2(const void *p, size_t bytes, size_t 
 template <int DT, bool INT8, bool HW, int E>
 __device__ __forceinline__ void quant_store(const typename Ty<DT>::T (&in)[E], uint8_t *o,
                                             const Divisor &d) {
+  static_assert(E % 2 == 0, "elements come in pairs");
   uint8_t out[E];
 #pragma unroll
-  for (int e = 0; e < E; e++) {
-    float x = Ty<DT>::to(in[e]);
-    bool slow = false;
+  for (int e = 0; e < E; e += 2) {
+    float x0 = Ty<DT>::to(in[e]), x1 = Ty<DT>::to(in[e + 1]);
+    bool slow0 = false, slow1 = false;
     if constexpr (INT8) {
-      int8_t f = quant_int8(x, d, slow);
-      out[e] = (uint8_t)(slow ? exact_int8(x, d.s) : f);
+      int8_t f0 = quant_int8(x0, d, slow0), f1 = quant_int8(x1, d, slow1);
+      out[e] = (uint8_t)(slow0 ? exact_int8(x0, d.s) : f0);
+      out[e + 1] = (uint8_t)(slow1 ? exact_int8(x1, d.s) : f1);
     } else {
-      uint8_t f = quant_e4m3<HW>(x, d, slow);
-      out[e] = slow ? exact_e4m3(x, d.s) : f;
+      uint8_t f0, f1;
+      quant_e4m3x2<HW>(x0, x1, d, f0, f1, slow0, slow1);
+      out[e] = slow0 ? exact_e4m3(x0, d.s) : f0;
+      out[e + 1] = slow1 ? exact_e4m3(x1, d.s) : f1;
     }
   }
   if (aligned_for<E>(o)) {
