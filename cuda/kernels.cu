@@ -127,11 +127,11 @@ lw_status enter(void *ctx, lw_ctx **out) {
 
 /* Blocks of kernel K (with SMEM bytes of dynamic shared memory each) that fit on one
  * multiprocessor at once (queried once per kernel). */
-template <auto K, size_t SMEM = 0>
+template <auto K, size_t SMEM = 0, int THREADS = kThreads>
 int resident_per_sm() {
   static const int per_sm = [] {
     int b = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, K, kThreads, SMEM) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, K, THREADS, SMEM) != cudaSuccess) {
       cudaGetLastError();
       b = 0;
     }
@@ -142,9 +142,9 @@ int resident_per_sm() {
 
 /* A grid of one resident wave at most: grid-stride loops then never leave a partial second
  * wave behind, and small inputs get only the blocks they need. */
-template <auto K, size_t SMEM = 0>
+template <auto K, size_t SMEM = 0, int THREADS = kThreads>
 unsigned grid(const lw_ctx *c, size_t blocks) {
-  size_t cap = (size_t)c->sms * resident_per_sm<K, SMEM>();
+  size_t cap = (size_t)c->sms * resident_per_sm<K, SMEM, THREADS>();
   if (blocks < 1) blocks = 1;
   return (unsigned)(blocks < cap ? blocks : cap);
 }
@@ -641,8 +641,13 @@ __device__ __forceinline__ void quant_store(const typename Ty<DT>::T (&in)[E], u
  * per thread whose source is 16-byte aligned is held in registers, so it is read once; others
  * are read twice (the second time from L2). The block's next row is fetched into L2 meanwhile.
  */
+#ifndef LW_ROW_THREADS
+#define LW_ROW_THREADS 256
+#endif
+constexpr int kRowThreads = LW_ROW_THREADS;
+
 template <int DT, bool INT8, bool HW>
-__global__ void __launch_bounds__(kThreads) k_quant_row(uint8_t *q, float *scale,
+__global__ void __launch_bounds__(kRowThreads) k_quant_row(uint8_t *q, float *scale,
                                                         const typename Ty<DT>::T *src,
                                                         size_t rows, size_t cols, int dynamic) {
   using T = typename Ty<DT>::T;
@@ -730,6 +735,104 @@ __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #endif
+}
+
+/*
+ * Per row (fp8 or int8), rows staged in shared memory: while a block works one row, the next
+ * row it will take is already on its way by asynchronous copies, as k_block_tiles does with
+ * tiles. The row kernel above reads a row, then reduces and quantizes with nothing in flight,
+ * which held it near 0.75 of a copy; staged, the reads never stop. Each thread copies and reads
+ * back the same vectors, so the stage needs no barrier of its own. `stages` is 2 (the next row
+ * in flight) or 1 (one row, for tests of a smaller device's path). Rows are whole vectors,
+ * 16-byte aligned (the launcher checks).
+ */
+template <int DT, bool INT8, bool HW>
+__global__ void __launch_bounds__(kThreads)
+    k_quant_row_staged(uint8_t *q, float *scale, const typename Ty<DT>::T *src, size_t rows,
+                       size_t cols, int dynamic, int stages) {
+  using T = typename Ty<DT>::T;
+  constexpr int E = 16 / sizeof(T);
+  extern __shared__ uint4 stage[];
+  const size_t nvec = cols / E;
+  const auto start = [&](size_t r, int b) {
+    const T *row = src + r * cols;
+    for (size_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+      cp_async16(&stage[b * nvec + v], row + v * E);
+    }
+  };
+  size_t r = blockIdx.x;
+  if (stages == 2 && r < rows) start(r, 0);
+  cp_async_commit();
+  for (int b = 0; r < rows; r += gridDim.x) {
+    if (stages == 2) {
+      if (r + gridDim.x < rows) start(r + gridDim.x, b ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();  // this thread's copies of row r are in
+    } else {
+      start(r, 0);
+      cp_async_commit();
+      cp_async_wait<0>();
+    }
+    const uint4 *cur = stage + b * nvec;
+    float s;
+    if (dynamic) {
+      uint32_t m = 0;
+      for (size_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+        T x[E];
+        memcpy(x, &cur[v], sizeof(x));
+#pragma unroll
+        for (int e = 0; e < E; e++) m = max(m, Ty<DT>::abits(x[e]));
+      }
+      m = block_max(m);
+      float amax = absmax_value<DT>(m);
+      s = INT8 ? lw_int8_scale(amax) : lw_fp8_scale(amax);
+      if (threadIdx.x == 0) scale[r] = s;
+    } else {
+      s = scale[r];
+    }
+    Divisor d = divisor_of(s);
+    uint8_t *dst = q + r * cols;
+    for (size_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+      T x[E];
+      memcpy(x, &cur[v], sizeof(x));
+      quant_store<DT, INT8, HW, E>(x, dst + v * E, d);
+    }
+    if (stages == 2) b ^= 1;
+  }
+}
+
+/* Launches the per-row quantization: staged rows where the rows are whole aligned vectors and two
+ * of them fit the shared memory a block may have (one, or none, on smaller devices, or as
+ * LAYERWISE_CUDA_TILE_STAGES forces for tests), else k_quant_row. */
+template <int DT, bool INT8, bool HW>
+void launch_quant_row(const lw_ctx *c, uint8_t *q, float *scale, const typename Ty<DT>::T *src,
+                      size_t rows, size_t cols, int dynamic) {
+  using T = typename Ty<DT>::T;
+  constexpr size_t E = 16 / sizeof(T), fixed = 4096;
+  const size_t row = cols * sizeof(T);
+  static const char *forced = getenv("LAYERWISE_CUDA_TILE_STAGES");
+  int most = cols % E != 0 || (uintptr_t)src % 16 != 0 ? 0
+             : 2 * row + fixed <= (size_t)c->smem_optin ? 2
+                                                        : row + fixed <= (size_t)c->smem_optin;
+  int st = forced != nullptr && forced[0] >= '0' && forced[0] < '0' + most ? forced[0] - '0' : most;
+  if (st == 0) {
+    unsigned g = grid<k_quant_row<DT, INT8, HW>, 0, kRowThreads>(c, rows);
+    k_quant_row<DT, INT8, HW><<<g, kRowThreads, 0, c->stream>>>(q, scale, src, rows, cols, dynamic);
+    return;
+  }
+  auto k = k_quant_row_staged<DT, INT8, HW>;
+  size_t smem = st * row;
+  if (smem > 48 * 1024) {
+    // Over 48 KiB needs the opt-in; if it is refused, so is the launch, which the caller reports.
+    (void)cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  }
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, kThreads, smem) != cudaSuccess) {
+    cudaGetLastError();
+  }
+  size_t cap = (size_t)c->sms * (per_sm < 1 ? 1 : per_sm);
+  unsigned g = (unsigned)(rows < cap ? rows : cap);
+  k<<<g, kThreads, smem, c->stream>>>(q, scale, src, rows, cols, dynamic, st);
 }
 
 /* One 128x128 (or edge) tile of an fp8 per-block quantization: rows r0.. r0+h, columns c0.. c0+w
@@ -1212,9 +1315,7 @@ LW_API lw_status lw_quant_fp8(void *ctx, uint8_t *q, float *scale, const void *s
     } else if (granularity == LW_PER_ROW) {
       with_bool(c_->hw_e4m3, [&](auto hw) {
         constexpr bool HW = decltype(hw)::value;
-        unsigned g = grid<k_quant_row<DT, false, HW>>(c_, rows);
-        k_quant_row<DT, false, HW>
-            <<<g, kThreads, 0, c_->stream>>>(q, scale, s, rows, cols, dynamic);
+        launch_quant_row<DT, false, HW>(c_, q, scale, s, rows, cols, dynamic);
       });
     } else {
       size_t tiles = ((rows + 127) / 128) * ((cols + 127) / 128);
@@ -1239,9 +1340,8 @@ LW_API lw_status lw_quant_int8_row(void *ctx, int8_t *q, float *scale, const voi
   with_quant_input(src_dtype, [&](auto d) {
     constexpr int DT = decltype(d)::value;
     using T = typename Ty<DT>::T;
-    unsigned g = grid<k_quant_row<DT, true, false>>(c_, rows);
-    k_quant_row<DT, true, false><<<g, kThreads, 0, c_->stream>>>(
-        reinterpret_cast<uint8_t *>(q), scale, static_cast<const T *>(src), rows, cols, 1);
+    launch_quant_row<DT, true, false>(c_, reinterpret_cast<uint8_t *>(q), scale,
+                                      static_cast<const T *>(src), rows, cols, 1);
   });
   CK_LAUNCH("lw_quant_int8_row");
   return LW_OK;

@@ -373,6 +373,7 @@ function quantCase(
   dynamic: boolean,
   bytes: Uint8Array,
   seed: number,
+  offset?: number,
 ): void {
   const [rows, cols] = shape;
   const nScale = g === "tensor" ? 1 : g === "row" ? rows : Math.ceil(rows / 128) *
@@ -381,7 +382,8 @@ function quantCase(
   const sv = new DataView(scales.buffer);
   const next = rng(seed);
   for (let i = 0; i < nScale; i++) sv.setFloat32(i * 4, 2 ** ((next() % 16) - 10) * 1.37, true);
-  const off = 1 + (seed % 3);
+  // Element offsets 0-3: aligned sources take the staged kernels, the others the fallbacks.
+  const off = offset ?? seed % 4;
   both(c, w, `${kind} ${dtype.name} [${shape}] ${g} dynamic=${dynamic} off=${off}`, (b) => {
     const x = put(b, shape, dtype, bytes, off);
     const q = dest(b, shape, kind === "fp8" ? DTYPES.f8_e4m3fn : DTYPES.i8, 4 - off);
@@ -479,6 +481,27 @@ gpuTest("int8 per-row quantization matches WASM", (c, w) => {
     }
   }
 });
+
+gpuTest(
+  "per-row quantization of rows staged in shared memory (aligned, up to past 48 KiB) matches WASM",
+  (c, w) => {
+    // Rows of whole 16-byte vectors at aligned addresses go through the staged row kernel: rows of
+    // one vector, of a model's hidden size, and rows whose two stages need the shared-memory
+    // opt-in (bf16 14336 columns: 56 KiB; f32 12288: 96 KiB); more rows than the grid has blocks.
+    let seed = 800;
+    for (const dtype of QUANT_IN) {
+      const e = 16 / dtype.size;
+      for (const shape of [[3, e], [1100, 4096], [9, 14336], [5, 12288], [40, 8 * e]]) {
+        const bytes = niceValues(numel(shape), dtype, seed++);
+        if (seed % 3 === 0) inject(bytes, dtype, shape[1] + 3, "nan");
+        for (const dynamic of [true, false]) {
+          quantCase(c, w, "fp8", dtype, shape, "row", dynamic, bytes, seed++, 0);
+        }
+        quantCase(c, w, "int8", dtype, shape, "row", true, bytes, seed++, 0);
+      }
+    }
+  },
+);
 
 gpuTest("fp8 dequantization matches WASM for every granularity and output dtype", (c, w) => {
   let seed = 800;
@@ -597,7 +620,7 @@ gpuTest("close gives the device memory back", () => {
 
 Deno.test({
   name:
-    "cuda: the fp8 tile kernel's paths for GPUs with less shared memory (one staged tile, none) give the same bytes",
+    "cuda: the staged kernels' paths for GPUs with less shared memory (one staged tile or row, none) give the same bytes",
   // The child runs set the variable: they run the tests below, not this one again.
   ignore: cuda === undefined || Deno.env.get("LAYERWISE_CUDA_TILE_STAGES") !== undefined,
   async fn() {
@@ -605,7 +628,7 @@ Deno.test({
     const device = new URL("./device_test.ts", import.meta.url).pathname;
     for (const stages of ["1", "0"]) {
       const out = await new Deno.Command(Deno.execPath(), {
-        args: ["test", "-A", here, device, "--filter", "/fp8 quantization|fp8-block/"],
+        args: ["test", "-A", here, device, "--filter", "/fp8 quantization|fp8-block|per-row/"],
         env: { LAYERWISE_CUDA_TILE_STAGES: stages, LAYERWISE_E2E_BACKEND: "cuda", NO_COLOR: "1" },
         stdout: "piped",
         stderr: "piped",
