@@ -642,16 +642,17 @@ __device__ __forceinline__ void quant_store(const typename Ty<DT>::T (&in)[E], u
  * are read twice (the second time from L2). The block's next row is fetched into L2 meanwhile.
  */
 #ifndef LW_ROW_THREADS
-#define LW_ROW_THREADS 256
+#define LW_ROW_THREADS 128
 #endif
-constexpr int kRowThreads = LW_ROW_THREADS;
+// Threads of a per-row block, and the vectors per thread k_quant_row holds in registers.
+constexpr int kRowThreads = LW_ROW_THREADS, kRowHeld = 4;
 
 template <int DT, bool INT8, bool HW>
 __global__ void __launch_bounds__(kRowThreads) k_quant_row(uint8_t *q, float *scale,
                                                         const typename Ty<DT>::T *src,
                                                         size_t rows, size_t cols, int dynamic) {
   using T = typename Ty<DT>::T;
-  constexpr int E = 16 / sizeof(T), H = 4;
+  constexpr int E = 16 / sizeof(T), H = kRowHeld;
   const auto absbits = [](uint32_t a, T x) { return max(a, Ty<DT>::abits(x)); };
   const size_t nvec = cols / E;
   for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -738,16 +739,16 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 /*
- * Per row (fp8 or int8), rows staged in shared memory: while a block works one row, the next
- * row it will take is already on its way by asynchronous copies, as k_block_tiles does with
- * tiles. The row kernel above reads a row, then reduces and quantizes with nothing in flight,
- * which held it near 0.75 of a copy; staged, the reads never stop. Each thread copies and reads
- * back the same vectors, so the stage needs no barrier of its own. `stages` is 2 (the next row
- * in flight) or 1 (one row, for tests of a smaller device's path). Rows are whole vectors,
- * 16-byte aligned (the launcher checks).
+ * Per row (fp8 or int8), for rows longer than k_quant_row holds in registers (a down
+ * projection's 14336 columns), which that kernel reads twice: rows staged in shared memory,
+ * read once, and while a block works one row the next row it will take is already on its way
+ * by asynchronous copies, as k_block_tiles does with tiles. Each thread copies and reads back
+ * the same vectors, so the stage needs no barrier of its own. `stages` is 2 (the next row in
+ * flight) or 1 (one row, for tests of a smaller device's path). Rows are whole vectors, 16-byte
+ * aligned (the launcher checks).
  */
 template <int DT, bool INT8, bool HW>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kRowThreads)
     k_quant_row_staged(uint8_t *q, float *scale, const typename Ty<DT>::T *src, size_t rows,
                        size_t cols, int dynamic, int stages) {
   using T = typename Ty<DT>::T;
@@ -811,7 +812,11 @@ void launch_quant_row(const lw_ctx *c, uint8_t *q, float *scale, const typename 
   constexpr size_t E = 16 / sizeof(T), fixed = 4096;
   const size_t row = cols * sizeof(T);
   static const char *forced = getenv("LAYERWISE_CUDA_TILE_STAGES");
-  int most = cols % E != 0 || (uintptr_t)src % 16 != 0 ? 0
+  const bool whole = cols % E == 0 && (uintptr_t)src % 16 == 0;
+  // Rows a block holds in registers (k_quant_row) are read once already, and that kernel at
+  // kRowThreads measured faster than staging them (BENCHMARKS.md); longer rows are staged.
+  const bool held = whole && cols / E <= (size_t)kRowHeld * kRowThreads;
+  int most = !whole || held                          ? 0
              : 2 * row + fixed <= (size_t)c->smem_optin ? 2
                                                         : row + fixed <= (size_t)c->smem_optin;
   int st = forced != nullptr && forced[0] >= '0' && forced[0] < '0' + most ? forced[0] - '0' : most;
@@ -827,12 +832,13 @@ void launch_quant_row(const lw_ctx *c, uint8_t *q, float *scale, const typename 
     (void)cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   }
   int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, kThreads, smem) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, kRowThreads, smem) !=
+      cudaSuccess) {
     cudaGetLastError();
   }
   size_t cap = (size_t)c->sms * (per_sm < 1 ? 1 : per_sm);
   unsigned g = (unsigned)(rows < cap ? rows : cap);
-  k<<<g, kThreads, smem, c->stream>>>(q, scale, src, rows, cols, dynamic, st);
+  k<<<g, kRowThreads, smem, c->stream>>>(q, scale, src, rows, cols, dynamic, st);
 }
 
 /* One 128x128 (or edge) tile of an fp8 per-block quantization: rows r0.. r0+h, columns c0.. c0+w

@@ -10,7 +10,7 @@
 import type { Backend } from "../src/backend/backend.ts";
 import { openWasmBackend, wasmThreadCount } from "../src/backend/wasm.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
-import type { Tensor } from "../src/tensor/tensor.ts";
+import { Tensor } from "../src/tensor/tensor.ts";
 
 /** One kernel measurement. */
 export interface KernelResult {
@@ -29,6 +29,8 @@ export interface KernelResult {
 }
 
 const COLS = 4096;
+/** Columns of the wide-row cases (CUDA): a down projection's rows (Llama-3-8B's 14336). */
+const WIDE = 14336;
 
 /** Deterministic pseudo-random f32 values in [-2, 2), as bf16 bytes. */
 function randomBf16(n: number, seed: number): Uint8Array {
@@ -150,10 +152,26 @@ async function benchOn(
     ["int8_row", 5 * n, () => backend.quantizeInt8(qi8, sR, x)],
     ["dequant_fp8", 3 * n, () => backend.dequantizeFp8(y, q8, sT, "tensor")],
   ];
+  // On CUDA, per-row kernels on rows too long to hold in registers, too (the first rows of the
+  // same matrices seen as WIDE columns).
+  const wideRows = Math.floor(n / WIDE), nw = wideRows * WIDE;
+  if (backend.kind === "cuda" && wideRows > 0) {
+    const view = (t: Tensor) => new Tensor([wideRows, WIDE], t.dtype, t.storage!, 0);
+    const [xw, q8w, qi8w] = [x, q8, qi8].map(view);
+    cases.push(
+      [
+        `fp8_row_${WIDE}`,
+        5 * nw,
+        () => backend.quantizeFp8(q8w, sR.narrow(0, 0, wideRows), xw, "row", true),
+      ],
+      [`int8_row_${WIDE}`, 5 * nw, () => backend.quantizeInt8(qi8w, sR.narrow(0, 0, wideRows), xw)],
+    );
+  }
   const results: KernelResult[] = [];
   try {
     for (const [name, bytes, fn] of cases) {
-      results.push({ name, threads, elements: n, bytes, seconds: time(backend, reps, fn) });
+      const elements = name.endsWith(`_${WIDE}`) ? nw : n;
+      results.push({ name, threads, elements, bytes, seconds: time(backend, reps, fn) });
     }
   } finally {
     for (const t of owned) backend.free(t.storage!);
@@ -181,6 +199,8 @@ const CUDA_LIMITS: Record<string, number> = {
   fp8_row: 0.8,
   fp8_block128: 0.8,
   int8_row: 0.8,
+  [`fp8_row_${WIDE}`]: 0.8,
+  [`int8_row_${WIDE}`]: 0.8,
 };
 
 /**

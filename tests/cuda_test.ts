@@ -483,11 +483,11 @@ gpuTest("int8 per-row quantization matches WASM", (c, w) => {
 });
 
 gpuTest(
-  "per-row quantization of rows staged in shared memory (aligned, up to past 48 KiB) matches WASM",
+  "per-row quantization, rows held in registers or staged in shared memory (up to past 48 KiB), matches WASM",
   (c, w) => {
-    // Rows of whole 16-byte vectors at aligned addresses go through the staged row kernel: rows of
-    // one vector, of a model's hidden size, and rows whose two stages need the shared-memory
-    // opt-in (bf16 14336 columns: 56 KiB; f32 12288: 96 KiB); more rows than the grid has blocks.
+    // Rows of whole 16-byte vectors at aligned addresses: short ones are held in registers,
+    // longer ones staged in shared memory (bf16 14336 columns: 56 KiB for two stages, f32 12288:
+    // 96 KiB, both past the opt-in); more rows than the grid has blocks.
     let seed = 800;
     for (const dtype of QUANT_IN) {
       const e = 16 / dtype.size;
