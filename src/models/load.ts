@@ -22,6 +22,7 @@ import { buildLlama } from "./llama.ts";
 import { buildMixtral, buildQwen3Moe } from "./mixtral.ts";
 import { type QuantName, quantScheme } from "./quant_names.ts";
 import {
+  placeInScratch,
   type ProgressCallback,
   streamWeights,
   type ValidatedWeights,
@@ -246,7 +247,11 @@ export async function reloadValidated(
   plan: ValidatedWeights,
   options: ModelReloadOptions = {},
 ): Promise<ModelReloadReport> {
-  const stream = streamWeights(model.device, source, plan, model.readOrder, options);
+  // Reads that the loaders would copy unchanged into scratch go straight there.
+  const stream = streamWeights(model.device, source, plan, model.readOrder, {
+    ...options,
+    place: placeInScratch(model),
+  });
   const r = await namingFile(source, stream, (s) => engineReload(model, s, options));
   return modelReloadReport(r, source.description, plan, r.seconds);
 }

@@ -11,6 +11,8 @@ import type { StagingOptions } from "../backend/cuda/staging_plan.ts";
 import { canStage, stageTensors } from "../checkpoint/staging.ts";
 import { CheckpointError } from "../errors.ts";
 import { validateTensors as checkAgainstModel } from "../reload/validate.ts";
+import { scratchDestination, type ScratchPlacement } from "../reload/layerwise.ts";
+import type { DType } from "../tensor/dtype.ts";
 import { rowWindow, type Tensor } from "../tensor/tensor.ts";
 import type { CausalLM } from "./causal_lm.ts";
 import { checkFp8Checkpoint } from "./fp8_checkpoint.ts";
@@ -145,6 +147,52 @@ export interface StreamOptions {
   staging?: StagingOptions | false;
   /** Largest row chunk outside the staged path (default {@link READ_CHUNK_BYTES}). */
   readChunkBytes?: number;
+  /**
+   * Where a read may land in the memory its consumer writes it to (see
+   * {@link placeInScratch}); used only where reads go straight into backend memory.
+   */
+  place?: PlaceRead;
+}
+
+/**
+ * Asked before a read of tensor `name` (or rows `rows.start` on of its `rows.total`), of
+ * `shape` and `dtype`: a backend tensor of that shape to read the bytes into, owned by the
+ * consumer (never freed by the stream), or null for a buffer of the stream's own. The answer
+ * may allocate up to `room` bytes for it (a layer's scratch); `startedBytes` says how much.
+ */
+export type PlaceRead = (
+  name: string,
+  shape: readonly number[],
+  dtype: DType,
+  rows: { readonly start: number; readonly total: number } | null,
+  room: number,
+) => ScratchPlacement | null;
+
+/**
+ * A {@link PlaceRead} for a layerwise reload of `model` (running when the stream reads):
+ * bytes that a layer's loader would copy unchanged into a range of the layer's model-format
+ * scratch are read straight there, so the loader's copy has nothing to move
+ * (ARCHITECTURE.md, "Read paths"; `scratchDestination` in reload/layerwise.ts says which).
+ */
+export function placeInScratch(model: CausalLM): PlaceRead {
+  return (name, shape, dtype, rows, room) => {
+    let r;
+    try {
+      r = model.resolveWeight(name);
+    } catch {
+      return null; // the load raises it
+    }
+    if (!r) return null;
+    return scratchDestination({
+      layer: r.module,
+      param: r.param,
+      shape,
+      dtype,
+      rows: rows ?? undefined,
+      shardId: r.shardId,
+      expertId: r.expertId,
+    }, room);
+  };
 }
 
 /** Progress of a stream: layer-order groups fully read, of all, and bytes read. */
@@ -182,9 +230,10 @@ async function* stream(
   source: WeightSource,
   plan: ValidatedWeights,
   readOrder: (name: string) => number,
-  { onProgress, staging }: StreamOptions,
+  options: StreamOptions,
   chunkBytes: number,
 ): AsyncGenerator<[string, Tensor]> {
+  const { onProgress, staging } = options;
   const left = new Map(plan.layers);
   let done = 0, bytes = 0;
   const progress = (name: string, t: Tensor) => {
@@ -218,10 +267,15 @@ async function* stream(
     }
   }
   let buffer = new Uint8Array(0);
-  // Reads `rows` of `name` (null: all) into a backend tensor of `shape`.
-  const read = async (name: string, shape: number[], rows: [number, number] | null) => {
+  // Reads `rows` of `name` (null: all) into a backend tensor of `shape`, or into `placed`.
+  const read = async (
+    name: string,
+    shape: number[],
+    rows: [number, number] | null,
+    placed: Tensor | null,
+  ) => {
     const info = source.tensors.get(name)!;
-    const t = backend.empty(shape, info.dtype);
+    const t = placed ?? backend.empty(shape, info.dtype);
     try {
       const into = async (dst: Uint8Array) => {
         if (rows) await source.readRowsInto!(name, rows[0], rows[1], dst);
@@ -235,7 +289,7 @@ async function* stream(
         backend.upload(t, buffer.subarray(0, n));
       }
     } catch (e) {
-      backend.free(t.storage!);
+      if (!placed) backend.free(t.storage!);
       throw e;
     }
     return t;
@@ -262,7 +316,17 @@ async function* stream(
   // threads while the kernels hold this one), at most one chunk of bytes ahead; elsewhere one
   // unit at a time through the one host buffer.
   const overlap = backend.hostView !== undefined;
-  type Pending = { unit: Unit; tensor: Promise<Tensor> };
+  // With a host view a read may go straight where its consumer puts it (`place`). Reads
+  // ahead may begin the next layer the consumer has not reached, whatever its size, and more
+  // layers after it up to one chunk of scratch, so that peak extra memory stays at the
+  // consumer's layer, the next one and two chunks (ARCHITECTURE.md, "Read paths").
+  const place = overlap ? options.place : undefined;
+  let begunBytes = 0;
+  const room = () => {
+    const first = pending.find((p) => p.began > 0)?.began ?? 0;
+    return first === 0 ? Infinity : chunkBytes - (begunBytes - first);
+  };
+  type Pending = { unit: Unit; tensor: Promise<Tensor>; placed: boolean; began: number };
   const pending: Pending[] = [];
   let pendingBytes = 0;
   const queue = units();
@@ -274,10 +338,20 @@ async function* stream(
       (pending.length === 0 || (overlap && pendingBytes + next.value.bytes <= chunkBytes))
     ) {
       const unit = next.value;
-      const tensor = read(unit.name, unit.shape, unit.rows);
+      const info = source.tensors.get(unit.name)!;
+      const at = place?.(
+        unit.name,
+        unit.shape,
+        info.dtype,
+        unit.rows && { start: unit.rows[0], total: info.shape[0] },
+        room(),
+      ) ?? null;
+      const began = at?.startedBytes ?? 0;
+      begunBytes += began;
+      const tensor = read(unit.name, unit.shape, unit.rows, at?.tensor ?? null);
       // Awaited in turn; a failure before then must not count as an unhandled rejection.
       tensor.catch(() => {});
-      pending.push({ unit, tensor });
+      pending.push({ unit, tensor, placed: at !== null, began });
       pendingBytes += unit.bytes;
       next = queue.next();
     }
@@ -285,8 +359,9 @@ async function* stream(
   try {
     startReads();
     while (pending.length > 0) {
-      const { unit, tensor } = pending.shift()!;
+      const { unit, tensor, placed, began } = pending.shift()!;
       pendingBytes -= unit.bytes;
+      begunBytes -= began;
       const t = await tensor;
       try {
         if (overlap) startReads();
@@ -296,15 +371,17 @@ async function* stream(
         progress(unit.name, out);
         yield [unit.name, out];
       } finally {
-        backend.free(t.storage!);
+        if (!placed) backend.free(t.storage!);
       }
       if (!overlap) startReads();
     }
   } finally {
-    // Stopped early (an error, or the consumer returned): free what was read ahead.
-    for (const { tensor } of pending.splice(0)) {
+    // Stopped early (an error, or the consumer returned): free what was read ahead, once every
+    // read has settled (one placed in a layer's scratch must land before the reload's abort
+    // frees that scratch).
+    for (const { tensor, placed } of pending.splice(0)) {
       const t = await tensor.catch(() => null);
-      if (t) backend.free(t.storage!);
+      if (t && !placed) backend.free(t.storage!);
     }
   }
 }

@@ -123,7 +123,9 @@ export function recordWrites(fn: () => void): RecordedWrite[] {
  * When `src` is a row window (a chunk of a checkpoint tensor, see `rowWindow`, narrowed by the
  * loader), only the rows of dimension 0 it holds are written (or counted), into the same rows
  * of `dst`; a window that misses the loader's rows writes nothing. The backend only ever sees
- * plain views.
+ * plain views. A `src` that is `dst` itself (same storage, offset, dtype, shape and strides: a
+ * read placed into the scratch, ARCHITECTURE.md "Read paths") is already in place: nothing is
+ * copied.
  */
 export function copyInto(backend: Backend, dst: Tensor, src: Tensor): void {
   if (dst.shape.length !== src.shape.length || dst.shape.some((d, i) => d !== src.shape[i])) {
@@ -158,7 +160,15 @@ export function copyInto(backend: Backend, dst: Tensor, src: Tensor): void {
     activeCounter!.elements += dst.numel;
     return;
   }
+  // The bytes were read into their place already (ARCHITECTURE.md, "Read paths").
+  if (sameView(dst, src)) return;
   backend.copy(dst, src);
+}
+
+/** Whether `a` and `b` are the same elements of the same storage, laid out alike. */
+function sameView(a: Tensor, b: Tensor): boolean {
+  return a.storage === b.storage && a.offset === b.offset && a.dtype === b.dtype &&
+    a.shape.every((d, i) => d === b.shape[i]) && a.strides.every((s, i) => s === b.strides[i]);
 }
 
 /** Throws CheckpointError SHAPE_MISMATCH unless `t` has exactly `shape`; `what` names the load. */

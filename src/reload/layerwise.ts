@@ -33,11 +33,11 @@
 import type { Backend } from "../backend/backend.ts";
 import { LayerwiseError, ReloadError, withMessage } from "../errors.ts";
 import type { Module } from "../nn/module.ts";
-import type { TensorSlot, WeightLoader } from "../nn/slots.ts";
+import type { ShardId, WeightLoader } from "../nn/slots.ts";
 import type { KernelDestination } from "../nn/quant_method.ts";
-import { countWrites } from "../nn/slots.ts";
+import { countWrites, recordWrites, TensorSlot } from "../nn/slots.ts";
 import type { DType } from "../tensor/dtype.ts";
-import type { Storage, Tensor } from "../tensor/tensor.ts";
+import { rowWindow, type Storage, Tensor } from "../tensor/tensor.ts";
 import {
   captureLayerToMeta,
   getOriginalLoader,
@@ -546,6 +546,102 @@ function startLayer(layer: Module, info: LayerInfo, where: string): void {
   state.waiting.add(info);
 }
 
+/** A place in a layer's scratch for the bytes of one load: see {@link scratchDestination}. */
+export interface ScratchPlacement {
+  /** The view of the scratch the bytes go into: the load's shape, contiguous. */
+  readonly tensor: Tensor;
+  /** Scratch bytes this call materialized (the layer began here), else 0. */
+  readonly startedBytes: number;
+}
+
+/** What {@link scratchDestination} asks about: one load, before its bytes are read. */
+export interface PlannedLoad {
+  /** The layer the load goes to, and its parameter. */
+  readonly layer: Module;
+  /** The slot's name in the layer. */
+  readonly param: string;
+  /** Shape and dtype of the bytes read: the whole tensor, or its row chunk. */
+  readonly shape: readonly number[];
+  /** The checkpoint dtype. */
+  readonly dtype: DType;
+  /** The chunk's first row and the whole tensor's rows, for a row chunk. */
+  readonly rows?: { readonly start: number; readonly total: number };
+  /** Shard of a fused tensor. */
+  readonly shardId?: ShardId;
+  /** Expert of a mixture of experts. */
+  readonly expertId?: number;
+}
+
+function placeholder(shape: readonly number[], dtype: DType): Tensor {
+  const bytes = shape.reduce((a, b) => a * b, 1) * dtype.size;
+  return new Tensor(shape, dtype, { backend: { kind: "plan" }, ptr: 0, bytes, freed: false });
+}
+
+/**
+ * Where the bytes of `load` would end up in its layer's model-format scratch when the layer's
+ * loader writes them as one plain copy (same dtype, all of them, in order, into a contiguous
+ * range): a reader can put them there, and the loader's copy then finds source and destination
+ * at the same place and moves nothing (ARCHITECTURE.md, "Read paths"). Null for any other
+ * load (a conversion, a narrowed, strided or split write, nothing on this rank, a load seen
+ * already), for a layer loaded straight into its kernel tensors or not reloading, and for a
+ * layer that has not begun when its scratch is more than `room` bytes or would pass
+ * `maxBufferedBytes`; otherwise such a layer begins here, as at its first load. The
+ * loader is only recorded (`recordWrites`), with the layer's slots on meta meanwhile, so it
+ * writes and notes nothing.
+ */
+export function scratchDestination(load: PlannedLoad, room: number): ScratchPlacement | null {
+  const { layer, param, shape, dtype } = load;
+  const info = INFO.get(layer);
+  const state = info?.state;
+  if (!info || !state || !info.canProcess() || info.direct || !info.onMeta) return null;
+  const meta = info.restoreMetadata!;
+  const m = meta.get(param);
+  if (!m || m.meta.dtype !== dtype) return null;
+  const src = placeholder(shape, dtype);
+  let loaded = src;
+  try {
+    if (load.rows) loaded = rowWindow(src, load.rows.start, load.rows.total);
+    const key = `${param}|${load.shardId ?? ""}|${load.expertId ?? ""}`;
+    if (info.seen.seen(key, loaded, "")) return null;
+  } catch {
+    return null;
+  }
+  const into = placeholder(m.meta.shape, m.meta.dtype);
+  const held = [...meta.values()].map((x) => [x.slot, x.slot.tensor] as const);
+  let writes;
+  try {
+    for (const x of meta.values()) x.slot.tensor = x.meta;
+    writes = recordWrites(() =>
+      m.loader(new TensorSlot(into, m.loader), loaded, load.shardId, load.expertId)
+    );
+  } catch {
+    return null; // the real load raises it, with its message
+  } finally {
+    for (const [slot, t] of held) slot.tensor = t;
+  }
+  if (writes.length !== 1) return null;
+  const { dst, src: from } = writes[0];
+  if (
+    dst.storage !== into.storage || from.storage !== src.storage || from.offset !== 0 ||
+    from.numel !== src.numel || !from.isContiguous || !dst.isContiguous || dst.dtype !== dtype
+  ) {
+    return null;
+  }
+  let startedBytes = 0;
+  if (!info.started) {
+    const bytes = [...meta.values()].reduce((a, x) => a + x.meta.nbytes, 0);
+    if (bytes > room || state.bufferedBytes + bytes > state.maxBufferedBytes) return null;
+    startLayer(layer, info, qualifiedName(info.path, param));
+    startedBytes = info.scratchBytes;
+  }
+  const scratch = m.slot.tensor;
+  if (!scratch.storage || !scratch.isContiguous || scratch.dtype !== dtype) return null;
+  return {
+    tensor: new Tensor(shape, dtype, scratch.storage, scratch.offset + dst.offset),
+    startedBytes,
+  };
+}
+
 /**
  * Throws ReloadError `NON_FINITE` when `t` holds NaN or infinite elements (counted on the
  * backend; a non-contiguous view is compacted into a temporary first). With `as`, the dtype
@@ -909,6 +1005,8 @@ export function finalizeLayerwiseReload(model: Module): FinalizeSummary {
       for (const [layer, info] of active) {
         if (layer.processLast !== last) continue;
         if (info.loadNumel <= 0) {
+          // A reader may have begun it for a load that never came (scratchDestination).
+          if (info.started && !info.direct) releaseScratch(layer, info, state);
           placeKernelTensors(layer, info);
           state.untouched.push(info.path);
           info.reset();
