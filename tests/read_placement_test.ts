@@ -72,7 +72,7 @@ async function withCheckpoints(fn: (a: string, b: string) => Promise<void>): Pro
   }
 }
 
-async function withWasm(fn: (b: Backend) => Promise<void>): Promise<void> {
+async function withWasm(fn: (b: Backend) => Promise<void> | void): Promise<void> {
   const b = await openWasmBackend({ threads: 1 });
   try {
     await fn(b);
@@ -82,7 +82,7 @@ async function withWasm(fn: (b: Backend) => Promise<void>): Promise<void> {
 }
 
 Deno.test("copyInto: a source that is its destination (same storage, offset, layout) copies nothing", async () => {
-  await withWasm(async (inner) => {
+  await withWasm((inner) => {
     const b = countingCopies(inner);
     const t = b.empty([4, 8], DTYPES.bf16);
     try {
