@@ -20,6 +20,7 @@ import { reloadLayerwise } from "../src/reload/load.ts";
 import { copyInto } from "../src/nn/slots.ts";
 import { DTYPES } from "../src/tensor/dtype.ts";
 import type { Tensor } from "../src/tensor/tensor.ts";
+import { faultyBackend } from "./_faulty_backend.ts";
 import { equalBytes, type SynthShape, synthTensors, writeSynthCheckpoint } from "../testing.ts";
 
 const SHAPE: SynthShape = {
@@ -210,3 +211,28 @@ for (const atomic of [true, false]) {
     });
   });
 }
+
+Deno.test("a load that fails while later reads are placed ahead: they land before the abort frees their scratch; atomic restores every kernel byte", async () => {
+  await withCheckpoints(async (dirA, dirB) => {
+    await withWasm(async (inner) => {
+      const b = faultyBackend(inner);
+      const model = await loadModel(dirA, { backend: b, quant: "fp8" });
+      try {
+        const before = kernelBytes(b, model);
+        const base = b.allocatedBytes();
+        // The 4th copy is the second layer's input norm (loaded straight into its kernel
+        // tensor), when reads of that layer's linears are placed ahead in their scratch.
+        b.arm("copy", 4);
+        await assert.rejects(
+          reloadWeights(model, dirB, { atomic: true, staging: false }),
+          /injected failure of copy/,
+        );
+        assert.ok(b.fired);
+        assert.equal(b.allocatedBytes(), base, "scratch and reads freed");
+        assertSameBytes(kernelBytes(b, model), before, "restored");
+      } finally {
+        freeModel(inner, model);
+      }
+    });
+  });
+});

@@ -155,7 +155,7 @@ export interface StreamOptions {
 }
 
 /**
- * Asked before a read of tensor `name` (or rows `rows.start` on of its `rows.total`), of
+ * Asked before a read of tensor `name` (or of its rows from `rows.start`, of `rows.total`), of
  * `shape` and `dtype`: a backend tensor of that shape to read the bytes into, owned by the
  * consumer (never freed by the stream), or null for a buffer of the stream's own. The answer
  * may allocate up to `room` bytes for it (a layer's scratch); `startedBytes` says how much.
