@@ -748,7 +748,7 @@ __device__ __forceinline__ void cp_async_wait() {
  * aligned (the launcher checks).
  */
 template <int DT, bool INT8, bool HW>
-__global__ void __launch_bounds__(kRowThreads)
+__global__ void __launch_bounds__(kThreads)
     k_quant_row_staged(uint8_t *q, float *scale, const typename Ty<DT>::T *src, size_t rows,
                        size_t cols, int dynamic, int stages) {
   using T = typename Ty<DT>::T;
@@ -814,7 +814,8 @@ void launch_quant_row(const lw_ctx *c, uint8_t *q, float *scale, const typename 
   static const char *forced = getenv("LAYERWISE_CUDA_TILE_STAGES");
   const bool whole = cols % E == 0 && (uintptr_t)src % 16 == 0;
   // Rows a block holds in registers (k_quant_row) are read once already, and that kernel at
-  // kRowThreads measured faster than staging them (BENCHMARKS.md); longer rows are staged.
+  // kRowThreads measured faster than staging them; longer rows are staged, at kThreads, which
+  // measured faster than at kRowThreads for them (BENCHMARKS.md, 2026-12-02 second session).
   const bool held = whole && cols / E <= (size_t)kRowHeld * kRowThreads;
   int most = !whole || held                          ? 0
              : 2 * row + fixed <= (size_t)c->smem_optin ? 2
@@ -832,13 +833,12 @@ void launch_quant_row(const lw_ctx *c, uint8_t *q, float *scale, const typename 
     (void)cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   }
   int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, kRowThreads, smem) !=
-      cudaSuccess) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, kThreads, smem) != cudaSuccess) {
     cudaGetLastError();
   }
   size_t cap = (size_t)c->sms * (per_sm < 1 ? 1 : per_sm);
   unsigned g = (unsigned)(rows < cap ? rows : cap);
-  k<<<g, kRowThreads, smem, c->stream>>>(q, scale, src, rows, cols, dynamic, st);
+  k<<<g, kThreads, smem, c->stream>>>(q, scale, src, rows, cols, dynamic, st);
 }
 
 /* One 128x128 (or edge) tile of an fp8 per-block quantization: rows r0.. r0+h, columns c0.. c0+w
