@@ -574,7 +574,15 @@ __global__ void __launch_bounds__(kThreads) k_count_nonfinite(unsigned long long
         return a + (Ty<DT>::nonfinite(x) ? 1ull : 0ull);
       });
   k = block_sum(k);
-  if (threadIdx.x == 0 && k != 0) atomicAdd(out, k);
+  // A grid of one block writes its count: no zeroing of `out` before the launch, which is a
+  // call of its own and, for the small tensors most counts are of (scales), cost as much.
+  if (threadIdx.x == 0 && (gridDim.x == 1 || k != 0)) {
+    if (gridDim.x == 1) {
+      *out = k;
+    } else {
+      atomicAdd(out, k);
+    }
+  }
 }
 
 // ------------------------------------------------------------------ kernels: quantization
@@ -1276,14 +1284,21 @@ LW_API lw_status lw_count_nonfinite(void *ctx, uint64_t *out, const void *src, i
                                     size_t n) {
   if (lw_dtype_size(dtype) == 0) return einval("lw_count_nonfinite: unknown dtype code");
   ENTER(ctx);
-  CK(cudaMemsetAsync(out, 0, sizeof(uint64_t), c_->stream));
-  if (n == 0 || !lw_dtype_is_float(dtype)) return LW_OK;
+  if (n == 0 || !lw_dtype_is_float(dtype)) {
+    CK(cudaMemsetAsync(out, 0, sizeof(uint64_t), c_->stream));
+    return LW_OK;
+  }
+  cudaError_t zeroed = cudaSuccess;
   with_float(dtype, [&](auto d) {
     constexpr int DT = decltype(d)::value;
     using T = typename Ty<DT>::T;
-    k_count_nonfinite<DT><<<grid<k_count_nonfinite<DT>>(c_, vec_blocks(n)), kThreads, 0, c_->stream>>>(
+    unsigned g = grid<k_count_nonfinite<DT>>(c_, vec_blocks(n));
+    if (g > 1) zeroed = cudaMemsetAsync(out, 0, sizeof(uint64_t), c_->stream);
+    if (zeroed != cudaSuccess) return;
+    k_count_nonfinite<DT><<<g, kThreads, 0, c_->stream>>>(
         reinterpret_cast<unsigned long long *>(out), static_cast<const T *>(src), n);
   });
+  CK(zeroed);
   CK_LAUNCH("lw_count_nonfinite");
   return LW_OK;
 }
