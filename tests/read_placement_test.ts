@@ -11,10 +11,10 @@ import assert from "node:assert/strict";
 import type { Backend } from "../src/backend/backend.ts";
 import { openWasmBackend } from "../src/backend/wasm.ts";
 import { openWeightSource, type WeightSource } from "../src/checkpoint/source.ts";
-import { kernelTensors, loadModel, reloadValidated, reloadWeights } from "../src/models/load.ts";
+import { kernelTensors, loadModel, reloadWeights } from "../src/models/load.ts";
 import type { CausalLM } from "../src/models/causal_lm.ts";
 import type { QuantName } from "../src/models/quant_names.ts";
-import { streamWeights, validateWeights } from "../src/models/weights.ts";
+import { placeInScratch, streamWeights, validateWeights } from "../src/models/weights.ts";
 import { isInconsistent } from "../src/reload/layerwise.ts";
 import { reloadLayerwise } from "../src/reload/load.ts";
 import { copyInto } from "../src/nn/slots.ts";
@@ -179,8 +179,11 @@ for (const atomic of [true, false]) {
           const before = kernelBytes(b, model);
           const base = b.allocatedBytes();
           const plan = validateWeights(model, source);
+          const place = placeInScratch(model);
           await assert.rejects(
-            reloadValidated(model, source, plan, { atomic, staging: false }),
+            reloadLayerwise(model, streamWeights(b, source, plan, model.readOrder, { place }), {
+              atomic,
+            }),
             /disk gone/,
           );
           assert.equal(b.allocatedBytes(), base, "scratch and reads freed");
@@ -232,6 +235,31 @@ Deno.test("a load that fails while later reads are placed ahead: they land befor
         assertSameBytes(kernelBytes(b, model), before, "restored");
       } finally {
         freeModel(inner, model);
+      }
+    });
+  });
+});
+
+Deno.test("under maxBufferedBytes reads begin no layer ahead: a bound that an in-order reload without placement meets is met", async () => {
+  await withCheckpoints(async (dirA, dirB) => {
+    await withWasm(async (b) => {
+      const placed = await loadModel(dirA, { backend: b, quant: "fp8" });
+      const plain = await loadModel(dirA, { backend: b, quant: "fp8" });
+      const source = await openWeightSource(dirB);
+      try {
+        const plan = validateWeights(plain, source);
+        const r = await reloadLayerwise(plain, streamWeights(b, source, plan, plain.readOrder));
+        const bound = r.peakBufferedBytes;
+        assert.ok(bound > 0);
+        const p = await reloadWeights(placed, dirB, { maxBufferedBytes: bound, staging: false });
+        assert.ok(p.peakBufferedBytes <= bound, `${p.peakBufferedBytes} <= ${bound}`);
+        assertSameBytes(kernelBytes(b, placed), kernelBytes(b, plain), "bounded");
+        // Unbounded, reads begin the next layer ahead: more scratch at once, fewer buffers.
+        const u = await reloadWeights(placed, dirB, { staging: false });
+        assert.ok(u.peakBufferedBytes > bound, `${u.peakBufferedBytes} > ${bound}`);
+      } finally {
+        source.close();
+        for (const m of [placed, plain]) freeModel(b, m);
       }
     });
   });

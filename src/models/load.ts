@@ -23,6 +23,7 @@ import { buildMixtral, buildQwen3Moe } from "./mixtral.ts";
 import { type QuantName, quantScheme } from "./quant_names.ts";
 import {
   placeInScratch,
+  type PlaceRead,
   type ProgressCallback,
   streamWeights,
   type ValidatedWeights,
@@ -230,7 +231,11 @@ export async function reloadWeights(
 ): Promise<ModelReloadReport> {
   const [source, own] = await open(weights);
   try {
-    return await reloadValidated(model, source, validateWeights(model, source, options), options);
+    const plan = validateWeights(model, source, options);
+    // A checkpoint on disk: on WebAssembly, reads that the loaders would copy unchanged into
+    // scratch go straight there (ARCHITECTURE.md, "Read paths").
+    const place = typeof weights === "string" ? placeInScratch(model) : undefined;
+    return await reloadStream(model, source, plan, options, place);
   } finally {
     if (own) source.close();
   }
@@ -247,11 +252,17 @@ export async function reloadValidated(
   plan: ValidatedWeights,
   options: ModelReloadOptions = {},
 ): Promise<ModelReloadReport> {
-  // Reads that the loaders would copy unchanged into scratch go straight there.
-  const stream = streamWeights(model.device, source, plan, model.readOrder, {
-    ...options,
-    place: placeInScratch(model),
-  });
+  return await reloadStream(model, source, plan, options, undefined);
+}
+
+async function reloadStream(
+  model: CausalLM,
+  source: WeightSource,
+  plan: ValidatedWeights,
+  options: ModelReloadOptions,
+  place: PlaceRead | undefined,
+): Promise<ModelReloadReport> {
+  const stream = streamWeights(model.device, source, plan, model.readOrder, { ...options, place });
   const r = await namingFile(source, stream, (s) => engineReload(model, s, options));
   return modelReloadReport(r, source.description, plan, r.seconds);
 }

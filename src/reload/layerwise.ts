@@ -584,8 +584,8 @@ function placeholder(shape: readonly number[], dtype: DType): Tensor {
  * at the same place and moves nothing (ARCHITECTURE.md, "Read paths"). Null for any other
  * load (a conversion, a narrowed, strided or split write, nothing on this rank, a load seen
  * already), for a layer loaded straight into its kernel tensors or not reloading, and for a
- * layer that has not begun when its scratch is more than `room` bytes or would pass
- * `maxBufferedBytes`; otherwise such a layer begins here, as at its first load. The
+ * layer that has not begun when its scratch is more than `room` bytes or `maxBufferedBytes` is
+ * set; otherwise such a layer begins here, as at its first load. The
  * loader is only recorded (`recordWrites`), with the layer's slots on meta meanwhile, so it
  * writes and notes nothing.
  */
@@ -630,7 +630,9 @@ export function scratchDestination(load: PlannedLoad, room: number): ScratchPlac
   let startedBytes = 0;
   if (!info.started) {
     const bytes = [...meta.values()].reduce((a, x) => a + x.meta.nbytes, 0);
-    if (bytes > room || state.bufferedBytes + bytes > state.maxBufferedBytes) return null;
+    // Under a bound, scratch begun ahead could leave a layer the consumer reaches first
+    // without room (BUFFER_LIMIT where the reload would pass): only the consumer begins there.
+    if (bytes > room || state.maxBufferedBytes !== Infinity) return null;
     startLayer(layer, info, qualifiedName(info.path, param));
     startedBytes = info.scratchBytes;
   }
