@@ -574,7 +574,15 @@ __global__ void __launch_bounds__(kThreads) k_count_nonfinite(unsigned long long
         return a + (Ty<DT>::nonfinite(x) ? 1ull : 0ull);
       });
   k = block_sum(k);
-  if (threadIdx.x == 0 && k != 0) atomicAdd(out, k);
+  // A grid of one block writes its count: no zeroing of `out` before the launch, which is a
+  // call of its own and, for the small tensors most counts are of (scales), cost as much.
+  if (threadIdx.x == 0 && (gridDim.x == 1 || k != 0)) {
+    if (gridDim.x == 1) {
+      *out = k;
+    } else {
+      atomicAdd(out, k);
+    }
+  }
 }
 
 // ------------------------------------------------------------------ kernels: quantization
@@ -748,7 +756,7 @@ __device__ __forceinline__ void cp_async_wait() {
  * aligned (the launcher checks).
  */
 template <int DT, bool INT8, bool HW>
-__global__ void __launch_bounds__(kRowThreads)
+__global__ void __launch_bounds__(kThreads)
     k_quant_row_staged(uint8_t *q, float *scale, const typename Ty<DT>::T *src, size_t rows,
                        size_t cols, int dynamic, int stages) {
   using T = typename Ty<DT>::T;
@@ -814,7 +822,8 @@ void launch_quant_row(const lw_ctx *c, uint8_t *q, float *scale, const typename 
   static const char *forced = getenv("LAYERWISE_CUDA_TILE_STAGES");
   const bool whole = cols % E == 0 && (uintptr_t)src % 16 == 0;
   // Rows a block holds in registers (k_quant_row) are read once already, and that kernel at
-  // kRowThreads measured faster than staging them (BENCHMARKS.md); longer rows are staged.
+  // kRowThreads measured faster than staging them; longer rows are staged, at kThreads, which
+  // measured faster than at kRowThreads for them (BENCHMARKS.md, 2026-12-02 second session).
   const bool held = whole && cols / E <= (size_t)kRowHeld * kRowThreads;
   int most = !whole || held                          ? 0
              : 2 * row + fixed <= (size_t)c->smem_optin ? 2
@@ -832,13 +841,12 @@ void launch_quant_row(const lw_ctx *c, uint8_t *q, float *scale, const typename 
     (void)cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   }
   int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, kRowThreads, smem) !=
-      cudaSuccess) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, kThreads, smem) != cudaSuccess) {
     cudaGetLastError();
   }
   size_t cap = (size_t)c->sms * (per_sm < 1 ? 1 : per_sm);
   unsigned g = (unsigned)(rows < cap ? rows : cap);
-  k<<<g, kRowThreads, smem, c->stream>>>(q, scale, src, rows, cols, dynamic, st);
+  k<<<g, kThreads, smem, c->stream>>>(q, scale, src, rows, cols, dynamic, st);
 }
 
 /* One 128x128 (or edge) tile of an fp8 per-block quantization: rows r0.. r0+h, columns c0.. c0+w
@@ -1276,14 +1284,21 @@ LW_API lw_status lw_count_nonfinite(void *ctx, uint64_t *out, const void *src, i
                                     size_t n) {
   if (lw_dtype_size(dtype) == 0) return einval("lw_count_nonfinite: unknown dtype code");
   ENTER(ctx);
-  CK(cudaMemsetAsync(out, 0, sizeof(uint64_t), c_->stream));
-  if (n == 0 || !lw_dtype_is_float(dtype)) return LW_OK;
+  if (n == 0 || !lw_dtype_is_float(dtype)) {
+    CK(cudaMemsetAsync(out, 0, sizeof(uint64_t), c_->stream));
+    return LW_OK;
+  }
+  cudaError_t zeroed = cudaSuccess;
   with_float(dtype, [&](auto d) {
     constexpr int DT = decltype(d)::value;
     using T = typename Ty<DT>::T;
-    k_count_nonfinite<DT><<<grid<k_count_nonfinite<DT>>(c_, vec_blocks(n)), kThreads, 0, c_->stream>>>(
+    unsigned g = grid<k_count_nonfinite<DT>>(c_, vec_blocks(n));
+    if (g > 1) zeroed = cudaMemsetAsync(out, 0, sizeof(uint64_t), c_->stream);
+    if (zeroed != cudaSuccess) return;
+    k_count_nonfinite<DT><<<g, kThreads, 0, c_->stream>>>(
         reinterpret_cast<unsigned long long *>(out), static_cast<const T *>(src), n);
   });
+  CK(zeroed);
   CK_LAUNCH("lw_count_nonfinite");
   return LW_OK;
 }
