@@ -783,7 +783,19 @@ Deno.test("server: an IPC table's validation is reused only for the same layout 
     };
     await post(table, 200, true);
     const updated = await exported(s);
+    // Each IPC reply says where the server's time went: body read, table checks, update.
+    const timed = await fetch(`${s.url}/v1/update/ipc`, {
+      method: "POST",
+      body: JSON.stringify(table),
+    });
+    const reply = await timed.json();
+    assert.equal(timed.status, 200, JSON.stringify(reply));
+    const parts = [...(timed.headers.get("server-timing") ?? "").matchAll(/(\w+);dur=([\d.]+)/g)];
+    assert.deepEqual(parts.map((m) => m[1]), ["read", "parse", "update"]);
+    // Printed to the microsecond: the update, which holds the reply's seconds, is not shorter.
+    assert.ok(Number(parts[2][2]) + 0.001 >= reply.seconds * 1000, "the update spans its seconds");
     await post({ ...table, tag: "again" }, 200, false);
+    assert.equal(runs(), 1, "the timed update reused the validation too");
     assertSameTensors(await exported(s), updated, "the same table again");
     // Same names, bytes and offsets; one shape transposed: a new layout, refused.
     const tensors = table.tensors as Record<string, unknown>[];
