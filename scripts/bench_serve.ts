@@ -190,6 +190,42 @@ interface IpcRun {
   new_handles: number[];
   millis: number[];
   server_millis: number[];
+  /** The client before the request goes out (stream sync, allocations, table, JSON). */
+  table_millis: number[];
+  /** Request out to reply read. */
+  request_millis: number[];
+  /** The server's Server-Timing figures of each reply (read, parse, update). */
+  server_timing: Record<string, number>[];
+}
+
+/**
+ * Where the updates' time went, from the client's and the server's own clocks, after the first
+ * update: the median of each part over the updates, so the parts need not add up exactly.
+ */
+function ipcBreakdown(z: IpcRun): string {
+  const at = (i: number, k: string) => z.server_timing[i]?.[k] ?? NaN;
+  const parts = z.millis.slice(1).map((_, j) => {
+    const i = j + 1;
+    const server = at(i, "read") + at(i, "parse") + at(i, "update");
+    return {
+      table: z.table_millis[i],
+      request: z.request_millis[i],
+      read: at(i, "read"),
+      parse: at(i, "parse"),
+      update: at(i, "update"),
+      http: z.request_millis[i] - server,
+      after: z.millis[i] - z.table_millis[i] - z.request_millis[i],
+    };
+  });
+  const m = (k: keyof (typeof parts)[number]) => median(parts.map((p) => p[k])).toFixed(2);
+  return `    where it went (ms, medians over the same updates, beside the call's ${
+    median(z.millis.slice(1)).toFixed(2)
+  }): client before the request (stream sync, allocations, table, JSON) ${m("table")}; ` +
+    `request out to reply read ${m("request")}, of which the server reads the body ${
+      m("read")
+    }, checks the table ${m("parse")}, updates ${m("update")} (lock to reply: its seconds ` +
+    `${median(z.server_millis.slice(1)).toFixed(2)}), and the rest, the connection and the ` +
+    `reply's way back, ${m("http")}; client after the reply ${m("after")}`;
 }
 
 async function ipcUpdates(
@@ -238,6 +274,7 @@ async function ipcUpdates(
         `${z.millis[0].toFixed(1)} ms; handles new to the client after it: ` +
         `${z.new_handles.slice(1).reduce((a, b) => a + b, 0)}`,
     );
+    console.log(ipcBreakdown(z));
     console.log(
       `    the same update with ipc_copy=True (${c.path}: packed into ${c.buckets} reused ` +
         `buckets first): ${copyMs.toFixed(1)} ms (server ${

@@ -10,7 +10,11 @@ for each path (``zero_copy``, ``copy``): the path the client reports it took, mi
 each update from the client's call to its reply, the server's own time for each (its reply's
 seconds: from taking the update lock to the end of the reload), buckets (allocations) in the
 table and handles new to the client in each update (the first update's are opened by the
-server too).
+server too); and where each update's time went: ``table_millis`` (the client before the request:
+stream sync, locating allocations, bucket copies, the table and its JSON), ``request_millis``
+(request out to reply read), ``server_timing`` (the server's Server-Timing figures of each
+reply: ``read`` the body and its JSON parse, ``parse`` the table's checks, ``update`` the update
+itself), all in milliseconds.
 """
 
 import json
@@ -28,14 +32,18 @@ DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 def run(client: LayerwiseClient, tensors: list, updates: int, copy: bool, label: str) -> dict:
-    millis, server_millis, new_handles = [], [], []
+    millis, server_millis, new_handles, table_millis, request_millis, timing = [], [], [], [], [], []
     for i in range(updates):
         t0 = time.perf_counter()
         r = client.update_from_tensors(tensors, transport="ipc", ipc_copy=copy, bucket_bytes=1 << 30,
                                        tag=f"bench-{label}-{i}")
         millis.append((time.perf_counter() - t0) * 1000)
         server_millis.append(r["seconds"] * 1000)
-        new_handles.append(client.last_ipc.new_handles)
+        st = client.last_ipc
+        new_handles.append(st.new_handles)
+        table_millis.append(st.table_seconds * 1000)
+        request_millis.append(st.request_seconds * 1000)
+        timing.append(st.server_timing or {})
         assert r["path"] == "ipc" and r["storageKept"], r
     st = client.last_ipc
     print(f"bench_serve_ipc: {label}: path {st.path}, {st.zero_copy} tensors read in place, "
@@ -43,7 +51,8 @@ def run(client: LayerwiseClient, tensors: list, updates: int, copy: bool, label:
           file=sys.stderr)
     return {"path": st.path, "zero_copy_tensors": st.zero_copy, "packed_tensors": sum(st.packed.values()),
             "buckets": st.buckets, "new_handles": new_handles, "millis": millis,
-            "server_millis": server_millis}
+            "server_millis": server_millis, "table_millis": table_millis, "request_millis": request_millis,
+            "server_timing": timing}
 
 
 def main() -> None:

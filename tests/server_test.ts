@@ -763,6 +763,62 @@ Deno.test("server: the IPC table is validated before any handle is opened or byt
   });
 });
 
+Deno.test("server: an IPC table's validation is reused only for the same layout and options", async () => {
+  // The service keeps the last successful validation; each case below would be answered 200
+  // (with the weights written wrong, or a partial update taken without partial) if it reused
+  // that validation for a table that differs in a shape, in coverage or in an option.
+  const backend = await openWasmBackend();
+  const ipc = fakeIpc(backend);
+  await withServer({ backend, ipcMapper: () => ipc.mapper }, async (s) => {
+    const scaled = await scaledCheckpoint(2);
+    const table = packBuckets(scaled, ipc.addBucket, 2);
+    const runs = () => s.service.tableValidations;
+    const post = async (body: unknown, status: number, validated: boolean, code = "") => {
+      const before = runs();
+      const r = await call(s, "POST", "/v1/update/ipc", body);
+      assert.equal(r.status, status, JSON.stringify(r.json));
+      if (code !== "") assert.equal(errorOf(r).code, code);
+      assert.equal(runs() - before, validated ? 1 : 0, `validations run (answered ${r.status})`);
+      return r;
+    };
+    await post(table, 200, true);
+    const updated = await exported(s);
+    // Each IPC reply says where the server's time went: body read, table checks, update.
+    const timed = await fetch(`${s.url}/v1/update/ipc`, {
+      method: "POST",
+      body: JSON.stringify(table),
+    });
+    const reply = await timed.json();
+    assert.equal(timed.status, 200, JSON.stringify(reply));
+    const parts = [...(timed.headers.get("server-timing") ?? "").matchAll(/(\w+);dur=([\d.]+)/g)];
+    assert.deepEqual(parts.map((m) => m[1]), ["read", "parse", "update"]);
+    // Printed to the microsecond: the update, which holds the reply's seconds, is not shorter.
+    assert.ok(Number(parts[2][2]) + 0.001 >= reply.seconds * 1000, "the update spans its seconds");
+    await post({ ...table, tag: "again" }, 200, false);
+    assert.equal(runs(), 1, "the timed update reused the validation too");
+    assertSameTensors(await exported(s), updated, "the same table again");
+    // Same names, bytes and offsets; one shape transposed: a new layout, refused.
+    const tensors = table.tensors as Record<string, unknown>[];
+    const down = tensors.findIndex((t) => t.name === "model.layers.0.mlp.down_proj.weight");
+    const transposed = tensors.map((t, i) => i === down ? { ...t, shape: [176, 64] } : t);
+    await post({ ...table, tensors: transposed }, 422, true);
+    // The table's own checks run on every body, whatever the validation kept.
+    await post(table, 200, true);
+    const norm = tensors.findIndex((t) => t.name === "model.norm.weight");
+    const size = table.buckets[tensors[norm].bucket as number].bytes;
+    const past = tensors.map((t, i) => i === norm ? { ...t, offset: size } : t);
+    await post({ ...table, tensors: past }, 400, false, "BAD_IPC_TABLE");
+    // A tensor left out: refused without partial, taken with it (an option is part of the key).
+    const without = tensors.filter((_, i) => i !== norm);
+    await post({ ...table, tensors: without }, 422, true, "MISSING_TENSOR");
+    const partial = await post({ ...table, tensors: without, partial: true }, 200, true);
+    assert.deepEqual(partial.json.missing, ["model.norm.weight"]);
+    await post({ ...table, tensors: without }, 422, true, "MISSING_TENSOR");
+    await post(table, 200, true);
+    assertSameTensors(await exported(s), updated, "after the refused tables");
+  });
+});
+
 Deno.test("server: IPC on a backend without a mapper is refused with a clear error", async () => {
   await withServer({ ipcMapper: () => undefined }, async (s) => {
     const r = await call(s, "POST", "/v1/update/ipc", { buckets: [], tensors: [] });

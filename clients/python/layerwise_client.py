@@ -41,11 +41,13 @@ error code and one-line message.
 from __future__ import annotations
 
 import base64
+import bisect
 import ctypes
 import glob
 import http.client
 import json
 import os
+import select
 import struct
 import threading
 import time
@@ -95,8 +97,15 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
+_TORCH_TYPES: dict = {}  # type -> whether it is a torch tensor type (asked per tensor, per call)
+
+
 def _is_torch(t: Any) -> bool:
-    return type(t).__module__.startswith("torch") and hasattr(t, "data_ptr")
+    k = type(t)
+    r = _TORCH_TYPES.get(k)
+    if r is None:
+        r = _TORCH_TYPES[k] = k.__module__.startswith("torch") and hasattr(k, "data_ptr")
+    return r
 
 
 _TORCH_DTYPE_NAMES: dict = {}
@@ -131,7 +140,7 @@ def _describe(name: str, t: Any) -> Tuple[str, Tuple[int, ...], int]:
             raise ValueError(f"{name}: {len(memoryview(t.data))} bytes for {t.dtype}{list(shape)}")
         return t.dtype, shape, nbytes
     if _is_torch(t):
-        return _torch_dtype_name(t), tuple(int(d) for d in t.shape), t.numel() * t.element_size()
+        return _torch_dtype_name(t), tuple(map(int, t.shape)), t.numel() * t.element_size()
     raise TypeError(f"{name}: expected a torch.Tensor or a RawTensor, got {type(t).__name__}")
 
 
@@ -155,6 +164,35 @@ def _ipc_source(name: str, t: Any) -> "IpcSource":
     dtype, shape, nbytes = _describe(name, t)
     return IpcSource(name, dtype, shape, nbytes, t.device.index if t.is_cuda else None,
                      int(t.data_ptr()) if nbytes else 0, bool(t.is_contiguous()))
+
+
+def _server_timing(header: Optional[str]) -> Optional[dict]:
+    """The durations (ms) of a Server-Timing header, by name; None without one."""
+    if not header:
+        return None
+    out: dict = {}
+    for part in header.split(","):
+        name, _, params = part.strip().partition(";")
+        for p in params.split(";"):
+            k, _, v = p.strip().partition("=")
+            if k == "dur":
+                try:
+                    out[name.strip()] = float(v)
+                except ValueError:
+                    pass
+    return out
+
+
+def _dropped(conn: http.client.HTTPConnection) -> bool:
+    """Whether a kept-alive connection can no longer carry a request: the server closed it (its
+    end of file is readable) or sent something unasked."""
+    sock = conn.sock
+    if sock is None:
+        return True
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
 
 
 def _align(n: int, to: int = NCCL_ALIGN) -> int:
@@ -289,8 +327,17 @@ def ipc_routes(sources: Sequence[IpcSource], device: int, locate: Any,
     copied into one of the client's buckets instead: ``ipc_copy`` asked for it, a tensor on the
     host or on another GPU than ``device`` (the one the server reads), one not contiguous, one
     empty, or an allocation that no IPC handle can share. ``locate`` maps an address to its
-    allocation (:meth:`CudaDriver.locate`)."""
+    allocation (:meth:`CudaDriver.locate`).
+
+    ``locate`` is asked once per allocation per call, not once per tensor: an allocation it
+    gave in this call holds one of the tensors handed in, so it stays allocated for the call,
+    and live allocations do not overlap, so any other address inside its range is in it too.
+    Nothing is kept across calls (memory freed and allocated again at the same address is
+    another allocation, with another buffer id and handle: see :class:`IpcHandleCache`)."""
     routes: List[Any] = []
+    bases: List[int] = []  # allocations located in this call, by base address
+    found: List[CudaAllocation] = []
+    last: Optional[CudaAllocation] = None
     for s in sources:
         if copy:
             routes.append("ipc_copy")
@@ -303,7 +350,16 @@ def ipc_routes(sources: Sequence[IpcSource], device: int, locate: Any,
         elif s.nbytes == 0:
             routes.append("empty")
         else:
-            a = locate(s.ptr)
+            a = last
+            if a is None or not a.base <= s.ptr < a.base + a.size:
+                k = bisect.bisect_right(bases, s.ptr) - 1
+                a = found[k] if k >= 0 and s.ptr < found[k].base + found[k].size else None
+                if a is None:
+                    a = locate(s.ptr)
+                    k = bisect.bisect_right(bases, a.base)
+                    bases.insert(k, a.base)
+                    found.insert(k, a)
+                last = a
             if not a.ipc:
                 routes.append("in memory no IPC handle can share (expandable segment or pool)")
             elif s.ptr + s.nbytes > a.base + a.size:
@@ -365,6 +421,13 @@ class IpcStats(NamedTuple):
     buckets: int  # buckets of the table (allocations)
     new_handles: int  # handles asked of the driver (allocations not sent before)
     released: int  # handles the server was asked to close (allocations no longer sent)
+    # Seconds from the transport's start to the request going out: the stream wait, locating allocations,
+    # bucket copies, the table and its JSON (and any release request).
+    table_seconds: float = 0.0
+    # Seconds from the request going out to the whole reply read: the connection and the server.
+    request_seconds: float = 0.0
+    # The server's own milliseconds by step (its Server-Timing header: read, parse, update).
+    server_timing: Optional[dict] = None
 
     @property
     def path(self) -> str:
@@ -506,6 +569,14 @@ class LayerwiseClient:
         # Whether the server takes IPC, asked once for "auto" (a running server's backend does not
         # change; an IPC refusal asks again next time): no extra round trip per update.
         self._server_ipc: Optional[bool] = None
+        # One kept-alive connection for JSON requests (a connect per update costs a round trip
+        # and the server's accept); taken under the lock, so a request from another thread
+        # (init_nccl's, the NCCL update's) opens its own instead of sharing it.
+        self._idle: Optional[http.client.HTTPConnection] = None
+        self._idle_lock = threading.Lock()
+        # The JSON text of the last IPC table's tensors, reused while they are the same.
+        self._ipc_tensors: Optional[list] = None
+        self._ipc_tensors_json = ""
 
     # ------------------------------------------------------------------ plumbing
 
@@ -537,13 +608,58 @@ class LayerwiseClient:
         return body
 
     def _request(self, method: str, path: str, payload: Any = None) -> Any:
-        conn = self._connection()
-        try:
-            data = None if payload is None else json.dumps(payload).encode("utf-8")
-            headers = self._headers({"Content-Type": "application/json"} if data is not None else {})
-            conn.request(method, self._base + path, body=data, headers=headers)
-            return self._answer(conn.getresponse())
-        finally:
+        data = None if payload is None else json.dumps(payload).encode("utf-8")
+        return self._exchange(method, path, data)[0]
+
+    def _exchange(self, method: str, path: str, data: Optional[bytes]) -> Tuple[Any, Optional[str]]:
+        """Sends a request with a JSON body (or none) on the kept-alive connection, or a new one;
+        returns the answer (see ``_answer``) and the reply's Server-Timing header. A kept
+        connection the server has closed meanwhile (it closes idle ones) is replaced before use;
+        one that breaks before any byte of the reply arrives (it closed as the request went out,
+        so it read none of it) is replaced and the request sent once more."""
+        headers = self._headers({"Content-Type": "application/json"} if data is not None else {})
+        with self._idle_lock:
+            conn, self._idle = self._idle, None
+        if conn is not None and _dropped(conn):
+            conn.close()
+            conn = None
+        reused = conn is not None
+        while True:
+            if conn is None:
+                conn = self._connection()
+            try:
+                conn.request(method, self._base + path, body=data, headers=headers)
+                resp = conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                    ConnectionAbortedError):
+                conn.close()
+                conn = None
+                if not reused:
+                    raise
+                reused = False
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            try:
+                answer = self._answer(resp)  # reads the whole reply
+            except LayerwiseError:
+                self._keep(conn, resp)
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            self._keep(conn, resp)
+            return answer, resp.getheader("server-timing")
+
+    def _keep(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+        """Keeps ``conn`` for the next request when the reply left it open, else closes it."""
+        if resp.will_close or conn.sock is None:
+            conn.close()
+            return
+        with self._idle_lock:
+            conn, self._idle = (conn, None) if self._idle is not None else (None, conn)
+        if conn is not None:
             conn.close()
 
     # ------------------------------------------------------------------ endpoints
@@ -584,15 +700,15 @@ class LayerwiseClient:
         if transport not in ("auto", "http", "ipc", "nccl"):
             raise ValueError(f"transport must be auto, http, ipc or nccl, got {transport!r}")
         options = {"atomic": atomic, "strict": strict, "partial": partial, "tag": tag}
+        if transport == "ipc":
+            if not (all(_is_torch(t) for _, t in items) and any(t.is_cuda for _, t in items)):
+                raise ValueError("transport='ipc' needs torch tensors, at least one of them on CUDA")
+            return self._update_ipc(items, bucket_bytes, ipc_copy, options)
         all_cuda = bool(items) and all(_is_torch(t) and t.is_cuda for _, t in items)
         if transport == "nccl":
             if not all_cuda:
                 raise ValueError("transport='nccl' needs CUDA torch tensors")
             return self._update_nccl(items, bucket_bytes, options)
-        if transport == "ipc":
-            if not (all(_is_torch(t) for _, t in items) and any(t.is_cuda for _, t in items)):
-                raise ValueError("transport='ipc' needs torch tensors, at least one of them on CUDA")
-            return self._update_ipc(items, bucket_bytes, ipc_copy, options)
         if transport == "auto" and all_cuda and self._server_ipc is None:
             self._server_ipc = bool(self.model().get("ipc"))
         if transport == "auto" and all_cuda and self._server_ipc:
@@ -667,10 +783,17 @@ class LayerwiseClient:
             self._request("POST", "/v1/update/nccl/close", {})
 
     def close(self) -> None:
-        """Releases the IPC buckets, if any, and aborts this side of the NCCL communicator."""
-        self.release_buckets()
-        if self._nccl is not None:
-            self.close_nccl(server=False)
+        """Releases the IPC buckets, if any, aborts this side of the NCCL communicator and closes
+        the kept-alive connection."""
+        try:
+            self.release_buckets()
+            if self._nccl is not None:
+                self.close_nccl(server=False)
+        finally:
+            with self._idle_lock:
+                conn, self._idle = self._idle, None
+            if conn is not None:
+                conn.close()
 
     def __enter__(self) -> "LayerwiseClient":
         return self
@@ -712,6 +835,7 @@ class LayerwiseClient:
     def _update_ipc(self, items: list, bucket_bytes: int, copy: bool, options: dict) -> dict:
         import torch
 
+        t0 = time.perf_counter()
         device = next(t.device for _, t in items if t.is_cuda)
         if self._driver is None:
             self._driver = CudaDriver()
@@ -759,14 +883,23 @@ class LayerwiseClient:
         reasons: dict = {}
         for i in packed:
             reasons[routes[i]] = reasons.get(routes[i], 0) + 1
-        self.last_ipc = IpcStats(len(items) - len(packed), reasons, len(buckets), new_handles, len(stale))
-        body = {
-            "buckets": buckets, "tensors": tensors,
-            "atomic": options["atomic"], "strict": options["strict"], "partial": options["partial"],
-        }
+        # A training loop sends the same tensors (names, shapes, offsets) every step: their
+        # JSON, most of the body, is written once and reused while they compare equal.
+        if tensors != self._ipc_tensors:
+            self._ipc_tensors_json = json.dumps(tensors, separators=(",", ":"))
+            self._ipc_tensors = tensors
+        rest = {"atomic": options["atomic"], "strict": options["strict"], "partial": options["partial"]}
         if options.get("tag") is not None:
-            body["tag"] = options["tag"]
-        return self._request("POST", "/v1/update/ipc", body)
+            rest["tag"] = options["tag"]
+        body = (f'{{"buckets":{json.dumps(buckets, separators=(",", ":"))},'
+                f'"tensors":{self._ipc_tensors_json},{json.dumps(rest, separators=(",", ":"))[1:]}')
+        t1 = time.perf_counter()
+        stats = IpcStats(len(items) - len(packed), reasons, len(buckets), new_handles, len(stale), t1 - t0)
+        self.last_ipc = stats
+        answer, timing = self._exchange("POST", "/v1/update/ipc", body.encode("utf-8"))
+        self.last_ipc = stats._replace(request_seconds=time.perf_counter() - t1,
+                                       server_timing=_server_timing(timing))
+        return answer
 
     # ------------------------------------------------------------------ NCCL transport
 

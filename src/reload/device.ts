@@ -160,9 +160,10 @@ function viewTensors(backend: Backend, views: readonly DeviceTensorView[]): {
       if (typeof v?.name !== "string") {
         throw new CheckpointError("BAD_VIEW", "device view: every view needs a string name");
       }
-      const where = `device view ${quoteName(v.name)}`;
+      // Built only for a message: a table of hundreds of views would pay it on every reload.
+      const where = () => `device view ${quoteName(v.name)}`;
       if (names.has(v.name)) {
-        throw new CheckpointError("DUPLICATE", `${where}: the name is given twice`);
+        throw new CheckpointError("DUPLICATE", `${where()}: the name is given twice`);
       }
       names.add(v.name);
       let t: Tensor;
@@ -171,18 +172,18 @@ function viewTensors(backend: Backend, views: readonly DeviceTensorView[]): {
         if (!(t instanceof Tensor) || t.isMeta || t.window || t.storage!.backend !== backend) {
           throw new CheckpointError(
             "BAD_VIEW",
-            `${where}: the tensor must be a whole tensor in the model's backend memory`,
+            `${where()}: the tensor must be a whole tensor in the model's backend memory`,
           );
         }
         if (!t.isContiguous) {
-          throw new CheckpointError("BAD_VIEW", `${where}: ${t} must be contiguous`);
+          throw new CheckpointError("BAD_VIEW", `${where()}: ${t} must be contiguous`);
         }
       } else {
         const dtype = typeof v.dtype === "string" ? dtypeOf(v.dtype) : v.dtype;
         if (!dtype) {
           throw new CheckpointError(
             "BAD_DTYPE",
-            `${where}: unknown dtype ${quoteName(String(v.dtype))}`,
+            `${where()}: unknown dtype ${quoteName(String(v.dtype))}`,
           );
         }
         if (
@@ -191,14 +192,14 @@ function viewTensors(backend: Backend, views: readonly DeviceTensorView[]): {
         ) {
           throw new CheckpointError(
             "BAD_SHAPE",
-            `${where}: the shape must be non-negative integers`,
+            `${where()}: the shape must be non-negative integers`,
           );
         }
         const meta = Tensor.meta(v.shape, dtype);
         if (!Number.isSafeInteger(v.ptr) || v.ptr <= 0) {
           throw new CheckpointError(
             "BAD_VIEW",
-            `${where}: the address must be a positive integer`,
+            `${where()}: the address must be a positive integer`,
           );
         }
         let s: Storage;
@@ -206,7 +207,7 @@ function viewTensors(backend: Backend, views: readonly DeviceTensorView[]): {
           s = backend.borrow(v.ptr, meta.nbytes);
         } catch (e) {
           const m = e instanceof Error ? e.message : String(e);
-          throw new CheckpointError("BAD_VIEW", `${where}: ${m}`);
+          throw new CheckpointError("BAD_VIEW", `${where()}: ${m}`);
         }
         borrowed.push(s);
         t = new Tensor(v.shape, dtype, s);
@@ -232,8 +233,9 @@ function planFor(
   arrival: { phaseOf?: readonly number[]; window?: number },
 ): [CachedPlan, boolean] {
   const c = PLANS.get(model);
+  const layout = layoutKey(descs);
   if (
-    c && c.backend === backend && c.layout === layoutKey(descs) &&
+    c && c.backend === backend && c.layout === layout &&
     c.arrival === arrivalKey(arrival) && !c.table.storage!.freed &&
     c.plan.kept.every((k) => !k.tensor.storage!.freed && k.tensor.ptr === k.ptr)
   ) {
@@ -262,7 +264,7 @@ function planFor(
     table,
     validation,
     skipped,
-    layout: layoutKey(descs),
+    layout,
     arrival: arrivalKey(arrival),
     phaseOf: arrival.phaseOf ?? [],
     inPlace: new Set(plan.phases.flatMap((p) => p.layers)),

@@ -171,8 +171,24 @@ async function stream(req: Request, url: URL, ctx: RouteContext): Promise<Respon
 }
 
 async function ipc(req: Request, _url: URL, ctx: RouteContext): Promise<Response> {
-  const update = parseIpcUpdate(await readJson(req, ctx.jsonBody, "ipc update"));
-  return json(await ctx.service.updateFromIpc(update));
+  const t0 = performance.now();
+  const body = await readJson(req, ctx.jsonBody, "ipc update");
+  const t1 = performance.now();
+  const update = parseIpcUpdate(body);
+  const t2 = performance.now();
+  const summary = await ctx.service.updateFromIpc(update);
+  const t3 = performance.now();
+  // Where the server's part of an update went, for a trainer (or the serve bench) to tell its
+  // own time and the connection's apart from the server's: the body read and JSON parse, the
+  // table's checks, the update itself (the reply's `seconds`: lock, validation, reload, wait),
+  // in milliseconds (the Server-Timing header of the W3C spec).
+  return json(summary, 200, {
+    "server-timing": `read;dur=${ms(t1 - t0)}, parse;dur=${ms(t2 - t1)}, update;dur=${ms(t3 - t2)}`,
+  });
+}
+
+function ms(x: number): string {
+  return x.toFixed(3);
 }
 
 async function ipcRelease(req: Request, _url: URL, ctx: RouteContext): Promise<Response> {

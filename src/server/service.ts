@@ -25,11 +25,14 @@ import { validateWeights } from "../models/weights.ts";
 import { inconsistentLayers } from "../reload/layerwise.ts";
 import type { BodyReader } from "./body.ts";
 import { errorLine, serverError } from "./http_errors.ts";
-import { describedSource, IpcHandleCache, type IpcUpdate, reloadFromMapped } from "./ipc.ts";
+import { IpcHandleCache, type IpcUpdate, reloadFromMapped, TableValidation } from "./ipc.ts";
 import { type RunningUpdate, UpdateLock } from "./lock.ts";
 import { ncclBuckets, type NcclInit, type NcclUpdate, receiveAndReload } from "./nccl.ts";
 import { ServerMetrics } from "./metrics.ts";
 import { openStreamSource } from "./stream_source.ts";
+
+/** How IPC and NCCL updates name their source in reports and messages. */
+const IPC_SOURCE = "ipc update", NCCL_SOURCE = "nccl update";
 
 /** A checkpoint-format tensor the model expects: what a client needs to build an update. */
 export interface ExpectedTensor {
@@ -135,6 +138,7 @@ export class WeightService {
   #joiner: NcclJoiner | undefined;
   #receiver: NcclReceiver | null = null;
   #maxBufferedBytes: number | undefined;
+  readonly #tables = new TableValidation();
   readonly #options: ServiceOptions;
 
   /** A service with no model yet (see {@link WeightService.load}). */
@@ -186,6 +190,11 @@ export class WeightService {
   get nccl(): NcclState | null {
     const r = this.#receiver;
     return r === null ? null : { rank: r.rank, worldSize: r.worldSize };
+  }
+
+  /** Table validations run so far (an IPC or NCCL table of the last success's layout reuses it). */
+  get tableValidations(): number {
+    return this.#tables.runs;
   }
 
   /** IPC handles open now. */
@@ -374,8 +383,7 @@ export class WeightService {
       );
     }
     return this.#update("ipc", update, async (model) => {
-      const source = describedSource(update);
-      const plan = validateWeights(model, source, update);
+      const plan = this.#tables.validate(model, update, IPC_SOURCE);
       const addresses = update.buckets.map((b, i) => {
         let m;
         try {
@@ -401,7 +409,7 @@ export class WeightService {
       const opts = this.#reloadOptions(update);
       try {
         const r = await reloadFromMapped(model, update, addresses, plan.names, opts);
-        return modelReloadReport(r, source.description, plan, r.seconds);
+        return modelReloadReport(r, IPC_SOURCE, plan, r.seconds);
       } finally {
         // The reply promises the trainer that its buckets are no longer read.
         mapper.synchronize();
@@ -485,8 +493,7 @@ export class WeightService {
             `nccl update: src_rank ${update.srcRank} is not the trainer's rank (the server is rank ${receiver.rank} of ${receiver.worldSize})`,
           );
         }
-        const source = describedSource(update, "nccl update");
-        const plan = validateWeights(model, source, update);
+        const plan = this.#tables.validate(model, update, NCCL_SOURCE);
         const buckets = ncclBuckets(update);
         started = true;
         const r = receiveAndReload(
@@ -498,7 +505,7 @@ export class WeightService {
           this.#reloadOptions(update),
           () => this.closeNccl(),
         );
-        return Promise.resolve(modelReloadReport(r, source.description, plan, r.seconds));
+        return Promise.resolve(modelReloadReport(r, NCCL_SOURCE, plan, r.seconds));
       } catch (e) {
         // Refused before any receive: the trainer's queued broadcasts will never be matched.
         if (!started) this.closeNccl();

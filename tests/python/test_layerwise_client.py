@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -68,6 +69,7 @@ class FakeDriver:
     def __init__(self):
         self.allocations = []
         self.handle_calls = 0
+        self.locate_calls = 0
         self._next_id = 1
         self._next_base = 0x7F00_0000_0000
 
@@ -80,6 +82,7 @@ class FakeDriver:
         return a
 
     def locate(self, ptr):
+        self.locate_calls += 1
         for a in self.allocations:
             if a.base <= ptr < a.base + a.size:
                 return a
@@ -155,6 +158,29 @@ class IpcTableTest(unittest.TestCase):
         self.assertEqual(self.handles.keep_only(ids), [first[1]["handle"]])
         self.assertEqual(len(self.handles), 2)
         self.assertEqual(sorted(self.handles.keep_only(())), sorted([first[0]["handle"], moved[1]["handle"]]))
+
+    def test_the_driver_is_asked_once_per_allocation_per_call(self):
+        a = self.driver.alloc(4 << 20)
+        b = self.driver.alloc(4 << 20)
+        c = self.driver.alloc(4 << 20)
+        # Interleaved, and out of address order: each allocation is located once, by whichever
+        # of its tensors comes first; the rest are placed by the ranges this call located.
+        sources = [src("a0", a.base + 1024), src("b0", b.base), src("a1", a.base),
+                   src("c0", c.base + 64), src("b1", b.base + 1024, 2048), src("a2", a.base + (4 << 20) - 64),
+                   src("c1", c.base)]
+        _, tensors, ids = self.table(sources)
+        self.assertEqual(self.driver.locate_calls, 3)
+        self.assertEqual(ids, [a.id, b.id, c.id])
+        self.assertEqual([(t["name"], t["bucket"], t["offset"]) for t in tensors], [
+            ("a0", 0, 1024), ("b0", 1, 0), ("a1", 0, 0), ("c0", 2, 64), ("b1", 1, 1024),
+            ("a2", 0, (4 << 20) - 64), ("c1", 2, 0)])
+        # Nothing is kept across calls: b freed and another allocation at its address (smaller,
+        # so b1 now runs past its end) is located again, and b1 is packed, not read in place.
+        b2 = self.driver.alloc(2048, base=b.base)
+        routes = ipc_routes(sources, 0, self.driver.locate)
+        self.assertEqual(self.driver.locate_calls, 6)
+        self.assertEqual([r.id if isinstance(r, CudaAllocation) else r for r in routes],
+                         [a.id, b2.id, a.id, c.id, "runs past the end of its allocation", a.id, c.id])
 
     def test_what_zero_copy_cannot_take_is_packed_with_its_reason(self):
         a = self.driver.alloc(4 << 20)
@@ -495,6 +521,33 @@ class ZeroCopyClientTest(unittest.TestCase):
         self.assertEqual(Recorder.calls, [("/v1/update/ipc/release", {"handles": [last]})])
         self.assertEqual(len(self.client._handles), 0)
 
+    def test_the_tensors_json_is_reused_only_while_the_tensors_are_the_same(self):
+        t, gpu = self.torch, FakeDevice("cuda", 0)
+        a = self.driver.alloc(64 << 20)
+        w1 = t.tensor("w1", "bfloat16", (4, 8), gpu, a.base)
+
+        def sent(w2, name="w2", **kw):
+            call = self.push([("w1", w1), (name, w2)], **kw)[-1]
+            self.assertEqual(call[0], "/v1/update/ipc")
+            return [(x["name"], x["dtype"], x["shape"], x["bucket"], x["offset"]) for x in call[1]["tensors"]]
+
+        first = sent(t.tensor("w2", "bfloat16", (16,), gpu, a.base + 1024))
+        self.assertEqual(first, [("w1", "BF16", [4, 8], 0, 0), ("w2", "BF16", [16], 0, 1024)])
+        self.assertEqual(sent(t.tensor("w2", "bfloat16", (16,), gpu, a.base + 1024), tag="x"), first)
+        # Each change of a tensor's place, shape, dtype or name is what the body says.
+        self.assertEqual(sent(t.tensor("w2", "bfloat16", (16,), gpu, a.base + 2048))[1],
+                         ("w2", "BF16", [16], 0, 2048))
+        self.assertEqual(sent(t.tensor("w2", "bfloat16", (4, 4), gpu, a.base + 2048))[1],
+                         ("w2", "BF16", [4, 4], 0, 2048))
+        self.assertEqual(sent(t.tensor("w2", "float16", (4, 4), gpu, a.base + 2048))[1],
+                         ("w2", "F16", [4, 4], 0, 2048))
+        self.assertEqual(sent(t.tensor("w2", "float16", (4, 4), gpu, a.base + 2048), name="w3")[1],
+                         ("w3", "F16", [4, 4], 0, 2048))
+        b = self.driver.alloc(2 << 20)
+        self.assertEqual(sent(t.tensor("w2", "bfloat16", (16,), gpu, b.base + 1024))[1],
+                         ("w2", "BF16", [16], 1, 1024))
+        self.assertEqual(sent(t.tensor("w2", "bfloat16", (16,), gpu, a.base + 1024)), first)
+
     def test_ipc_needs_torch_tensors_one_on_cuda(self):
         cpu = FakeDevice("cpu")
         with self.assertRaisesRegex(ValueError, "at least one of them on CUDA"):
@@ -503,9 +556,123 @@ class ZeroCopyClientTest(unittest.TestCase):
         self.assertEqual(Recorder.calls, [])
 
 
+class KeptAlive(http.server.BaseHTTPRequestHandler):
+    """An HTTP/1.1 server that keeps connections open, counts them, records each request, answers
+    with a Server-Timing header, and, when told, closes a connection after answering as a server
+    closing an idle one would (no ``Connection: close`` in the answer)."""
+
+    protocol_version = "HTTP/1.1"
+    connections = 0
+    calls: list = []
+    close_after = False
+    busy = False  # release answers 409
+
+    def setup(self):
+        super().setup()
+        KeptAlive.connections += 1
+        # Answers go out as two writes (headers, body): without this, Nagle's algorithm holds
+        # the body for the client's delayed ACK on a kept connection.
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length", "0"))
+        KeptAlive.calls.append((self.path, json.loads(self.rfile.read(n) or b"{}")))
+        if self.path == "/v1/update/ipc/release" and KeptAlive.busy:
+            body = b'{"error": {"code": "BUSY", "message": "an update is running"}}'
+            self.send_response(409)
+        else:
+            body = b'{"path": "ipc", "version": 1}'
+            self.send_response(200)
+            self.send_header("Server-Timing", "read;dur=0.250, parse;dur=1.5, update;dur=12.125")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        if KeptAlive.close_after:
+            self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+class KeepAliveTest(unittest.TestCase):
+    """JSON requests share one kept-alive connection; one the server closed is replaced and the
+    request is sent once."""
+
+    def setUp(self):
+        self.driver = FakeDriver()
+        self.torch = FakeTorch(self.driver)
+        self.saved = sys.modules.get("torch")
+        sys.modules["torch"] = self.torch
+        KeptAlive.connections, KeptAlive.calls, KeptAlive.close_after, KeptAlive.busy = 0, [], False, False
+        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), KeptAlive)
+        self.thread = threading.Thread(target=self.srv.serve_forever, daemon=True)
+        self.thread.start()
+        self.client = LayerwiseClient(f"http://127.0.0.1:{self.srv.server_address[1]}")
+        self.client._driver = self.driver
+        self.client._handles = IpcHandleCache(self.driver.ipc_handle)
+        a = self.driver.alloc(2 << 20)
+        self.items = [("w", self.torch.tensor("w", "bfloat16", (4, 8), FakeDevice("cuda", 0), a.base))]
+
+    def tearDown(self):
+        self.client.close()
+        self.srv.shutdown()
+        self.srv.server_close()
+        if self.saved is None:
+            del sys.modules["torch"]
+        else:
+            sys.modules["torch"] = self.saved
+
+    def push(self):
+        return self.client.update_from_tensors(self.items, transport="ipc")
+
+    def test_one_connection_for_many_requests_errors_included(self):
+        for _ in range(3):
+            self.assertEqual(self.push()["path"], "ipc")
+        KeptAlive.busy = True
+        with self.assertRaises(LayerwiseError) as e:
+            self.client.release_ipc()
+        KeptAlive.busy = False
+        self.assertEqual((e.exception.status, e.exception.code), (409, "BUSY"))
+        self.push()
+        self.assertEqual(KeptAlive.connections, 1)
+        self.assertEqual([c[0] for c in KeptAlive.calls],
+                         ["/v1/update/ipc"] * 3 + ["/v1/update/ipc/release", "/v1/update/ipc"])
+        st = self.client.last_ipc
+        self.assertEqual(st.server_timing, {"read": 0.25, "parse": 1.5, "update": 12.125})
+        self.assertGreater(st.request_seconds, 0)
+        self.assertGreater(st.table_seconds, 0)
+
+    def test_a_connection_the_server_closed_is_replaced_and_the_request_sent_once(self):
+        import layerwise_client
+
+        KeptAlive.close_after = True
+        self.push()
+        # Seen closed before it is used.
+        for _ in range(20):
+            if layerwise_client._dropped(self.client._idle):
+                break
+            threading.Event().wait(0.01)
+        self.push()
+        self.assertEqual((KeptAlive.connections, len(KeptAlive.calls)), (2, 2))
+        # Closed unseen (as if the server closed it just as the request went out): the request
+        # fails on the kept connection before any answer, and goes once more on a new one.
+        saved = layerwise_client._dropped
+        layerwise_client._dropped = lambda conn: False
+        try:
+            threading.Event().wait(0.05)
+            self.push()
+        finally:
+            layerwise_client._dropped = saved
+        self.assertEqual((KeptAlive.connections, len(KeptAlive.calls)), (3, 3))
+
+
 class ClientTest(unittest.TestCase):
     def setUp(self):
         self.client = LayerwiseClient(URL, token=TOKEN)
+
+    def tearDown(self):
+        self.client.close()
 
     def test_1_model_describes_expected_tensors(self):
         m = self.client.model()
@@ -541,8 +708,8 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(self.client.model()["tag"], "disk")
 
     def test_4_errors_carry_status_and_code(self):
-        with self.assertRaises(LayerwiseError) as e:
-            LayerwiseClient(URL, token="wrong-token-0123456789").model()
+        with self.assertRaises(LayerwiseError) as e, LayerwiseClient(URL, token="wrong-token-0123456789") as c:
+            c.model()
         self.assertEqual((e.exception.status, e.exception.code), (401, "UNAUTHORIZED"))
         with self.assertRaises(LayerwiseError) as e:
             self.client.update_from_disk(OUTSIDE)
