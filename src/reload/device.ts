@@ -34,7 +34,7 @@
  * @module
  */
 
-import type { Backend } from "../backend/backend.ts";
+import type { Backend, MultiTensorLaunch } from "../backend/backend.ts";
 import { CheckpointError, LayerwiseError, ReloadError } from "../errors.ts";
 import { firstOf, quoteName } from "../messages.ts";
 import type { Module } from "../nn/module.ts";
@@ -382,26 +382,14 @@ export class DeviceReload {
         );
       }
       this.#next++;
-      const { plan, table } = this.#cached;
-      const phase = plan.phases[p];
+      const phase = this.#cached.plan.phases[p];
       const scanned = this.#options.rejectNonFinite ? this.#rejectNonFinite(p, tensorAt) : false;
-      const o = plan.offsets;
       if (phase.layers.length > 0) {
         writeLayersInPlace(model, phase.layers, () => {
           for (const f of phase.fills) b.fill(f.slot.tensor, f.value);
           for (const l of phase.launches) {
-            b.launchMultiTensor({
-              ...l,
-              // The scan has left every item's absmax partial: only the fold is left to do.
-              op: scanned && l.op === "absmax" ? "fold" : l.op,
-              table: table.storage!,
-              targets: o.targets,
-              pieces: o.pieces,
-              items: o.items,
-              bases: o.bases,
-              partials: o.partials,
-              counters: o.counters,
-            });
+            // The scan has left every item's absmax partial: only the fold is left to do.
+            this.#launch(l, scanned && l.op === "absmax" ? "fold" : l.op);
           }
           if (this.#options.rejectNonFinite) {
             // What the check promises holds for what the model holds: a quantized layer is
@@ -426,6 +414,23 @@ export class DeviceReload {
     } catch (e) {
       this.abort(e);
     }
+  }
+
+  /** Queues planned launch `l` as `op`, over the plan's tables. */
+  #launch(l: PlannedLaunch, op: MultiTensorLaunch["op"]): void {
+    const { plan, table } = this.#cached;
+    const o = plan.offsets;
+    this.#backend.launchMultiTensor({
+      ...l,
+      op,
+      table: table.storage!,
+      targets: o.targets,
+      pieces: o.pieces,
+      items: o.items,
+      bases: o.bases,
+      partials: o.partials,
+      counters: o.counters,
+    });
   }
 
   /**
@@ -463,26 +468,14 @@ export class DeviceReload {
     }
     rejectNonFiniteEach(b, incoming(phase.hostLoads));
     if (ranges.size === 0) return false;
-    const o = plan.offsets;
     let lo = Infinity, hi = 0;
     for (const l of ranges.values()) {
-      b.launchMultiTensor({
-        op: "scan",
-        first: l.first,
-        count: l.count,
-        srcDtype: l.srcDtype,
-        table: table.storage!,
-        targets: o.targets,
-        pieces: o.pieces,
-        items: o.items,
-        bases: o.bases,
-        partials: o.partials,
-      });
+      this.#launch(l, "scan");
       lo = Math.min(lo, l.first);
       hi = Math.max(hi, l.first + l.count);
     }
     const bytes = b.download(
-      new Tensor([(hi - lo) * 4], DTYPES.u8, table.storage!, o.partials + 4 * lo),
+      new Tensor([(hi - lo) * 4], DTYPES.u8, table.storage!, plan.offsets.partials + 4 * lo),
     );
     const partials = new Uint32Array(bytes.buffer, bytes.byteOffset, hi - lo);
     for (const l of ranges.values()) {
