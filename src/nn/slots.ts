@@ -11,7 +11,7 @@
 
 import type { Backend } from "../backend/backend.ts";
 import { CheckpointError, ReloadError } from "../errors.ts";
-import { isModelFloat } from "../tensor/dtype.ts";
+import { type DType, isModelFloat } from "../tensor/dtype.ts";
 import { shapeString, Tensor } from "../tensor/tensor.ts";
 
 /** Identifies a shard of a fused tensor: `"q"`, `"k"`, `"v"`, `0..n-1`, `"w1"`, `"w2"`, `"w3"`. */
@@ -97,6 +97,15 @@ export interface RecordedWrite {
 }
 
 let activeRecorder: RecordedWrite[] | null = null;
+
+/**
+ * A tensor of `shape` and `dtype` on storage that is no memory (a `plan` backend, address 0):
+ * what loaders write into and read from under {@link recordWrites}, where nothing is written.
+ */
+export function placeholderTensor(shape: readonly number[], dtype: DType): Tensor {
+  const bytes = shape.reduce((a, b) => a * b, 1) * dtype.size;
+  return new Tensor(shape, dtype, { backend: { kind: "plan" }, ptr: 0, bytes, freed: false });
+}
 
 /**
  * Runs `fn` (a loader call) and returns the writes it made instead of making them: every

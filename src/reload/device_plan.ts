@@ -20,11 +20,11 @@
 import type { Granularity, MultiTensorKind } from "../backend/backend.ts";
 import { MULTI_TENSOR_FIELDS, QUANT_BLOCK, scaleCount } from "../backend/abi.ts";
 import type { Module, ResolvedWeight } from "../nn/module.ts";
-import { recordWrites, TensorSlot } from "../nn/slots.ts";
+import { placeholderTensor, recordWrites, TensorSlot } from "../nn/slots.ts";
 import { Fp8BlockMethod } from "../quant/fp8_block.ts";
 import { OnlineQuantMethod } from "../quant/online.ts";
 import { type DType, DTYPES, isModelFloat } from "../tensor/dtype.ts";
-import { type Storage, Tensor } from "../tensor/tensor.ts";
+import type { Storage, Tensor } from "../tensor/tensor.ts";
 import { getLayerwiseInfo } from "./layerwise.ts";
 import type { TensorDescriptor } from "./validate.ts";
 
@@ -150,12 +150,6 @@ const KIND: Readonly<Record<Granularity, MultiTensorKind>> = {
   row: "fp8-row",
   block128: "fp8-block128",
 };
-
-function placeholder(shape: readonly number[], dtype: DType): Tensor {
-  const bytes = shape.reduce((a, b) => a * b, 1) * dtype.size;
-  const s: Storage = { backend: { kind: "plan" }, ptr: 0, bytes, freed: false };
-  return new Tensor(shape, dtype, s);
-}
 
 /** rows x cols with pitches for a (dst, src) pair of views of equal numel, or null. */
 function pairRegions(
@@ -283,7 +277,7 @@ function planLayer(
   const fake = new Map<string, Tensor>();
   const slotOf = new Map<Storage, string>();
   for (const [name, m] of meta) {
-    const t = placeholder(m.meta.shape, m.meta.dtype);
+    const t = placeholderTensor(m.meta.shape, m.meta.dtype);
     fake.set(name, t);
     slotOf.set(t.storage!, name);
   }
@@ -296,7 +290,7 @@ function planLayer(
     seen.add(key);
     const m = meta.get(l.slot);
     if (!m) return null;
-    const src = placeholder(l.desc.shape, l.desc.dtype);
+    const src = placeholderTensor(l.desc.shape, l.desc.dtype);
     const slot = new TensorSlot(fake.get(l.slot)!, m.loader);
     let rec;
     try {

@@ -35,7 +35,7 @@ import { LayerwiseError, ReloadError, withMessage } from "../errors.ts";
 import type { Module } from "../nn/module.ts";
 import type { ShardId, WeightLoader } from "../nn/slots.ts";
 import type { KernelDestination } from "../nn/quant_method.ts";
-import { countWrites, recordWrites, TensorSlot } from "../nn/slots.ts";
+import { countWrites, placeholderTensor, recordWrites, TensorSlot } from "../nn/slots.ts";
 import type { DType } from "../tensor/dtype.ts";
 import { rowWindow, type Storage, Tensor } from "../tensor/tensor.ts";
 import {
@@ -572,11 +572,6 @@ export interface PlannedLoad {
   readonly expertId?: number;
 }
 
-function placeholder(shape: readonly number[], dtype: DType): Tensor {
-  const bytes = shape.reduce((a, b) => a * b, 1) * dtype.size;
-  return new Tensor(shape, dtype, { backend: { kind: "plan" }, ptr: 0, bytes, freed: false });
-}
-
 /**
  * Where the bytes of `load` would end up in its layer's model-format scratch when the layer's
  * loader writes them as one plain copy (same dtype, all of them, in order, into a contiguous
@@ -597,7 +592,7 @@ export function scratchDestination(load: PlannedLoad, room: number): ScratchPlac
   const meta = info.restoreMetadata!;
   const m = meta.get(param);
   if (!m || m.meta.dtype !== dtype) return null;
-  const src = placeholder(shape, dtype);
+  const src = placeholderTensor(shape, dtype);
   let loaded = src;
   try {
     if (load.rows) loaded = rowWindow(src, load.rows.start, load.rows.total);
@@ -606,7 +601,7 @@ export function scratchDestination(load: PlannedLoad, room: number): ScratchPlac
   } catch {
     return null;
   }
-  const into = placeholder(m.meta.shape, m.meta.dtype);
+  const into = placeholderTensor(m.meta.shape, m.meta.dtype);
   const held = [...meta.values()].map((x) => [x.slot, x.slot.tensor] as const);
   let writes;
   try {
