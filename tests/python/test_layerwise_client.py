@@ -401,18 +401,18 @@ class Recorder(http.server.BaseHTTPRequestHandler):
         pass
 
 
-class ZeroCopyClientTest(unittest.TestCase):
-    """``update_from_tensors(transport="ipc")`` end to end against a recording server, with a
-    fake ``torch`` and fake driver: which tensors go zero-copy, the bucket copies of the rest,
-    the table posted, handles reused across calls and stale ones released."""
+class FakeCudaServerCase(unittest.TestCase):
+    """A client with a fake ``torch`` and fake driver, against a local server answering with
+    ``handler`` (a BaseHTTPRequestHandler class), started for each test."""
+
+    handler = None
 
     def setUp(self):
         self.driver = FakeDriver()
         self.torch = FakeTorch(self.driver)
         self.saved = sys.modules.get("torch")
         sys.modules["torch"] = self.torch
-        Recorder.calls = []
-        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self.handler)
         self.thread = threading.Thread(target=self.srv.serve_forever, daemon=True)
         self.thread.start()
         self.client = LayerwiseClient(f"http://127.0.0.1:{self.srv.server_address[1]}")
@@ -426,6 +426,18 @@ class ZeroCopyClientTest(unittest.TestCase):
             del sys.modules["torch"]
         else:
             sys.modules["torch"] = self.saved
+
+
+class ZeroCopyClientTest(FakeCudaServerCase):
+    """``update_from_tensors(transport="ipc")`` end to end against a recording server, with a
+    fake ``torch`` and fake driver: which tensors go zero-copy, the bucket copies of the rest,
+    the table posted, handles reused across calls and stale ones released."""
+
+    handler = Recorder
+
+    def setUp(self):
+        Recorder.calls = []
+        super().setUp()
 
     def push(self, items, **kw):
         Recorder.calls = []
@@ -595,33 +607,21 @@ class KeptAlive(http.server.BaseHTTPRequestHandler):
         pass
 
 
-class KeepAliveTest(unittest.TestCase):
+class KeepAliveTest(FakeCudaServerCase):
     """JSON requests share one kept-alive connection; one the server closed is replaced and the
     request is sent once."""
 
+    handler = KeptAlive
+
     def setUp(self):
-        self.driver = FakeDriver()
-        self.torch = FakeTorch(self.driver)
-        self.saved = sys.modules.get("torch")
-        sys.modules["torch"] = self.torch
         KeptAlive.connections, KeptAlive.calls, KeptAlive.close_after, KeptAlive.busy = 0, [], False, False
-        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), KeptAlive)
-        self.thread = threading.Thread(target=self.srv.serve_forever, daemon=True)
-        self.thread.start()
-        self.client = LayerwiseClient(f"http://127.0.0.1:{self.srv.server_address[1]}")
-        self.client._driver = self.driver
-        self.client._handles = IpcHandleCache(self.driver.ipc_handle)
+        super().setUp()
         a = self.driver.alloc(2 << 20)
         self.items = [("w", self.torch.tensor("w", "bfloat16", (4, 8), FakeDevice("cuda", 0), a.base))]
 
     def tearDown(self):
         self.client.close()
-        self.srv.shutdown()
-        self.srv.server_close()
-        if self.saved is None:
-            del sys.modules["torch"]
-        else:
-            sys.modules["torch"] = self.saved
+        super().tearDown()
 
     def push(self):
         return self.client.update_from_tensors(self.items, transport="ipc")
