@@ -576,10 +576,10 @@ __global__ void __launch_bounds__(kThreads) k_count_nonfinite(unsigned long long
   k = block_sum(k);
   // A grid of one block writes its count: no zeroing of `out` before the launch, which is a
   // call of its own and, for the small tensors most counts are of (scales), cost as much.
-  if (threadIdx.x == 0 && (gridDim.x == 1 || k != 0)) {
+  if (threadIdx.x == 0) {
     if (gridDim.x == 1) {
       *out = k;
-    } else {
+    } else if (k != 0) {
       atomicAdd(out, k);
     }
   }
