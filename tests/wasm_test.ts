@@ -623,6 +623,16 @@ Deno.test("wasm: fp8 per tensor over long 16-bit runs (the table path) gives the
           assert.equal(at, -1, `${dt.name} scale ${s}: bits 0x${bits[c * n + at]?.toString(16)}`);
           b.free(part.storage!);
         }
+        // A run that starts at an odd element and ends past a multiple of eight: the table's
+        // lookup takes eight elements at a time, then one by one.
+        const flat = new Tensor([copies * n], dt, x.storage!, 0);
+        const len = copies * n - 10;
+        const odd = b.empty([len], DTYPES.f8_e4m3fn);
+        b.quantizeFp8(odd, sc, flat.narrow(0, 3, len), "tensor", false);
+        const oddGot = b.download(odd);
+        const oddAt = oddGot.findIndex((v, i) => v !== got[3 + i]);
+        assert.equal(oddAt, -1, `${dt.name} scale ${s}, odd run: element ${oddAt}`);
+        b.free(odd.storage!);
         b.free(whole.storage!);
       }
       // Dynamic: the scale comes from the absmax, then the same table.

@@ -308,6 +308,26 @@ static void table_f16(uint8_t *t, float s) {
 
 /* The table lives on the calling thread's stack (each thread has its own; the build gives
  * every stack room for it). */
+/* q[i] = t[x[i]]. Eight inputs are loaded as two 64-bit words and eight codes stored as one:
+ * in WebAssembly every load and store is bounds-checked, so one of each per element left the
+ * loop at half the native rate (BENCHMARKS.md, 2026-12-02, third session). Little-endian, as
+ * WebAssembly and every host the native reference runs on. */
+static void lookup16(uint8_t *restrict q, const uint8_t *restrict t, const uint16_t *restrict x,
+                     size_t n) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t a, b;
+    __builtin_memcpy(&a, x + i, 8);
+    __builtin_memcpy(&b, x + i + 4, 8);
+    uint64_t v = (uint64_t)t[a & 0xFFFF] | (uint64_t)t[(a >> 16) & 0xFFFF] << 8 |
+                 (uint64_t)t[(a >> 32) & 0xFFFF] << 16 | (uint64_t)t[a >> 48] << 24 |
+                 (uint64_t)t[b & 0xFFFF] << 32 | (uint64_t)t[(b >> 16) & 0xFFFF] << 40 |
+                 (uint64_t)t[(b >> 32) & 0xFFFF] << 48 | (uint64_t)t[b >> 48] << 56;
+    __builtin_memcpy(q + i, &v, 8);
+  }
+  for (; i < n; i++) q[i] = t[x[i]];
+}
+
 static void quant_by_table(uint8_t *q, const uint16_t *x, int32_t dt, size_t n, float s) {
   uint8_t t[65536];
   if (dt == LW_F16) {
@@ -315,7 +335,7 @@ static void quant_by_table(uint8_t *q, const uint16_t *x, int32_t dt, size_t n, 
   } else {
     table_bf16(t, s);
   }
-  for (size_t i = 0; i < n; i++) q[i] = t[x[i]];
+  lookup16(q, t, x, n);
 }
 
 /* The table of quant_by_table, shared: a per-tensor quantization split across threads fills it
@@ -342,7 +362,7 @@ LW_API lw_status lw_wasm_fp8_lookup(void *ctx, uint8_t *restrict q,
                                     const uint8_t *restrict table, const uint16_t *restrict x,
                                     size_t n) {
   (void)ctx;
-  for (size_t i = 0; i < n; i++) q[i] = table[x[i]];
+  lookup16(q, table, x, n);
   return LW_OK;
 }
 
