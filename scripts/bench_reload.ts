@@ -637,7 +637,7 @@ export async function benchReload(
     log(
       `  limits: ${
         cuda
-          ? ">= 40 GB/s; >= 0.7 x pinned H2D (ratio column)"
+          ? ">= 0.85 x pinned H2D (ratio column)"
           : "none on speed here (ratio: x a one-thread memcpy; x reads: x the reader threads " +
             "reading the same files alone, the parallel limit)"
       }; peak extra <= one decoder layer in model format (${(limitLayer / MiB).toFixed(0)} MiB) + ${
