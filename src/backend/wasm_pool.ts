@@ -20,16 +20,16 @@ import type { ThreadRunner } from "./wasm_split.ts";
  * Layout of the control block, in 32-bit words: one call at a time, its parts in a table that
  * every thread takes parts from (the caller too), so a thread that is slow to wake or loses its
  * core to another (a reader thread, another process) holds up only the part it took.
+ *
+ * The words every thread writes once per part (NEXT, DONE) sit 64 bytes from each other and from
+ * the words that waiting threads poll (SEQ) and that a call only sets up (the first 16): on one
+ * cache line, every part's compare-exchange took the line from the 15 threads polling it.
  */
 export const CONTROL = {
   /** Raised by the caller to wake the workers (-1: stop). */
   SEQ: 0,
   /** The call's generation << 16 | its number of parts. */
   PARTS: 1,
-  /** The call's generation << 16 | index of the next part to take (compare-exchanged). */
-  NEXT: 2,
-  /** Parts finished. */
-  DONE: 3,
   /** The first non-zero status of a part (TRAPPED for a trap). */
   STATUS: 4,
   /** Index of the kernel in the name list. */
@@ -42,13 +42,17 @@ export const CONTROL = {
    * Polls of a word before a thread parks in Atomics.wait for it: a worker between calls, the
    * caller for the other threads' parts of a call (see {@link spinPolls}).
    */
-  SPINS: 40,
+  SPINS: 12,
   /** A trap's text, from this word. */
-  TEXT: 8,
+  TEXT: 16,
   /** Bytes of trap text. */
   TEXT_BYTES: 128,
+  /** The call's generation << 16 | index of the next part to take (compare-exchanged). */
+  NEXT: 48,
+  /** Parts finished. */
+  DONE: 64,
   /** Words before the argument table (the table is f64, so this is even). */
-  HEAD: 64,
+  HEAD: 80,
   /** Arguments per part, as f64 (offsets and sizes are below 2^53). */
   MAX_ARGS: 12,
   /** Status of a part that trapped. */
