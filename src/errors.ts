@@ -252,7 +252,8 @@ export type ArgumentErrorCode =
  * carries CheckpointError codes for a malformed streamed body). Each answers with an HTTP status:
  *
  * - 400: `BAD_FIELD`, `BAD_JSON`, `BAD_QUERY`, `MISSING_FIELD`, `UNKNOWN_FIELD` (a JSON body or
- *   query that does not fit the endpoint), `BAD_IPC_HANDLE`, `BAD_IPC_TABLE`, `IPC_UNAVAILABLE`
+ *   query that does not fit the endpoint), `BAD_IDEMPOTENCY_KEY` (an `Idempotency-Key` header
+ *   that is not 8 to 128 token characters), `BAD_IPC_HANDLE`, `BAD_IPC_TABLE`, `IPC_UNAVAILABLE`
  *   (an IPC table that is not valid, or a server without CUDA IPC), `DISCONNECTED`,
  *   `LENGTH_MISMATCH`, `TRAILING_BYTES`, `TRUNCATED_BODY` (a body that broke off, ended early or
  *   went on past its header), `BAD_TOKEN_FILE`, `INSECURE_BIND`, `USAGE` (the server's own
@@ -265,6 +266,7 @@ export type ArgumentErrorCode =
  */
 export type ServerErrorCode =
   | "BAD_FIELD"
+  | "BAD_IDEMPOTENCY_KEY"
   | "BAD_IPC_HANDLE"
   | "BAD_IPC_TABLE"
   | "BAD_JSON"

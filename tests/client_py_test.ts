@@ -74,7 +74,7 @@ Deno.test({
       }).output();
       const log = new TextDecoder().decode(r.stderr) + new TextDecoder().decode(r.stdout);
       assert.equal(r.code, 0, log);
-      assert.match(log, /Ran 17 tests/);
+      assert.match(log, /Ran 18 tests/);
       // The fixture pushed by the client gives the PyTorch expectation.
       const want = await loadSafetensors(EXPECT);
       const got = await loadSafetensors(`${out}/ckpt-http.safetensors`);

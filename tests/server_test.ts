@@ -16,6 +16,7 @@ import {
   type WeightServer,
 } from "../src/server/server.ts";
 import { equalBytes, fakeIpc, fetchExport } from "../testing.ts";
+import { ReplayCache } from "../src/server/replay.ts";
 
 const FIXTURES = new URL("../../shared/fixtures/", import.meta.url).pathname;
 const LLAMA = `${FIXTURES}ckpt/llama-tiny`;
@@ -589,6 +590,77 @@ Deno.test("server: a second update while one runs gets 409 with the running id",
     assert.equal(r.json.id, running);
     assert.equal((await call(s, "POST", "/v1/update/disk", { path: LLAMA })).status, 200);
   });
+});
+
+Deno.test("server: a POST sent again with its Idempotency-Key gets the first answer, applied once", async () => {
+  await withServer({}, async (s) => {
+    const key = (k: string) => ({ "Idempotency-Key": k });
+    const v0 = s.service.version;
+    const first = await call(s, "POST", "/v1/update/disk", { path: LLAMA }, key("update-0001"));
+    assert.equal(first.status, 200, JSON.stringify(first.json));
+    assert.equal(first.json.version, v0 + 1);
+    const again = await fetch(`${s.url}/v1/update/disk`, {
+      method: "POST",
+      headers: key("update-0001"),
+      body: JSON.stringify({ path: LLAMA }),
+    });
+    assert.equal(again.status, 200);
+    assert.equal(again.headers.get("layerwise-replayed"), "1");
+    assert.deepEqual(await again.json(), first.json);
+    assert.equal(s.service.version, v0 + 1, "the update ran once");
+
+    // Sent twice at once: one run, both get its answer (no 409 for the second).
+    const [a, b] = await Promise.all([
+      call(s, "POST", "/v1/update/disk", { path: LLAMA }, key("update-0002")),
+      call(s, "POST", "/v1/update/disk", { path: LLAMA }, key("update-0002")),
+    ]);
+    assert.equal(a.status, 200, JSON.stringify(a.json));
+    assert.deepEqual(b, a);
+    assert.equal(s.service.version, v0 + 2);
+
+    // A new key, or the same key on another path, runs.
+    await call(s, "POST", "/v1/update/disk", { path: LLAMA }, key("update-0003"));
+    const sglang = await call(
+      s,
+      "POST",
+      "/update_weights_from_disk",
+      { model_path: LLAMA },
+      key(
+        "update-0003",
+      ),
+    );
+    assert.equal(sglang.json.success, true);
+    assert.equal(s.service.version, v0 + 4);
+
+    // A refusal is kept as well; a malformed key is refused before anything runs.
+    const denied = await call(s, "POST", "/v1/update/disk", { path: "/etc" }, key("update-0004"));
+    assert.equal(errorOf(denied).code, "FORBIDDEN_PATH");
+    assert.deepEqual(
+      await call(s, "POST", "/v1/update/disk", { path: "/etc" }, key("update-0004")),
+      denied,
+    );
+    const bad = await call(s, "POST", "/v1/update/disk", { path: LLAMA }, key("short"));
+    assert.equal(bad.status, 400);
+    assert.equal(errorOf(bad).code, "BAD_IDEMPOTENCY_KEY");
+    assert.equal(s.service.version, v0 + 4);
+  });
+});
+
+Deno.test("server: the replay cache keeps the last keys only, per path", async () => {
+  const cache = new ReplayCache(2);
+  let runs = 0;
+  const post = (key: string, path = "/p") =>
+    cache.answer(
+      new Request("http://x/", { method: "POST", headers: { "Idempotency-Key": key } }),
+      path,
+      () => Promise.resolve(new Response(String(++runs))),
+    ).then((r) => r.text());
+  assert.equal(await post("key-aaaa"), "1");
+  assert.equal(await post("key-aaaa"), "1");
+  assert.equal(await post("key-aaaa", "/q"), "2");
+  assert.equal(await post("key-bbbb"), "3"); // the oldest ("/p key-aaaa") goes
+  assert.equal(await post("key-bbbb"), "3");
+  assert.equal(await post("key-aaaa"), "4");
 });
 
 Deno.test("server: token required when set (constant-time compare); health stays open", async () => {

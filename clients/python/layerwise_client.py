@@ -52,6 +52,7 @@ import struct
 import threading
 import time
 import urllib.parse
+import uuid
 from typing import Any, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 __all__ = [
@@ -616,8 +617,13 @@ class LayerwiseClient:
         returns the answer (see ``_answer``) and the reply's Server-Timing header. A kept
         connection the server has closed meanwhile (it closes idle ones) is replaced before use;
         one that breaks before any byte of the reply arrives (it closed as the request went out,
-        so it read none of it) is replaced and the request sent once more."""
+        so it read none of it) is replaced and the request sent once more. A POST carries an
+        ``Idempotency-Key``, the same on both sends: should the server have read and applied it
+        after all, it answers the second send with the first's answer instead of applying it
+        twice."""
         headers = self._headers({"Content-Type": "application/json"} if data is not None else {})
+        if method == "POST":
+            headers["Idempotency-Key"] = uuid.uuid4().hex
         with self._idle_lock:
             conn, self._idle = self._idle, None
         if conn is not None and _dropped(conn):

@@ -14,6 +14,7 @@ import { errorBody, errorLine, errorResponse, json, serverError, statusOf } from
 import { parseIpcUpdate } from "./ipc.ts";
 import { parseNcclInit, parseNcclUpdate } from "./nccl.ts";
 import { checkFields, readJson } from "./json_body.ts";
+import type { ReplayCache } from "./replay.ts";
 import type { PathRoots } from "./roots.ts";
 import type { UpdateOptions, WeightService } from "./service.ts";
 
@@ -31,6 +32,8 @@ export interface RouteContext {
   readonly jsonBody: BodyLimits;
   /** True once the server is stopping: new updates get 503. */
   readonly stopping: () => boolean;
+  /** Answers of POSTs that carried an idempotency key, for a resent request. */
+  readonly replay: ReplayCache;
 }
 
 type Handler = (req: Request, url: URL, ctx: RouteContext) => Promise<Response> | Response;
@@ -349,7 +352,15 @@ export async function route(req: Request, ctx: RouteContext): Promise<Response> 
         {},
       );
     }
-    return await handler(req, url, ctx);
+    if (req.method !== "POST") return await handler(req, url, ctx);
+    // A failure is kept too: the same request sent again gets the same refusal.
+    return await ctx.replay.answer(req, url.pathname, async () => {
+      try {
+        return await handler(req, url, ctx);
+      } catch (e) {
+        return errorResponse(e);
+      }
+    });
   } catch (e) {
     return errorResponse(e);
   }

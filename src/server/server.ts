@@ -16,6 +16,7 @@ import type { QuantName } from "../models/quant_names.ts";
 import { BearerAuth } from "./auth.ts";
 import { serverError } from "./http_errors.ts";
 import { PathRoots } from "./roots.ts";
+import { ReplayCache } from "./replay.ts";
 import { route, type RouteContext } from "./routes.ts";
 import { type ServiceOptions, WeightService } from "./service.ts";
 
@@ -126,6 +127,7 @@ export async function startServer(options: ServeOptions): Promise<WeightServer> 
       signal: service.abort.signal,
     },
     stopping: () => stopping,
+    replay: new ReplayCache(),
   };
   const http = Deno.serve(
     { hostname: o.host, port: o.port, onListen: () => {} },

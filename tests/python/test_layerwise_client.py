@@ -578,6 +578,8 @@ class KeptAlive(http.server.BaseHTTPRequestHandler):
     calls: list = []
     close_after = False
     busy = False  # release answers 409
+    drop_unanswered = 0  # requests read, then their connection closed with no answer
+    keys: list = []  # the Idempotency-Key of each request
 
     def setup(self):
         super().setup()
@@ -589,6 +591,12 @@ class KeptAlive(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         n = int(self.headers.get("Content-Length", "0"))
         KeptAlive.calls.append((self.path, json.loads(self.rfile.read(n) or b"{}")))
+        KeptAlive.keys.append(self.headers.get("Idempotency-Key"))
+        if KeptAlive.drop_unanswered > 0:
+            # As a server that applied the update and lost the connection before its answer.
+            KeptAlive.drop_unanswered -= 1
+            self.close_connection = True
+            return
         if self.path == "/v1/update/ipc/release" and KeptAlive.busy:
             body = b'{"error": {"code": "BUSY", "message": "an update is running"}}'
             self.send_response(409)
@@ -615,6 +623,7 @@ class KeepAliveTest(FakeCudaServerCase):
 
     def setUp(self):
         KeptAlive.connections, KeptAlive.calls, KeptAlive.close_after, KeptAlive.busy = 0, [], False, False
+        KeptAlive.drop_unanswered, KeptAlive.keys = 0, []
         super().setUp()
         a = self.driver.alloc(2 << 20)
         self.items = [("w", self.torch.tensor("w", "bfloat16", (4, 8), FakeDevice("cuda", 0), a.base))]
@@ -666,6 +675,21 @@ class KeepAliveTest(FakeCudaServerCase):
             layerwise_client._dropped = saved
         self.assertEqual((KeptAlive.connections, len(KeptAlive.calls)), (3, 3))
 
+
+    def test_a_resent_post_carries_the_key_of_the_first_send(self):
+        # The server reads the update and the kept connection breaks before its answer: the
+        # client sends it once more on a new connection, with the same Idempotency-Key, so a
+        # server that applied the first answers the second from its cache instead of applying
+        # it again. Different calls carry different keys.
+        self.push()
+        KeptAlive.drop_unanswered = 1
+        self.assertEqual(self.push()["path"], "ipc")
+        self.assertEqual(len(KeptAlive.calls), 3)
+        first, dropped, resent = KeptAlive.keys
+        self.assertRegex(dropped, r"^[0-9a-f]{32}$")
+        self.assertEqual(resent, dropped)
+        self.assertNotEqual(first, dropped)
+        self.assertEqual(KeptAlive.connections, 2)
 
 class ClientTest(unittest.TestCase):
     def setUp(self):
