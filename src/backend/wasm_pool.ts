@@ -23,7 +23,8 @@ import type { ThreadRunner } from "./wasm_split.ts";
  *
  * The words every thread writes once per part (NEXT, DONE) sit 64 bytes from each other and from
  * the words that waiting threads poll (SEQ) and that a call only sets up (the first 16): on one
- * cache line, every part's compare-exchange took the line from the 15 threads polling it.
+ * cache line, every part's compare-exchange would take the line from the threads polling it. On
+ * 16 cores the difference was within the noise (BENCHMARKS.md, 2026-12-02, third session).
  */
 export const CONTROL = {
   /** Raised by the caller to wake the workers (-1: stop). */
