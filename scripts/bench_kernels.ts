@@ -3,7 +3,8 @@
  * backend, next to a plain copy of the same bytes measured in the same run. On WASM each kernel
  * is timed on 1 thread and on the backend's N threads, and the same C compiled natively with -O3
  * (and -fopenmp, split the same way, for N threads) is timed too when a C compiler is present,
- * since the bar there is half the native rate at every thread count.
+ * since the bar there is half the native rate at every thread count: in alternating rounds, each
+ * side keeping its best.
  * @module
  */
 
