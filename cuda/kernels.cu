@@ -482,6 +482,16 @@ __device__ __forceinline__ uint32_t block_max(uint32_t v) {
   return result;
 }
 
+/* The scale of a row whose elements the block's threads folded into `m` (largest magnitude
+ * bits, per thread): every thread gets it, thread 0 stores it at `out`. */
+template <int DT, bool INT8>
+__device__ __forceinline__ float block_scale(uint32_t m, float *out) {
+  float amax = absmax_value<DT>(block_max(m));
+  float s = INT8 ? lw_int8_scale(amax) : lw_fp8_scale(amax);
+  if (threadIdx.x == 0) *out = s;
+  return s;
+}
+
 __device__ __forceinline__ unsigned long long block_sum(unsigned long long v) {
   __shared__ unsigned long long part[32];
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -692,10 +702,7 @@ __global__ void __launch_bounds__(kRowThreads) k_quant_row(uint8_t *q, float *sc
       } else {
         m = fold_span(row, cols, threadIdx.x, blockDim.x, 0u, absbits);
       }
-      m = block_max(m);
-      float amax = absmax_value<DT>(m);
-      s = INT8 ? lw_int8_scale(amax) : lw_fp8_scale(amax);
-      if (threadIdx.x == 0) scale[r] = s;
+      s = block_scale<DT, INT8>(m, &scale[r]);
     } else {
       s = scale[r];
     }
@@ -792,10 +799,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int e = 0; e < E; e++) m = max(m, Ty<DT>::abits(x[e]));
       }
-      m = block_max(m);
-      float amax = absmax_value<DT>(m);
-      s = INT8 ? lw_int8_scale(amax) : lw_fp8_scale(amax);
-      if (threadIdx.x == 0) scale[r] = s;
+      s = block_scale<DT, INT8>(m, &scale[r]);
     } else {
       s = scale[r];
     }
