@@ -4,6 +4,8 @@
  * With T threads (OpenMP) each call is cut into T parts exactly as src/backend/wasm_split.ts cuts
  * it for T WebAssembly threads (element ranges, rows, 128-row bands; per-tensor fp8: absmax
  * partials, then one scale, then the parts quantized), so both sides do the same work.
+ * `fp8_lookup` is no WebAssembly kernel: per-tensor fp8's table lookup alone, a measure of how far
+ * the host's cores scale that kernel's main loop.
  *
  *   cc -O3 -fopenmp -o bench_native scripts/bench_native.c -lm
  *   ./bench_native <kernel> <elements> <reps> [threads]   ->  prints seconds per call
@@ -38,6 +40,21 @@ static int run(const char *k, int T, uint16_t *x, float *xf, uint8_t *q, float *
                uint64_t *cnt, float *partial, uint64_t *cpart, size_t rows, size_t cols) {
   size_t n = rows * cols, nb = cols / 128;
   int bad = 0;
+  if (!strcmp(k, "fp8_lookup")) {
+    /* Per-tensor fp8's main loop alone: every thread looks up its share in a table filled before
+     * the first call, with no absmax and no table phase ahead of it. How this scales from 1 to T
+     * threads is what the host's cores allow that kernel at best. */
+    static uint8_t table[65536];
+    static int filled;
+    if (!filled) table_bf16(table, 1.0f), filled = 1;
+#pragma omp parallel for num_threads(T)
+    for (int p = 0; p < T; p++) {
+      size_t a, b;
+      part(n, p, T, 64, &a, &b);
+      lookup16(q + a, table, x + a, b - a);
+    }
+    return 0;
+  }
   if (!strcmp(k, "fp8_tensor") && T > 1) {
 #pragma omp parallel for num_threads(T) reduction(| : bad)
     for (int p = 0; p < T; p++) {
@@ -95,7 +112,7 @@ static int run(const char *k, int T, uint16_t *x, float *xf, uint8_t *q, float *
 
 static const char *KERNELS[] = {"copy",       "cast_bf16_f32", "cast_f32_bf16", "absmax",
                                 "count_nonfinite", "fp8_tensor", "fp8_row", "fp8_block128",
-                                "int8_row",   "dequant_fp8"};
+                                "int8_row",   "dequant_fp8", "fp8_lookup"};
 
 int main(int argc, char **argv) {
   if (argc != 4 && argc != 5) {
