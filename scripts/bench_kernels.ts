@@ -2,9 +2,9 @@
  * Kernel throughput: each kernel of the ABI on the same random bf16 matrix, timed on one
  * backend, next to a plain copy of the same bytes measured in the same run. On WASM each kernel
  * is timed on 1 thread and on the backend's N threads, and the same C compiled natively with -O3
- * (and -fopenmp, split the same way, for N threads) is timed too when a C compiler is present,
- * since the bar there is half the native rate at every thread count: in alternating rounds, each
- * side keeping its best.
+ * (-msse4.1 on x86-64: the 128-bit instructions V8's simd128 code needs there; -fopenmp, split
+ * the same way, for N threads) is timed too when a C compiler is present, since the bar there is
+ * half the native rate at every thread count: in alternating rounds, each side keeping its best.
  * @module
  */
 
@@ -82,8 +82,11 @@ async function nativeReference(): Promise<NativeReference | null> {
   const src = new URL("./bench_native.c", import.meta.url).pathname;
   const close = () => Deno.remove(dir, { recursive: true });
   try {
+    // On x86-64, the instructions V8 needs for simd128 code there (SSE4.1): the kernels' byte
+    // swizzles then have a native instruction (SSSE3's pshufb) on both sides.
+    const isa = Deno.build.arch === "x86_64" ? ["-msse4.1"] : [];
     const build = await new Deno.Command(cc, {
-      args: ["-O3", "-fopenmp", "-o", bin, src, "-lm"],
+      args: ["-O3", "-fopenmp", ...isa, "-o", bin, src, "-lm"],
     }).output();
     if (!build.success) {
       console.error(`native reference not built: ${new TextDecoder().decode(build.stderr)}`);

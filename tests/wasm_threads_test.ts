@@ -341,39 +341,47 @@ Deno.test("wasm pool: more parts than threads all run, a trap on any part is WAS
   }
 });
 
-Deno.test("wasm threads: per-tensor fp8 through the call's shared table gives one thread's bytes for every 16-bit pattern", async () => {
-  // Split calls fill one lookup table per call (lw_wasm_fp8_table, in parts) and look their
-  // parts up in it (lw_wasm_fp8_lookup); one thread quantizes in the kernel. Every bf16 / f16
-  // pattern (NaN, Inf, -0, subnormals), twice, at scales with the division's special cases,
-  // static and dynamic.
+Deno.test("wasm threads: per-tensor fp8 through the call's shared table gives the plain loop's bytes for every 16-bit pattern", async () => {
+  // Split calls fill one lookup table per call (lw_wasm_fp8_table, in parts), derive its rows'
+  // rule (lw_wasm_fp8_rows: bf16 inputs whose 16 neighbours share an exponent in the rule's rows
+  // are coded 16 at a time) and look their parts up (lw_wasm_fp8_lookup). Every bf16 / f16
+  // pattern (NaN, Inf, -0, subnormals) twice: in order, so runs of 16 share an exponent, then
+  // scattered; at scales with the division's special cases, static and dynamic. Against the
+  // plain loop: one thread quantizing a 65536-element row at a time (too short for a table).
   const one = await openWasmBackend({ threads: 1 });
   const three = await openWasmBackend({ threads: 3, minBytesPerThread: 0 });
   try {
     const n = 65536;
     const bits = new Uint16Array(2 * n);
-    for (let i = 0; i < 2 * n; i++) bits[i] = (i * 40503) & 0xFFFF;
-    const scales = [1, 0.37, 1 / 229376, 3e-39, 1e30, -2.5, 0, -0, Infinity, NaN];
+    for (let i = 0; i < 2 * n; i++) bits[i] = i < n ? i : (i * 40503) & 0xFFFF;
+    const scales = [1, 0.37, 2 / 448, 1 / 229376, 3e-39, 1e30, 1.7e38, -2.5, 0, -0, Infinity, NaN];
     for (const dt of [DTYPES.bf16, DTYPES.f16]) {
-      const run = (b: Backend, s: number | null, input: Uint16Array) => {
+      // Codes and scale of `input` quantized on b: whole (dynamic when s is null) or row by row.
+      const run = (b: Backend, s: number | null, input: Uint16Array, byRow: boolean) => {
         const x = b.empty([2, n], dt);
         b.upload(x, new Uint8Array(input.buffer));
         const sc = b.empty([1], DTYPES.f32);
         if (s !== null) b.upload(sc, new Uint8Array(new Float32Array([s]).buffer));
         const q = b.empty([2, n], DTYPES.f8_e4m3fn);
-        b.quantizeFp8(q, sc, x, "tensor", s === null);
+        if (byRow) {
+          for (let r = 0; r < 2; r++) {
+            b.quantizeFp8(q.narrow(0, r, 1), sc, x.narrow(0, r, 1), "tensor", false);
+          }
+        } else b.quantizeFp8(q, sc, x, "tensor", s === null);
         const out = [b.download(q), b.download(sc)];
         for (const t of [x, sc, q]) b.free(t.storage!);
         return out;
       };
       for (const s of scales) {
-        const [want] = run(one, s, bits), [got] = run(three, s, bits);
+        const [want] = run(one, s, bits, true), [got] = run(three, s, bits, false);
         const at = want.findIndex((v, i) => v !== got[i]);
         assert.equal(at, -1, `${dt.name} scale ${s}: bits 0x${bits[at]?.toString(16)}`);
       }
       const inf = dt === DTYPES.bf16 ? 0x7F80 : 0x7C00;
       const finite = bits.map((v) => ((v & inf) === inf ? v & 0x8000 : v));
-      const [wq, ws] = run(one, null, finite), [gq, gs] = run(three, null, finite);
+      const [, ws] = run(one, null, finite, false), [gq, gs] = run(three, null, finite, false);
       assert.deepEqual(gs, ws, `${dt.name} dynamic scale`);
+      const [wq] = run(one, new Float32Array(ws.buffer, ws.byteOffset, 1)[0], finite, true);
       assert.equal(wq.findIndex((v, i) => v !== gq[i]), -1, `${dt.name} dynamic`);
     }
   } finally {

@@ -328,20 +328,146 @@ static void lookup16(uint8_t *restrict q, const uint8_t *restrict t, const uint1
   for (; i < n; i++) q[i] = t[x[i]];
 }
 
+/* A bf16 table's rows, in vectors. For a positive normal scale, the quotient of a bf16 by it
+ * has the same significand, rounded alike, for every exponent of the bf16 whose quotient lands
+ * in e4m3's normal range; so there a row of the table (the 128 codes of one sign and exponent e)
+ * is one row shifted by 8 codes per exponent: t[e|m] = T[m] + 8e (mod 256). Above that range the
+ * same sum, capped at the table's largest code, is the saturated code; and a negative input's
+ * code is its magnitude's with 0x80. T rises by at most one code within each aligned 8 of m, so
+ * T[m] = base[m >> 3] + ((m & 7) >= step[m >> 3]): two 16-byte swizzles give 16 codes at once.
+ * None of this is assumed: bf16_rows derives the rule from the table itself and keeps only the
+ * rows (exponents lo..lo+span) it reproduces exactly, both signs; other inputs are looked up.
+ * So the codes are the table's, which are lw_e4m3_quant's. The exponents outside (subnormal
+ * codes, NaN, the rows past the wrap of the sum) are rare in weights: there each 16 inputs with
+ * one such element are looked up one by one. */
+typedef uint8_t lw_u8x16 __attribute__((vector_size(16)));
+typedef int8_t lw_i8x16 __attribute__((vector_size(16)));
+
+/* The two steps with no portable spelling: a 16-byte table lookup (WebAssembly's swizzle; SSSE3's
+ * pshufb, which gcc emits for __builtin_shuffle), and the even / odd bytes of two vectors. A
+ * compiler with neither keeps the entry-by-entry lookup. */
+#if defined(__wasm_simd128__)
+#define LW_ROWS 1
+static inline lw_u8x16 swizzle16(lw_u8x16 t, lw_u8x16 i) {
+  return (lw_u8x16)__builtin_wasm_swizzle_i8x16((lw_i8x16)t, (lw_i8x16)i);
+}
+#define LW_EVEN_BYTES(a, b) \
+  __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+#define LW_ODD_BYTES(a, b) \
+  __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31)
+#elif defined(__GNUC__) && !defined(__clang__) && (defined(__SSSE3__) || defined(__aarch64__))
+#define LW_ROWS 1
+static inline lw_u8x16 swizzle16(lw_u8x16 t, lw_u8x16 i) { return __builtin_shuffle(t, i); }
+#define LW_EVEN_BYTES(a, b) \
+  __builtin_shuffle(a, b, (lw_u8x16){0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30})
+#define LW_ODD_BYTES(a, b) \
+  __builtin_shuffle(a, b, (lw_u8x16){1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31})
+#else
+#define LW_ROWS 0
+#endif
+
+struct lw_rows {
+  uint8_t valid, lo, span, sat;
+  uint8_t pad[12];
+  lw_u8x16 base, step;
+};
+
+/* Whether both rows of exponent e (either sign) of bf16 table t follow the rule of T and sat. */
+static int row_ok(const uint8_t *t, const uint8_t *T, uint8_t sat, uint32_t e) {
+  for (uint32_t m = 0; m < 128; m++) {
+    uint8_t c = (uint8_t)(T[m] + 8 * e);
+    if (c > sat) c = sat;
+    if (t[e << 7 | m] != c || t[0x8000 | e << 7 | m] != (c | 0x80)) return 0;
+  }
+  return 1;
+}
+
+/* The code rule of the rows of bf16 table t (see above) into r; r->valid = 0 when the scale is
+ * not a positive normal number or the table does not follow the rule. */
+static void bf16_rows(struct lw_rows *r, const uint8_t *t, float s) {
+  r->valid = 0;
+  uint32_t ef = lw_bits(s) >> 23; /* the sign bit too: a negative scale has no rows */
+  if (!LW_ROWS || ef == 0 || ef >= 254) return;
+  /* The exponent whose quotients lie in (1, 4): in e4m3's normal range whatever the scale. */
+  uint32_t ref = ef + 1;
+  uint8_t T[128], base[16], step[16];
+  for (uint32_t m = 0; m < 128; m++) T[m] = (uint8_t)(t[ref << 7 | m] - 8 * ref);
+  for (uint32_t b = 0; b < 16; b++) {
+    uint32_t j = 1;
+    while (j < 8 && T[8 * b + j] == T[8 * b]) j++;
+    base[b] = T[8 * b];
+    step[b] = (uint8_t)j;
+    for (j = 0; j < 8; j++) {
+      if (T[8 * b + j] != (uint8_t)(base[b] + (j >= step[b]))) return;
+    }
+  }
+  uint8_t sat = t[0x7F7F]; /* the code of the largest finite bf16 */
+  if (!row_ok(t, T, sat, ref)) return;
+  uint32_t lo = ref, hi = ref;
+  while (lo > 0 && row_ok(t, T, sat, lo - 1)) lo--;
+  while (hi < 255 && row_ok(t, T, sat, hi + 1)) hi++;
+  for (uint32_t b = 0; b < 16; b++) r->base[b] = base[b], r->step[b] = step[b];
+  r->lo = (uint8_t)lo;
+  r->span = (uint8_t)(hi - lo);
+  r->sat = sat;
+  r->valid = 1;
+}
+
+/* lookup16 of bf16 input, 16 at a time by the rows' rule where every one of the 16 is in them. */
+static void lookup_rows(uint8_t *restrict q, const uint8_t *restrict t, const struct lw_rows *r,
+                        const uint16_t *restrict x, size_t n) {
+  if (!LW_ROWS || !r->valid) {
+    lookup16(q, t, x, n);
+    return;
+  }
+#if LW_ROWS
+  const lw_u8x16 lo = (lw_u8x16){0} + r->lo, span = (lw_u8x16){0} + r->span;
+  const lw_u8x16 base = r->base, step = r->step, sat = (lw_u8x16){0} + r->sat;
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    /* 16 bf16 as their low bytes (mantissa, exponent's last bit) and high bytes (sign, the
+     * rest of the exponent): every step after this works on 16 one-byte lanes. */
+    lw_u8x16 a, b;
+    __builtin_memcpy(&a, x + i, 16);
+    __builtin_memcpy(&b, x + i + 8, 16);
+    lw_u8x16 l = LW_EVEN_BYTES(a, b), h = LW_ODD_BYTES(a, b);
+    lw_u8x16 e = ((h & 0x7F) << 1) | (l >> 7), m = l & 0x7F;
+    lw_u8x16 out = (lw_u8x16)((lw_u8x16)(e - lo) > span);
+    uint64_t w[2];
+    __builtin_memcpy(w, &out, 16);
+    if (w[0] | w[1]) {
+      lookup16(q + i, t, x + i, 16);
+      continue;
+    }
+    lw_u8x16 k = m >> 3;
+    lw_u8x16 c = swizzle16(base, k) - (lw_u8x16)((m & 7) >= swizzle16(step, k)) + (e << 3);
+    lw_u8x16 over = (lw_u8x16)(c > sat);
+    c = ((c & ~over) | (sat & over)) | (h & 0x80);
+    __builtin_memcpy(q + i, &c, 16);
+  }
+  lookup16(q + i, t, x + i, n - i);
+#endif
+}
+
 static void quant_by_table(uint8_t *q, const uint16_t *x, int32_t dt, size_t n, float s) {
   uint8_t t[65536];
   if (dt == LW_F16) {
     table_f16(t, s);
+    lookup16(q, t, x, n);
   } else {
+    struct lw_rows r;
     table_bf16(t, s);
+    bf16_rows(&r, t, s);
+    lookup_rows(q, t, &r, x, n);
   }
-  lookup16(q, t, x, n);
 }
 
 /* The table of quant_by_table, shared: a per-tensor quantization split across threads fills it
- * once per call (entries [first, first + n), in parts) instead of once per thread, then each
- * part looks its elements up. The bytes are those of lw_quant_fp8 by construction: the same
- * lw_e4m3_quant of the same value and scale. WebAssembly only (src/backend/wasm_split.ts). */
+ * once per call (entries [first, first + n), in parts) instead of once per thread, then derives
+ * its rows' rule (lw_wasm_fp8_rows), then each part looks its elements up. The bytes are those of
+ * lw_quant_fp8 by construction: the same lw_e4m3_quant of the same value and scale. The table
+ * takes 65536 bytes and its rule the 64 after them, at a 64-byte aligned address. WebAssembly
+ * only (src/backend/wasm_split.ts). */
 LW_API lw_status lw_wasm_fp8_table(void *ctx, uint8_t *table, int32_t dtype, const float *scale,
                                    size_t first, size_t n) {
   (void)ctx;
@@ -349,6 +475,9 @@ LW_API lw_status lw_wasm_fp8_table(void *ctx, uint8_t *table, int32_t dtype, con
   if (first > 65536 || n > 65536 - first) return refuse("lw_wasm_fp8_table: entries past 65536");
   float s = scale[0];
   uint32_t a = (uint32_t)first, b = (uint32_t)(first + n);
+  /* A rule left from another table must not outlive it: lookups go entry by entry until
+   * lw_wasm_fp8_rows derives this one's. */
+  if (a == 0) ((struct lw_rows *)(table + 65536))->valid = 0;
   if (dtype == LW_F16) {
     LW_VEC16 for (uint32_t i = a; i < b; i++) table[i] = lw_e4m3_quant(lw_f32_from_f16((uint16_t)i), s);
   } else {
@@ -357,12 +486,22 @@ LW_API lw_status lw_wasm_fp8_table(void *ctx, uint8_t *table, int32_t dtype, con
   return LW_OK;
 }
 
-/* q[i] = table[x[i]] for n 16-bit inputs (the table of lw_wasm_fp8_table). */
+/* The rows' rule of a whole table of lw_wasm_fp8_table (bf16 only; f16 keeps none). */
+LW_API lw_status lw_wasm_fp8_rows(void *ctx, uint8_t *table, int32_t dtype, const float *scale) {
+  (void)ctx;
+  struct lw_rows *r = (struct lw_rows *)(table + 65536);
+  r->valid = 0;
+  if (dtype == LW_BF16) bf16_rows(r, table, scale[0]);
+  return LW_OK;
+}
+
+/* q[i] = table[x[i]] for n 16-bit inputs (the table of lw_wasm_fp8_table, by its rows' rule
+ * where lw_wasm_fp8_rows derived one). */
 LW_API lw_status lw_wasm_fp8_lookup(void *ctx, uint8_t *restrict q,
                                     const uint8_t *restrict table, const uint16_t *restrict x,
                                     size_t n) {
   (void)ctx;
-  lookup16(q, table, x, n);
+  lookup_rows(q, table, (const struct lw_rows *)(table + 65536), x, n);
   return LW_OK;
 }
 

@@ -171,7 +171,7 @@ export class WasmPool implements ThreadRunner {
   /**
    * Starts `threads - 1` workers on `memory`. `stacks[i]` is worker i+1's stack top; `partials`
    * is 16 bytes per part ({@link maxParts}), plus 16, of scratch for reductions; `table` is
-   * 65536 bytes for a split quantization's lookup table.
+   * FP8_TABLE_BYTES (64-byte aligned) for a split quantization's lookup table.
    */
   static async start(
     threads: number,

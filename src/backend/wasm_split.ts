@@ -28,13 +28,20 @@ export interface ThreadRunner {
   /** Per-part partial results: 16 bytes per part ({@link maxParts}), plus 16, at this offset. */
   readonly partials: number;
   /**
-   * 65536 bytes for the lookup table of a per-tensor fp8 quantization of 16-bit input, filled
-   * once per call and read by every part; absent: each part builds its own (in the kernel).
+   * 65536 + 64 bytes, 64-byte aligned, for the lookup table of a per-tensor fp8 quantization of
+   * 16-bit input and its rows' rule, filled once per call and read by every part; absent: each
+   * part builds its own (in the kernel).
    */
   readonly table?: number;
   /** Reads and writes the shared memory (a fresh view per call). */
   view(): DataView;
 }
+
+/**
+ * Bytes of {@link ThreadRunner.table}: the 65536 codes of a per-tensor fp8 table and its rows'
+ * rule after them (lw_wasm_fp8_rows in wasm/kernels.c).
+ */
+export const FP8_TABLE_BYTES = 65536 + 64;
 
 /** When to split. */
 export interface SplitOptions {
@@ -328,6 +335,8 @@ export function splitKernels(runner: ThreadRunner, options: SplitOptions): Kerne
             splitRange(65536, runner.threads, 4096).map(([a, b]) => [ctx, t, sd, scale, a, b - a]),
           );
           if (st !== 0) return st;
+          const r = runner.call("lw_wasm_fp8_rows", [ctx, t, sd, scale]);
+          if (r !== 0) return r;
           return flat("lw_wasm_fp8_lookup", n, se, (a, b) => [ctx, q + a, t, src + a * se, b - a]);
         }
         return flat("lw_quant_fp8", n, se, (a, b) => [
