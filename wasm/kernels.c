@@ -334,7 +334,8 @@ static void lookup16(uint8_t *restrict q, const uint8_t *restrict t, const uint1
  * is one row shifted by 8 codes per exponent: t[e|m] = T[m] + 8e (mod 256). Above that range the
  * same sum, capped at the table's largest code, is the saturated code; and a negative input's
  * code is its magnitude's with 0x80. T rises by at most one code within each aligned 8 of m, so
- * T[m] = base[m >> 3] + ((m & 7) >= step[m >> 3]): two 16-byte swizzles give 16 codes at once.
+ * T[m] = base[m >> 3] + ((m & 7) >= step[m >> 3]): two 16-byte swizzles give 16 codes at once
+ * (sign, exponent and mantissa parts taken in 16-bit lanes, then narrowed to bytes).
  * None of this is assumed: bf16_rows derives the rule from the table itself and keeps only the
  * rows (exponents lo..lo+span) it reproduces exactly, both signs; other inputs are looked up.
  * So the codes are the table's, which are lw_e4m3_quant's. The exponents outside (subnormal
@@ -342,26 +343,42 @@ static void lookup16(uint8_t *restrict q, const uint8_t *restrict t, const uint1
  * one such element are looked up one by one. */
 typedef uint8_t lw_u8x16 __attribute__((vector_size(16)));
 typedef int8_t lw_i8x16 __attribute__((vector_size(16)));
+typedef uint16_t lw_u16x8 __attribute__((vector_size(16)));
+typedef int16_t lw_i16x8 __attribute__((vector_size(16)));
 
-/* The two steps with no portable spelling: a 16-byte table lookup (WebAssembly's swizzle; SSSE3's
- * pshufb, which gcc emits for __builtin_shuffle), and the even / odd bytes of two vectors. A
- * compiler with neither keeps the entry-by-entry lookup. */
+/* Steps the vector extensions do not spell: a 16-byte table lookup (WebAssembly's swizzle;
+ * SSSE3's pshufb, which gcc emits for __builtin_shuffle), any lane set, unsigned minimum,
+ * saturating subtraction and narrowing 16-bit lanes under 256 (lanes of a, then of b): one
+ * instruction each in WebAssembly, compare-and-select forms for gcc. A compiler with neither
+ * keeps the entry-by-entry lookup. */
 #if defined(__wasm_simd128__)
 #define LW_ROWS 1
 static inline lw_u8x16 swizzle16(lw_u8x16 t, lw_u8x16 i) {
   return (lw_u8x16)__builtin_wasm_swizzle_i8x16((lw_i8x16)t, (lw_i8x16)i);
 }
-#define LW_EVEN_BYTES(a, b) \
-  __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
-#define LW_ODD_BYTES(a, b) \
-  __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31)
+static inline int any16(lw_u8x16 v) { return __builtin_wasm_any_true_v128((lw_i8x16)v); }
+static inline lw_u8x16 min16(lw_u8x16 a, lw_u8x16 b) { return __builtin_elementwise_min(a, b); }
+static inline lw_u16x8 subs16(lw_u16x8 a, lw_u16x8 b) { return __builtin_elementwise_sub_sat(a, b); }
+static inline lw_u8x16 narrow16(lw_u16x8 a, lw_u16x8 b) {
+  return (lw_u8x16)__builtin_wasm_narrow_u_i8x16_i16x8((lw_i16x8)a, (lw_i16x8)b);
+}
 #elif defined(__GNUC__) && !defined(__clang__) && (defined(__SSSE3__) || defined(__aarch64__))
 #define LW_ROWS 1
 static inline lw_u8x16 swizzle16(lw_u8x16 t, lw_u8x16 i) { return __builtin_shuffle(t, i); }
-#define LW_EVEN_BYTES(a, b) \
-  __builtin_shuffle(a, b, (lw_u8x16){0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30})
-#define LW_ODD_BYTES(a, b) \
-  __builtin_shuffle(a, b, (lw_u8x16){1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31})
+static inline int any16(lw_u8x16 v) {
+  uint64_t w[2];
+  __builtin_memcpy(w, &v, 16);
+  return (w[0] | w[1]) != 0;
+}
+static inline lw_u8x16 min16(lw_u8x16 a, lw_u8x16 b) {
+  lw_u8x16 over = (lw_u8x16)(a > b);
+  return (a & ~over) | (b & over);
+}
+static inline lw_u16x8 subs16(lw_u16x8 a, lw_u16x8 b) { return (a - b) & (lw_u16x8)(a > b); }
+static inline lw_u8x16 narrow16(lw_u16x8 a, lw_u16x8 b) {
+  return __builtin_shuffle((lw_u8x16)a, (lw_u8x16)b,
+                           (lw_u8x16){0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30});
+}
 #else
 #define LW_ROWS 0
 #endif
@@ -421,28 +438,23 @@ static void lookup_rows(uint8_t *restrict q, const uint8_t *restrict t, const st
     return;
   }
 #if LW_ROWS
-  const lw_u8x16 lo = (lw_u8x16){0} + r->lo, span = (lw_u8x16){0} + r->span;
+  const lw_u16x8 lo = (lw_u16x8){0} + r->lo, span = (lw_u16x8){0} + r->span;
   const lw_u8x16 base = r->base, step = r->step, sat = (lw_u8x16){0} + r->sat;
   size_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    /* 16 bf16 as their low bytes (mantissa, exponent's last bit) and high bytes (sign, the
-     * rest of the exponent): every step after this works on 16 one-byte lanes. */
-    lw_u8x16 a, b;
+    lw_u16x8 a, b;
     __builtin_memcpy(&a, x + i, 16);
     __builtin_memcpy(&b, x + i + 8, 16);
-    lw_u8x16 l = LW_EVEN_BYTES(a, b), h = LW_ODD_BYTES(a, b);
-    lw_u8x16 e = ((h & 0x7F) << 1) | (l >> 7), m = l & 0x7F;
-    lw_u8x16 out = (lw_u8x16)((lw_u8x16)(e - lo) > span);
-    uint64_t w[2];
-    __builtin_memcpy(w, &out, 16);
-    if (w[0] | w[1]) {
+    /* Exponents; (e - lo) past span, as a saturating subtraction, is non-zero outside the rows. */
+    lw_u16x8 ea = (a >> 7) & 0xFF, eb = (b >> 7) & 0xFF;
+    if (any16((lw_u8x16)(subs16(ea - lo, span) | subs16(eb - lo, span)))) {
       lookup16(q + i, t, x + i, 16);
       continue;
     }
-    lw_u8x16 k = m >> 3;
-    lw_u8x16 c = swizzle16(base, k) - (lw_u8x16)((m & 7) >= swizzle16(step, k)) + (e << 3);
-    lw_u8x16 over = (lw_u8x16)(c > sat);
-    c = ((c & ~over) | (sat & over)) | (h & 0x80);
+    lw_u8x16 e = narrow16(ea, eb), k = narrow16((a & 0x7F) >> 3, (b & 0x7F) >> 3);
+    lw_u8x16 j = narrow16(a & 7, b & 7), h = narrow16(a >> 8, b >> 8);
+    lw_u8x16 c = swizzle16(base, k) - (lw_u8x16)(j >= swizzle16(step, k)) + (e << 3);
+    c = min16(c, sat) | (h & 0x80);
     __builtin_memcpy(q + i, &c, 16);
   }
   lookup16(q + i, t, x + i, n - i);
