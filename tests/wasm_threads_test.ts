@@ -389,3 +389,65 @@ Deno.test("wasm threads: per-tensor fp8 through the call's shared table gives th
     three.close();
   }
 });
+
+Deno.test("wasm threads: per-tensor fp8 in one call of every thread gives one thread's bytes, whichever threads come and when", async () => {
+  // lw_wasm_fp8_tensor: steps (absmax, table, lookups) whose parts any thread takes, the thread
+  // finishing a step's last part doing the serial work (the scale, the table's rule) that the
+  // others wait for. Six threads on this machine's cores: more threads than cores, so threads
+  // start late and waits park in memory.atomic.wait32, the calling thread's too. Every call has
+  // another size, so another count of parts; weight-like values (the rule is taken) with a few
+  // arbitrary bit patterns (NaN, Inf, subnormals: looked up entry by entry).
+  const one = await openWasmBackend({ threads: 1 });
+  const six = await openWasmBackend({ threads: 6, minBytesPerThread: 0 });
+  const run = (b: Backend, dt: DType, bits: Uint16Array, s: number | null) => {
+    const x = b.empty([bits.length], dt);
+    b.upload(x, new Uint8Array(bits.buffer));
+    const sc = b.empty([1], DTYPES.f32);
+    if (s !== null) b.upload(sc, new Uint8Array(new Float32Array([s]).buffer));
+    const q = b.empty([bits.length], DTYPES.f8_e4m3fn);
+    b.quantizeFp8(q, sc, x, "tensor", s === null);
+    const out = [b.download(q), b.download(sc)];
+    for (const t of [x, sc, q]) b.free(t.storage!);
+    return out;
+  };
+  try {
+    fc.assert(
+      fc.property(
+        fc.integer({ min: 1, max: 300_000 }),
+        fc.constantFrom(DTYPES.bf16, DTYPES.f16),
+        fc.boolean(),
+        fc.integer({ min: 1, max: 2 ** 31 }),
+        (n, dt, dynamic, seed) => {
+          const [mshift, bias] = dt === DTYPES.bf16 ? [7, 127] : [10, 15];
+          const bits = new Uint16Array(n);
+          let r = seed;
+          const next = () => (r = (Math.imul(r, 1664525) + 1013904223) >>> 0);
+          for (let i = 0; i < n; i++) {
+            const v = next();
+            bits[i] = v % 500 === 0
+              ? next() & 0xFFFF
+              : ((v >>> 31) << 15) | ((bias - 12 + (v % 13)) << mshift) |
+                (next() & ((1 << mshift) - 1));
+          }
+          if (dynamic) {
+            for (let i = 0; i < n; i++) {
+              if (
+                ((bits[i] >> mshift) & (dt === DTYPES.bf16 ? 0xFF : 0x1F)) ===
+                  (dt === DTYPES.bf16 ? 0xFF : 0x1F)
+              ) bits[i] &= 0x8000;
+            }
+          }
+          const s = dynamic ? null : 0.0123;
+          const [wq, ws] = run(one, dt, bits, s), [gq, gs] = run(six, dt, bits, s);
+          assert.deepEqual(gs, ws, `${dt.name} n=${n} scale`);
+          const at = wq.findIndex((v, i) => v !== gq[i]);
+          assert.equal(at, -1, `${dt.name} n=${n} dynamic=${dynamic}: element ${at}`);
+        },
+      ),
+      { numRuns: 60 },
+    );
+  } finally {
+    one.close();
+    six.close();
+  }
+});

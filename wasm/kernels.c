@@ -474,48 +474,121 @@ static void quant_by_table(uint8_t *q, const uint16_t *x, int32_t dt, size_t n, 
   }
 }
 
-/* The table of quant_by_table, shared: a per-tensor quantization split across threads fills it
- * once per call (entries [first, first + n), in parts) instead of once per thread, then derives
- * its rows' rule (lw_wasm_fp8_rows), then each part looks its elements up. The bytes are those of
- * lw_quant_fp8 by construction: the same lw_e4m3_quant of the same value and scale. The table
- * takes 65536 bytes and its rule the 64 after them, at a 64-byte aligned address. WebAssembly
- * only (src/backend/wasm_split.ts). */
-LW_API lw_status lw_wasm_fp8_table(void *ctx, uint8_t *table, int32_t dtype, const float *scale,
-                                   size_t first, size_t n) {
-  (void)ctx;
-  if (dtype != LW_BF16 && dtype != LW_F16) return refuse("lw_wasm_fp8_table: bf16 or f16 only");
-  if (first > 65536 || n > 65536 - first) return refuse("lw_wasm_fp8_table: entries past 65536");
-  float s = scale[0];
-  uint32_t a = (uint32_t)first, b = (uint32_t)(first + n);
-  /* A rule left from another table must not outlive it: lookups go entry by entry until
-   * lw_wasm_fp8_rows derives this one's. */
-  if (a == 0) ((struct lw_rows *)(table + 65536))->valid = 0;
-  if (dtype == LW_F16) {
-    LW_VEC16 for (uint32_t i = a; i < b; i++) table[i] = lw_e4m3_quant(lw_f32_from_f16((uint16_t)i), s);
-  } else {
-    LW_VEC16 for (uint32_t i = a; i < b; i++) table[i] = lw_e4m3_quant(lw_f32_from_bf16((uint16_t)i), s);
+/* A per-tensor fp8 quantization of bf16 or f16 split across threads, in one call of every
+ * thread: the absmax in parts, then the scale (lw_fp8_scale of the parts' largest absmax,
+ * compared as bits, as on one thread), then one table for the call filled in parts instead of
+ * one per thread, then its rows' rule, then the lookups in parts. Each step's parts are taken
+ * from a counter; the thread finishing the last part of a step does the serial work that
+ * follows it (the scale, the rule) and raises a flag that the others wait on. A thread waits
+ * only once every part of the step is taken, by threads that are running it, so the call
+ * finishes whichever threads come and when (the caller alone, if no other comes). One call of
+ * the pool instead of three: each costs a wake and a wait for its slowest part
+ * (ARCHITECTURE.md, "WebAssembly threads").
+ *
+ * `table` holds lw_wasm_fp8_tensor_bytes(): the 65536 codes, their rule, then the control
+ * words, which lw_wasm_fp8_tensor_reset zeroes before each call. WebAssembly only
+ * (src/backend/wasm_split.ts). */
+#if defined(__wasm__)
+enum {
+  /* control words, each on a 64-byte line of its own: step counters, done counts, flags */
+  LW_T_ABS_NEXT = 0, LW_T_ABS_DONE = 16, LW_T_MAX = 32, LW_T_SCALED = 48, LW_T_TAB_NEXT = 64,
+  LW_T_TAB_DONE = 80, LW_T_RULED = 96, LW_T_LOOK_NEXT = 112, LW_T_WORDS = 128,
+  LW_T_TAB_PARTS = 16
+};
+#define LW_TENSOR_TABLE_BYTES (65536 + 64 + 4 * LW_T_WORDS)
+
+static uint32_t take(uint32_t *w) { return __atomic_fetch_add(w, 1u, __ATOMIC_SEQ_CST); }
+
+/* Waits for flag *w, polling `spins` times before sleeping in memory.atomic.wait32; 0 once it
+ * is raised. A step's parts are all taken by running threads, so only a thread that trapped in
+ * its part (a bug) leaves a flag down: after a minute of waits, LW_EINVAL rather than a hang. */
+static lw_status await_flag(uint32_t *w, uint32_t spins) {
+  for (uint32_t i = 0; i < spins; i++) {
+    if (__atomic_load_n(w, __ATOMIC_SEQ_CST)) return LW_OK;
+  }
+  for (uint32_t ms = 0; !__atomic_load_n(w, __ATOMIC_SEQ_CST); ms++) {
+    if (ms == 60000) return refuse("lw_wasm_fp8_tensor: a thread of the call stopped in its part");
+    __builtin_wasm_memory_atomic_wait32((int32_t *)w, 0, 1000000);
   }
   return LW_OK;
 }
 
-/* The rows' rule of a whole table of lw_wasm_fp8_table (bf16 only; f16 keeps none). */
-LW_API lw_status lw_wasm_fp8_rows(void *ctx, uint8_t *table, int32_t dtype, const float *scale) {
+static void raise_flag(uint32_t *w) {
+  __atomic_store_n(w, 1u, __ATOMIC_SEQ_CST);
+  __builtin_wasm_memory_atomic_notify((int32_t *)w, 0xFFFFFFFFu);
+}
+
+/* [a, b): part p of `parts` of n elements, starting on multiples of 64 */
+static void tensor_part(size_t n, uint32_t p, uint32_t parts, size_t *a, size_t *b) {
+  size_t units = (n + 63) / 64;
+  *a = units * p / parts * 64;
+  *b = units * (p + 1) / parts * 64;
+  if (*a > n) *a = n;
+  if (*b > n) *b = n;
+}
+
+LW_API lw_status lw_wasm_fp8_tensor(void *ctx, uint8_t *q, float *scale, uint8_t *table,
+                                    const uint16_t *x, int32_t dtype, size_t n, uint32_t parts,
+                                    int32_t dynamic, uint32_t spins) {
   (void)ctx;
-  struct lw_rows *r = (struct lw_rows *)(table + 65536);
-  r->valid = 0;
-  if (dtype == LW_BF16) bf16_rows(r, table, scale[0]);
+  if (dtype != LW_BF16 && dtype != LW_F16) return refuse("lw_wasm_fp8_tensor: bf16 or f16 only");
+  if (parts == 0) return refuse("lw_wasm_fp8_tensor: no parts");
+  uint32_t *w = (uint32_t *)(table + 65536 + 64);
+  struct lw_rows *rule = (struct lw_rows *)(table + 65536);
+  size_t a, b;
+  if (dynamic) {
+    for (uint32_t p; (p = take(&w[LW_T_ABS_NEXT])) < parts;) {
+      tensor_part(n, p, parts, &a, &b);
+      uint32_t m = lw_bits(absmax_of(x + a, dtype, b - a));
+      uint32_t old = __atomic_load_n(&w[LW_T_MAX], __ATOMIC_SEQ_CST);
+      while (m > old && !__atomic_compare_exchange_n(&w[LW_T_MAX], &old, m, 0, __ATOMIC_SEQ_CST,
+                                                     __ATOMIC_SEQ_CST)) {
+      }
+      if (take(&w[LW_T_ABS_DONE]) + 1 == parts) {
+        scale[0] = lw_fp8_scale(lw_float(__atomic_load_n(&w[LW_T_MAX], __ATOMIC_SEQ_CST)));
+        raise_flag(&w[LW_T_SCALED]);
+      }
+    }
+    lw_status st = await_flag(&w[LW_T_SCALED], spins);
+    if (st != LW_OK) return st;
+  }
+  const float s = scale[0];
+  for (uint32_t p; (p = take(&w[LW_T_TAB_NEXT])) < LW_T_TAB_PARTS;) {
+    uint32_t i0 = p * (65536 / LW_T_TAB_PARTS), i1 = i0 + 65536 / LW_T_TAB_PARTS;
+    if (dtype == LW_F16) {
+      LW_VEC16 for (uint32_t i = i0; i < i1; i++) table[i] = lw_e4m3_quant(lw_f32_from_f16((uint16_t)i), s);
+    } else {
+      LW_VEC16 for (uint32_t i = i0; i < i1; i++) table[i] = lw_e4m3_quant(lw_f32_from_bf16((uint16_t)i), s);
+    }
+    if (take(&w[LW_T_TAB_DONE]) + 1 == LW_T_TAB_PARTS) {
+      rule->valid = 0;
+      if (dtype == LW_BF16) bf16_rows(rule, table, s);
+      raise_flag(&w[LW_T_RULED]);
+    }
+  }
+  lw_status st = await_flag(&w[LW_T_RULED], spins);
+  if (st != LW_OK) return st;
+  for (uint32_t p; (p = take(&w[LW_T_LOOK_NEXT])) < parts;) {
+    tensor_part(n, p, parts, &a, &b);
+    if (dtype == LW_F16) {
+      lookup16(q + a, table, x + a, b - a);
+    } else {
+      lookup_rows(q + a, table, rule, x + a, b - a);
+    }
+  }
   return LW_OK;
 }
 
-/* q[i] = table[x[i]] for n 16-bit inputs (the table of lw_wasm_fp8_table, by its rows' rule
- * where lw_wasm_fp8_rows derived one). */
-LW_API lw_status lw_wasm_fp8_lookup(void *ctx, uint8_t *restrict q,
-                                    const uint8_t *restrict table, const uint16_t *restrict x,
-                                    size_t n) {
+/* Bytes lw_wasm_fp8_tensor's table takes (codes, rule, control words). */
+LW_API size_t lw_wasm_fp8_tensor_bytes(void) { return LW_TENSOR_TABLE_BYTES; }
+
+/* Zeroes the control words of lw_wasm_fp8_tensor's table: before each call, no thread in it. */
+LW_API lw_status lw_wasm_fp8_tensor_reset(void *ctx, uint8_t *table) {
   (void)ctx;
-  lookup_rows(q, table, (const struct lw_rows *)(table + 65536), x, n);
+  __builtin_memset(table + 65536 + 64, 0, 4 * LW_T_WORDS);
   return LW_OK;
 }
+#endif
 
 static void quant_run(uint8_t *q, const void *x, int32_t dt, size_t n, float s) {
   if (dt != LW_F32 && n >= LW_QUANT_TABLE_MIN) {

@@ -40,7 +40,7 @@ import {
 } from "./wasm_abi.ts";
 import { WasmHeap } from "./wasm_heap.ts";
 import { maxParts, PARTS_PER_THREAD, WasmPool, WORKER_STACK_BYTES } from "./wasm_pool.ts";
-import { FP8_TABLE_BYTES, splitKernels, splitMultiTensor } from "./wasm_split.ts";
+import { splitKernels, splitMultiTensor } from "./wasm_split.ts";
 
 /** The most memory V8 lets a memory64 hold (the module is built with this maximum). */
 export const WASM_MAX_MEMORY_BYTES: number = 16 * 1024 ** 3;
@@ -279,7 +279,7 @@ export async function openWasmBackend(options: WasmBackendOptions = {}): Promise
     local,
     stacks,
     partials,
-    heap.alloc(FP8_TABLE_BYTES),
+    heap.alloc(local.lw_wasm_fp8_tensor_bytes()),
   );
   const dev = new WasmDevice(memory, heap, local, pool, minBytes);
   const backend = new KernelBackend(dev, (self) => ({ hostView: (t) => wasmView(self, t) }));

@@ -171,7 +171,7 @@ export class WasmPool implements ThreadRunner {
   /**
    * Starts `threads - 1` workers on `memory`. `stacks[i]` is worker i+1's stack top; `partials`
    * is 16 bytes per part ({@link maxParts}), plus 16, of scratch for reductions; `table` is
-   * FP8_TABLE_BYTES (64-byte aligned) for a split quantization's lookup table.
+   * lw_wasm_fp8_tensor_bytes() bytes (64-byte aligned) for a split per-tensor quantization.
    */
   static async start(
     threads: number,
@@ -217,6 +217,11 @@ export class WasmPool implements ThreadRunner {
       );
     }
     return new WasmPool(local, init.memory, control, workers, names, partials, table);
+  }
+
+  /** Polls of a word before a thread parks (see {@link spinPolls}). */
+  get spins(): number {
+    return this.#ctl[CONTROL.SPINS];
   }
 
   /** Threads, the caller's included. */

@@ -28,20 +28,16 @@ export interface ThreadRunner {
   /** Per-part partial results: 16 bytes per part ({@link maxParts}), plus 16, at this offset. */
   readonly partials: number;
   /**
-   * 65536 + 64 bytes, 64-byte aligned, for the lookup table of a per-tensor fp8 quantization of
-   * 16-bit input and its rows' rule, filled once per call and read by every part; absent: each
-   * part builds its own (in the kernel).
+   * lw_wasm_fp8_tensor_bytes() bytes, 64-byte aligned, for lw_wasm_fp8_tensor: the lookup table
+   * of a per-tensor fp8 quantization of 16-bit input, its rows' rule and the call's control
+   * words; absent: such a call is split as the other kernels are.
    */
   readonly table?: number;
+  /** Polls of a flag before a thread parks (the pool's; 0: park at once). */
+  readonly spins?: number;
   /** Reads and writes the shared memory (a fresh view per call). */
   view(): DataView;
 }
-
-/**
- * Bytes of {@link ThreadRunner.table}: the 65536 codes of a per-tensor fp8 table and its rows'
- * rule after them (lw_wasm_fp8_rows in wasm/kernels.c).
- */
-export const FP8_TABLE_BYTES = 65536 + 64;
 
 /** When to split. */
 export interface SplitOptions {
@@ -307,6 +303,18 @@ export function splitKernels(runner: ThreadRunner, options: SplitOptions): Kerne
       if (g === TENSOR) {
         const n = rows * cols;
         if (parts(n * se) <= 1) return runner.call("lw_quant_fp8", args);
+        if (runner.table !== undefined && sd !== DTYPES.f32.code) {
+          // Absmax, scale, one table, its rule and the lookups in one call of every thread
+          // (wasm/kernels.c, lw_wasm_fp8_tensor).
+          const t = runner.table;
+          runner.call("lw_wasm_fp8_tensor_reset", [ctx, t]);
+          const p = fine(n * se);
+          const call = [ctx, q, scale, t, src, sd, n, p, dynamic, runner.spins ?? 0];
+          return runner.run(
+            "lw_wasm_fp8_tensor",
+            new Array(Math.min(p, runner.threads)).fill(call),
+          );
+        }
         if (dynamic) {
           // The scale of the whole tensor: the absmax on the threads, then the kernel's own
           // dynamic path on that one value (the absmax of a one-element tensor holding m is m),
@@ -326,18 +334,6 @@ export function splitKernels(runner: ThreadRunner, options: SplitOptions): Kerne
             1,
           ]);
           if (s !== 0) return s;
-        }
-        if (runner.table !== undefined && sd !== DTYPES.f32.code) {
-          // One table for the call, filled in parts, then lookups cut as finely as a copy.
-          const t = runner.table;
-          const st = runner.run(
-            "lw_wasm_fp8_table",
-            splitRange(65536, runner.threads, 4096).map(([a, b]) => [ctx, t, sd, scale, a, b - a]),
-          );
-          if (st !== 0) return st;
-          const r = runner.call("lw_wasm_fp8_rows", [ctx, t, sd, scale]);
-          if (r !== 0) return r;
-          return flat("lw_wasm_fp8_lookup", n, se, (a, b) => [ctx, q + a, t, src + a * se, b - a]);
         }
         return flat("lw_quant_fp8", n, se, (a, b) => [
           ctx,
