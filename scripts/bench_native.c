@@ -49,8 +49,8 @@ static int run(const char *k, int T, uint16_t *x, float *xf, uint8_t *q, float *
     static int filled;
     if (!filled) {
       float s = lw_fp8_scale(2.0f); /* the inputs' absmax is just under 2 */
-      table_bf16(table, s);
-      bf16_rows(&rows, table, s);
+      fill_table(table, LW_BF16, s, 0, 65536);
+      table_rows(&rows, table, LW_BF16, s);
       filled = 1;
     }
 #pragma omp parallel for num_threads(T)

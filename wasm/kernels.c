@@ -299,15 +299,15 @@ static const void *at(const void *x, int32_t dt, size_t i) {
  * about 30000 elements of the plain loop; each lookup is about a third of an element's cost. */
 #define LW_QUANT_TABLE_MIN ((size_t)1 << 17)
 
-static void table_bf16(uint8_t *t, float s) {
-  LW_VEC16 for (uint32_t i = 0; i < 65536; i++) t[i] = lw_e4m3_quant(lw_f32_from_bf16((uint16_t)i), s);
-}
-static void table_f16(uint8_t *t, float s) {
-  LW_VEC16 for (uint32_t i = 0; i < 65536; i++) t[i] = lw_e4m3_quant(lw_f32_from_f16((uint16_t)i), s);
+/* Entries [a, b) of the table of 16-bit dtype dt (f16, else bf16) at scale s. */
+static void fill_table(uint8_t *t, int32_t dt, float s, uint32_t a, uint32_t b) {
+  if (dt == LW_F16) {
+    LW_VEC16 for (uint32_t i = a; i < b; i++) t[i] = lw_e4m3_quant(lw_f32_from_f16((uint16_t)i), s);
+  } else {
+    LW_VEC16 for (uint32_t i = a; i < b; i++) t[i] = lw_e4m3_quant(lw_f32_from_bf16((uint16_t)i), s);
+  }
 }
 
-/* The table lives on the calling thread's stack (each thread has its own; the build gives
- * every stack room for it). */
 /* q[i] = t[x[i]]. Eight inputs are loaded as two 64-bit words and eight codes stored as one:
  * in WebAssembly every load and store is bounds-checked, so one of each per element left the
  * loop at half the native rate (BENCHMARKS.md, 2026-12-02, third session). Little-endian, as
@@ -336,7 +336,7 @@ static void lookup16(uint8_t *restrict q, const uint8_t *restrict t, const uint1
  * code is its magnitude's with 0x80. T rises by at most one code within each aligned 8 of m, so
  * T[m] = base[m >> 3] + ((m & 7) >= step[m >> 3]): two 16-byte swizzles give 16 codes at once
  * (sign, exponent and mantissa parts taken in 16-bit lanes, then narrowed to bytes).
- * None of this is assumed: bf16_rows derives the rule from the table itself and keeps only the
+ * None of this is assumed: table_rows derives the rule from the table itself and keeps only the
  * rows (exponents lo..lo+span) it reproduces exactly, both signs; other inputs are looked up.
  * So the codes are the table's, which are lw_e4m3_quant's. The exponents outside (subnormal
  * codes, NaN, the rows past the wrap of the sum) are rare in weights: there each 16 inputs with
@@ -399,12 +399,13 @@ static int row_ok(const uint8_t *t, const uint8_t *T, uint8_t sat, uint32_t e) {
   return 1;
 }
 
-/* The code rule of the rows of bf16 table t (see above) into r; r->valid = 0 when the scale is
- * not a positive normal number or the table does not follow the rule. */
-static void bf16_rows(struct lw_rows *r, const uint8_t *t, float s) {
+/* The code rule of the rows of table t of dtype dt at scale s (see above) into r; r->valid = 0
+ * for an f16 table (its 1024 mantissas a row do not fit two swizzles), when the scale is not a
+ * positive normal number, or when the table does not follow the rule. */
+static void table_rows(struct lw_rows *r, const uint8_t *t, int32_t dt, float s) {
   r->valid = 0;
   uint32_t ef = lw_bits(s) >> 23; /* the sign bit too: a negative scale has no rows */
-  if (!LW_ROWS || ef == 0 || ef >= 254) return;
+  if (!LW_ROWS || dt != LW_BF16 || ef == 0 || ef >= 254) return;
   /* The exponent whose quotients lie in (1, 4): in e4m3's normal range whatever the scale. */
   uint32_t ref = ef + 1;
   uint8_t T[128], base[16], step[16];
@@ -430,7 +431,7 @@ static void bf16_rows(struct lw_rows *r, const uint8_t *t, float s) {
   r->valid = 1;
 }
 
-/* lookup16 of bf16 input, 16 at a time by the rows' rule where every one of the 16 is in them. */
+/* lookup16, 16 at a time by the table's rule (bf16) where every one of the 16 is in its rows. */
 static void lookup_rows(uint8_t *restrict q, const uint8_t *restrict t, const struct lw_rows *r,
                         const uint16_t *restrict x, size_t n) {
   if (!LW_ROWS || !r->valid) {
@@ -461,17 +462,14 @@ static void lookup_rows(uint8_t *restrict q, const uint8_t *restrict t, const st
 #endif
 }
 
+/* The table lives on the calling thread's stack (each thread has its own; the build gives
+ * every stack room for it). */
 static void quant_by_table(uint8_t *q, const uint16_t *x, int32_t dt, size_t n, float s) {
   uint8_t t[65536];
-  if (dt == LW_F16) {
-    table_f16(t, s);
-    lookup16(q, t, x, n);
-  } else {
-    struct lw_rows r;
-    table_bf16(t, s);
-    bf16_rows(&r, t, s);
-    lookup_rows(q, t, &r, x, n);
-  }
+  struct lw_rows r;
+  fill_table(t, dt, s, 0, 65536);
+  table_rows(&r, t, dt, s);
+  lookup_rows(q, t, &r, x, n);
 }
 
 /* A per-tensor fp8 quantization of bf16 or f16 split across threads, in one call of every
@@ -554,15 +552,9 @@ LW_API lw_status lw_wasm_fp8_tensor(void *ctx, uint8_t *q, float *scale, uint8_t
   }
   const float s = scale[0];
   for (uint32_t p; (p = take(&w[LW_T_TAB_NEXT])) < LW_T_TAB_PARTS;) {
-    uint32_t i0 = p * (65536 / LW_T_TAB_PARTS), i1 = i0 + 65536 / LW_T_TAB_PARTS;
-    if (dtype == LW_F16) {
-      LW_VEC16 for (uint32_t i = i0; i < i1; i++) table[i] = lw_e4m3_quant(lw_f32_from_f16((uint16_t)i), s);
-    } else {
-      LW_VEC16 for (uint32_t i = i0; i < i1; i++) table[i] = lw_e4m3_quant(lw_f32_from_bf16((uint16_t)i), s);
-    }
+    fill_table(table, dtype, s, p * (65536 / LW_T_TAB_PARTS), (p + 1) * (65536 / LW_T_TAB_PARTS));
     if (take(&w[LW_T_TAB_DONE]) + 1 == LW_T_TAB_PARTS) {
-      rule->valid = 0;
-      if (dtype == LW_BF16) bf16_rows(rule, table, s);
+      table_rows(rule, table, dtype, s);
       raise_flag(&w[LW_T_RULED]);
     }
   }
@@ -570,11 +562,7 @@ LW_API lw_status lw_wasm_fp8_tensor(void *ctx, uint8_t *q, float *scale, uint8_t
   if (st != LW_OK) return st;
   for (uint32_t p; (p = take(&w[LW_T_LOOK_NEXT])) < parts;) {
     tensor_part(n, p, parts, &a, &b);
-    if (dtype == LW_F16) {
-      lookup16(q + a, table, x + a, b - a);
-    } else {
-      lookup_rows(q + a, table, rule, x + a, b - a);
-    }
+    lookup_rows(q + a, table, rule, x + a, b - a);
   }
   return LW_OK;
 }
