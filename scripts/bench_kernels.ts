@@ -131,18 +131,23 @@ export async function benchKernels(
   elements: number,
   reps: number,
 ): Promise<KernelResult[]> {
-  if (backend.kind !== "wasm") return await benchOn(backend, 1, elements, reps);
+  if (backend.kind !== "wasm") return await benchOn(backend, 1, elements, reps, null);
   const threads = wasmThreadCount(backend);
   const results: KernelResult[] = [];
-  if (threads > 1) {
-    const one = await openWasmBackend({ threads: 1 });
-    try {
-      results.push(...await benchOn(one, 1, elements, reps));
-    } finally {
-      one.close();
+  const native = await nativeReference();
+  try {
+    if (threads > 1) {
+      const one = await openWasmBackend({ threads: 1 });
+      try {
+        results.push(...await benchOn(one, 1, elements, reps, native));
+      } finally {
+        one.close();
+      }
     }
+    results.push(...await benchOn(backend, threads, elements, reps, native));
+  } finally {
+    await native?.close();
   }
-  results.push(...await benchOn(backend, threads, elements, reps));
   return results;
 }
 
@@ -151,6 +156,7 @@ async function benchOn(
   threads: number,
   elements: number,
   reps: number,
+  native: NativeReference | null,
 ): Promise<KernelResult[]> {
   const n = Math.max(COLS, Math.floor(elements / COLS) * COLS);
   const rows = n / COLS;
@@ -204,7 +210,6 @@ async function benchOn(
     bytes,
     seconds: Infinity,
   }));
-  const native = backend.kind === "wasm" ? await nativeReference() : null;
   try {
     for (let round = 0; round < (native ? NATIVE_ROUNDS : 1); round++) {
       cases.forEach(([, , fn], i) => {
@@ -220,7 +225,6 @@ async function benchOn(
     }
   } finally {
     for (const t of owned) backend.free(t.storage!);
-    await native?.close();
   }
   return results;
 }
